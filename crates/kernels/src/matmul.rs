@@ -1,0 +1,226 @@
+//! `y = x · Wᵀ` for a weight matrix `W` of `rows × k` (one output feature per row, as GGUF and
+//! PyTorch's `Linear` store them) and a small batch of activation rows `x` (`n_tok × k`).
+//!
+//! Design: one token (decode) runs a fused dequantize-and-dot per weight row, rows split across the
+//! rayon pool. Several tokens (prefill, speculative verification) dequantize a panel of weight rows
+//! once into a thread-local f32 buffer and multiply every token against it with `gemm`, so each
+//! weight is read once per pass whatever the batch. Rejected: dequantizing the whole matrix per call
+//! (memory traffic), and per-token loops over rows (reads weights `n_tok` times).
+
+use std::cell::RefCell;
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::dot::{dot_f32, dot_quant};
+use crate::quant::QuantType;
+
+/// Borrowed weight storage of a matrix, row-major, `rows × k`.
+#[derive(Debug, Clone, Copy)]
+pub enum Weights<'a> {
+    F32(&'a [f32]),
+    F16(&'a [f16]),
+    BF16(&'a [bf16]),
+    /// GGUF blocks; each row is `ty.row_bytes(k)` bytes.
+    Quant(QuantType, &'a [u8]),
+}
+
+/// A borrowed `rows × k` weight matrix.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    pub weights: Weights<'a>,
+    pub rows: usize,
+    pub k: usize,
+}
+
+impl<'a> Matrix<'a> {
+    /// Checks that the storage holds exactly `rows × k` weights.
+    pub fn new(weights: Weights<'a>, rows: usize, k: usize) -> Option<Self> {
+        let ok = match weights {
+            Weights::F32(w) => w.len() == rows * k,
+            Weights::F16(w) => w.len() == rows * k,
+            Weights::BF16(w) => w.len() == rows * k,
+            Weights::Quant(ty, w) => ty.row_bytes(k).is_some_and(|rb| w.len() == rb * rows),
+        };
+        ok.then_some(Matrix { weights, rows, k })
+    }
+
+    /// Dequantize row `r` into `dst` (`k` values).
+    pub fn row_f32(&self, r: usize, dst: &mut [f32]) {
+        let k = self.k;
+        match self.weights {
+            Weights::F32(w) => dst.copy_from_slice(&w[r * k..(r + 1) * k]),
+            Weights::F16(w) => {
+                for (d, s) in dst.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *d = s.to_f32();
+                }
+            }
+            Weights::BF16(w) => {
+                for (d, s) in dst.iter_mut().zip(&w[r * k..(r + 1) * k]) {
+                    *d = s.to_f32();
+                }
+            }
+            Weights::Quant(ty, w) => {
+                let rb = ty.block_bytes() * (k / ty.block_len());
+                ty.dequantize_row(&w[r * rb..(r + 1) * rb], dst)
+            }
+        }
+    }
+
+    /// `W[r] · x`.
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let k = self.k;
+        match self.weights {
+            Weights::F32(w) => dot_f32(&w[r * k..(r + 1) * k], x),
+            Weights::Quant(ty, w) => {
+                let rb = ty.block_bytes() * (k / ty.block_len());
+                dot_quant(ty, &w[r * rb..(r + 1) * rb], x)
+            }
+            Weights::F16(_) | Weights::BF16(_) => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                grow(&mut s, k);
+                self.row_f32(r, &mut s[..k]);
+                dot_f32(&s[..k], x)
+            }),
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread dequantization buffer; grows to the largest panel seen, then never reallocates.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn grow(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// Weight rows per parallel task for the batched path.
+const PANEL: usize = 32;
+
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// `y[t*rows + r] = Σ_j x[t*k + j] · W[r][j]` for `t < n_tok`.
+pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
+    let (rows, k) = (m.rows, m.k);
+    assert_eq!(x.len(), n_tok * k, "matmul: x has {} values, want {n_tok}x{k}", x.len());
+    assert_eq!(y.len(), n_tok * rows, "matmul: y has {} values, want {n_tok}x{rows}", y.len());
+    if n_tok == 0 {
+        return;
+    }
+    if n_tok == 1 {
+        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
+        y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
+            for (i, yv) in ys.iter_mut().enumerate() {
+                *yv = m.dot_row(c * chunk + i, x);
+            }
+        });
+        return;
+    }
+    let yp = SendPtr(y.as_mut_ptr());
+    let n_panels = rows.div_ceil(PANEL);
+    (0..n_panels).into_par_iter().for_each(|p| {
+        let r0 = p * PANEL;
+        let nr = PANEL.min(rows - r0);
+        let yp = &yp;
+        let run = |panel: &[f32]| {
+            // SAFETY: panel p writes only columns r0..r0+nr of y, disjoint from every other panel;
+            // all pointers stay inside x (n_tok×k), panel (nr×k) and y (n_tok×rows).
+            unsafe {
+                gemm::gemm(
+                    n_tok,
+                    nr,
+                    k,
+                    yp.0.add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    panel.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        };
+        match m.weights {
+            Weights::F32(w) => run(&w[r0 * k..(r0 + nr) * k]),
+            _ => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                grow(&mut s, PANEL * k);
+                for i in 0..nr {
+                    m.row_f32(r0 + i, &mut s[i * k..(i + 1) * k]);
+                }
+                run(&s[..nr * k]);
+            }),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reference;
+    use proptest::prelude::*;
+
+    fn data(seed: u64, n: usize) -> Vec<f32> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    fn check(m: &Matrix, n_tok: usize, seed: u64) -> Result<(), TestCaseError> {
+        let x = data(seed, n_tok * m.k);
+        let mut y = vec![0f32; n_tok * m.rows];
+        matmul(m, &x, n_tok, &mut y);
+        let want = reference::matmul_rows(n_tok, m.k, m.rows, &x, |r, d| m.row_f32(r, d));
+        for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+            prop_assert!((a - b).abs() <= 1e-4 * (1.0 + m.k as f32).sqrt(), "{:?} at {}: {} vs {}", m.weights, i, a, b);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        #[test]
+        fn matmul_matches_reference(seed in 1u64..1000, rows in 1usize..80, blocks in 1usize..3, n_tok in 1usize..6) {
+            for ty in QuantType::ALL {
+                let k = blocks * ty.block_len();
+                let w = data(seed, rows * k);
+                let q: Vec<u8> = w.chunks(k).flat_map(|r| ty.quantize_row(r)).collect();
+                check(&Matrix::new(Weights::Quant(ty, &q), rows, k).unwrap(), n_tok, seed + 1)?;
+            }
+            let k = blocks * 32 + 5; // dense weights take any k
+            let w = data(seed, rows * k);
+            check(&Matrix::new(Weights::F32(&w), rows, k).unwrap(), n_tok, seed + 2)?;
+            let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+            check(&Matrix::new(Weights::F16(&h), rows, k).unwrap(), n_tok, seed + 3)?;
+            let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+            check(&Matrix::new(Weights::BF16(&b), rows, k).unwrap(), n_tok, seed + 4)?;
+        }
+    }
+
+    #[test]
+    fn rejects_wrong_sizes() {
+        let w = vec![0f32; 10];
+        assert!(Matrix::new(Weights::F32(&w), 3, 3).is_none());
+        let q = vec![0u8; 20];
+        assert!(Matrix::new(Weights::Quant(QuantType::Q4_1, &q), 1, 33).is_none());
+        assert!(Matrix::new(Weights::Quant(QuantType::Q4_1, &q), 1, 32).is_some());
+    }
+}
