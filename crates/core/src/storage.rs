@@ -1,0 +1,65 @@
+use std::sync::Arc;
+
+use half::{bf16, f16};
+
+use crate::DType;
+
+/// An immutable byte region shared by reference count: a slice of an mmapped file or an owned buffer.
+#[derive(Clone)]
+pub struct Bytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    start: usize,
+    len: usize,
+}
+
+impl Bytes {
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Bytes { owner: Arc::new(v), start: 0, len }
+    }
+
+    /// A sub-range of `owner`; `None` if it is out of bounds.
+    pub fn from_owner(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Option<Self> {
+        let end = start.checked_add(len)?;
+        (end <= (*owner).as_ref().len()).then_some(Bytes { owner, start, len })
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &(*self.owner).as_ref()[self.start..self.start + self.len]
+    }
+}
+
+impl std::fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bytes({} bytes)", self.len)
+    }
+}
+
+/// The data behind a tensor. Typed vectors for computed tensors; raw little-endian bytes for
+/// weights read from files (quantized blocks, or f16/bf16 kept in their file form).
+#[derive(Debug)]
+pub enum Storage {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+    BF16(Vec<bf16>),
+    Raw { dtype: DType, bytes: Bytes },
+}
+
+impl Storage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            Storage::F32(_) => DType::F32,
+            Storage::F16(_) => DType::F16,
+            Storage::BF16(_) => DType::BF16,
+            Storage::Raw { dtype, .. } => *dtype,
+        }
+    }
+
+    /// Raw bytes, for Raw storage only.
+    pub fn raw(&self) -> Option<&[u8]> {
+        match self {
+            Storage::Raw { bytes, .. } => Some(bytes.as_slice()),
+            _ => None,
+        }
+    }
+}

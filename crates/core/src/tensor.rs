@@ -1,0 +1,229 @@
+use std::sync::Arc;
+
+use augur_kernels::matmul::{Matrix, Weights};
+use half::{bf16, f16};
+
+use crate::error::{invalid, Error, Result};
+use crate::{Bytes, DType, Layout, Storage};
+
+/// An n-dimensional array: shared storage plus a strided layout.
+///
+/// Cloning is cheap (the storage is reference counted). Views share storage; compute ops return
+/// new contiguous f32 tensors.
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    storage: Arc<Storage>,
+    layout: Layout,
+}
+
+fn cast_slice<T>(b: &[u8]) -> Option<&[T]> {
+    // SAFETY: T is f16/bf16 (plain-old-data, every bit pattern valid); align_to only yields a
+    // middle slice at T's alignment.
+    let (pre, mid, post) = unsafe { b.align_to::<T>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+impl Tensor {
+    fn new(storage: Storage, shape: &[usize]) -> Self {
+        Tensor { storage: Arc::new(storage), layout: Layout::contiguous(shape) }
+    }
+
+    fn check_len(len: usize, shape: &[usize], dtype: DType) -> Result<()> {
+        let want: usize = shape.iter().product();
+        if len != want {
+            return Err(Error::SizeMismatch { shape: shape.to_vec(), dtype, got: len, want });
+        }
+        Ok(())
+    }
+
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
+        Self::check_len(data.len(), shape, DType::F32)?;
+        Ok(Self::new(Storage::F32(data), shape))
+    }
+
+    pub fn from_f16(data: Vec<f16>, shape: &[usize]) -> Result<Self> {
+        Self::check_len(data.len(), shape, DType::F16)?;
+        Ok(Self::new(Storage::F16(data), shape))
+    }
+
+    pub fn from_bf16(data: Vec<bf16>, shape: &[usize]) -> Result<Self> {
+        Self::check_len(data.len(), shape, DType::BF16)?;
+        Ok(Self::new(Storage::BF16(data), shape))
+    }
+
+    pub fn zeros(shape: &[usize]) -> Self {
+        Self::new(Storage::F32(vec![0.0; shape.iter().product()]), shape)
+    }
+
+    /// A tensor over raw little-endian bytes (e.g. an mmapped GGUF region). F32 data is copied
+    /// into an owned vector (it is small: norms, biases); f16/bf16 stay raw when aligned, quantized
+    /// data always stays raw.
+    pub fn from_raw(dtype: DType, bytes: Bytes, shape: &[usize]) -> Result<Self> {
+        let inner = *shape.last().unwrap_or(&1);
+        let outer: usize = shape.iter().rev().skip(1).product();
+        let want = dtype
+            .bytes_for(inner)
+            .and_then(|r| r.checked_mul(outer))
+            .ok_or_else(|| Error::Invalid { op: "from_raw", msg: format!("shape {shape:?} is not valid for {}", dtype.name()) })?;
+        let b = bytes.as_slice();
+        if b.len() != want {
+            return Err(Error::SizeMismatch { shape: shape.to_vec(), dtype, got: b.len(), want });
+        }
+        let storage = match dtype {
+            DType::F32 => Storage::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::F16 if cast_slice::<f16>(b).is_none() => {
+                Storage::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            DType::BF16 if cast_slice::<bf16>(b).is_none() => {
+                Storage::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            _ => Storage::Raw { dtype, bytes },
+        };
+        Ok(Self::new(storage, shape))
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        self.layout.shape()
+    }
+
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self.shape() {
+            &[a, b] => Ok((a, b)),
+            s => invalid("dims2", format!("expected a 2-d tensor, got shape {s:?}")),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape().len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.layout.numel()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.storage.dtype()
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor { storage: self.storage.clone(), layout }
+    }
+
+    fn require_unquantized(&self, op: &'static str) -> Result<()> {
+        if self.dtype().is_quantized() {
+            return Err(Error::UnsupportedDType { op, dtype: self.dtype(), hint: " (dequantize with to_f32() first)" });
+        }
+        Ok(())
+    }
+
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if self.dtype().is_quantized() && shape.last() != self.shape().last() {
+            return invalid("reshape", "a quantized tensor keeps its innermost (block) dimension");
+        }
+        Ok(self.with_layout(self.layout.reshape(shape)?))
+    }
+
+    pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
+        self.require_unquantized("transpose")?;
+        Ok(self.with_layout(self.layout.transpose(a, b)?))
+    }
+
+    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+        if self.dtype().is_quantized() && dim + 1 == self.rank() {
+            return invalid("narrow", "cannot narrow inside quantized blocks");
+        }
+        Ok(self.with_layout(self.layout.narrow(dim, start, len)?))
+    }
+
+    pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
+        self.require_unquantized("broadcast_to")?;
+        Ok(self.with_layout(self.layout.broadcast_to(shape)?))
+    }
+
+    /// Contiguous f32 data, borrowed when the tensor already is exactly that.
+    pub fn as_f32_slice(&self) -> Option<&[f32]> {
+        match &*self.storage {
+            Storage::F32(v) if self.layout.is_contiguous() => Some(&v[self.layout.offset()..self.layout.offset() + self.numel()]),
+            _ => None,
+        }
+    }
+
+    /// All elements as f32 in row-major order (dequantizing / converting as needed).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        if let Some(s) = self.as_f32_slice() {
+            return Ok(s.to_vec());
+        }
+        let l = &self.layout;
+        Ok(match &*self.storage {
+            Storage::F32(v) => l.indices().map(|i| v[i]).collect(),
+            Storage::F16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
+            Storage::BF16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
+            Storage::Raw { dtype, bytes } => {
+                let b = bytes.as_slice();
+                match dtype {
+                    DType::F16 => l.indices().map(|i| cast_slice::<f16>(b).expect("aligned")[i].to_f32()).collect(),
+                    DType::BF16 => l.indices().map(|i| cast_slice::<bf16>(b).expect("aligned")[i].to_f32()).collect(),
+                    DType::Quant(_) | DType::F32 => {
+                        // Quantized tensors are always contiguous rows (views cannot split blocks).
+                        let (rows, k) = (self.numel() / self.shape().last().copied().unwrap_or(1), *self.shape().last().unwrap_or(&1));
+                        let m = self.matrix_rows(k)?;
+                        let mut out = vec![0f32; rows * k];
+                        let first = l.offset() / k.max(1);
+                        for (r, dst) in out.chunks_exact_mut(k.max(1)).enumerate() {
+                            m.row_f32(first + r, dst);
+                        }
+                        out
+                    }
+                }
+            }
+        })
+    }
+
+    /// A contiguous f32 copy.
+    pub fn to_f32(&self) -> Result<Tensor> {
+        Tensor::from_vec(self.to_vec_f32()?, self.shape())
+    }
+
+    fn matrix_rows(&self, k: usize) -> Result<Matrix<'_>> {
+        let total_rows = match &*self.storage {
+            Storage::F32(v) => v.len() / k.max(1),
+            Storage::F16(v) => v.len() / k.max(1),
+            Storage::BF16(v) => v.len() / k.max(1),
+            Storage::Raw { dtype, bytes } => bytes.as_slice().len() / dtype.bytes_for(k).unwrap_or(usize::MAX).max(1),
+        };
+        let weights = match &*self.storage {
+            Storage::F32(v) => Weights::F32(&v[..total_rows * k]),
+            Storage::F16(v) => Weights::F16(&v[..total_rows * k]),
+            Storage::BF16(v) => Weights::BF16(&v[..total_rows * k]),
+            Storage::Raw { dtype, bytes } => match dtype {
+                DType::Quant(q) => Weights::Quant(*q, bytes.as_slice()),
+                DType::F16 => Weights::F16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
+                DType::BF16 => Weights::BF16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
+                DType::F32 => unreachable!("f32 raw data is converted at construction"),
+            },
+        };
+        Matrix::new(weights, total_rows, k).ok_or_else(|| Error::Invalid { op: "matrix", msg: "storage size does not match shape".into() })
+    }
+
+    /// This tensor as a `rows × k` weight matrix for the kernels. Must be 2-d and contiguous
+    /// from the start of its storage.
+    pub fn matrix(&self) -> Result<Matrix<'_>> {
+        let (rows, k) = self.dims2()?;
+        if !self.layout.is_contiguous() || self.layout.offset() != 0 {
+            return invalid("matrix", "weight matrices must be contiguous and unsliced");
+        }
+        let m = self.matrix_rows(k)?;
+        if m.rows != rows {
+            return invalid("matrix", format!("storage holds {} rows, shape says {rows}", m.rows));
+        }
+        Ok(m)
+    }
+}
