@@ -1,0 +1,200 @@
+//! The Llama-family decoder: embedding, `n_layer` blocks of (RMSNorm → GQA attention with RoPE →
+//! residual, RMSNorm → SwiGLU MLP → residual), final RMSNorm, output head (tied or separate).
+//! Qwen2 adds q/k/v biases; Mistral is Llama. One definition serves GGUF and safetensors weights.
+
+use augur_core::Tensor;
+use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::matmul::{matmul, Matrix};
+use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
+
+use crate::state::State;
+use crate::{Config, Error, Result};
+
+/// Which positions of a forward pass produce logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's (generation).
+    Last,
+    /// Every token's (scoring, speculative verification).
+    All,
+}
+
+/// Weights of one decoder block.
+pub struct Layer {
+    /// [dim]
+    attn_norm: Vec<f32>,
+    /// [n_head * head_dim, dim]
+    wq: Tensor,
+    /// [n_kv_head * head_dim, dim]
+    wk: Tensor,
+    /// [n_kv_head * head_dim, dim]
+    wv: Tensor,
+    /// [dim, n_head * head_dim]
+    wo: Tensor,
+    /// Optional q/k/v biases (Qwen2).
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    /// [dim]
+    ffn_norm: Vec<f32>,
+    /// [hidden, dim]
+    w_gate: Tensor,
+    /// [hidden, dim]
+    w_up: Tensor,
+    /// [dim, hidden]
+    w_down: Tensor,
+}
+
+/// A loaded Llama-family model (immutable; run state lives in [`State`]).
+pub struct Llama {
+    pub cfg: Config,
+    /// [vocab, dim]
+    embed: Tensor,
+    layers: Vec<Layer>,
+    /// [dim]
+    norm: Vec<f32>,
+    /// [vocab, dim]; the embedding itself when tied.
+    output: Tensor,
+    /// [head_dim / 2]
+    inv_freq: Vec<f32>,
+}
+
+fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
+    if t.shape() != shape {
+        return Err(Error::Config(format!("tensor `{name}` has shape {:?}, the config implies {shape:?}", t.shape())));
+    }
+    Ok(())
+}
+
+impl Llama {
+    /// Build from a tensor source keyed by GGUF names (`blk.0.attn_q.weight`, …).
+    pub fn load(cfg: Config, get: impl Fn(&str) -> Result<Tensor>, has: impl Fn(&str) -> bool) -> Result<Self> {
+        let (dim, hid) = (cfg.dim, cfg.hidden);
+        let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        let mat = |name: &str, shape: [usize; 2]| -> Result<Tensor> {
+            let t = get(name)?;
+            expect_shape(name, &t, &shape)?;
+            t.matrix()?;
+            Ok(t)
+        };
+        let vec = |name: &str, n: usize| -> Result<Vec<f32>> {
+            let t = get(name)?;
+            expect_shape(name, &t, &[n])?;
+            Ok(t.to_vec_f32()?)
+        };
+        let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>> { if has(name) { vec(name, n).map(Some) } else { Ok(None) } };
+        let embed = mat("token_embd.weight", [cfg.vocab, dim])?;
+        let output = if has("output.weight") { mat("output.weight", [cfg.vocab, dim])? } else { embed.clone() };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{i}.{s}");
+            layers.push(Layer {
+                attn_norm: vec(&n("attn_norm.weight"), dim)?,
+                wq: mat(&n("attn_q.weight"), [qd, dim])?,
+                wk: mat(&n("attn_k.weight"), [kvd, dim])?,
+                wv: mat(&n("attn_v.weight"), [kvd, dim])?,
+                wo: mat(&n("attn_output.weight"), [dim, qd])?,
+                bq: opt_vec(&n("attn_q.bias"), qd)?,
+                bk: opt_vec(&n("attn_k.bias"), kvd)?,
+                bv: opt_vec(&n("attn_v.bias"), kvd)?,
+                ffn_norm: vec(&n("ffn_norm.weight"), dim)?,
+                w_gate: mat(&n("ffn_gate.weight"), [hid, dim])?,
+                w_up: mat(&n("ffn_up.weight"), [hid, dim])?,
+                w_down: mat(&n("ffn_down.weight"), [dim, hid])?,
+            });
+        }
+        let inv_freq = cfg.inv_freq();
+        Ok(Llama { norm: vec("output_norm.weight", dim)?, cfg, embed, layers, output, inv_freq })
+    }
+
+    /// Run `tokens` at positions `state.len()..`, append their keys/values to the cache and return
+    /// logits: `[vocab]` for [`Logits::Last`], `[tokens.len(), vocab]` for [`Logits::All`].
+    pub fn forward<'s>(&self, st: &'s mut State, tokens: &[u32], which: Logits) -> Result<&'s [f32]> {
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Config("forward called with no tokens".into()));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+            return Err(Error::UnknownToken { id, vocab: cfg.vocab });
+        }
+        let pos0 = st.pos;
+        if pos0 + n > cfg.context {
+            return Err(Error::ContextFull { need: pos0 + n, ctx: cfg.context });
+        }
+        let n_logits = if which == Logits::All { n } else { 1 };
+        st.fit(cfg, n, n_logits);
+        let (dim, hd, hid) = (cfg.dim, cfg.head_dim, cfg.hidden);
+        let (qd, kvd) = (cfg.n_head * hd, cfg.n_kv_head * hd);
+        let half = hd / 2;
+
+        let embed = self.embed.matrix()?;
+        for (t, &id) in tokens.iter().enumerate() {
+            embed.row_f32(id as usize, &mut st.x[t * dim..(t + 1) * dim]);
+        }
+        for t in 0..n {
+            rope_angles(pos0 + t, &self.inv_freq, &mut st.cs[t * half..(t + 1) * half]);
+        }
+        let shape = Shape { n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd };
+        let scale = 1.0 / (hd as f32).sqrt();
+
+        for (layer, cache) in self.layers.iter().zip(st.kv.iter_mut()) {
+            let x = &mut st.x[..n * dim];
+            let xn = &mut st.xn[..n * dim];
+            for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
+                rms_norm(xr, &layer.attn_norm, cfg.rms_eps, or);
+            }
+            let (q, k, v) = (&mut st.q[..n * qd], &mut st.k[..n * kvd], &mut st.v[..n * kvd]);
+            linear(&layer.wq, xn, n, q, layer.bq.as_deref())?;
+            linear(&layer.wk, xn, n, k, layer.bk.as_deref())?;
+            linear(&layer.wv, xn, n, v, layer.bv.as_deref())?;
+            for t in 0..n {
+                let cs = &st.cs[t * half..(t + 1) * half];
+                rope(&mut q[t * qd..(t + 1) * qd], hd, cs, cfg.rope_interleaved);
+                rope(&mut k[t * kvd..(t + 1) * kvd], hd, cs, cfg.rope_interleaved);
+            }
+            cache.k.truncate(pos0 * kvd);
+            cache.v.truncate(pos0 * kvd);
+            cache.k.extend_from_slice(k);
+            cache.v.extend_from_slice(v);
+            let att = &mut st.att[..n * qd];
+            attention(q, &cache.k, &cache.v, pos0 + n, shape, Mask::Causal { pos0 }, scale, att);
+            let proj = &mut st.proj[..n * dim];
+            linear(&layer.wo, att, n, proj, None)?;
+            add_assign(x, proj);
+
+            for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
+                rms_norm(xr, &layer.ffn_norm, cfg.rms_eps, or);
+            }
+            let (gate, up) = (&mut st.gate[..n * hid], &mut st.up[..n * hid]);
+            linear(&layer.w_gate, xn, n, gate, None)?;
+            linear(&layer.w_up, xn, n, up, None)?;
+            silu_mul(gate, up);
+            linear(&layer.w_down, gate, n, proj, None)?;
+            add_assign(x, proj);
+        }
+        st.pos = pos0 + n;
+
+        let first = n - n_logits;
+        let xs = &st.x[first * dim..n * dim];
+        let xn = &mut st.xn[..n_logits * dim];
+        for (xr, or) in xs.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
+            rms_norm(xr, &self.norm, cfg.rms_eps, or);
+        }
+        let logits = &mut st.logits[..n_logits * cfg.vocab];
+        linear(&self.output, xn, n_logits, logits, None)?;
+        Ok(logits)
+    }
+}
+
+/// `y = x · Wᵀ (+ b)` for `n` rows.
+fn linear(w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
+    let m: Matrix = w.matrix()?;
+    matmul(&m, x, n, y);
+    if let Some(b) = bias {
+        for row in y.chunks_exact_mut(b.len()) {
+            add_assign(row, b);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Opening a model from a path: a GGUF file, or a directory with `config.json`, `tokenizer.json`
+//! and safetensors weights.
+
+use std::path::{Path, PathBuf};
+
+use augur_core::Tensor;
+use augur_formats::gguf::Gguf;
+use augur_formats::safetensors::Checkpoint;
+use augur_formats::tokenizer::Tokenizer;
+
+use crate::{Config, Error, Llama, Result};
+
+/// Weights, tokenizer and chat template of one model.
+pub struct Model {
+    pub llama: Llama,
+    pub tokenizer: Tokenizer,
+    /// Jinja chat template, if the model ships one.
+    pub chat_template: Option<String>,
+    pub path: PathBuf,
+}
+
+/// HF checkpoint name of a GGUF tensor name.
+fn hf_name(gguf: &str) -> String {
+    const TOP: [(&str, &str); 3] =
+        [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
+    if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == gguf) {
+        return hf.to_string();
+    }
+    const BLK: [(&str, &str); 9] = [
+        ("attn_norm", "input_layernorm"),
+        ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"),
+        ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"),
+        ("ffn_norm", "post_attention_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"),
+        ("ffn_up", "mlp.up_proj"),
+        ("ffn_down", "mlp.down_proj"),
+    ];
+    let mut parts = gguf.splitn(4, '.');
+    if let (Some("blk"), Some(i), Some(kind), Some(suffix)) = (parts.next(), parts.next(), parts.next(), parts.next()) {
+        if let Some((_, hf)) = BLK.iter().find(|(g, _)| *g == kind) {
+            return format!("model.layers.{i}.{hf}.{suffix}");
+        }
+    }
+    gguf.to_string()
+}
+
+impl Model {
+    /// Open a `.gguf` file or a safetensors checkpoint directory.
+    pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            Self::open_safetensors(path)
+        } else {
+            Self::open_gguf(path)
+        }
+    }
+
+    pub fn open_gguf(path: &Path) -> Result<Self> {
+        let g = Gguf::open(path)?;
+        let cfg = Config::from_gguf(&g)?;
+        let llama = Llama::load(cfg, |n| Ok(g.tensor(n)?), |n| g.tensor_info(n).is_some())?;
+        let tokenizer = Tokenizer::from_gguf(&g)?;
+        check_vocab(&llama, &tokenizer)?;
+        let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Model { llama, tokenizer, chat_template, path: path.to_owned() })
+    }
+
+    pub fn open_safetensors(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Result<String> {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Path { path: dir.join(name), msg: e.to_string() })
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&read("config.json")?).map_err(|e| Error::Path { path: dir.join("config.json"), msg: e.to_string() })?;
+        let cfg = Config::from_hf_json(&json)?;
+        let ck = Checkpoint::open(dir)?;
+        let get = |n: &str| -> Result<Tensor> { Ok(ck.get(&hf_name(n))?) };
+        let llama = Llama::load(cfg, get, |n| ck.contains(&hf_name(n)))?;
+        let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+        check_vocab(&llama, &tokenizer)?;
+        let chat_template = read("tokenizer_config.json")
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|j| j.get("chat_template").and_then(|t| t.as_str()).map(str::to_owned))
+            .or_else(|| read("chat_template.jinja").ok());
+        Ok(Model { llama, tokenizer, chat_template, path: dir.to_owned() })
+    }
+}
+
+fn check_vocab(llama: &Llama, tok: &Tokenizer) -> Result<()> {
+    if tok.vocab_size() > llama.cfg.vocab {
+        return Err(Error::Config(format!(
+            "tokenizer has {} tokens but the model's vocabulary is {}; tokenizer and weights do not belong together",
+            tok.vocab_size(),
+            llama.cfg.vocab
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn maps_gguf_names_to_hf() {
+        assert_eq!(hf_name("blk.12.attn_q.weight"), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.3.ffn_norm.weight"), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
+}

@@ -1,0 +1,105 @@
+//! The mutable run state of one sequence: KV cache and scratch buffers.
+//!
+//! Buffers only grow; after the first step at a given batch size, a forward pass allocates nothing.
+
+use crate::Config;
+
+/// Keys and values of one layer for every position so far.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct LayerCache {
+    /// [seq, n_kv_head, head_dim]
+    pub k: Vec<f32>,
+    /// [seq, n_kv_head, head_dim]
+    pub v: Vec<f32>,
+}
+
+/// Per-sequence state for [`crate::Llama::forward`].
+#[derive(Debug, Clone)]
+pub struct State {
+    /// Number of positions in the KV cache.
+    pub(crate) pos: usize,
+    pub(crate) kv: Vec<LayerCache>,
+    /// Scratch, each `[n_tok, …]`: residual stream, normed input, q, k, v, attention output,
+    /// projection output, gate, up.
+    pub(crate) x: Vec<f32>,
+    pub(crate) xn: Vec<f32>,
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+    pub(crate) att: Vec<f32>,
+    pub(crate) proj: Vec<f32>,
+    pub(crate) gate: Vec<f32>,
+    pub(crate) up: Vec<f32>,
+    /// [n_tok, head_dim / 2] rope (cos, sin) per token.
+    pub(crate) cs: Vec<(f32, f32)>,
+    /// [n_logits, vocab]
+    pub(crate) logits: Vec<f32>,
+}
+
+fn fit(v: &mut Vec<f32>, n: usize) {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+}
+
+impl State {
+    pub fn new(cfg: &Config) -> Self {
+        State {
+            pos: 0,
+            kv: vec![LayerCache::default(); cfg.n_layer],
+            x: vec![],
+            xn: vec![],
+            q: vec![],
+            k: vec![],
+            v: vec![],
+            att: vec![],
+            proj: vec![],
+            gate: vec![],
+            up: vec![],
+            cs: vec![],
+            logits: vec![],
+        }
+    }
+
+    /// Positions held in the KV cache.
+    pub fn len(&self) -> usize {
+        self.pos
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pos == 0
+    }
+
+    /// Drop cached positions from `len` on (e.g. rejected speculative tokens).
+    pub fn truncate(&mut self, len: usize) {
+        self.pos = self.pos.min(len);
+    }
+
+    /// Reserve room for `positions` in the KV cache up front (avoids growth during decode).
+    pub fn reserve(&mut self, cfg: &Config, positions: usize) {
+        let per = cfg.n_kv_head * cfg.head_dim;
+        for l in &mut self.kv {
+            let want = positions * per;
+            l.k.reserve(want.saturating_sub(l.k.len()));
+            l.v.reserve(want.saturating_sub(l.v.len()));
+        }
+    }
+
+    /// Size the scratch buffers for a batch of `n` tokens.
+    pub(crate) fn fit(&mut self, cfg: &Config, n: usize, n_logits: usize) {
+        let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        fit(&mut self.x, n * cfg.dim);
+        fit(&mut self.xn, n * cfg.dim);
+        fit(&mut self.q, n * qd);
+        fit(&mut self.k, n * kvd);
+        fit(&mut self.v, n * kvd);
+        fit(&mut self.att, n * qd);
+        fit(&mut self.proj, n * cfg.dim);
+        fit(&mut self.gate, n * cfg.hidden);
+        fit(&mut self.up, n * cfg.hidden);
+        fit(&mut self.logits, n_logits * cfg.vocab);
+        if self.cs.len() < n * cfg.head_dim / 2 {
+            self.cs.resize(n * cfg.head_dim / 2, (0.0, 0.0));
+        }
+    }
+}
