@@ -1,0 +1,16 @@
+//! augur-decode: turning logits into text.
+//!
+//! - [`sampler`]: greedy, temperature, top-k, top-p, min-p, repetition penalty, seeded.
+//! - [`generate`]: the generation loop (prefill, decode, streaming, EOS and stop strings, timing).
+//! - [`chat`]: the model's Jinja chat template, rendered with minijinja.
+
+pub mod chat;
+mod error;
+pub mod generate;
+pub mod rng;
+pub mod sampler;
+mod stop;
+
+pub use error::{Error, Result};
+pub use generate::{generate, GenerateConfig, StopReason, Summary, TokenEvent};
+pub use sampler::{Sampler, SamplerConfig};

@@ -1,0 +1,130 @@
+//! The generation loop: prefill the prompt in one batched pass, then decode a token at a time,
+//! streaming each token to a callback, until EOS, a stop string, the token budget or the callback
+//! says stop.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use augur_formats::tokenizer::StreamDecoder;
+use augur_models::{Logits, Model, State};
+
+use crate::sampler::{Sampler, SamplerConfig};
+use crate::stop::StopMatcher;
+use crate::Result;
+
+/// What to generate.
+#[derive(Debug, Clone, Default)]
+pub struct GenerateConfig {
+    pub max_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Generation ends before the first occurrence of any of these strings.
+    pub stop: Vec<String>,
+    /// Keep going past EOS tokens.
+    pub ignore_eos: bool,
+}
+
+/// One generated token, handed to the callback.
+pub struct TokenEvent<'a> {
+    /// 0-based index among the generated tokens.
+    pub pos: usize,
+    pub id: u32,
+    /// Text this token completes for the user (may be empty: partial UTF-8, or held back because it
+    /// may start a stop string).
+    pub text: &'a str,
+    /// The raw logits this token was chosen from.
+    pub logits: &'a [f32],
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    Callback,
+}
+
+/// Counts and timings of one generation.
+#[derive(Debug, Clone)]
+pub struct Summary {
+    pub prompt_tokens: usize,
+    pub generated: Vec<u32>,
+    pub text: String,
+    pub prefill: Duration,
+    pub decode: Duration,
+    pub stop: StopReason,
+}
+
+impl Summary {
+    pub fn prefill_tok_per_s(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
+    }
+
+    /// Tokens after the first (which the prefill produced) over the decode time.
+    pub fn decode_tok_per_s(&self) -> f64 {
+        self.generated.len().saturating_sub(1) as f64 / self.decode.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Generate from `prompt` token ids. `on_token` sees every token; returning `Break` stops.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<Summary> {
+    let llama = &model.llama;
+    let tok = &model.tokenizer;
+    if prompt.is_empty() {
+        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
+    }
+    let need = prompt.len() + cfg.max_tokens;
+    if need > llama.cfg.context {
+        return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
+    }
+    let mut sampler = Sampler::new(cfg.sampler.clone())?;
+    let mut st = State::new(&llama.cfg);
+    st.reserve(&llama.cfg, need);
+    let mut history: Vec<u32> = Vec::with_capacity(need);
+    history.extend_from_slice(prompt);
+    let mut stream = StreamDecoder::new();
+    let mut stops = StopMatcher::new(&cfg.stop);
+    let mut text = String::new();
+
+    let t0 = Instant::now();
+    let mut logits = llama.forward(&mut st, prompt, Logits::Last)?;
+    let prefill = t0.elapsed();
+    let t1 = Instant::now();
+    let mut generated = Vec::with_capacity(cfg.max_tokens);
+    let mut reason = StopReason::MaxTokens;
+    for pos in 0..cfg.max_tokens {
+        let id = sampler.sample(logits, &history);
+        generated.push(id);
+        history.push(id);
+        let is_eos = tok.is_eos(id) && !cfg.ignore_eos;
+        let piece = if is_eos { String::new() } else { stream.push(tok, id)? };
+        let (piece, hit_stop) = stops.push(&piece);
+        text.push_str(&piece);
+        let flow = on_token(&TokenEvent { pos, id, text: &piece, logits });
+        if is_eos {
+            reason = StopReason::Eos;
+            break;
+        }
+        if hit_stop {
+            reason = StopReason::StopString;
+            break;
+        }
+        if flow.is_break() {
+            reason = StopReason::Callback;
+            break;
+        }
+        if pos + 1 == cfg.max_tokens {
+            break;
+        }
+        logits = llama.forward(&mut st, &[id], Logits::Last)?;
+    }
+    if reason != StopReason::StopString {
+        text.push_str(&stops.flush());
+    }
+    Ok(Summary { prompt_tokens: prompt.len(), generated, text, prefill, decode: t1.elapsed(), stop: reason })
+}
