@@ -1,1 +1,49 @@
-fn main(){}
+//! `augur`: run, chat with, inspect and benchmark language models.
+
+mod bench;
+mod chat;
+mod common;
+mod inspect;
+mod run;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "augur", version, about = "Run large language models fast, on the CPU first")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a continuation of PROMPT (or of --prompt-ids) and stream it to stdout.
+    Run(run::Args),
+    /// Interactive chat with the model's chat template.
+    Chat(chat::Args),
+    /// List a GGUF file's metadata and tensors.
+    Inspect(inspect::Args),
+    /// Measure prefill and decode tokens/s (median of several runs), printed as JSON.
+    Bench(bench::Args),
+    /// Download the default model into the cache (other commands do this on first use).
+    Fetch,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run(a) => run::main(a),
+        Cmd::Chat(a) => chat::main(a),
+        Cmd::Inspect(a) => inspect::main(a),
+        Cmd::Bench(a) => bench::main(a),
+        Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
+    };
+    if let Err(e) = result {
+        // A closed stdout (e.g. piped into `head`) is not an error worth reporting.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
+            std::process::exit(0);
+        }
+        eprintln!("augur: error: {e:#}");
+        std::process::exit(1);
+    }
+}

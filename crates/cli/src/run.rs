@@ -1,0 +1,154 @@
+//! `augur run`.
+
+use std::io::Write;
+use std::ops::ControlFlow;
+
+use anyhow::{bail, Context, Result};
+use augur_decode::chat::{ChatTemplate, Message};
+use augur_decode::{generate, GenerateConfig, StopReason, TokenEvent};
+use serde_json::json;
+
+use crate::common::{ModelArgs, SampleArgs};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Wrap PROMPT as a user message in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+    /// System message for --chat (default: the template's own).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Start from these token ids (comma separated) instead of PROMPT text.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<u32>>,
+    /// One JSON object per token, then a summary object.
+    #[arg(long)]
+    pub json: bool,
+    /// With --json: the K highest raw logits of each step.
+    #[arg(long, default_value_t = 0)]
+    pub top_logits: usize,
+    /// f32 activations throughout (augur's only CPU path today, so this is the default).
+    #[arg(long)]
+    pub exact: bool,
+    /// Print timing to stderr after the text.
+    #[arg(long)]
+    pub stats: bool,
+    /// The prompt text.
+    pub prompt: Option<String>,
+}
+
+fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return vec![];
+    }
+    let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
+    idx.select_nth_unstable_by(k - 1, cmp);
+    idx.truncate(k);
+    idx.sort_by(cmp);
+    idx.into_iter().map(|i| (i, logits[i as usize])).collect()
+}
+
+pub fn main(a: Args) -> Result<()> {
+    let model = a.model.load()?;
+    let prompt: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
+        (Some(ids), None) => {
+            model.tokenizer.check_ids(ids)?;
+            ids.clone()
+        }
+        (Some(_), Some(_)) => bail!("give either PROMPT or --prompt-ids, not both"),
+        (None, Some(text)) if a.chat => {
+            let tpl = ChatTemplate::for_model(&model)?;
+            let mut msgs = Vec::new();
+            if let Some(s) = &a.system {
+                msgs.push(Message::new("system", s));
+            }
+            msgs.push(Message::new("user", text));
+            model.tokenizer.encode(&tpl.render(&msgs, true)?)?
+        }
+        (None, Some(text)) => model.tokenizer.encode(text)?,
+        (None, None) => bail!("no prompt: give PROMPT text or --prompt-ids"),
+    };
+    let cfg = GenerateConfig { max_tokens: a.max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let mut io_err = None;
+    let summary = generate(&model, &prompt, &cfg, |ev: &TokenEvent| {
+        let r = if a.json {
+            let top: Vec<_> = top_k(ev.logits, a.top_logits).into_iter().map(|(i, l)| json!([i, l])).collect();
+            writeln!(out, "{}", json!({"pos": ev.pos, "token": ev.id, "text": ev.text, "top": top}))
+        } else {
+            write!(out, "{}", ev.text).and_then(|_| out.flush())
+        };
+        match r {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(e) => {
+                io_err = Some(e);
+                ControlFlow::Break(())
+            }
+        }
+    })?;
+    if let Some(e) = io_err {
+        return Err(e).context("writing to stdout");
+    }
+    let stop = match summary.stop {
+        StopReason::Eos => "eos",
+        StopReason::StopString => "stop_string",
+        StopReason::MaxTokens => "max_tokens",
+        StopReason::Callback => "interrupted",
+    };
+    if a.json {
+        writeln!(
+            out,
+            "{}",
+            json!({"summary": {
+                "prompt_tokens": summary.prompt_tokens,
+                "generated_tokens": summary.generated.len(),
+                "prefill_tok_per_s": summary.prefill_tok_per_s(),
+                "decode_tok_per_s": summary.decode_tok_per_s(),
+                "prefill_s": summary.prefill.as_secs_f64(),
+                "decode_s": summary.decode.as_secs_f64(),
+                "stop_reason": stop,
+                "threads": rayon::current_num_threads(),
+            }})
+        )?;
+    } else {
+        writeln!(out)?;
+    }
+    if a.stats {
+        eprintln!(
+            "prompt {} tokens, {:.1} tok/s prefill; generated {} tokens, {:.1} tok/s decode; stop: {stop}",
+            summary.prompt_tokens,
+            summary.prefill_tok_per_s(),
+            summary.generated.len(),
+            summary.decode_tok_per_s()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    #[test]
+    fn top_k_orders_by_logit_then_id() {
+        assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0], 3), vec![(1, 3.0), (2, 3.0), (3, 2.0)]);
+        assert_eq!(top_k(&[1.0], 5).len(), 1);
+        assert!(top_k(&[1.0], 0).is_empty());
+    }
+}
