@@ -237,6 +237,11 @@ impl Tokenizer {
         }
     }
 
+    /// The equivalent `tokenizer.json` document.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(tok_err)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -13,6 +13,7 @@ pub mod hub;
 mod llama;
 mod model;
 mod state;
+pub mod tiny;
 
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};

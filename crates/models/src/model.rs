@@ -20,7 +20,7 @@ pub struct Model {
 }
 
 /// HF checkpoint name of a GGUF tensor name.
-fn hf_name(gguf: &str) -> String {
+pub(crate) fn hf_name(gguf: &str) -> String {
     const TOP: [(&str, &str); 3] =
         [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
     if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == gguf) {

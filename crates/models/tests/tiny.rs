@@ -1,0 +1,81 @@
+//! Tiny models written by augur: the GGUF (permuted q/k, interleaved RoPE) and safetensors (HF
+//! layout, rotate-half RoPE) forms of the same weights load through the one model definition and
+//! give the same logits; quantized GGUF variants stay close to f32.
+
+use augur_core::QuantType;
+use augur_models::{tiny, Logits, Model, State};
+
+fn tmpdir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("augur-test-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(model: &Model, ids: &[u32]) -> Vec<f32> {
+    let mut st = State::new(&model.llama.cfg);
+    model.llama.forward(&mut st, ids, Logits::All).unwrap().to_vec()
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn gguf_and_safetensors_forms_agree() {
+    for tied in [true, false] {
+        let dir = tmpdir(&format!("agree-{tied}"));
+        let (g, s) = tiny::write_both(&dir, tied, 42).unwrap();
+        let mg = Model::open(&g).unwrap();
+        let ms = Model::open(&s).unwrap();
+        assert_eq!(mg.llama.cfg.tied_embeddings, tied);
+        let ids = mg.tokenizer.encode("hello world, 123").unwrap();
+        assert_eq!(ids, ms.tokenizer.encode("hello world, 123").unwrap());
+        assert_eq!(ids[0], 262, "merges apply: `hello` is one token");
+        let (a, b) = (run(&mg, &ids), run(&ms, &ids));
+        let d = max_diff(&a, &b);
+        assert!(d < 1e-3, "tied={tied}: GGUF vs safetensors logits differ by {d}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn quantized_gguf_tracks_f32() {
+    let dir = tmpdir("quant");
+    let f = dir.join("f32.gguf");
+    tiny::write_gguf(&f, true, None, 7).unwrap();
+    let reference = run(&Model::open(&f).unwrap(), &[5, 80, 120, 7, 200]);
+    let scale = reference.iter().map(|v| v.abs()).fold(0.0, f32::max);
+    for q in QuantType::ALL {
+        let p = dir.join(format!("{}.gguf", q.name()));
+        tiny::write_gguf(&p, true, Some(q), 7).unwrap();
+        let got = run(&Model::open(&p).unwrap(), &[5, 80, 120, 7, 200]);
+        let rel = max_diff(&got, &reference) / scale;
+        let bound = match q {
+            QuantType::Q8_0 => 0.02,
+            QuantType::Q6_K => 0.05,
+            _ => 0.25,
+        };
+        assert!(rel < bound, "{}: relative logit error {rel} exceeds {bound}", q.name());
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let dir = tmpdir("errors");
+    let (g, _) = tiny::write_both(&dir, true, 1).unwrap();
+    let m = Model::open(&g).unwrap();
+    let mut st = State::new(&m.llama.cfg);
+    let e = m.llama.forward(&mut st, &[99_999], Logits::Last).unwrap_err().to_string();
+    assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
+    let long = vec![5u32; m.llama.cfg.context + 1];
+    let e = m.llama.forward(&mut st, &long, Logits::Last).unwrap_err().to_string();
+    assert!(e.contains("context"), "{e}");
+    // A truncated file names the tensor whose data is missing.
+    let bytes = std::fs::read(&g).unwrap();
+    let cut = dir.join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 5000]).unwrap();
+    let e = Model::open(&cut).err().unwrap().to_string();
+    assert!(e.contains("truncated") && e.contains("tensor `"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
