@@ -16,9 +16,9 @@ pub struct Args {
     pub model: ModelArgs,
     #[command(flatten)]
     pub sample: SampleArgs,
-    /// Most tokens to generate.
-    #[arg(long, short = 'n', default_value_t = 256)]
-    pub max_tokens: usize,
+    /// Most tokens to generate (default: 256, or what the context leaves room for).
+    #[arg(long, short = 'n')]
+    pub max_tokens: Option<usize>,
     /// Wrap PROMPT as a user message in the model's chat template.
     #[arg(long)]
     pub chat: bool,
@@ -83,7 +83,9 @@ pub fn main(a: Args) -> Result<()> {
         (None, Some(text)) => model.tokenizer.encode(text)?,
         (None, None) => bail!("no prompt: give PROMPT text or --prompt-ids"),
     };
-    let cfg = GenerateConfig { max_tokens: a.max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos };
+    let room = model.llama.cfg.context.saturating_sub(prompt.len());
+    let max_tokens = a.max_tokens.unwrap_or(256.min(room));
+    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;

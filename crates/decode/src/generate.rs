@@ -78,11 +78,11 @@ pub fn generate(
     if prompt.is_empty() {
         return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
     }
+    let mut sampler = Sampler::new(cfg.sampler.clone())?;
     let need = prompt.len() + cfg.max_tokens;
     if need > llama.cfg.context {
         return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
     }
-    let mut sampler = Sampler::new(cfg.sampler.clone())?;
     let mut st = State::new(&llama.cfg);
     st.reserve(&llama.cfg, need);
     let mut history: Vec<u32> = Vec::with_capacity(need);
