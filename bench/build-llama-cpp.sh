@@ -12,7 +12,8 @@ if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
 cd "$CACHE"
 python3 -m pip install --quiet cmake ninja >&2
 if [ ! -d "llama_cpp_python-$VERSION" ]; then
-  python3 -m pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d . >&2
+  # --no-binary for this package only: its build backend (cmake, scikit-build-core) may come as wheels.
+  python3 -m pip download --quiet --no-deps --no-binary llama-cpp-python "llama-cpp-python==$VERSION" -d . >&2
   tar xzf "llama_cpp_python-$VERSION.tar.gz"
 fi
 rm -rf "llama.cpp-$VERSION"

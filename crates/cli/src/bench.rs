@@ -64,7 +64,7 @@ pub fn main(a: Args) -> Result<()> {
         "{}",
         json!({
             "model": model.path.display().to_string(),
-            "threads": rayon::current_num_threads(),
+            "threads": augur_kernels::pool::global().threads(),
             "prompt_len": a.prompt_len,
             "gen_len": a.gen_len,
             "runs": a.runs,

@@ -21,7 +21,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {
             anyhow::ensure!(t > 0, "--threads must be at least 1");
-            rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting up the thread pool")?;
+            anyhow::ensure!(augur_kernels::pool::set_threads(t), "the thread pool is already running");
         }
         let path = match &self.model {
             Some(p) => p.clone(),

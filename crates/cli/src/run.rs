@@ -125,7 +125,7 @@ pub fn main(a: Args) -> Result<()> {
                 "prefill_s": summary.prefill.as_secs_f64(),
                 "decode_s": summary.decode.as_secs_f64(),
                 "stop_reason": stop,
-                "threads": rayon::current_num_threads(),
+                "threads": augur_kernels::pool::global().threads(),
             }})
         )?;
     } else {

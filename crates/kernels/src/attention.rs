@@ -6,9 +6,9 @@
 
 use std::cell::RefCell;
 
-use rayon::prelude::*;
 
 use crate::dot::dot_f32;
+use crate::pool;
 use crate::vec::softmax;
 
 /// Shapes of one attention call.
@@ -50,7 +50,11 @@ pub fn attention(
     assert!(k_cache.len() >= seq * kv_stride && v_cache.len() >= seq * kv_stride, "attention: cache too short");
     assert_eq!(out.len(), q.len(), "attention: out/q length mismatch");
     let group = n_head / n_kv_head;
-    out.par_chunks_mut(head_dim).enumerate().for_each(|(i, o)| {
+    let op = pool::SyncPtr::new(out.as_mut_ptr());
+    let items = out.len() / head_dim;
+    pool::global().for_chunks(items, 1, &|range| for i in range {
+        // SAFETY: item i owns out[i*head_dim..(i+1)*head_dim]; items are disjoint.
+        let o = unsafe { op.slice(i * head_dim, head_dim) };
         let (t, h) = (i / n_head, i % n_head);
         let kvh = h / group;
         let qh = &q[i * head_dim..(i + 1) * head_dim];

@@ -14,6 +14,7 @@ pub mod attention;
 pub mod cpu;
 pub mod dot;
 pub mod matmul;
+pub mod pool;
 pub mod quant;
 pub mod reference;
 pub mod vec;

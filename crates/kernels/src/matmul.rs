@@ -2,7 +2,7 @@
 //! PyTorch's `Linear` store them) and a small batch of activation rows `x` (`n_tok × k`).
 //!
 //! Design: one token (decode) runs a fused dequantize-and-dot per weight row, rows split across the
-//! rayon pool. Several tokens (prefill, speculative verification) dequantize a panel of weight rows
+//! worker pool. Several tokens (prefill, speculative verification) dequantize a panel of weight rows
 //! once into a thread-local f32 buffer and multiply every token against it with `gemm`, so each
 //! weight is read once per pass whatever the batch. Rejected: dequantizing the whole matrix per call
 //! (memory traffic), and per-token loops over rows (reads weights `n_tok` times).
@@ -10,9 +10,9 @@
 use std::cell::RefCell;
 
 use half::{bf16, f16};
-use rayon::prelude::*;
 
 use crate::dot::{dot_f32, dot_quant};
+use crate::pool;
 use crate::quant::QuantType;
 
 /// Borrowed weight storage of a matrix, row-major, `rows × k`.
@@ -100,10 +100,6 @@ fn grow(v: &mut Vec<f32>, n: usize) {
 /// Weight rows per parallel task for the batched path.
 const PANEL: usize = 32;
 
-struct SendPtr(*mut f32);
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// `y[t*rows + r] = Σ_j x[t*k + j] · W[r][j]` for `t < n_tok`.
 pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
     let (rows, k) = (m.rows, m.k);
@@ -112,18 +108,22 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
     if n_tok == 0 {
         return;
     }
+    let pool = pool::global();
+    let yp = pool::SyncPtr::new(y.as_mut_ptr());
     if n_tok == 1 {
-        let chunk = (rows / (rayon::current_num_threads() * 8)).clamp(16, 1024);
-        y.par_chunks_mut(chunk).enumerate().for_each(|(c, ys)| {
-            for (i, yv) in ys.iter_mut().enumerate() {
-                *yv = m.dot_row(c * chunk + i, x);
+        let chunk = (rows / (pool.threads() * 8)).clamp(16, 1024);
+        pool.for_chunks(rows, chunk, &|range| {
+            // SAFETY: chunks are disjoint row ranges of y, which holds `rows` values.
+            let ys = unsafe { yp.slice(range.start, range.len()) };
+            for (yv, r) in ys.iter_mut().zip(range) {
+                *yv = m.dot_row(r, x);
             }
         });
         return;
     }
-    let yp = SendPtr(y.as_mut_ptr());
     let n_panels = rows.div_ceil(PANEL);
-    (0..n_panels).into_par_iter().for_each(|p| {
+    pool.for_chunks(n_panels, 1, &|panels| {
+      for p in panels {
         let r0 = p * PANEL;
         let nr = PANEL.min(rows - r0);
         let yp = &yp;
@@ -135,7 +135,7 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
                     n_tok,
                     nr,
                     k,
-                    yp.0.add(r0),
+                    yp.ptr().add(r0),
                     1,
                     rows as isize,
                     false,
@@ -165,6 +165,7 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
                 run(&s[..nr * k]);
             }),
         }
+      }
     });
 }
 
