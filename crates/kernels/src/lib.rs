@@ -10,9 +10,11 @@
 //! - [`vec`]: RMSNorm, RoPE, softmax, SiLU, and the other per-row ops of a Llama layer.
 //! - [`reference`]: the scalar twins.
 
+pub mod actq;
 pub mod attention;
 pub mod cpu;
 pub mod dot;
+pub mod dot_actq;
 pub mod matmul;
 pub mod pool;
 pub mod quant;

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 
 use half::{bf16, f16};
 
+use crate::actq::ActQ;
 use crate::dot::{dot_f32, dot_quant};
 use crate::pool;
 use crate::quant::QuantType;
@@ -95,6 +96,30 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     if v.len() < n {
         v.resize(n, 0.0);
     }
+}
+
+/// Whether [`matmul_actq`] can run this matrix (quantized type with a VNNI kernel on this CPU).
+pub fn actq_supported(m: &Matrix) -> bool {
+    matches!(m.weights, Weights::Quant(ty, _) if crate::dot_actq::supported(ty))
+}
+
+/// `y = W · x` for one token whose activations are already quantized in `a` (see
+/// [`crate::actq`]). `m` must satisfy [`actq_supported`].
+pub fn matmul_actq(m: &Matrix, a: &ActQ, y: &mut [f32]) {
+    let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
+    assert_eq!(a.len(), m.k, "matmul_actq: activations have {} values, want {}", a.len(), m.k);
+    assert_eq!(y.len(), m.rows, "matmul_actq: y has {} values, want {}", y.len(), m.rows);
+    let rb = ty.block_bytes() * (m.k / ty.block_len());
+    let pool = pool::global();
+    let yp = pool::SyncPtr::new(y.as_mut_ptr());
+    let chunk = (m.rows / (pool.threads() * 8)).clamp(16, 1024);
+    pool.for_chunks(m.rows, chunk, &|range| {
+        // SAFETY: chunks are disjoint row ranges of y, which holds `rows` values.
+        let ys = unsafe { yp.slice(range.start, range.len()) };
+        for (yv, r) in ys.iter_mut().zip(range) {
+            *yv = crate::dot_actq::dot(ty, &w[r * rb..(r + 1) * rb], a);
+        }
+    });
 }
 
 /// Weight rows per parallel task for the batched path.
@@ -213,6 +238,28 @@ mod tests {
             check(&Matrix::new(Weights::F16(&h), rows, k).unwrap(), n_tok, seed + 3)?;
             let b: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
             check(&Matrix::new(Weights::BF16(&b), rows, k).unwrap(), n_tok, seed + 4)?;
+        }
+    }
+
+    #[test]
+    fn actq_matmul_matches_its_reference() {
+        for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+            let (rows, k) = (77, 96);
+            let w = data(9, rows * k);
+            let q: Vec<u8> = w.chunks(k).flat_map(|r| ty.quantize_row(r)).collect();
+            let m = Matrix::new(Weights::Quant(ty, &q), rows, k).unwrap();
+            if !actq_supported(&m) {
+                continue;
+            }
+            let mut a = ActQ::default();
+            a.quantize(&data(10, k));
+            let mut y = vec![0f32; rows];
+            matmul_actq(&m, &a, &mut y);
+            let rb = ty.row_bytes(k).unwrap();
+            for (r, v) in y.iter().enumerate() {
+                let want = crate::dot_actq::dot_reference(ty, &q[r * rb..(r + 1) * rb], &a);
+                assert!((v - want).abs() < 1e-4, "{} row {r}: {v} vs {want}", ty.name());
+            }
         }
     }
 

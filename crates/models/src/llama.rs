@@ -4,7 +4,8 @@
 
 use augur_core::Tensor;
 use augur_kernels::attention::{attention, Mask, Shape};
-use augur_kernels::matmul::{matmul, Matrix};
+use augur_kernels::actq::ActQ;
+use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
 use crate::state::State;
@@ -127,6 +128,8 @@ impl Llama {
         let (dim, hd, hid) = (cfg.dim, cfg.head_dim, cfg.hidden);
         let (qd, kvd) = (cfg.n_head * hd, cfg.n_kv_head * hd);
         let half = hd / 2;
+        // The integer path serves single-token steps (decode); batches use the f32 gemm path.
+        let fast = !st.exact && n == 1;
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -145,9 +148,10 @@ impl Llama {
                 rms_norm(xr, &layer.attn_norm, cfg.rms_eps, or);
             }
             let (q, k, v) = (&mut st.q[..n * qd], &mut st.k[..n * kvd], &mut st.v[..n * kvd]);
-            linear(&layer.wq, xn, n, q, layer.bq.as_deref())?;
-            linear(&layer.wk, xn, n, k, layer.bk.as_deref())?;
-            linear(&layer.wv, xn, n, v, layer.bv.as_deref())?;
+            let mut aq = Quantized::new(&mut st.actq, fast);
+            aq.linear(&layer.wq, xn, n, q, layer.bq.as_deref())?;
+            aq.linear(&layer.wk, xn, n, k, layer.bk.as_deref())?;
+            aq.linear(&layer.wv, xn, n, v, layer.bv.as_deref())?;
             for t in 0..n {
                 let cs = &st.cs[t * half..(t + 1) * half];
                 rope(&mut q[t * qd..(t + 1) * qd], hd, cs, cfg.rope_interleaved);
@@ -160,17 +164,18 @@ impl Llama {
             let att = &mut st.att[..n * qd];
             attention(q, &cache.k, &cache.v, pos0 + n, shape, Mask::Causal { pos0 }, scale, att);
             let proj = &mut st.proj[..n * dim];
-            linear(&layer.wo, att, n, proj, None)?;
+            Quantized::new(&mut st.actq, fast).linear(&layer.wo, att, n, proj, None)?;
             add_assign(x, proj);
 
             for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
                 rms_norm(xr, &layer.ffn_norm, cfg.rms_eps, or);
             }
             let (gate, up) = (&mut st.gate[..n * hid], &mut st.up[..n * hid]);
-            linear(&layer.w_gate, xn, n, gate, None)?;
-            linear(&layer.w_up, xn, n, up, None)?;
+            let mut aq = Quantized::new(&mut st.actq, fast);
+            aq.linear(&layer.w_gate, xn, n, gate, None)?;
+            aq.linear(&layer.w_up, xn, n, up, None)?;
             silu_mul(gate, up);
-            linear(&layer.w_down, gate, n, proj, None)?;
+            Quantized::new(&mut st.actq, fast).linear(&layer.w_down, gate, n, proj, None)?;
             add_assign(x, proj);
         }
         st.pos = pos0 + n;
@@ -182,19 +187,51 @@ impl Llama {
             rms_norm(xr, &self.norm, cfg.rms_eps, or);
         }
         let logits = &mut st.logits[..n_logits * cfg.vocab];
-        linear(&self.output, xn, n_logits, logits, None)?;
+        Quantized::new(&mut st.actq, fast).linear(&self.output, xn, n_logits, logits, None)?;
         Ok(logits)
     }
 }
 
-/// `y = x · Wᵀ (+ b)` for `n` rows.
-fn linear(w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
-    let m: Matrix = w.matrix()?;
-    matmul(&m, x, n, y);
+/// Projections that share one input: the input is quantized for the integer path at most once.
+struct Quantized<'a> {
+    actq: &'a mut ActQ,
+    fast: bool,
+    ready: bool,
+}
+
+impl<'a> Quantized<'a> {
+    fn new(actq: &'a mut ActQ, fast: bool) -> Self {
+        Quantized { actq, fast, ready: false }
+    }
+
+    /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
+    fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
+        let m: Matrix = w.matrix()?;
+        if self.fast && n == 1 && m.k % augur_kernels::actq::BLOCK == 0 && actq_supported(&m) {
+            if !self.ready {
+                self.actq.quantize(x);
+                self.ready = true;
+            }
+            matmul_actq(&m, self.actq, y);
+            add_bias(y, bias);
+            return Ok(());
+        }
+        linear(w, x, n, y, bias)
+    }
+}
+
+fn add_bias(y: &mut [f32], bias: Option<&[f32]>) {
     if let Some(b) = bias {
         for row in y.chunks_exact_mut(b.len()) {
             add_assign(row, b);
         }
     }
+}
+
+/// `y = x · Wᵀ (+ b)` for `n` rows, f32 activations.
+fn linear(w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
+    let m: Matrix = w.matrix()?;
+    matmul(&m, x, n, y);
+    add_bias(y, bias);
     Ok(())
 }

@@ -2,6 +2,8 @@
 //!
 //! Buffers only grow; after the first step at a given batch size, a forward pass allocates nothing.
 
+use augur_kernels::actq::ActQ;
+
 use crate::Config;
 
 /// Keys and values of one layer for every position so far.
@@ -34,6 +36,11 @@ pub struct State {
     pub(crate) cs: Vec<(f32, f32)>,
     /// [n_logits, vocab]
     pub(crate) logits: Vec<f32>,
+    /// The current matmul input quantized for the integer path (one token at a time).
+    pub(crate) actq: ActQ,
+    /// f32 activations everywhere (`--exact`); otherwise single-token matmuls on Q4_0/Q4_1/Q8_0
+    /// weights use ~16-bit integer activations (see `augur_kernels::actq`).
+    pub exact: bool,
 }
 
 fn fit(v: &mut Vec<f32>, n: usize) {
@@ -58,6 +65,8 @@ impl State {
             up: vec![],
             cs: vec![],
             logits: vec![],
+            actq: ActQ::default(),
+            exact: false,
         }
     }
 

@@ -1,0 +1,97 @@
+//! Activations quantized as three int8 planes, for integer (VNNI) dot products at f32-like
+//! precision.
+//!
+//! Per 32-value block with scale `d = max|x| / 127`: `hi = round(x / d)`, then the residual is
+//! quantized twice more at 254 times finer steps: `mid = round(r₁ · 254 / d)`,
+//! `lo = round(r₂ · 254² / d)`, so `x ≈ d · (hi + mid/254 + lo/254²)` with an error of at most
+//! `d / (2 · 254²)` (22 bits of the block's range; every plane stays within ±127 without clamping).
+//! A dot with a weight block is then three exact i32 dot products combined in f32.
+//!
+//! Measured on the reference prompts (see BENCHMARKS.md): 8-bit activations alone (llama.cpp's
+//! Q8 path) move logits by up to 0.5, two planes (15 bits) by up to 7.5e-3, which misses the
+//! 5e-3 fidelity bound; three planes match the f32 path. Rejected: i16 activations with
+//! `vpdpwssd` (weights widened to 16 bits in registers: more unpacking for 15 bits only).
+
+/// Values per quantization block (equal to the weight block length of Q4_0/Q4_1/Q8_0).
+pub const BLOCK: usize = 32;
+
+/// Step ratio between planes.
+pub const STEP: f32 = 254.0;
+
+/// A quantized activation vector (length a multiple of [`BLOCK`]). Buffers are reused across calls.
+#[derive(Debug, Default, Clone)]
+pub struct ActQ {
+    /// The three planes, `[3][k]`: hi, mid, lo.
+    pub planes: [Vec<i8>; 3],
+    /// Scale per block, `[k / 32]`.
+    pub d: Vec<f32>,
+    /// Exact f32 sum of each block's values, `[k / 32]` (for the `m` term of Q4_1).
+    pub sum: Vec<f32>,
+}
+
+impl ActQ {
+    pub fn len(&self) -> usize {
+        self.planes[0].len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.planes[0].is_empty()
+    }
+
+    /// Quantize `x` (its length must be a multiple of 32) into this buffer.
+    pub fn quantize(&mut self, x: &[f32]) {
+        assert_eq!(x.len() % BLOCK, 0, "ActQ::quantize: length {} is not a multiple of {BLOCK}", x.len());
+        let (k, nb) = (x.len(), x.len() / BLOCK);
+        for p in &mut self.planes {
+            p.resize(k, 0);
+        }
+        self.d.resize(nb, 0.0);
+        self.sum.resize(nb, 0.0);
+        let [hi, mid, lo] = &mut self.planes;
+        for b in 0..nb {
+            let xs = &x[b * BLOCK..(b + 1) * BLOCK];
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            self.d[b] = d;
+            self.sum[b] = xs.iter().sum();
+            for (j, &v) in xs.iter().enumerate() {
+                // Work in units of d, in f64 so the residuals are exact enough for three planes.
+                let u = v as f64 * id as f64;
+                let h = u.round().clamp(-127.0, 127.0);
+                let r1 = (u - h) * STEP as f64;
+                let m = r1.round().clamp(-127.0, 127.0);
+                let l = ((r1 - m) * STEP as f64).round().clamp(-127.0, 127.0);
+                hi[b * BLOCK + j] = h as i8;
+                mid[b * BLOCK + j] = m as i8;
+                lo[b * BLOCK + j] = l as i8;
+            }
+        }
+    }
+
+    /// The value this buffer represents at index `i` (for tests and reference twins).
+    pub fn value(&self, i: usize) -> f32 {
+        let [h, m, l] = &self.planes;
+        self.d[i / BLOCK] * (h[i] as f32 + m[i] as f32 / STEP + l[i] as f32 / (STEP * STEP))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn error_is_within_half_a_step_of_the_finest_plane(x in proptest::collection::vec(-100f32..100.0, 1..5)) {
+            let x: Vec<f32> = x.iter().cycle().take(64).enumerate().map(|(i, v)| v * (1.0 + i as f32 * 0.37).sin()).collect();
+            let mut q = ActQ::default();
+            q.quantize(&x);
+            for (i, &v) in x.iter().enumerate() {
+                let d = q.d[i / BLOCK];
+                let bound = d / (2.0 * STEP * STEP) * 1.01 + v.abs() * 2e-7;
+                prop_assert!((q.value(i) - v).abs() <= bound, "{} vs {} (d {})", q.value(i), v, d);
+            }
+        }
+    }
+}
