@@ -38,8 +38,16 @@ impl Layout {
         self.shape.iter().product()
     }
 
+    /// Row-major with no gaps (checked without allocating: it sits on the decode hot path).
     pub fn is_contiguous(&self) -> bool {
-        *self == Layout { offset: self.offset, ..Layout::contiguous(&self.shape) }
+        let mut want = 1;
+        for (&d, &s) in self.shape.iter().zip(&self.strides).rev() {
+            if d != 1 && s != want {
+                return false;
+            }
+            want *= d;
+        }
+        true
     }
 
     /// Storage index of a multi-index.
