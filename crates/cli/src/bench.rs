@@ -1,4 +1,9 @@
 //! `augur bench`: prefill and decode speed, median over runs, as JSON.
+//!
+//! Prefill times one forward pass over `--prompt-len` tokens (after `--depth` cached tokens);
+//! decode times `--gen-len` single-token steps right after it. `--batches 1,2,4,8,16` also times
+//! one forward pass of each batch size at the same depth (the cost of verifying that many
+//! speculative tokens), rolled back after each.
 
 use std::time::Instant;
 
@@ -19,9 +24,45 @@ pub struct Args {
     /// Tokens to decode after the prompt.
     #[arg(long, short = 'g', default_value_t = 128)]
     pub gen_len: usize,
+    /// Tokens already in the KV cache before the timed prefill (untimed).
+    #[arg(long, short = 'd', default_value_t = 0)]
+    pub depth: usize,
+    /// Also time single forward passes of these batch sizes at the depth.
+    #[arg(long, value_delimiter = ',')]
+    pub batches: Vec<usize>,
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
+    /// f32 activations in every matmul.
+    #[arg(long)]
+    pub exact: bool,
+    /// Also measure memory read bandwidth over a buffer the size of the weights (the decode bound).
+    #[arg(long)]
+    pub bandwidth: bool,
+}
+
+/// Read bandwidth in GB/s over `bytes` bytes with the worker pool (best of 5 passes).
+fn read_bandwidth(bytes: usize) -> f64 {
+    let words = vec![1u64; bytes / 8];
+    let pool = augur_kernels::pool::global();
+    let mut best = 0f64;
+    for _ in 0..5 {
+        let total = std::sync::atomic::AtomicU64::new(0);
+        let t = Instant::now();
+        pool.for_chunks(words.len(), 1 << 16, &|r| {
+            // Four independent accumulators so the loop is bound by loads, not by one add chain.
+            let mut acc = [0u64; 4];
+            for c in words[r].chunks_exact(4) {
+                for i in 0..4 {
+                    acc[i] = acc[i].wrapping_add(c[i]);
+                }
+            }
+            total.fetch_add(acc.iter().sum(), std::sync::atomic::Ordering::Relaxed);
+        });
+        best = best.max(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        std::hint::black_box(total.into_inner());
+    }
+    best
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -29,29 +70,52 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Peak resident set size of this process in MiB (Linux), if known.
+fn peak_rss_mib() -> Option<f64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
 pub fn main(a: Args) -> Result<()> {
     ensure!(a.runs > 0, "--runs must be at least 1");
     ensure!(a.prompt_len > 0, "--prompt-len must be at least 1");
+    ensure!(!a.batches.contains(&0), "--batches sizes must be at least 1");
     let model = a.model.load()?;
     let cfg = &model.llama.cfg;
-    ensure!(a.prompt_len + a.gen_len <= cfg.context, "prompt-len + gen-len exceeds the context of {}", cfg.context);
-    // A deterministic prompt of ordinary tokens (the tokenized text repeated to length).
+    let max_batch = a.batches.iter().copied().max().unwrap_or(0);
+    let need = a.depth + (a.prompt_len + a.gen_len).max(max_batch);
+    ensure!(need <= cfg.context, "depth + prompt-len + gen-len = {need} exceeds the context of {}", cfg.context);
+    // A deterministic prompt of ordinary tokens (a tokenized sentence repeated to length).
     let text = model.tokenizer.encode("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg built a machine that changed how knowledge spread across Europe. ")?;
-    let prompt: Vec<u32> = text.iter().copied().cycle().take(a.prompt_len).collect();
-    let mut prefill = Vec::new();
-    let mut decode = Vec::new();
+    let tokens: Vec<u32> = text.iter().copied().cycle().take(need).collect();
+    let (ctx, prompt) = (&tokens[..a.depth], &tokens[a.depth..a.depth + a.prompt_len]);
     let mut st = State::new(cfg);
-    st.reserve(cfg, a.prompt_len + a.gen_len);
+    st.exact = a.exact;
+    st.reserve(cfg, need);
+    if !ctx.is_empty() {
+        model.llama.forward(&mut st, ctx, Logits::Last)?;
+    }
+    let (mut prefill, mut decode) = (Vec::new(), Vec::new());
+    let mut batch: Vec<Vec<f64>> = vec![Vec::new(); a.batches.len()];
     for run in 0..=a.runs {
-        st.truncate(0);
+        st.truncate(a.depth);
         let t0 = Instant::now();
-        let mut next = argmax(model.llama.forward(&mut st, &prompt, Logits::Last)?);
+        let mut next = argmax(model.llama.forward(&mut st, prompt, Logits::Last)?);
         let tp = t0.elapsed().as_secs_f64();
         let t1 = Instant::now();
         for _ in 0..a.gen_len {
             next = argmax(model.llama.forward(&mut st, &[next], Logits::Last)?);
         }
         let td = t1.elapsed().as_secs_f64();
+        for (i, &b) in a.batches.iter().enumerate() {
+            st.truncate(a.depth);
+            let t = Instant::now();
+            model.llama.forward(&mut st, &tokens[a.depth..a.depth + b], Logits::All)?;
+            if run > 0 {
+                batch[i].push(b as f64 / t.elapsed().as_secs_f64());
+            }
+        }
         if run > 0 {
             prefill.push(a.prompt_len as f64 / tp);
             if a.gen_len > 0 {
@@ -59,19 +123,30 @@ pub fn main(a: Args) -> Result<()> {
             }
         }
     }
+    let weight_bytes: usize = std::fs::metadata(&model.path).map(|m| m.len() as usize).unwrap_or(0);
+    let bw = (a.bandwidth && weight_bytes > 0).then(|| read_bandwidth(weight_bytes));
     let r = |v: &[f64]| v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>();
+    let batches: serde_json::Map<String, serde_json::Value> =
+        a.batches.iter().zip(&batch).map(|(b, v)| (b.to_string(), json!(median(v.clone())))).collect();
     println!(
         "{}",
         json!({
             "model": model.path.display().to_string(),
             "threads": augur_kernels::pool::global().threads(),
+            "exact": a.exact,
+            "depth": a.depth,
             "prompt_len": a.prompt_len,
             "gen_len": a.gen_len,
             "runs": a.runs,
             "prefill_tok_per_s": median(prefill.clone()),
             "decode_tok_per_s": if decode.is_empty() { serde_json::Value::Null } else { json!(median(decode.clone())) },
+            "batch_tok_per_s": batches,
             "prefill_runs": r(&prefill),
             "decode_runs": r(&decode),
+            "peak_rss_mib": peak_rss_mib(),
+            "read_bandwidth_gb_s": bw,
+            "model_bytes": weight_bytes,
+            "decode_bound_tok_per_s": bw.map(|b| b * 1e9 / weight_bytes as f64),
         })
     );
     Ok(())

@@ -56,7 +56,7 @@ pub fn main(a: Args) -> Result<()> {
             msgs.pop();
             continue;
         }
-        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false };
+        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, exact: false };
         let s = generate(&model, &ids, &cfg, |ev| {
             let _ = write!(out, "{}", ev.text).and_then(|_| out.flush());
             ControlFlow::Continue(())

@@ -21,6 +21,8 @@ pub struct GenerateConfig {
     pub stop: Vec<String>,
     /// Keep going past EOS tokens.
     pub ignore_eos: bool,
+    /// f32 activations in every matmul (see `augur_models::State::exact`).
+    pub exact: bool,
 }
 
 /// One generated token, handed to the callback.
@@ -84,6 +86,7 @@ pub fn generate(
         return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
     }
     let mut st = State::new(&llama.cfg);
+    st.exact = cfg.exact;
     st.reserve(&llama.cfg, need);
     let mut history: Vec<u32> = Vec::with_capacity(need);
     history.extend_from_slice(prompt);
