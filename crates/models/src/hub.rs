@@ -49,7 +49,8 @@ fn sha256_file(path: &Path) -> Result<String> {
 }
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().map_err(|e| Error::Fetch(format!("could not start {what}: {e} (is python3 with pip installed?)")))?;
+    // The tools' own output (pip's progress bar) goes to stderr: stdout belongs to augur's caller.
+    let status = cmd.stdout(std::io::stderr()).status().map_err(|e| Error::Fetch(format!("could not start {what}: {e} (is python3 with pip installed?)")))?;
     if !status.success() {
         return Err(Error::Fetch(format!("{what} failed ({status}); check network access to PyPI")));
     }

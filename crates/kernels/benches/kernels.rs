@@ -1,0 +1,92 @@
+//! Kernel benchmarks (`cargo bench -p augur-kernels`): quantized matvec per block type (f32 and
+//! integer-activation paths), batched matmul, attention, RMSNorm and RoPE, at SmolLM2-135M shapes.
+
+use augur_kernels::actq::ActQ;
+use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, Weights};
+use augur_kernels::vec::{rms_norm, rope, rope_angles};
+use augur_kernels::QuantType;
+use divan::counter::ItemsCount;
+use divan::Bencher;
+
+fn main() {
+    divan::main();
+}
+
+fn data(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0).collect()
+}
+
+/// SmolLM2's FFN up projection: 1536 x 576.
+const ROWS: usize = 1536;
+const K: usize = 576;
+
+fn weights(ty: QuantType) -> Vec<u8> {
+    let k = K.next_multiple_of(ty.block_len());
+    data(ROWS * k).chunks(k).flat_map(|r| ty.quantize_row(r)).collect()
+}
+
+#[divan::bench(consts = [0, 1, 2, 3, 4, 5, 6, 7])]
+fn matvec_f32_activations<const T: usize>(b: Bencher) {
+    let ty = QuantType::ALL[T];
+    let k = K.next_multiple_of(ty.block_len());
+    let w = weights(ty);
+    let m = Matrix::new(Weights::Quant(ty, &w), ROWS, k).unwrap();
+    let x = data(k);
+    let mut y = vec![0f32; ROWS];
+    b.counter(ItemsCount::new(ROWS * k)).bench_local(|| matmul(&m, &x, 1, &mut y));
+}
+
+#[divan::bench(consts = [0, 1, 4])]
+fn matvec_int_activations<const T: usize>(b: Bencher) {
+    let ty = QuantType::ALL[T];
+    let w = weights(ty);
+    let m = Matrix::new(Weights::Quant(ty, &w), ROWS, K).unwrap();
+    if !actq_supported(&m) {
+        return;
+    }
+    let mut a = ActQ::default();
+    let x = data(K);
+    let mut y = vec![0f32; ROWS];
+    b.counter(ItemsCount::new(ROWS * K)).bench_local(|| {
+        a.quantize(&x);
+        matmul_actq(&m, &a, &mut y)
+    });
+}
+
+#[divan::bench(args = [1, 4, 16, 128])]
+fn matmul_q4_1_batch(b: Bencher, n_tok: usize) {
+    let w = weights(QuantType::Q4_1);
+    let m = Matrix::new(Weights::Quant(QuantType::Q4_1, &w), ROWS, K).unwrap();
+    let x = data(n_tok * K);
+    let mut y = vec![0f32; n_tok * ROWS];
+    b.counter(ItemsCount::new(n_tok)).bench_local(|| matmul(&m, &x, n_tok, &mut y));
+}
+
+#[divan::bench(args = [128, 512, 2048])]
+fn attention_decode(b: Bencher, seq: usize) {
+    let shape = Shape { n_head: 9, n_kv_head: 3, head_dim: 64 };
+    let q = data(9 * 64);
+    let kc = data(seq * 3 * 64);
+    let vc = data(seq * 3 * 64);
+    let mut out = vec![0f32; q.len()];
+    b.bench_local(|| attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0: seq - 1 }, 0.125, &mut out));
+}
+
+#[divan::bench]
+fn rms_norm_576(b: Bencher) {
+    let (x, w) = (data(576), data(576));
+    let mut out = vec![0f32; 576];
+    b.bench_local(|| rms_norm(&x, &w, 1e-5, &mut out));
+}
+
+#[divan::bench]
+fn rope_9_heads(b: Bencher) {
+    let inv: Vec<f32> = (0..32).map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0)).collect();
+    let mut cs = vec![(0f32, 0f32); 32];
+    let mut x = data(9 * 64);
+    b.bench_local(|| {
+        rope_angles(1234, &inv, &mut cs);
+        rope(&mut x, 64, &cs, true)
+    });
+}
