@@ -50,7 +50,7 @@ fn matvec_int_activations<const T: usize>(b: Bencher) {
     let mut y = vec![0f32; ROWS];
     b.counter(ItemsCount::new(ROWS * K)).bench_local(|| {
         a.quantize(&x);
-        matmul_actq(&m, &a, &mut y)
+        matmul_actq(&m, std::slice::from_ref(&a), &mut y)
     });
 }
 

@@ -103,21 +103,32 @@ pub fn actq_supported(m: &Matrix) -> bool {
     matches!(m.weights, Weights::Quant(ty, _) if crate::dot_actq::supported(ty))
 }
 
-/// `y = W · x` for one token whose activations are already quantized in `a` (see
-/// [`crate::actq`]). `m` must satisfy [`actq_supported`].
-pub fn matmul_actq(m: &Matrix, a: &ActQ, y: &mut [f32]) {
+/// Most tokens [`matmul_actq`] takes in one call (larger batches go through `gemm`).
+pub const ACTQ_MAX_BATCH: usize = 16;
+
+/// `y[t] = W · x_t` for tokens whose activations are already quantized in `acts` (see
+/// [`crate::actq`]); `y` is `[acts.len(), rows]`. `m` must satisfy [`actq_supported`]. Each
+/// weight row is read once for all tokens.
+pub fn matmul_actq(m: &Matrix, acts: &[ActQ], y: &mut [f32]) {
     let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
-    assert_eq!(a.len(), m.k, "matmul_actq: activations have {} values, want {}", a.len(), m.k);
-    assert_eq!(y.len(), m.rows, "matmul_actq: y has {} values, want {}", y.len(), m.rows);
+    let n = acts.len();
+    assert!((1..=ACTQ_MAX_BATCH).contains(&n), "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})");
+    assert!(acts.iter().all(|a| a.len() == m.k), "matmul_actq: activations must have {} values", m.k);
+    assert_eq!(y.len(), n * m.rows, "matmul_actq: y has {} values, want {n}x{}", y.len(), m.rows);
+    let refs: [&ActQ; ACTQ_MAX_BATCH] = std::array::from_fn(|i| &acts[i.min(n - 1)]);
     let rb = ty.block_bytes() * (m.k / ty.block_len());
     let pool = pool::global();
     let yp = pool::SyncPtr::new(y.as_mut_ptr());
-    let chunk = (m.rows / (pool.threads() * 8)).clamp(16, 1024);
-    pool.for_chunks(m.rows, chunk, &|range| {
-        // SAFETY: chunks are disjoint row ranges of y, which holds `rows` values.
-        let ys = unsafe { yp.slice(range.start, range.len()) };
-        for (yv, r) in ys.iter_mut().zip(range) {
-            *yv = crate::dot_actq::dot(ty, &w[r * rb..(r + 1) * rb], a);
+    let rows = m.rows;
+    let chunk = (rows / (pool.threads() * 8)).clamp(16, 1024);
+    pool.for_chunks(rows, chunk, &|range| {
+        let mut out = [0f32; ACTQ_MAX_BATCH];
+        for r in range {
+            crate::dot_actq::dot_many(ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
+            for (t, v) in out[..n].iter().enumerate() {
+                // SAFETY: element (t, r) belongs to row r, owned by this chunk.
+                unsafe { yp.slice(t * rows + r, 1)[0] = *v };
+            }
         }
     });
 }
@@ -251,14 +262,16 @@ mod tests {
             if !actq_supported(&m) {
                 continue;
             }
-            let mut a = ActQ::default();
-            a.quantize(&data(10, k));
-            let mut y = vec![0f32; rows];
-            matmul_actq(&m, &a, &mut y);
-            let rb = ty.row_bytes(k).unwrap();
-            for (r, v) in y.iter().enumerate() {
-                let want = crate::dot_actq::dot_reference(ty, &q[r * rb..(r + 1) * rb], &a);
-                assert!((v - want).abs() < 1e-4, "{} row {r}: {v} vs {want}", ty.name());
+            for n in [1, 3, 16] {
+                let acts: Vec<ActQ> = (0..n).map(|t| { let mut a = ActQ::default(); a.quantize(&data(10 + t as u64, k)); a }).collect();
+                let mut y = vec![0f32; n * rows];
+                matmul_actq(&m, &acts, &mut y);
+                let rb = ty.row_bytes(k).unwrap();
+                for (i, v) in y.iter().enumerate() {
+                    let (t, r) = (i / rows, i % rows);
+                    let want = crate::dot_actq::dot_reference(ty, &q[r * rb..(r + 1) * rb], &acts[t]);
+                    assert!((v - want).abs() < 1e-4, "{} token {t} row {r}: {v} vs {want}", ty.name());
+                }
             }
         }
     }

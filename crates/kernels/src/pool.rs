@@ -53,11 +53,12 @@ pub fn set_threads(n: usize) -> bool {
     GLOBAL.get().is_none_or(|p| p.n == n.max(1))
 }
 
-/// The process-wide pool (all cores unless [`set_threads`] said otherwise).
+/// The process-wide pool: [`set_threads`], else `AUGUR_THREADS`, else all cores.
 pub fn global() -> &'static Pool {
     GLOBAL.get_or_init(|| {
+        let env = std::env::var("AUGUR_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
         let n = match REQUESTED.load(Ordering::SeqCst) {
-            0 => thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            0 => env.unwrap_or_else(|| thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             n => n,
         };
         Pool::new(n)

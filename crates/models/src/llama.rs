@@ -5,7 +5,7 @@
 use augur_core::Tensor;
 use augur_kernels::attention::{attention, Mask, Shape};
 use augur_kernels::actq::ActQ;
-use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix};
+use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, ACTQ_MAX_BATCH};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
 use crate::state::State;
@@ -128,8 +128,9 @@ impl Llama {
         let (dim, hd, hid) = (cfg.dim, cfg.head_dim, cfg.hidden);
         let (qd, kvd) = (cfg.n_head * hd, cfg.n_kv_head * hd);
         let half = hd / 2;
-        // The integer path serves single-token steps (decode); batches use the f32 gemm path.
-        let fast = !st.exact && n == 1;
+        // The integer path serves decode and small batches (speculative verification); long
+        // prompts use the f32 gemm path, which is faster there.
+        let fast = !st.exact && n <= ACTQ_MAX_BATCH;
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -194,25 +195,27 @@ impl Llama {
 
 /// Projections that share one input: the input is quantized for the integer path at most once.
 struct Quantized<'a> {
-    actq: &'a mut ActQ,
+    actq: &'a mut [ActQ],
     fast: bool,
     ready: bool,
 }
 
 impl<'a> Quantized<'a> {
-    fn new(actq: &'a mut ActQ, fast: bool) -> Self {
+    fn new(actq: &'a mut [ActQ], fast: bool) -> Self {
         Quantized { actq, fast, ready: false }
     }
 
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
     fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
         let m: Matrix = w.matrix()?;
-        if self.fast && n == 1 && m.k % augur_kernels::actq::BLOCK == 0 && actq_supported(&m) {
+        if self.fast && n <= self.actq.len() && m.k % augur_kernels::actq::BLOCK == 0 && actq_supported(&m) {
             if !self.ready {
-                self.actq.quantize(x);
+                for (a, xr) in self.actq.iter_mut().zip(x.chunks_exact(m.k)) {
+                    a.quantize(xr);
+                }
                 self.ready = true;
             }
-            matmul_actq(&m, self.actq, y);
+            matmul_actq(&m, &self.actq[..n], y);
             add_bias(y, bias);
             return Ok(());
         }

@@ -3,6 +3,7 @@
 //! Buffers only grow; after the first step at a given batch size, a forward pass allocates nothing.
 
 use augur_kernels::actq::ActQ;
+use augur_kernels::matmul::ACTQ_MAX_BATCH;
 
 use crate::Config;
 
@@ -36,10 +37,11 @@ pub struct State {
     pub(crate) cs: Vec<(f32, f32)>,
     /// [n_logits, vocab]
     pub(crate) logits: Vec<f32>,
-    /// The current matmul input quantized for the integer path (one token at a time).
-    pub(crate) actq: ActQ,
-    /// f32 activations everywhere (`--exact`); otherwise single-token matmuls on Q4_0/Q4_1/Q8_0
-    /// weights use ~16-bit integer activations (see `augur_kernels::actq`).
+    /// The current matmul input quantized for the integer path, one per token.
+    pub(crate) actq: Vec<ActQ>,
+    /// f32 activations everywhere (`--exact`); otherwise matmuls of up to
+    /// `ACTQ_MAX_BATCH` tokens on Q4_0/Q4_1/Q8_0 weights use three-plane int8 activations
+    /// (about 22 bits; see `augur_kernels::actq`).
     pub exact: bool,
 }
 
@@ -65,7 +67,7 @@ impl State {
             up: vec![],
             cs: vec![],
             logits: vec![],
-            actq: ActQ::default(),
+            actq: Vec::new(),
             exact: false,
         }
     }
@@ -107,6 +109,9 @@ impl State {
         fit(&mut self.gate, n * cfg.hidden);
         fit(&mut self.up, n * cfg.hidden);
         fit(&mut self.logits, n_logits * cfg.vocab);
+        if self.actq.len() < n.min(ACTQ_MAX_BATCH) {
+            self.actq.resize(n.min(ACTQ_MAX_BATCH), ActQ::default());
+        }
         if self.cs.len() < n * cfg.head_dim / 2 {
             self.cs.resize(n * cfg.head_dim / 2, (0.0, 0.0));
         }
