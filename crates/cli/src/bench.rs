@@ -12,7 +12,7 @@ use augur_decode::sampler::argmax;
 use augur_models::{Logits, State};
 use serde_json::json;
 
-use crate::common::ModelArgs;
+use crate::common::{ModelArgs, PrecisionArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,9 +33,8 @@ pub struct Args {
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// f32 activations in every matmul.
-    #[arg(long)]
-    pub exact: bool,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Also measure memory read bandwidth over a buffer the size of the weights (the decode bound).
     #[arg(long)]
     pub bandwidth: bool,
@@ -91,7 +90,7 @@ pub fn main(a: Args) -> Result<()> {
     let tokens: Vec<u32> = text.iter().copied().cycle().take(need).collect();
     let (ctx, prompt) = (&tokens[..a.depth], &tokens[a.depth..a.depth + a.prompt_len]);
     let mut st = State::new(cfg);
-    st.exact = a.exact;
+    st.activations = a.precision.get();
     st.reserve(cfg, need);
     if !ctx.is_empty() {
         model.llama.forward(&mut st, ctx, Logits::Last)?;
@@ -133,7 +132,7 @@ pub fn main(a: Args) -> Result<()> {
         json!({
             "model": model.path.display().to_string(),
             "threads": augur_kernels::pool::global().threads(),
-            "exact": a.exact,
+            "activations": format!("{:?}", a.precision.get()).to_lowercase(),
             "depth": a.depth,
             "prompt_len": a.prompt_len,
             "gen_len": a.gen_len,

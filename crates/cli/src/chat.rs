@@ -8,7 +8,7 @@ use anyhow::Result;
 use augur_decode::chat::{ChatTemplate, Message};
 use augur_decode::{generate, GenerateConfig};
 
-use crate::common::{ModelArgs, SampleArgs};
+use crate::common::{ModelArgs, PrecisionArgs, SampleArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -22,6 +22,8 @@ pub struct Args {
     /// System message (default: the template's own).
     #[arg(long)]
     pub system: Option<String>,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
 }
 
 pub fn main(a: Args) -> Result<()> {
@@ -56,7 +58,7 @@ pub fn main(a: Args) -> Result<()> {
             msgs.pop();
             continue;
         }
-        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, exact: false };
+        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, activations: a.precision.get() };
         let s = generate(&model, &ids, &cfg, |ev| {
             let _ = write!(out, "{}", ev.text).and_then(|_| out.flush());
             ControlFlow::Continue(())

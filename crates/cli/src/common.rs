@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use augur_decode::SamplerConfig;
-use augur_models::{hub, Model};
+use augur_models::{hub, Activations, Model};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -28,6 +28,26 @@ impl ModelArgs {
             None => hub::ensure_default_model()?,
         };
         Model::open(&path).with_context(|| format!("loading {}", path.display()))
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PrecisionArgs {
+    /// Matmul inputs: `i22` (three int8 planes, logits within ~1e-4 of f32; default) or `f32`.
+    #[arg(long, default_value = "i22")]
+    pub activations: Activations,
+    /// Same as `--activations f32`.
+    #[arg(long)]
+    pub exact: bool,
+}
+
+impl PrecisionArgs {
+    pub fn get(&self) -> Activations {
+        if self.exact {
+            Activations::F32
+        } else {
+            self.activations
+        }
     }
 }
 

@@ -8,7 +8,7 @@ use augur_decode::chat::{ChatTemplate, Message};
 use augur_decode::{generate, GenerateConfig, StopReason, TokenEvent};
 use serde_json::json;
 
-use crate::common::{ModelArgs, SampleArgs};
+use crate::common::{ModelArgs, PrecisionArgs, SampleArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -40,10 +40,8 @@ pub struct Args {
     /// With --json: the K highest raw logits of each step.
     #[arg(long, default_value_t = 0)]
     pub top_logits: usize,
-    /// f32 activations in every matmul. By default single-token steps on Q4_0/Q4_1/Q8_0 weights
-    /// use three-plane int8 activations (about 22 bits; logits agree with --exact to ~1e-4).
-    #[arg(long)]
-    pub exact: bool,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Print timing to stderr after the text.
     #[arg(long)]
     pub stats: bool,
@@ -86,7 +84,7 @@ pub fn main(a: Args) -> Result<()> {
     };
     let room = model.llama.cfg.context.saturating_sub(prompt.len());
     let max_tokens = a.max_tokens.unwrap_or(256.min(room));
-    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, exact: a.exact };
+    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;

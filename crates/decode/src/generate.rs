@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use augur_formats::tokenizer::StreamDecoder;
-use augur_models::{Logits, Model, State};
+use augur_models::{Activations, Logits, Model, State};
 
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::stop::StopMatcher;
@@ -21,8 +21,8 @@ pub struct GenerateConfig {
     pub stop: Vec<String>,
     /// Keep going past EOS tokens.
     pub ignore_eos: bool,
-    /// f32 activations in every matmul (see `augur_models::State::exact`).
-    pub exact: bool,
+    /// Representation of matmul inputs (see `augur_models::Activations`).
+    pub activations: Activations,
 }
 
 /// One generated token, handed to the callback.
@@ -86,7 +86,7 @@ pub fn generate(
         return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
     }
     let mut st = State::new(&llama.cfg);
-    st.exact = cfg.exact;
+    st.activations = cfg.activations;
     st.reserve(&llama.cfg, need);
     let mut history: Vec<u32> = Vec::with_capacity(need);
     history.extend_from_slice(prompt);

@@ -7,9 +7,9 @@
 //! `d / (2 · 254²)` (22 bits of the block's range; every plane stays within ±127 without clamping).
 //! A dot with a weight block is then three exact i32 dot products combined in f32.
 //!
-//! Measured on the reference prompts (see BENCHMARKS.md): 8-bit activations alone (llama.cpp's
-//! Q8 path) move logits by up to 0.5, two planes (15 bits) by up to 7.5e-3, which misses the
-//! 5e-3 fidelity bound; three planes match the f32 path. Rejected: i16 activations with
+//! Measured on the reference prompts (see BENCHMARKS.md): one plane (llama.cpp's 8-bit Q8
+//! scheme) moved top-10 logits by up to 1.12 for only 10% more decode speed; two planes (15 bits)
+//! by up to 7.5e-3, which misses the 5e-3 fidelity bound; three planes match the f32 path. Rejected: i16 activations with
 //! `vpdpwssd` (weights widened to 16 bits in registers: more unpacking for 15 bits only).
 
 /// Values per quantization block (equal to the weight block length of Q4_0/Q4_1/Q8_0).
@@ -19,7 +19,7 @@ pub const BLOCK: usize = 32;
 pub const STEP: f32 = 254.0;
 
 /// A quantized activation vector (length a multiple of [`BLOCK`]). Buffers are reused across calls.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ActQ {
     /// The three planes, `[3][k]`: hi, mid, lo.
     pub planes: [Vec<i8>; 3],
@@ -27,6 +27,13 @@ pub struct ActQ {
     pub d: Vec<f32>,
     /// Exact f32 sum of each block's values, `[k / 32]` (for the `m` term of Q4_1).
     pub sum: Vec<f32>,
+}
+
+/// Round to nearest (ties to even) without a libm call, so the loop vectorizes.
+#[inline(always)]
+fn round(v: f64) -> f64 {
+    const MAGIC: f64 = 6_755_399_441_055_744.0; // 1.5 * 2^52
+    (v + MAGIC) - MAGIC
 }
 
 impl ActQ {
@@ -58,10 +65,10 @@ impl ActQ {
             for (j, &v) in xs.iter().enumerate() {
                 // Work in units of d, in f64 so the residuals are exact enough for three planes.
                 let u = v as f64 * id as f64;
-                let h = u.round().clamp(-127.0, 127.0);
+                let h = round(u).clamp(-127.0, 127.0);
                 let r1 = (u - h) * STEP as f64;
-                let m = r1.round().clamp(-127.0, 127.0);
-                let l = ((r1 - m) * STEP as f64).round().clamp(-127.0, 127.0);
+                let m = round(r1).clamp(-127.0, 127.0);
+                let l = round((r1 - m) * STEP as f64).clamp(-127.0, 127.0);
                 hi[b * BLOCK + j] = h as i8;
                 mid[b * BLOCK + j] = m as i8;
                 lo[b * BLOCK + j] = l as i8;

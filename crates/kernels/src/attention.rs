@@ -8,7 +8,7 @@ use std::cell::RefCell;
 
 
 use crate::pool;
-use crate::vec::softmax;
+use crate::vec::{hsum16, softmax};
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -103,21 +103,19 @@ impl Head<'_> {
         #[cfg(target_arch = "x86_64")]
         {
             use crate::cpu::{isa, Isa};
-            if self.q.len() % 16 == 0 && is_x86_feature_detected!("avx512f") && isa() != Isa::Scalar {
-                // SAFETY: AVX-512F detected at run time.
-                return unsafe { self.run_avx512(scores, out) };
+            if isa() != Isa::Scalar && is_x86_feature_detected!("avx512f") {
+                // SAFETY: AVX-512F detected at run time; NV * 16 == head_dim.
+                match self.q.len() {
+                    64 => return unsafe { avx512::head::<4>(self, scores, out) },
+                    128 => return unsafe { avx512::head::<8>(self, scores, out) },
+                    _ => {}
+                }
             }
             if isa() >= Isa::Avx2 {
                 // SAFETY: AVX2+FMA detected at run time.
                 return unsafe { self.run_avx2(scores, out) };
             }
         }
-        self.body(scores, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,fma")]
-    unsafe fn run_avx512(&self, scores: &mut [f32], out: &mut [f32]) {
         self.body(scores, out)
     }
 
@@ -154,6 +152,90 @@ impl Head<'_> {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::Head;
+    use std::arch::x86_64::*;
+
+    /// `e^x` for 16 lanes: the same reduction and polynomial as [`crate::vec::exp`], with
+    /// `vscalefps` applying `2^n`; lanes below -87.3 (masked scores are -inf) give exactly 0.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn exp(x: __m512) -> __m512 {
+        let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
+        let c = |v: f32| _mm512_set1_ps(v);
+        let mut p = _mm512_fmadd_ps(r, c(1.0 / 720.0), c(1.0 / 120.0));
+        p = _mm512_fmadd_ps(r, p, c(1.0 / 24.0));
+        p = _mm512_fmadd_ps(r, p, c(1.0 / 6.0));
+        p = _mm512_fmadd_ps(r, p, c(0.5));
+        p = _mm512_fmadd_ps(r, p, c(1.0));
+        p = _mm512_fmadd_ps(r, p, c(1.0));
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.3));
+        _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
+    }
+
+    /// One head with `head_dim = 16 · NV`: scores with one FMA chain per position, softmax over
+    /// 16 positions at a time, and the weighted sum of values kept in NV registers.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+        let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(h.q.as_ptr().add(16 * c)));
+        let (kp, vp) = (h.k.as_ptr().add(h.offset), h.v.as_ptr().add(h.offset));
+        for (j, sc) in scores.iter_mut().enumerate() {
+            if h.mask.is_some_and(|m| !m[j]) {
+                *sc = f32::NEG_INFINITY;
+                continue;
+            }
+            let k = kp.add(j * h.stride);
+            let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
+            for (c, qc) in q.iter().enumerate().skip(1) {
+                acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
+            }
+            *sc = _mm512_reduce_add_ps(acc) * h.scale;
+        }
+        // softmax
+        let n = scores.len();
+        let full = n / 16 * 16;
+        let sp = scores.as_mut_ptr();
+        let tail_mask: __mmask16 = ((1u32 << (n - full)) - 1) as u16;
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..full).step_by(16) {
+            mx = _mm512_max_ps(mx, _mm512_loadu_ps(sp.add(i)));
+        }
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail_mask, sp.add(full)));
+        let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..full).step_by(16) {
+            let e = exp(_mm512_sub_ps(_mm512_loadu_ps(sp.add(i)), m));
+            _mm512_storeu_ps(sp.add(i), e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        if tail_mask != 0 {
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask, sp.add(full)), m));
+            let e = _mm512_maskz_mov_ps(tail_mask, e);
+            _mm512_mask_storeu_ps(sp.add(full), tail_mask, e);
+            sum = _mm512_add_ps(sum, e);
+        }
+        let inv = 1.0 / _mm512_reduce_add_ps(sum);
+        // weighted sum of values
+        let mut o = [_mm512_setzero_ps(); NV];
+        for (j, &p) in scores.iter().enumerate() {
+            if p == 0.0 {
+                continue;
+            }
+            let (pv, v) = (_mm512_set1_ps(p * inv), vp.add(j * h.stride));
+            for (c, oc) in o.iter_mut().enumerate() {
+                *oc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v.add(16 * c)), *oc);
+            }
+        }
+        for (c, oc) in o.iter().enumerate() {
+            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *oc);
+        }
+    }
+}
+
 /// Dot product with 16 independent lanes (vectorizes without reassociation).
 #[inline(always)]
 fn dot16(a: &[f32], b: &[f32]) -> f32 {
@@ -165,7 +247,7 @@ fn dot16(a: &[f32], b: &[f32]) -> f32 {
             acc[i] = x[i].mul_add(y[i], acc[i]);
         }
     }
-    acc.iter().sum::<f32>() + tail
+    hsum16(acc) + tail
 }
 
 #[cfg(test)]

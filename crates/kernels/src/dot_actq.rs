@@ -80,6 +80,12 @@ pub fn dot_many(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
     for a in acts {
         assert_eq!(Some(row.len()), ty.row_bytes(a.len()), "dot_actq {}: row/vector size mismatch", ty.name());
     }
+    dot_many_unchecked(ty, row, acts, out)
+}
+
+/// [`dot_many`] without the size checks (callers check once per matrix, not once per row).
+#[inline]
+pub(crate) fn dot_many_unchecked(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vnni() {
         for (acts, out) in acts.chunks(4).zip(out.chunks_mut(4)) {

@@ -124,7 +124,7 @@ pub fn matmul_actq(m: &Matrix, acts: &[ActQ], y: &mut [f32]) {
     pool.for_chunks(rows, chunk, &|range| {
         let mut out = [0f32; ACTQ_MAX_BATCH];
         for r in range {
-            crate::dot_actq::dot_many(ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
+            crate::dot_actq::dot_many_unchecked(ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
             for (t, v) in out[..n].iter().enumerate() {
                 // SAFETY: element (t, r) belongs to row r, owned by this chunk.
                 unsafe { yp.slice(t * rows + r, 1)[0] = *v };

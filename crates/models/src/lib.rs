@@ -19,4 +19,4 @@ pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{Llama, Logits};
 pub use model::Model;
-pub use state::State;
+pub use state::{Activations, State};

@@ -8,7 +8,7 @@ use augur_kernels::actq::ActQ;
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, ACTQ_MAX_BATCH};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
-use crate::state::State;
+use crate::state::{Activations, State};
 use crate::{Config, Error, Result};
 
 /// Which positions of a forward pass produce logits.
@@ -130,7 +130,7 @@ impl Llama {
         let half = hd / 2;
         // The integer path serves decode and small batches (speculative verification); long
         // prompts use the f32 gemm path, which is faster there.
-        let fast = !st.exact && n <= ACTQ_MAX_BATCH;
+        let fast = st.activations == Activations::I22 && n <= ACTQ_MAX_BATCH;
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {

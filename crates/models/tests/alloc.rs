@@ -5,7 +5,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use augur_core::QuantType;
-use augur_models::{tiny, Logits, Model, State};
+use augur_models::{tiny, Activations, Logits, Model, State};
 
 struct Counting;
 static ALLOCS: AtomicUsize = AtomicUsize::new(0);
@@ -39,9 +39,9 @@ fn decode_steps_allocate_nothing_after_warm_up() {
         let path = dir.join(format!("{name}.gguf"));
         tiny::write_gguf(&path, true, quant, 11).unwrap();
         let model = Model::open(&path).unwrap();
-        for exact in [false, true] {
+        for act in [Activations::I22, Activations::F32] {
             let mut st = State::new(&model.llama.cfg);
-            st.exact = exact;
+            st.activations = act;
             st.reserve(&model.llama.cfg, 64);
             let mut next = argmax(model.llama.forward(&mut st, &[5, 6, 7, 8], Logits::Last).unwrap());
             for _ in 0..3 {
@@ -52,7 +52,7 @@ fn decode_steps_allocate_nothing_after_warm_up() {
                 next = argmax(model.llama.forward(&mut st, &[next], Logits::Last).unwrap());
             }
             let n = ALLOCS.load(Ordering::SeqCst) - before;
-            assert_eq!(n, 0, "{name} exact={exact}: {n} allocations in 20 decode steps");
+            assert_eq!(n, 0, "{name} {act:?}: {n} allocations in 20 decode steps");
         }
     }
     std::fs::remove_dir_all(&dir).ok();

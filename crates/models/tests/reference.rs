@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use augur_models::{hub, Logits, Model, State};
+use augur_models::{hub, Activations, Logits, Model, State};
 use serde_json::Value;
 
 fn model_path() -> PathBuf {
@@ -40,12 +40,19 @@ fn argmax(v: &[f32]) -> u32 {
 fn matches_hf_transformers_logits_and_greedy_ids() {
     let model = Model::open(&model_path()).unwrap();
     // Both the default path (integer activations on single-token steps) and --exact.
-    for exact in [false, true] {
-        check_against_reference(&model, exact);
+    for act in [Activations::I22, Activations::F32] {
+        check_against_reference(&model, act);
     }
 }
 
-fn check_against_reference(model: &Model, exact: bool) {
+/// Both activation precisions meet the f32-engine bounds: max |Δlogit| on HF's top-10 below
+/// 5e-3, and greedy ids equal until HF's top-1 margin first drops below 1e-2.
+const TOL: f32 = 5e-3;
+const MIN_MARGIN: f64 = 1e-2;
+
+/// Feeds HF's greedy ids (teacher forcing), so every position is comparable; while all earlier
+/// margins are above the bound this is the same as augur's own greedy run.
+fn check_against_reference(model: &Model, act: Activations) {
     let reference = data("smollm2_ref.json");
     let mut worst = 0f32;
     for p in reference["prompts"].as_array().unwrap() {
@@ -54,28 +61,30 @@ fn check_against_reference(model: &Model, exact: bool) {
         let want = ids(&p["greedy_ids"]);
         let margins: Vec<f64> = p["top1_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
         let positions = p["positions"].as_array().unwrap();
+        let stable = margins.iter().position(|&m| m < MIN_MARGIN).unwrap_or(want.len());
         let mut st = State::new(&model.llama.cfg);
-        st.exact = exact;
+        st.activations = act;
         let mut logits = model.llama.forward(&mut st, &prompt, Logits::Last).unwrap().to_vec();
-        let mut got = Vec::new();
-        for step in 0..want.len() {
+        let mut equal = 0;
+        for (step, &hf_id) in want.iter().enumerate() {
             if let Some(pos) = positions.get(step) {
                 for pair in pos["top10"].as_array().unwrap() {
                     let (id, hf) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
                     let d = (logits[id] - hf).abs();
                     worst = worst.max(d);
-                    assert!(d < 5e-3, "{name} (exact={exact}) pos {step} token {id}: augur {} vs HF {hf}", logits[id]);
+                    assert!(d < TOL, "{name} ({act:?}) pos {step} token {id}: augur {} vs HF {hf}", logits[id]);
                 }
             }
-            let next = argmax(&logits);
-            got.push(next);
-            logits = model.llama.forward(&mut st, &[next], Logits::Last).unwrap().to_vec();
+            let got = argmax(&logits);
+            if step < stable {
+                assert_eq!(got, hf_id, "{name} ({act:?}): greedy id differs at step {step}, before the first small-margin step {stable}");
+            }
+            equal += (got == hf_id) as usize;
+            logits = model.llama.forward(&mut st, &[hf_id], Logits::Last).unwrap().to_vec();
         }
-        let stable = margins.iter().position(|&m| m < 1e-2).unwrap_or(want.len());
-        assert_eq!(got[..stable], want[..stable], "{name}: greedy ids differ before the first small-margin step {stable}");
-        eprintln!("{name} (exact={exact}): greedy equal over {stable} stable steps (of {}), all 64 equal: {}", want.len(), got == want);
+        eprintln!("{name} ({act:?}): argmax equals HF's at {equal}/64 steps; first small-margin step {stable}");
     }
-    eprintln!("exact={exact}: max |dlogit| over top-10 x 8 positions x all prompts: {worst:.2e}");
+    eprintln!("{act:?}: max |dlogit| over top-10 x 8 positions x all prompts: {worst:.2e}");
 }
 
 #[test]
