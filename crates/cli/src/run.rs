@@ -5,6 +5,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Context, Result};
 use augur_decode::chat::{ChatTemplate, Message};
+use augur_decode::speculative::{self, DraftModel, Drafter, EarlyExit, PromptLookup, SpecConfig, SpecStats};
 use augur_decode::{generate, GenerateConfig, StopReason, TokenEvent};
 use serde_json::json;
 
@@ -42,9 +43,22 @@ pub struct Args {
     pub top_logits: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
-    /// Print timing to stderr after the text.
+    /// Print timing (and speculation statistics) to stderr after the text.
     #[arg(long)]
     pub stats: bool,
+    /// Speculative decoding: `prompt-lookup`, `draft:PATH` (a smaller model with the same
+    /// tokenizer) or `early-exit:L` (the model's first L layers). Output is unchanged.
+    #[arg(long)]
+    pub spec: Option<String>,
+    /// Most draft tokens per round (at most 15).
+    #[arg(long, default_value_t = 6)]
+    pub spec_k: usize,
+    /// prompt-lookup: how many alternative continuations to verify at once (a tree).
+    #[arg(long, default_value_t = 1)]
+    pub spec_tree: usize,
+    /// prompt-lookup: longest n-gram to match.
+    #[arg(long, default_value_t = 3)]
+    pub spec_ngram: usize,
     /// The prompt text.
     pub prompt: Option<String>,
 }
@@ -85,10 +99,14 @@ pub fn main(a: Args) -> Result<()> {
     let room = model.llama.cfg.context.saturating_sub(prompt.len());
     let max_tokens = a.max_tokens.unwrap_or(256.min(room));
     let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
+    let mut drafter = match a.spec.as_deref() {
+        None => None,
+        Some(s) => Some(spec_drafter(s, &a, &model)?),
+    };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;
-    let summary = generate(&model, &prompt, &cfg, |ev: &TokenEvent| {
+    let on_token = |ev: &TokenEvent| {
         let r = if a.json {
             let top: Vec<_> = top_k(ev.logits, a.top_logits).into_iter().map(|(i, l)| json!([i, l])).collect();
             writeln!(out, "{}", json!({"pos": ev.pos, "token": ev.id, "text": ev.text, "top": top}))
@@ -102,7 +120,15 @@ pub fn main(a: Args) -> Result<()> {
                 ControlFlow::Break(())
             }
         }
-    })?;
+    };
+    let (summary, spec) = match drafter.as_deref_mut() {
+        None => (generate(&model, &prompt, &cfg, on_token)?, None),
+        Some(d) => {
+            let spec = SpecConfig { k: a.spec_k };
+            let (s, st) = speculative::generate(&model, &prompt, &cfg, &spec, d, on_token)?;
+            (s, Some(st))
+        }
+    };
     if let Some(e) = io_err {
         return Err(e).context("writing to stdout");
     }
@@ -112,21 +138,26 @@ pub fn main(a: Args) -> Result<()> {
         StopReason::MaxTokens => "max_tokens",
         StopReason::Callback => "interrupted",
     };
+    // With speculation every generated token comes from the decode loop.
+    let decode_tok_per_s = match &spec {
+        None => summary.decode_tok_per_s(),
+        Some(_) => summary.generated.len() as f64 / summary.decode.as_secs_f64().max(1e-9),
+    };
     if a.json {
-        writeln!(
-            out,
-            "{}",
-            json!({"summary": {
+        let mut s = json!({
                 "prompt_tokens": summary.prompt_tokens,
                 "generated_tokens": summary.generated.len(),
                 "prefill_tok_per_s": summary.prefill_tok_per_s(),
-                "decode_tok_per_s": summary.decode_tok_per_s(),
+                "decode_tok_per_s": decode_tok_per_s,
                 "prefill_s": summary.prefill.as_secs_f64(),
                 "decode_s": summary.decode.as_secs_f64(),
                 "stop_reason": stop,
                 "threads": augur_kernels::pool::global().threads(),
-            }})
-        )?;
+        });
+        if let Some(st) = &spec {
+            s["spec"] = spec_json(st);
+        }
+        writeln!(out, "{}", json!({ "summary": s }))?;
     } else {
         writeln!(out)?;
     }
@@ -136,10 +167,48 @@ pub fn main(a: Args) -> Result<()> {
             summary.prompt_tokens,
             summary.prefill_tok_per_s(),
             summary.generated.len(),
-            summary.decode_tok_per_s()
+            decode_tok_per_s
         );
+        if let Some(st) = &spec {
+            eprintln!("speculation: {}", spec_json(st));
+        }
     }
     Ok(())
+}
+
+fn spec_json(st: &SpecStats) -> serde_json::Value {
+    let r = |v: f64| (v * 1000.0).round() / 1000.0;
+    json!({
+        "tau": r(st.tau()),
+        "accept_rate_by_pos": st.accept_rate_by_pos().into_iter().map(r).collect::<Vec<_>>(),
+        "target_passes": st.target_passes,
+        "drafted": st.drafted,
+        "emitted": st.emitted,
+        "draft_s": r(st.draft_time.as_secs_f64()),
+        "target_s": r(st.target_time.as_secs_f64()),
+    })
+}
+
+/// The drafter named by `--spec`.
+fn spec_drafter(spec: &str, a: &Args, model: &augur_models::Model) -> Result<Box<dyn Drafter>> {
+    Ok(match spec.split_once(':') {
+        None if spec == "prompt-lookup" => Box::new(PromptLookup { max_n: a.spec_ngram.max(1), width: a.spec_tree.max(1) }),
+        Some(("draft", path)) => {
+            let draft = augur_models::Model::open(std::path::Path::new(path)).with_context(|| format!("loading draft model {path}"))?;
+            Box::new(DraftModel::new(draft, model)?)
+        }
+        Some(("early-exit", l)) => {
+            let layers: usize = l.parse().with_context(|| format!("early-exit:{l}: the layer count must be a number"))?;
+            anyhow::ensure!(
+                layers >= 1 && layers < model.llama.cfg.n_layer,
+                "early-exit:{layers}: choose 1..{} (the model has {} layers)",
+                model.llama.cfg.n_layer - 1,
+                model.llama.cfg.n_layer
+            );
+            Box::new(EarlyExit { layers })
+        }
+        _ => bail!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH or early-exit:L"),
+    })
 }
 
 #[cfg(test)]

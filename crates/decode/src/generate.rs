@@ -5,7 +5,7 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
-use augur_formats::tokenizer::StreamDecoder;
+use augur_formats::tokenizer::{StreamDecoder, Tokenizer};
 use augur_models::{Activations, Logits, Model, State};
 
 use crate::sampler::{Sampler, SamplerConfig};
@@ -68,6 +68,61 @@ impl Summary {
     }
 }
 
+/// Turns generated ids into the user's text: streaming UTF-8 pieces, EOS, stop strings and the
+/// callback. Shared by plain and speculative generation.
+pub(crate) struct Emitter {
+    stream: StreamDecoder,
+    stops: StopMatcher,
+    text: String,
+    pub generated: Vec<u32>,
+    ignore_eos: bool,
+}
+
+impl Emitter {
+    pub fn new(cfg: &GenerateConfig) -> Self {
+        Emitter {
+            stream: StreamDecoder::new(),
+            stops: StopMatcher::new(&cfg.stop),
+            text: String::new(),
+            generated: Vec::with_capacity(cfg.max_tokens),
+            ignore_eos: cfg.ignore_eos,
+        }
+    }
+
+    /// Record token `id` (chosen from `logits`); `Some(reason)` when generation must stop.
+    pub fn push(
+        &mut self,
+        tok: &Tokenizer,
+        id: u32,
+        logits: &[f32],
+        on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
+    ) -> Result<Option<StopReason>> {
+        let pos = self.generated.len();
+        self.generated.push(id);
+        let is_eos = tok.is_eos(id) && !self.ignore_eos;
+        let piece = if is_eos { String::new() } else { self.stream.push(tok, id)? };
+        let (piece, hit_stop) = self.stops.push(&piece);
+        self.text.push_str(&piece);
+        let flow = on_token(&TokenEvent { pos, id, text: &piece, logits });
+        Ok(if is_eos {
+            Some(StopReason::Eos)
+        } else if hit_stop {
+            Some(StopReason::StopString)
+        } else if flow.is_break() {
+            Some(StopReason::Callback)
+        } else {
+            None
+        })
+    }
+
+    pub fn finish(mut self, prompt_tokens: usize, prefill: Duration, decode: Duration, stop: StopReason) -> Summary {
+        if stop != StopReason::StopString {
+            self.text.push_str(&self.stops.flush());
+        }
+        Summary { prompt_tokens, generated: self.generated, text: self.text, prefill, decode, stop }
+    }
+}
+
 /// Generate from `prompt` token ids. `on_token` sees every token; returning `Break` stops.
 pub fn generate(
     model: &Model,
@@ -76,7 +131,6 @@ pub fn generate(
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Summary> {
     let llama = &model.llama;
-    let tok = &model.tokenizer;
     if prompt.is_empty() {
         return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
     }
@@ -90,35 +144,18 @@ pub fn generate(
     st.reserve(&llama.cfg, need);
     let mut history: Vec<u32> = Vec::with_capacity(need);
     history.extend_from_slice(prompt);
-    let mut stream = StreamDecoder::new();
-    let mut stops = StopMatcher::new(&cfg.stop);
-    let mut text = String::new();
+    let mut emit = Emitter::new(cfg);
 
     let t0 = Instant::now();
     let mut logits = llama.forward(&mut st, prompt, Logits::Last)?;
     let prefill = t0.elapsed();
     let t1 = Instant::now();
-    let mut generated = Vec::with_capacity(cfg.max_tokens);
     let mut reason = StopReason::MaxTokens;
     for pos in 0..cfg.max_tokens {
         let id = sampler.sample(logits, &history);
-        generated.push(id);
         history.push(id);
-        let is_eos = tok.is_eos(id) && !cfg.ignore_eos;
-        let piece = if is_eos { String::new() } else { stream.push(tok, id)? };
-        let (piece, hit_stop) = stops.push(&piece);
-        text.push_str(&piece);
-        let flow = on_token(&TokenEvent { pos, id, text: &piece, logits });
-        if is_eos {
-            reason = StopReason::Eos;
-            break;
-        }
-        if hit_stop {
-            reason = StopReason::StopString;
-            break;
-        }
-        if flow.is_break() {
-            reason = StopReason::Callback;
+        if let Some(r) = emit.push(&model.tokenizer, id, logits, &mut on_token)? {
+            reason = r;
             break;
         }
         if pos + 1 == cfg.max_tokens {
@@ -126,8 +163,5 @@ pub fn generate(
         }
         logits = llama.forward(&mut st, &[id], Logits::Last)?;
     }
-    if reason != StopReason::StopString {
-        text.push_str(&stops.flush());
-    }
-    Ok(Summary { prompt_tokens: prompt.len(), generated, text, prefill, decode: t1.elapsed(), stop: reason })
+    Ok(emit.finish(prompt.len(), prefill, t1.elapsed(), reason))
 }

@@ -18,5 +18,5 @@ pub mod tiny;
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{Llama, Logits};
-pub use model::Model;
+pub use model::{write_truncated_gguf, Model};
 pub use state::{Activations, State};

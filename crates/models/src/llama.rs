@@ -111,6 +111,40 @@ impl Llama {
     /// Run `tokens` at positions `state.len()..`, append their keys/values to the cache and return
     /// logits: `[vocab]` for [`Logits::Last`], `[tokens.len(), vocab]` for [`Logits::All`].
     pub fn forward<'s>(&self, st: &'s mut State, tokens: &[u32], which: Logits) -> Result<&'s [f32]> {
+        self.run(st, tokens, None, self.layers.len(), which)
+    }
+
+    /// Score a token tree in one pass: node `i` sits at position `state.len() + depth[i]` and
+    /// attends to the whole cache plus the nodes `j` with `ancestors[i * n + j]` (its ancestors
+    /// and itself). Returns logits for every node; all nodes' keys/values are appended in node
+    /// order (keep the accepted ones with [`State::keep`]).
+    pub fn forward_tree<'s>(&self, st: &'s mut State, tokens: &[u32], depth: &[usize], ancestors: &[bool]) -> Result<&'s [f32]> {
+        let n = tokens.len();
+        if depth.len() != n || ancestors.len() != n * n {
+            return Err(Error::Config(format!("forward_tree: {n} tokens need {n} depths and an {n}x{n} mask")));
+        }
+        self.run(st, tokens, Some((depth, ancestors)), self.layers.len(), Logits::All)
+    }
+
+    /// Only the first `n_layers` blocks, then the final norm and output head (early-exit
+    /// self-speculation). Keys/values of those layers are written at the new positions, as in a
+    /// full pass; the other layers' caches are left as they were, and a full pass from an earlier
+    /// position rewrites them.
+    pub fn forward_early_exit<'s>(&self, st: &'s mut State, tokens: &[u32], n_layers: usize) -> Result<&'s [f32]> {
+        if n_layers == 0 || n_layers > self.layers.len() {
+            return Err(Error::Config(format!("early exit after {n_layers} layers: the model has {}", self.layers.len())));
+        }
+        self.run(st, tokens, None, n_layers, Logits::Last)
+    }
+
+    fn run<'s>(
+        &self,
+        st: &'s mut State,
+        tokens: &[u32],
+        tree: Option<(&[usize], &[bool])>,
+        n_layers: usize,
+        which: Logits,
+    ) -> Result<&'s [f32]> {
         let cfg = &self.cfg;
         let n = tokens.len();
         if n == 0 {
@@ -125,6 +159,16 @@ impl Llama {
         }
         let n_logits = if which == Logits::All { n } else { 1 };
         st.fit(cfg, n, n_logits);
+        if let Some((_, anc)) = tree {
+            // [n, pos0 + n]: the cached prefix is visible to every node, then the tree mask.
+            let seq = pos0 + n;
+            st.mask.clear();
+            for i in 0..n {
+                st.mask.extend(std::iter::repeat_n(true, pos0));
+                st.mask.extend_from_slice(&anc[i * n..(i + 1) * n]);
+            }
+            debug_assert_eq!(st.mask.len(), n * seq);
+        }
         let (dim, hd, hid) = (cfg.dim, cfg.head_dim, cfg.hidden);
         let (qd, kvd) = (cfg.n_head * hd, cfg.n_kv_head * hd);
         let half = hd / 2;
@@ -137,12 +181,13 @@ impl Llama {
             embed.row_f32(id as usize, &mut st.x[t * dim..(t + 1) * dim]);
         }
         for t in 0..n {
-            rope_angles(pos0 + t, &self.inv_freq, &mut st.cs[t * half..(t + 1) * half]);
+            let pos = pos0 + tree.map_or(t, |(depth, _)| depth[t]);
+            rope_angles(pos, &self.inv_freq, &mut st.cs[t * half..(t + 1) * half]);
         }
         let shape = Shape { n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd };
         let scale = 1.0 / (hd as f32).sqrt();
 
-        for (layer, cache) in self.layers.iter().zip(st.kv.iter_mut()) {
+        for (layer, cache) in self.layers[..n_layers].iter().zip(st.kv.iter_mut()) {
             let x = &mut st.x[..n * dim];
             let xn = &mut st.xn[..n * dim];
             for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
@@ -163,7 +208,8 @@ impl Llama {
             cache.k.extend_from_slice(k);
             cache.v.extend_from_slice(v);
             let att = &mut st.att[..n * qd];
-            attention(q, &cache.k, &cache.v, pos0 + n, shape, Mask::Causal { pos0 }, scale, att);
+            let mask = if tree.is_some() { Mask::Explicit(&st.mask) } else { Mask::Causal { pos0 } };
+            attention(q, &cache.k, &cache.v, pos0 + n, shape, mask, scale, att);
             let proj = &mut st.proj[..n * dim];
             Quantized::new(&mut st.actq, fast).linear(&layer.wo, att, n, proj, None)?;
             add_assign(x, proj);

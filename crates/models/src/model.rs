@@ -110,3 +110,34 @@ mod tests {
         assert_eq!(hf_name("output.weight"), "lm_head.weight");
     }
 }
+
+/// Write the first `n_layers` blocks of a GGUF model (with its embeddings, final norm, head and
+/// tokenizer) as a new GGUF: a draft model that shares the target's vocabulary exactly.
+pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<()> {
+    use augur_formats::gguf::{Value, Writer};
+    let g = Gguf::open(src)?;
+    let cfg = Config::from_gguf(&g)?;
+    if n_layers == 0 || n_layers > cfg.n_layer {
+        return Err(Error::Config(format!("cannot keep {n_layers} of {} layers", cfg.n_layer)));
+    }
+    let mut w = Writer::new();
+    let block_count = format!("{}.block_count", cfg.arch);
+    for (k, v) in g.metadata() {
+        if *k == block_count {
+            w.metadata(k.clone(), Value::U32(n_layers as u32));
+        } else if k != "general.alignment" {
+            w.metadata(k.clone(), v.clone());
+        }
+    }
+    for t in g.tensors() {
+        let keep = match t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
+            Some(i) => i < n_layers,
+            None => true,
+        };
+        if keep {
+            w.tensor(t.name.clone(), &g.tensor(&t.name)?)?;
+        }
+    }
+    w.write(dst)?;
+    Ok(())
+}

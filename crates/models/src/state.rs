@@ -45,6 +45,8 @@ pub(crate) struct LayerCache {
 pub struct State {
     /// Number of positions in the KV cache.
     pub(crate) pos: usize,
+    /// Floats per position per layer in the cache (`n_kv_head * head_dim`).
+    kv_dim: usize,
     pub(crate) kv: Vec<LayerCache>,
     /// Scratch, each `[n_tok, …]`: residual stream, normed input, q, k, v, attention output,
     /// projection output, gate, up.
@@ -61,6 +63,8 @@ pub struct State {
     pub(crate) cs: Vec<(f32, f32)>,
     /// [n_logits, vocab]
     pub(crate) logits: Vec<f32>,
+    /// [n_tok, seq] attention mask of a tree pass.
+    pub(crate) mask: Vec<bool>,
     /// The current matmul input quantized for the integer path, one per token.
     pub(crate) actq: Vec<ActQ>,
     /// Representation of matmul inputs (see [`Activations`]).
@@ -77,6 +81,7 @@ impl State {
     pub fn new(cfg: &Config) -> Self {
         State {
             pos: 0,
+            kv_dim: cfg.n_kv_head * cfg.head_dim,
             kv: vec![LayerCache::default(); cfg.n_layer],
             x: vec![],
             xn: vec![],
@@ -90,6 +95,7 @@ impl State {
             cs: vec![],
             logits: vec![],
             actq: Vec::new(),
+            mask: Vec::new(),
             activations: Activations::default(),
         }
     }
@@ -106,6 +112,26 @@ impl State {
     /// Drop cached positions from `len` on (e.g. rejected speculative tokens).
     pub fn truncate(&mut self, len: usize) {
         self.pos = self.pos.min(len);
+    }
+
+    /// After a tree pass that appended nodes at `base..`, keep only the nodes `keep` (indices
+    /// into that pass, in path order) at `base..base + keep.len()` and drop the rest: the
+    /// accepted path's keys/values are moved, not recomputed.
+    pub fn keep(&mut self, base: usize, keep: &[usize]) {
+        let per = self.kv_dim;
+        for l in &mut self.kv {
+            if l.k.len() < (base + keep.iter().max().map_or(0, |m| m + 1)) * per {
+                continue; // a layer this pass did not reach (early exit) holds nothing to keep
+            }
+            for (dst, &src) in keep.iter().enumerate() {
+                let (d, s) = ((base + dst) * per, (base + src) * per);
+                if d != s {
+                    l.k.copy_within(s..s + per, d);
+                    l.v.copy_within(s..s + per, d);
+                }
+            }
+        }
+        self.pos = base + keep.len();
     }
 
     /// Reserve room for `positions` in the KV cache up front (avoids growth during decode).

@@ -1,0 +1,193 @@
+//! Drafters: where candidate tokens come from.
+//!
+//! - [`PromptLookup`]: n-gram retrieval from the prompt and the text generated so far.
+//! - [`DraftModel`]: a smaller model with the same tokenizer, its own KV cache kept in step.
+//! - [`EarlyExit`]: the target's own first layers, final norm and head (self-speculation).
+
+use augur_models::{Llama, Logits, Model, State};
+
+use super::tree::Tree;
+use crate::sampler::Sampler;
+use crate::{Error, Result};
+
+/// What a drafter sees when proposing.
+pub struct Ctx<'a> {
+    /// Every accepted token; the last one (the pending token) is not in the target's cache yet.
+    pub tokens: &'a [u32],
+    /// The target and its state (holding `tokens[..len - 1]`).
+    pub target: &'a Llama,
+    pub state: &'a mut State,
+    /// Most nodes wanted.
+    pub k: usize,
+    pub sampler: &'a mut Sampler,
+}
+
+/// A source of candidate trees.
+pub trait Drafter {
+    /// Propose a tree of at most `ctx.k` nodes continuing `ctx.tokens` (may be empty).
+    fn propose(&mut self, ctx: Ctx) -> Result<Tree>;
+
+    /// Told how many of the proposed nodes were accepted (for adaptive depth).
+    fn feedback(&mut self, _proposed_depth: usize, _accepted: usize) {}
+}
+
+/// N-gram lookup: the longest suffix of the context (up to `max_n` tokens, down to 1) that also
+/// occurs earlier; the tokens that followed its most recent occurrences are proposed, as a chain
+/// per distinct continuation (up to `width` branches).
+pub struct PromptLookup {
+    pub max_n: usize,
+    pub width: usize,
+}
+
+impl Drafter for PromptLookup {
+    fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
+        let t = ctx.tokens;
+        let mut tree = Tree::default();
+        let width = self.width.max(1);
+        let per_branch = (ctx.k / width).max(1);
+        for n in (1..=self.max_n.min(t.len().saturating_sub(1))).rev() {
+            let suffix = &t[t.len() - n..];
+            let mut firsts: Vec<u32> = Vec::new();
+            // most recent match first
+            for start in (0..t.len() - n).rev() {
+                if &t[start..start + n] != suffix {
+                    continue;
+                }
+                let cont = &t[start + n..(start + n + per_branch).min(t.len())];
+                if cont.is_empty() || firsts.contains(&cont[0]) {
+                    continue;
+                }
+                if tree.len() + cont.len() > ctx.k {
+                    break;
+                }
+                firsts.push(cont[0]);
+                let mut parent = None;
+                for &tok in cont {
+                    parent = Some(tree.push(tok, parent, None));
+                }
+                if firsts.len() == width {
+                    break;
+                }
+            }
+            if !tree.is_empty() {
+                break;
+            }
+        }
+        Ok(tree)
+    }
+}
+
+/// Keeps a drafting state in step with the accepted tokens: drops what diverged, feeds what is
+/// missing (all but the pending token), so each round drafts from the right context.
+struct Synced {
+    state: State,
+    fed: Vec<u32>,
+}
+
+impl Synced {
+    fn sync(&mut self, llama: &Llama, tokens: &[u32]) -> Result<()> {
+        let common = self.fed.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
+        self.state.truncate(common);
+        self.fed.truncate(common);
+        let missing = &tokens[common..tokens.len() - 1];
+        if !missing.is_empty() {
+            llama.forward(&mut self.state, missing, Logits::Last)?;
+            self.fed.extend_from_slice(missing);
+        }
+        Ok(())
+    }
+}
+
+/// Draft `k` tokens one at a time from `step`'s logits: greedy proposals are deterministic;
+/// sampled ones carry the draft's filtered distribution for the rejection test.
+fn draft_chain(k: usize, pending: u32, sampler: &mut Sampler, mut step: impl FnMut(u32) -> Result<Vec<f32>>) -> Result<Tree> {
+    let mut tree = Tree::default();
+    let mut last = pending;
+    for i in 0..k {
+        let logits = step(last)?;
+        let (tok, q) = if sampler.cfg.is_greedy() {
+            (sampler.distribution(&logits, &[])[0].0, None)
+        } else {
+            let dist = sampler.distribution(&logits, &[]).to_vec();
+            (sampler.draw(&dist), Some(dist))
+        };
+        tree.push(tok, i.checked_sub(1), q);
+        last = tok;
+    }
+    Ok(tree)
+}
+
+/// A smaller model with the target's tokenizer. Its depth adapts: one more token after a fully
+/// accepted round, one fewer when fewer than half were accepted.
+pub struct DraftModel {
+    model: Model,
+    synced: Synced,
+    k: usize,
+}
+
+impl DraftModel {
+    /// Wrap `draft` for `target`, refusing a different vocabulary.
+    pub fn new(draft: Model, target: &Model) -> Result<Self> {
+        let (a, b) = (&draft.tokenizer, &target.tokenizer);
+        let same = a.vocab_size() == b.vocab_size() && (0..a.vocab_size() as u32).all(|i| a.id_to_token(i) == b.id_to_token(i));
+        if !same || draft.llama.cfg.vocab != target.llama.cfg.vocab {
+            return Err(Error::Sampling(format!(
+                "draft model {} does not share the target's vocabulary ({} vs {} tokens, or different token strings); a draft model must use the same tokenizer",
+                draft.path.display(),
+                a.vocab_size(),
+                b.vocab_size()
+            )));
+        }
+        let state = State::new(&draft.llama.cfg);
+        Ok(DraftModel { model: draft, synced: Synced { state, fed: Vec::new() }, k: 0 })
+    }
+}
+
+impl Drafter for DraftModel {
+    fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
+        if self.k == 0 {
+            self.k = ctx.k;
+        }
+        let k = self.k.min(ctx.k);
+        let llama = &self.model.llama;
+        self.synced.sync(llama, ctx.tokens)?;
+        let base = self.synced.state.len();
+        let state = &mut self.synced.state;
+        let tree = draft_chain(k, *ctx.tokens.last().unwrap(), ctx.sampler, |tok| Ok(llama.forward(state, &[tok], Logits::Last)?.to_vec()))?;
+        // Only the accepted prefix of the fed tokens stays valid; sync() trims the rest next round.
+        self.synced.fed.push(*ctx.tokens.last().unwrap());
+        self.synced.fed.extend_from_slice(&tree.tokens[..tree.len().saturating_sub(1)]);
+        debug_assert_eq!(self.synced.fed.len(), base + tree.len());
+        Ok(tree)
+    }
+
+    fn feedback(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        if accepted == proposed {
+            self.k += 1;
+        } else if accepted * 2 < proposed && self.k > 1 {
+            self.k -= 1;
+        }
+    }
+}
+
+/// Self-speculation: the target's first `layers` blocks, then its final norm and head. The KV
+/// entries of those layers for the accepted context are the target's own; drafted positions are
+/// written past them and dropped before verification.
+pub struct EarlyExit {
+    pub layers: usize,
+}
+
+impl Drafter for EarlyExit {
+    fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
+        let base = ctx.state.len();
+        let (target, state) = (ctx.target, ctx.state);
+        let tree = draft_chain(ctx.k, *ctx.tokens.last().unwrap(), ctx.sampler, |tok| {
+            Ok(target.forward_early_exit(state, &[tok], self.layers)?.to_vec())
+        });
+        state.truncate(base);
+        tree
+    }
+}

@@ -1,0 +1,151 @@
+//! Speculative decoding: propose → verify in one target pass over a token tree → keep the
+//! accepted path in the KV cache → record stats. Lossless: greedy output equals plain greedy
+//! decoding token for token, and sampled output is distributed exactly as the target's.
+
+mod accept;
+mod drafters;
+mod tree;
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use augur_kernels::matmul::ACTQ_MAX_BATCH;
+use augur_models::{Logits, Model, State};
+
+pub use accept::{accept, Accepted};
+pub use drafters::{Ctx, DraftModel, Drafter, EarlyExit, PromptLookup};
+pub use tree::{Compiled, Tree};
+
+use crate::generate::{Emitter, GenerateConfig, StopReason, Summary, TokenEvent};
+use crate::rng::Rng;
+use crate::sampler::Sampler;
+use crate::Result;
+
+/// Speculation settings.
+#[derive(Debug, Clone)]
+pub struct SpecConfig {
+    /// Most draft tokens per round (tree nodes), at most 15 so a verification pass stays on the
+    /// batched integer path (16 rows with the pending token).
+    pub k: usize,
+}
+
+/// What speculation did.
+#[derive(Debug, Clone, Default)]
+pub struct SpecStats {
+    /// Target forward passes (verifications).
+    pub target_passes: usize,
+    /// Tokens emitted (accepted + bonus).
+    pub emitted: usize,
+    /// Draft nodes proposed.
+    pub drafted: usize,
+    /// Per draft depth d (index d-1): rounds that proposed a node at depth d, and rounds that
+    /// accepted one.
+    pub proposed_at: Vec<usize>,
+    pub accepted_at: Vec<usize>,
+    pub draft_time: Duration,
+    pub target_time: Duration,
+}
+
+impl SpecStats {
+    /// Mean tokens emitted per target pass.
+    pub fn tau(&self) -> f64 {
+        self.emitted as f64 / self.target_passes.max(1) as f64
+    }
+
+    /// Acceptance rate at each draft depth.
+    pub fn accept_rate_by_pos(&self) -> Vec<f64> {
+        self.proposed_at.iter().zip(&self.accepted_at).map(|(&p, &a)| a as f64 / p.max(1) as f64).collect()
+    }
+
+    fn record(&mut self, depth: usize, accepted: usize) {
+        if self.proposed_at.len() < depth {
+            self.proposed_at.resize(depth, 0);
+            self.accepted_at.resize(depth, 0);
+        }
+        for d in 0..depth {
+            self.proposed_at[d] += 1;
+            self.accepted_at[d] += (d < accepted) as usize;
+        }
+    }
+}
+
+/// Generate like [`crate::generate`], drafting with `drafter` and verifying with the target.
+pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    spec: &SpecConfig,
+    drafter: &mut dyn Drafter,
+    mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<(Summary, SpecStats)> {
+    let llama = &model.llama;
+    let vocab = llama.cfg.vocab;
+    let k = spec.k.clamp(1, ACTQ_MAX_BATCH - 1);
+    let mut sampler = Sampler::new(cfg.sampler.clone())?;
+    let mut rng = Rng::new(cfg.sampler.seed ^ 0x5EC0_DE5E_ED00_0001);
+    if prompt.is_empty() {
+        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
+    }
+    let need = prompt.len() + cfg.max_tokens + k + 1;
+    if prompt.len() + cfg.max_tokens > llama.cfg.context {
+        return Err(augur_models::Error::ContextFull { need: prompt.len() + cfg.max_tokens, ctx: llama.cfg.context }.into());
+    }
+    let mut st = State::new(&llama.cfg);
+    st.activations = cfg.activations;
+    st.reserve(&llama.cfg, need.min(llama.cfg.context));
+    let mut tokens: Vec<u32> = prompt.to_vec();
+    let mut emit = Emitter::new(cfg);
+    let mut stats = SpecStats::default();
+    let mut dense = Vec::new();
+
+    // Prefill all but the last prompt token; it becomes the first pending token.
+    let t0 = Instant::now();
+    if prompt.len() > 1 {
+        llama.forward(&mut st, &prompt[..prompt.len() - 1], Logits::Last)?;
+    }
+    let prefill = t0.elapsed();
+    let t1 = Instant::now();
+    let mut reason = StopReason::MaxTokens;
+    'rounds: while emit.generated.len() < cfg.max_tokens {
+        let room = (llama.cfg.context - st.len() - 1).min(cfg.max_tokens - emit.generated.len() - 1);
+        let td = Instant::now();
+        let tree = if room == 0 {
+            Tree::default()
+        } else {
+            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, k: k.min(room), sampler: &mut sampler })?
+        };
+        stats.draft_time += td.elapsed();
+        let compiled = tree.compile(*tokens.last().unwrap());
+        let tv = Instant::now();
+        let base = st.len();
+        let logits = llama.forward_tree(&mut st, &compiled.tokens, &compiled.depth, &compiled.ancestors)?;
+        let acc = accept(&tree, &compiled, logits, vocab, &tokens, &mut sampler, &mut rng, &mut dense);
+        let mut keep = vec![0];
+        keep.extend_from_slice(&acc.rows);
+        stats.target_time += tv.elapsed();
+        stats.target_passes += 1;
+        stats.drafted += tree.len();
+        stats.record(tree.max_depth(), acc.tokens.len());
+        drafter.feedback(tree.max_depth(), acc.tokens.len());
+        // Emit accepted tokens then the bonus, each with the logits row it was chosen from.
+        let mut rows = vec![0];
+        rows.extend_from_slice(&acc.rows);
+        let emitted: Vec<u32> = acc.tokens.iter().copied().chain([acc.bonus]).collect();
+        let logits_rows: Vec<Vec<f32>> = rows.iter().map(|&r| logits[r * vocab..(r + 1) * vocab].to_vec()).collect();
+        st.keep(base, &keep);
+        for (tok, row_logits) in emitted.into_iter().zip(&logits_rows) {
+            tokens.push(tok);
+            stats.emitted += 1;
+            match emit.push(&model.tokenizer, tok, row_logits, &mut on_token)? {
+                Some(r) => {
+                    reason = r;
+                    break 'rounds;
+                }
+                None if emit.generated.len() == cfg.max_tokens => break 'rounds,
+                None => {}
+            }
+        }
+    }
+    let decode = t1.elapsed();
+    Ok((emit.finish(prompt.len(), prefill, decode, reason), stats))
+}
