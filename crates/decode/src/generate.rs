@@ -146,8 +146,15 @@ pub fn generate(
     history.extend_from_slice(prompt);
     let mut emit = Emitter::new(cfg);
 
+    // The last prompt token gets its own step, as in speculative decoding (where it is the first
+    // pending token): both paths then compute every position with the same kernels, so their
+    // greedy outputs agree bit for bit.
     let t0 = Instant::now();
-    let mut logits = llama.forward(&mut st, prompt, Logits::Last)?;
+    let (head, last) = prompt.split_at(prompt.len() - 1);
+    if !head.is_empty() {
+        llama.forward(&mut st, head, Logits::Last)?;
+    }
+    let mut logits = llama.forward(&mut st, last, Logits::Last)?;
     let prefill = t0.elapsed();
     let t1 = Instant::now();
     let mut reason = StopReason::MaxTokens;

@@ -28,7 +28,8 @@ pub enum Mask<'a> {
 }
 
 thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// Per-thread scores and visible-position list, grown in large steps.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<u32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `out[t, h] = softmax(q[t,h] · K[:, kvh]ᵀ · scale + mask) · V[:, kvh]` over `seq` cached positions.
@@ -57,9 +58,9 @@ pub fn attention(
     pool::global().for_chunks(items, 1, &|range| {
         for i in range {
             let (t, h) = (i / n_head, i % n_head);
-            let (n_vis, row_mask) = match mask {
-                Mask::Causal { pos0 } => ((pos0 + t + 1).min(seq), None),
-                Mask::Explicit(m) => (seq, Some(&m[t * seq..(t + 1) * seq])),
+            let n_vis = match mask {
+                Mask::Causal { pos0 } => (pos0 + t + 1).min(seq),
+                Mask::Explicit(m) => m[t * seq..(t + 1) * seq].iter().filter(|&&v| v).count(),
             };
             let head = Head {
                 q: &q[i * head_dim..(i + 1) * head_dim],
@@ -67,19 +68,32 @@ pub fn attention(
                 v: v_cache,
                 offset: (h / group) * head_dim,
                 stride: kv_stride,
-                mask: row_mask,
+                positions: None,
                 scale,
             };
             // SAFETY: item i owns out[i*head_dim..(i+1)*head_dim]; items are disjoint.
             let o = unsafe { op.slice(i * head_dim, head_dim) };
-            SCORES.with(|s| {
-                let mut s = s.borrow_mut();
-                if s.len() < n_vis {
+            SCRATCH.with(|s| {
+                let (scores, visible) = &mut *s.borrow_mut();
+                if scores.len() < n_vis {
                     // Grow in large steps: no reallocation during decode below 4096 positions,
                     // and only at doublings beyond.
-                    s.resize(n_vis.max(4096).next_power_of_two(), 0.0);
+                    scores.resize(n_vis.max(4096).next_power_of_two(), 0.0);
                 }
-                head.run(&mut s[..n_vis], o);
+                match mask {
+                    Mask::Causal { .. } => head.run(&mut scores[..n_vis], o),
+                    Mask::Explicit(m) => {
+                        // Attend over the visible positions only, in order: each one's rank is
+                        // then the position it would have in a plain causal pass, so sums run in
+                        // the same order and a tree pass reproduces plain decoding exactly.
+                        if visible.capacity() < n_vis {
+                            visible.reserve(n_vis.max(4096).next_power_of_two());
+                        }
+                        visible.clear();
+                        visible.extend(m[t * seq..(t + 1) * seq].iter().enumerate().filter(|e| *e.1).map(|e| e.0 as u32));
+                        Head { positions: Some(visible), ..head }.run(&mut scores[..n_vis], o)
+                    }
+                }
             });
         }
     });
@@ -94,7 +108,8 @@ struct Head<'a> {
     offset: usize,
     /// Floats per cached position.
     stride: usize,
-    mask: Option<&'a [bool]>,
+    /// The cached positions to attend to, in order (`None`: `0..scores.len()`).
+    positions: Option<&'a [u32]>,
     scale: f32,
 }
 
@@ -130,21 +145,18 @@ impl Head<'_> {
     #[inline(always)]
     fn body(&self, scores: &mut [f32], out: &mut [f32]) {
         let d = self.q.len();
-        for (j, sc) in scores.iter_mut().enumerate() {
-            if self.mask.is_some_and(|m| !m[j]) {
-                *sc = f32::NEG_INFINITY;
-                continue;
-            }
-            let k = &self.k[j * self.stride + self.offset..][..d];
+        let pos = |i: usize| self.positions.map_or(i, |p| p[i] as usize);
+        for (i, sc) in scores.iter_mut().enumerate() {
+            let k = &self.k[pos(i) * self.stride + self.offset..][..d];
             *sc = dot16(self.q, k) * self.scale;
         }
         softmax(scores);
         out.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
+        for (i, &p) in scores.iter().enumerate() {
             if p == 0.0 {
                 continue;
             }
-            let v = &self.v[j * self.stride + self.offset..][..d];
+            let v = &self.v[pos(i) * self.stride + self.offset..][..d];
             for (o, &x) in out.iter_mut().zip(v) {
                 *o = p.mul_add(x, *o);
             }
@@ -183,12 +195,9 @@ mod avx512 {
     pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
         let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(h.q.as_ptr().add(16 * c)));
         let (kp, vp) = (h.k.as_ptr().add(h.offset), h.v.as_ptr().add(h.offset));
-        for (j, sc) in scores.iter_mut().enumerate() {
-            if h.mask.is_some_and(|m| !m[j]) {
-                *sc = f32::NEG_INFINITY;
-                continue;
-            }
-            let k = kp.add(j * h.stride);
+        let pos = |i: usize| h.positions.map_or(i, |p| p[i] as usize);
+        for (i, sc) in scores.iter_mut().enumerate() {
+            let k = kp.add(pos(i) * h.stride);
             let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
             for (c, qc) in q.iter().enumerate().skip(1) {
                 acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
@@ -221,11 +230,11 @@ mod avx512 {
         let inv = 1.0 / _mm512_reduce_add_ps(sum);
         // weighted sum of values
         let mut o = [_mm512_setzero_ps(); NV];
-        for (j, &p) in scores.iter().enumerate() {
+        for (i, &p) in scores.iter().enumerate() {
             if p == 0.0 {
                 continue;
             }
-            let (pv, v) = (_mm512_set1_ps(p * inv), vp.add(j * h.stride));
+            let (pv, v) = (_mm512_set1_ps(p * inv), vp.add(pos(i) * h.stride));
             for (c, oc) in o.iter_mut().enumerate() {
                 *oc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v.add(16 * c)), *oc);
             }

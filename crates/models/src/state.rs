@@ -100,6 +100,13 @@ impl State {
         }
     }
 
+    /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each.
+    pub fn kv(&self, layer: usize) -> (&[f32], &[f32]) {
+        let l = &self.kv[layer];
+        let n = self.pos * self.kv_dim;
+        (&l.k[..n], &l.v[..n])
+    }
+
     /// Positions held in the KV cache.
     pub fn len(&self) -> usize {
         self.pos
