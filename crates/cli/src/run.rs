@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 
 use anyhow::{bail, Context, Result};
 use augur_decode::chat::{ChatTemplate, Message};
-use augur_decode::speculative::{self, DraftModel, Drafter, EarlyExit, PromptLookup, SpecConfig, SpecStats};
+use augur_decode::speculative::{self, SpecConfig, SpecStats};
 use augur_decode::{generate, GenerateConfig, StopReason, TokenEvent};
 use serde_json::json;
 
@@ -101,7 +101,7 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let mut drafter = match a.spec.as_deref() {
         None => None,
-        Some(s) => Some(spec_drafter(s, &a, &model)?),
+        Some(s) => Some(crate::common::drafter(s, a.spec_ngram, a.spec_tree, &model)?),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -176,7 +176,7 @@ pub fn main(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn spec_json(st: &SpecStats) -> serde_json::Value {
+pub fn spec_json(st: &SpecStats) -> serde_json::Value {
     let r = |v: f64| (v * 1000.0).round() / 1000.0;
     json!({
         "tau": r(st.tau()),
@@ -186,28 +186,6 @@ fn spec_json(st: &SpecStats) -> serde_json::Value {
         "emitted": st.emitted,
         "draft_s": r(st.draft_time.as_secs_f64()),
         "target_s": r(st.target_time.as_secs_f64()),
-    })
-}
-
-/// The drafter named by `--spec`.
-fn spec_drafter(spec: &str, a: &Args, model: &augur_models::Model) -> Result<Box<dyn Drafter>> {
-    Ok(match spec.split_once(':') {
-        None if spec == "prompt-lookup" => Box::new(PromptLookup { max_n: a.spec_ngram.max(1), width: a.spec_tree.max(1) }),
-        Some(("draft", path)) => {
-            let draft = augur_models::Model::open(std::path::Path::new(path)).with_context(|| format!("loading draft model {path}"))?;
-            Box::new(DraftModel::new(draft, model)?)
-        }
-        Some(("early-exit", l)) => {
-            let layers: usize = l.parse().with_context(|| format!("early-exit:{l}: the layer count must be a number"))?;
-            anyhow::ensure!(
-                layers >= 1 && layers < model.llama.cfg.n_layer,
-                "early-exit:{layers}: choose 1..{} (the model has {} layers)",
-                model.llama.cfg.n_layer - 1,
-                model.llama.cfg.n_layer
-            );
-            Box::new(EarlyExit { layers })
-        }
-        _ => bail!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH or early-exit:L"),
     })
 }
 

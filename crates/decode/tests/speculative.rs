@@ -38,8 +38,8 @@ fn greedy_speculative_output_equals_plain_greedy() {
     let draft_path = dir.join("draft-8-layers.gguf");
     write_truncated_gguf(&path, &draft_path, 8).unwrap();
     let drafters: Vec<(&str, Box<dyn Drafter>)> = vec![
-        ("prompt-lookup", Box::new(PromptLookup { max_n: 3, width: 1 })),
-        ("prompt-lookup tree", Box::new(PromptLookup { max_n: 3, width: 3 })),
+        ("prompt-lookup", Box::new(PromptLookup::new(3, 1))),
+        ("prompt-lookup tree", Box::new(PromptLookup::new(3, 3))),
         ("early-exit:6", Box::new(EarlyExit { layers: 6 })),
         ("draft:8 layers", Box::new(DraftModel::new(Model::open(&draft_path).unwrap(), &model).unwrap())),
     ];
@@ -61,7 +61,7 @@ fn sampled_speculation_is_reproducible_and_stops_on_budget() {
     let model = Model::open(&model_path()).unwrap();
     let prompt = model.tokenizer.encode(PROMPT).unwrap();
     let run = || {
-        let mut d = PromptLookup { max_n: 3, width: 2 };
+        let mut d = PromptLookup::new(3, 2);
         speculative::generate(&model, &prompt, &cfg(0.8), &SpecConfig { k: 5 }, &mut d, |_| ControlFlow::Continue(())).unwrap().0
     };
     let (a, b) = (run(), run());

@@ -42,7 +42,7 @@ fn greedy_equals_plain_for_every_drafter_and_precision() {
     for act in [Activations::I22, Activations::F32] {
         let plain = generate(&target, &prompt, &cfg(0.0, 40, act), |_| ControlFlow::Continue(())).unwrap();
         let mut drafters: Vec<(&str, Box<dyn Drafter>)> = vec![
-            ("prompt-lookup", Box::new(PromptLookup { max_n: 2, width: 2 })),
+            ("prompt-lookup", Box::new(PromptLookup::new(2, 2))),
             ("early-exit:1", Box::new(EarlyExit { layers: 1 })),
         ];
         let d = Model::open(&draft_model.path).unwrap();

@@ -26,24 +26,27 @@ pub struct Ctx<'a> {
 pub trait Drafter {
     /// Propose a tree of at most `ctx.k` nodes continuing `ctx.tokens` (may be empty).
     fn propose(&mut self, ctx: Ctx) -> Result<Tree>;
-
-    /// Told how many of the proposed nodes were accepted (for adaptive depth).
-    fn feedback(&mut self, _proposed_depth: usize, _accepted: usize) {}
 }
 
 /// N-gram lookup: the longest suffix of the context (up to `max_n` tokens, down to 1) that also
 /// occurs earlier; the tokens that followed its most recent occurrences are proposed, as a chain
 /// per distinct continuation (up to `width` branches).
 pub struct PromptLookup {
-    pub max_n: usize,
-    pub width: usize,
+    max_n: usize,
+    width: usize,
+}
+
+impl PromptLookup {
+    pub fn new(max_n: usize, width: usize) -> Self {
+        PromptLookup { max_n: max_n.max(1), width: width.max(1) }
+    }
 }
 
 impl Drafter for PromptLookup {
     fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
         let t = ctx.tokens;
         let mut tree = Tree::default();
-        let width = self.width.max(1);
+        let width = self.width;
         let per_branch = (ctx.k / width).max(1);
         for n in (1..=self.max_n.min(t.len().saturating_sub(1))).rev() {
             let suffix = &t[t.len() - n..];
@@ -117,12 +120,10 @@ fn draft_chain(k: usize, pending: u32, sampler: &mut Sampler, mut step: impl FnM
     Ok(tree)
 }
 
-/// A smaller model with the target's tokenizer. Its depth adapts: one more token after a fully
-/// accepted round, one fewer when fewer than half were accepted.
+/// A smaller model with the target's tokenizer.
 pub struct DraftModel {
     model: Model,
     synced: Synced,
-    k: usize,
 }
 
 impl DraftModel {
@@ -139,16 +140,13 @@ impl DraftModel {
             )));
         }
         let state = State::new(&draft.llama.cfg);
-        Ok(DraftModel { model: draft, synced: Synced { state, fed: Vec::new() }, k: 0 })
+        Ok(DraftModel { model: draft, synced: Synced { state, fed: Vec::new() } })
     }
 }
 
 impl Drafter for DraftModel {
     fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
-        if self.k == 0 {
-            self.k = ctx.k;
-        }
-        let k = self.k.min(ctx.k);
+        let k = ctx.k;
         let llama = &self.model.llama;
         self.synced.sync(llama, ctx.tokens)?;
         let base = self.synced.state.len();
@@ -159,17 +157,6 @@ impl Drafter for DraftModel {
         self.synced.fed.extend_from_slice(&tree.tokens[..tree.len().saturating_sub(1)]);
         debug_assert_eq!(self.synced.fed.len(), base + tree.len());
         Ok(tree)
-    }
-
-    fn feedback(&mut self, proposed: usize, accepted: usize) {
-        if proposed == 0 {
-            return;
-        }
-        if accepted == proposed {
-            self.k += 1;
-        } else if accepted * 2 < proposed && self.k > 1 {
-            self.k -= 1;
-        }
     }
 }
 

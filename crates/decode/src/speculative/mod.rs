@@ -25,7 +25,7 @@ use crate::Result;
 #[derive(Debug, Clone)]
 pub struct SpecConfig {
     /// Most draft tokens per round (tree nodes), at most 15 so a verification pass stays on the
-    /// batched integer path (16 rows with the pending token).
+    /// batched integer path (16 rows with the pending token). The governor adapts below it.
     pub k: usize,
 }
 
@@ -69,6 +69,48 @@ impl SpecStats {
     }
 }
 
+/// Sets each round's draft size from what was accepted, so speculation backs off where drafts
+/// fail (open-ended text, a weak drafter) and costs at most a small probe there: the depth is one
+/// past what was accepted last round (two more after a fully accepted round), and after two
+/// rounds with nothing accepted drafting pauses for 1, 2, 4 … (at most 16) rounds, then probes.
+#[derive(Debug, Clone)]
+pub(crate) struct Governor {
+    k_max: usize,
+    k: usize,
+    fails: u32,
+    skip: u32,
+}
+
+impl Governor {
+    fn new(k_max: usize) -> Self {
+        Governor { k_max, k: k_max, fails: 0, skip: 0 }
+    }
+
+    /// Draft tokens for this round (0: do not draft).
+    fn next(&mut self) -> usize {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return 0;
+        }
+        self.k
+    }
+
+    fn update(&mut self, proposed: usize, accepted: usize) {
+        if proposed == 0 {
+            return;
+        }
+        if accepted == 0 {
+            self.fails += 1;
+            if self.fails >= 2 {
+                self.skip = 1 << (self.fails - 2).min(4);
+            }
+        } else {
+            self.fails = 0;
+        }
+        self.k = if accepted == proposed { proposed + 2 } else { accepted + 1 }.clamp(1, self.k_max);
+    }
+}
+
 /// Generate like [`crate::generate`], drafting with `drafter` and verifying with the target.
 pub fn generate(
     model: &Model,
@@ -97,6 +139,7 @@ pub fn generate(
     let mut emit = Emitter::new(cfg);
     let mut stats = SpecStats::default();
     let mut dense = Vec::new();
+    let mut governor = Governor::new(k);
 
     // Prefill all but the last prompt token; it becomes the first pending token.
     let t0 = Instant::now();
@@ -109,10 +152,11 @@ pub fn generate(
     'rounds: while emit.generated.len() < cfg.max_tokens {
         let room = (llama.cfg.context - st.len() - 1).min(cfg.max_tokens - emit.generated.len() - 1);
         let td = Instant::now();
-        let tree = if room == 0 {
+        let want = governor.next().min(room);
+        let tree = if want == 0 {
             Tree::default()
         } else {
-            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, k: k.min(room), sampler: &mut sampler })?
+            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, k: want, sampler: &mut sampler })?
         };
         stats.draft_time += td.elapsed();
         let compiled = tree.compile(*tokens.last().unwrap());
@@ -126,7 +170,7 @@ pub fn generate(
         stats.target_passes += 1;
         stats.drafted += tree.len();
         stats.record(tree.max_depth(), acc.tokens.len());
-        drafter.feedback(tree.max_depth(), acc.tokens.len());
+        governor.update(tree.max_depth(), acc.tokens.len());
         // Emit accepted tokens then the bonus, each with the logits row it was chosen from.
         let mut rows = vec![0];
         rows.extend_from_slice(&acc.rows);
@@ -148,4 +192,30 @@ pub fn generate(
     }
     let decode = t1.elapsed();
     Ok((emit.finish(prompt.len(), prefill, decode, reason), stats))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Governor;
+
+    #[test]
+    fn governor_backs_off_and_probes_again() {
+        let mut g = Governor::new(6);
+        assert_eq!(g.next(), 6);
+        g.update(6, 6);
+        assert_eq!(g.next(), 6, "capped at k_max");
+        g.update(6, 2);
+        assert_eq!(g.next(), 3);
+        g.update(3, 0);
+        assert_eq!(g.next(), 1);
+        g.update(1, 0);
+        // two failures: skip one round, then probe
+        assert_eq!(g.next(), 0);
+        assert_eq!(g.next(), 1);
+        g.update(1, 0);
+        assert_eq!((g.next(), g.next()), (0, 0));
+        assert_eq!(g.next(), 1);
+        g.update(1, 1);
+        assert_eq!(g.next(), 3);
+    }
 }
