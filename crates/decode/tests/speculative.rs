@@ -50,7 +50,7 @@ fn greedy_speculative_output_equals_plain_greedy() {
         assert!(stats.target_passes <= plain.generated.len(), "{name}");
         eprintln!("{name}: tau {:.2}, accept by depth {:?}", stats.tau(), stats.accept_rate_by_pos());
         if name.starts_with("prompt-lookup") {
-            assert!(stats.tau() > 1.5, "{name}: a repetitive prompt should accept drafts (tau {})", stats.tau());
+            assert!(stats.tau() > 1.2, "{name}: a repetitive prompt should accept drafts (tau {})", stats.tau());
         }
     }
     std::fs::remove_dir_all(&dir).ok();

@@ -71,7 +71,7 @@ impl SpecStats {
 
 /// Sets each round's draft size from what was accepted, so speculation backs off where drafts
 /// fail (open-ended text, a weak drafter) and costs at most a small probe there: the depth is one
-/// past what was accepted last round (two more after a fully accepted round), and after two
+/// past what was accepted last round (doubled after a fully accepted round), and after two
 /// rounds with nothing accepted drafting pauses for 1, 2, 4 … (at most 16) rounds, then probes.
 #[derive(Debug, Clone)]
 pub(crate) struct Governor {
@@ -107,7 +107,7 @@ impl Governor {
         } else {
             self.fails = 0;
         }
-        self.k = if accepted == proposed { proposed + 2 } else { accepted + 1 }.clamp(1, self.k_max);
+        self.k = if accepted == proposed { 2 * proposed } else { accepted + 1 }.clamp(1, self.k_max);
     }
 }
 
@@ -216,6 +216,8 @@ mod tests {
         assert_eq!((g.next(), g.next()), (0, 0));
         assert_eq!(g.next(), 1);
         g.update(1, 1);
-        assert_eq!(g.next(), 3);
+        assert_eq!(g.next(), 2);
+        g.update(2, 2);
+        assert_eq!(g.next(), 4);
     }
 }
