@@ -210,17 +210,11 @@ mod tests {
         let a = draws(1);
         assert_eq!(a, draws(1));
         assert_ne!(a, draws(2));
-        let p = crate::sampler::tests::softmax(&logits);
+        let p = augur_kernels::reference::softmax(&logits);
         for (id, &pi) in p.iter().enumerate() {
             let f = a.iter().filter(|&&x| x == id as u32).count() as f32 / a.len() as f32;
             assert!((f - pi).abs() < 0.015, "token {id}: frequency {f} vs probability {pi}");
         }
-    }
-
-    fn softmax(x: &[f32]) -> Vec<f32> {
-        let e: Vec<f32> = x.iter().map(|v| v.exp()).collect();
-        let s: f32 = e.iter().sum();
-        e.iter().map(|v| v / s).collect()
     }
 
     #[test]

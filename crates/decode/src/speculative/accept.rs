@@ -131,16 +131,12 @@ pub fn accept(
 mod tests {
     use super::*;
     use crate::sampler::SamplerConfig;
+    use augur_kernels::reference::softmax;
 
     fn sampler(t: f32) -> Sampler {
         Sampler::new(SamplerConfig { temperature: t, seed: 3, ..Default::default() }).unwrap()
     }
 
-    fn softmax(l: &[f32]) -> Vec<f32> {
-        let e: Vec<f32> = l.iter().map(|v| v.exp()).collect();
-        let s: f32 = e.iter().sum();
-        e.iter().map(|v| v / s).collect()
-    }
 
     #[test]
     fn greedy_follows_the_argmax_path() {
