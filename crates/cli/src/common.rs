@@ -83,6 +83,7 @@ impl SampleArgs {
             min_p: self.min_p,
             repetition_penalty: self.repeat_penalty,
             seed: self.seed,
+            ..Default::default()
         }
     }
 }

@@ -159,7 +159,7 @@ pub fn generate(
     let t1 = Instant::now();
     let mut reason = StopReason::MaxTokens;
     for pos in 0..cfg.max_tokens {
-        let id = sampler.sample(logits, &history);
+        let id = sampler.sample_with(logits, &history, pos);
         history.push(id);
         if let Some(r) = emit.push(&model.tokenizer, id, logits, &mut on_token)? {
             reason = r;

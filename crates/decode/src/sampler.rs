@@ -22,12 +22,25 @@ pub struct SamplerConfig {
     pub min_p: f32,
     /// HF-style penalty on tokens already in the context (1 = off).
     pub repetition_penalty: f32,
+    /// OpenAI-style penalties over the *generated* tokens: `logit -= presence · [count > 0] +
+    /// frequency · count` (0 = off).
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
 impl Default for SamplerConfig {
     fn default() -> Self {
-        SamplerConfig { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0 }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            seed: 0,
+        }
     }
 }
 
@@ -46,11 +59,20 @@ impl SamplerConfig {
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
             return bad(format!("repetition_penalty {} must be > 0", self.repetition_penalty));
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(format!("{name} {v} must be between -2 and 2"));
+            }
+        }
         Ok(())
     }
 
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -82,7 +104,14 @@ impl Sampler {
 
     /// The filtered next-token distribution as `(id, probability)` pairs (probabilities sum to 1),
     /// sorted by decreasing probability. For greedy settings: the argmax with probability 1.
+    /// `history` is the whole context; the last `generated` of it were generated (for the
+    /// OpenAI presence/frequency penalties, which count generated tokens only).
     pub fn distribution(&mut self, logits: &[f32], history: &[u32]) -> &[(u32, f32)] {
+        self.distribution_with(logits, history, 0)
+    }
+
+    /// [`Sampler::distribution`] where the last `generated` tokens of `history` were generated.
+    pub fn distribution_with(&mut self, logits: &[f32], history: &[u32], generated: usize) -> &[(u32, f32)] {
         let c = &self.cfg;
         self.logits.clear();
         self.logits.extend_from_slice(logits);
@@ -90,6 +119,19 @@ impl Sampler {
             for &t in history {
                 if let Some(l) = self.logits.get_mut(t as usize) {
                     *l = if *l > 0.0 { *l / c.repetition_penalty } else { *l * c.repetition_penalty };
+                }
+            }
+        }
+        if c.presence_penalty != 0.0 || c.frequency_penalty != 0.0 {
+            let gen = &history[history.len() - generated.min(history.len())..];
+            for (i, &t) in gen.iter().enumerate() {
+                // Count each token once, at its first occurrence, to apply both penalties.
+                if gen[..i].contains(&t) {
+                    continue;
+                }
+                let count = gen.iter().filter(|&&u| u == t).count() as f32;
+                if let Some(l) = self.logits.get_mut(t as usize) {
+                    *l -= c.presence_penalty + c.frequency_penalty * count;
                 }
             }
         }
@@ -154,10 +196,15 @@ impl Sampler {
 
     /// The next token for these logits.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
-        if self.cfg.is_greedy() && self.cfg.repetition_penalty == 1.0 {
+        self.sample_with(logits, history, 0)
+    }
+
+    /// [`Sampler::sample`] where the last `generated` tokens of `history` were generated.
+    pub fn sample_with(&mut self, logits: &[f32], history: &[u32], generated: usize) -> u32 {
+        if self.cfg.is_greedy() && !self.cfg.penalizes() {
             return argmax(logits);
         }
-        self.distribution(logits, history);
+        self.distribution_with(logits, history, generated);
         let dist = std::mem::take(&mut self.dist);
         let id = self.draw(&dist);
         self.dist = dist;
@@ -215,6 +262,16 @@ mod tests {
             let f = a.iter().filter(|&&x| x == id as u32).count() as f32 / a.len() as f32;
             assert!((f - pi).abs() < 0.015, "token {id}: frequency {f} vs probability {pi}");
         }
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_generated_tokens_only() {
+        let cfg = SamplerConfig { presence_penalty: 1.0, frequency_penalty: 0.5, ..Default::default() };
+        let mut s = Sampler::new(cfg).unwrap();
+        // token 0 generated twice: 3.0 - 1.0 - 2*0.5 = 1.0 < 1.5
+        assert_eq!(s.sample_with(&[3.0, 1.5], &[0, 0], 2), 1);
+        // the same tokens in the prompt are not penalized
+        assert_eq!(s.sample_with(&[3.0, 1.5], &[0, 0], 0), 0);
     }
 
     #[test]

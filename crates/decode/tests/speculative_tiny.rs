@@ -83,7 +83,7 @@ fn kv_cache_after_a_rejection_equals_the_plain_path() {
     let base = spec.len();
     let logits = llama.forward_tree(&mut spec, &c.tokens, &c.depth, &c.ancestors).unwrap().to_vec();
     let mut sampler = Sampler::new(SamplerConfig::default()).unwrap();
-    let acc = speculative::accept(&tree, &c, &logits, llama.cfg.vocab, &ctx, &mut sampler, &mut augur_decode::rng::Rng::new(1), &mut Vec::new());
+    let acc = speculative::accept(&tree, &c, &logits, llama.cfg.vocab, &ctx, 0, &mut sampler, &mut augur_decode::rng::Rng::new(1), &mut Vec::new());
     assert_eq!(acc.tokens, vec![g1], "the true branch is accepted, its wrong child rejected");
     let mut keep = vec![0];
     keep.extend_from_slice(&acc.rows);

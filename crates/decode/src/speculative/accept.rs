@@ -51,13 +51,16 @@ fn draw(dense: &[f32], rng: &mut Rng) -> u32 {
 }
 
 /// Walk the tree with the target's logits (`[rows, vocab]`) and pick the accepted path.
-/// `history` is the accepted context (for repetition penalties).
+/// `history` is the accepted context, whose last `generated` tokens were generated (for the
+/// penalties, applied exactly as plain decoding applies them).
+#[allow(clippy::too_many_arguments)]
 pub fn accept(
     tree: &Tree,
     compiled: &Compiled,
     logits: &[f32],
     vocab: usize,
     history: &[u32],
+    generated: usize,
     sampler: &mut Sampler,
     rng: &mut Rng,
     dense: &mut Vec<f32>,
@@ -72,7 +75,7 @@ pub fn accept(
         let l = &logits[row * vocab..(row + 1) * vocab];
         let kids = &compiled.children[row];
         if greedy {
-            let best = sampler.distribution(l, &hist)[0].0;
+            let best = sampler.distribution_with(l, &hist, generated + tokens.len())[0].0;
             match kids.iter().find(|&&c| compiled.tokens[c] == best) {
                 Some(&c) => {
                     rows.push(c);
@@ -84,7 +87,7 @@ pub fn accept(
                 None => return Accepted { rows, tokens, bonus: best },
             }
         }
-        densify(sampler.distribution(l, &hist), dense);
+        densify(sampler.distribution_with(l, &hist, generated + tokens.len()), dense);
         let mut next = None;
         for &c in kids {
             let x = compiled.tokens[c];
@@ -120,7 +123,7 @@ pub fn accept(
                 row = c;
             }
             None => {
-                let bonus = if dense.iter().any(|&v| v > 0.0) { draw(dense, rng) } else { sampler.distribution(l, &hist)[0].0 };
+                let bonus = if dense.iter().any(|&v| v > 0.0) { draw(dense, rng) } else { sampler.distribution_with(l, &hist, generated + tokens.len())[0].0 };
                 return Accepted { rows, tokens, bonus };
             }
         }
@@ -145,7 +148,7 @@ mod tests {
         let c = tree.compile(7);
         let logits = [0.0, 0.0, 5.0, /* row1 */ 0.0, 9.0, 1.0, /* row2 */ 3.0, 0.0, 0.0];
         let mut d = Vec::new();
-        let a = accept(&tree, &c, &logits, 3, &[], &mut sampler(0.0), &mut Rng::new(1), &mut d);
+        let a = accept(&tree, &c, &logits, 3, &[], 0, &mut sampler(0.0), &mut Rng::new(1), &mut d);
         assert_eq!(a, Accepted { rows: vec![1], tokens: vec![2], bonus: 1 });
     }
 
@@ -182,7 +185,7 @@ mod tests {
                 let c = tree.compile(9);
                 let rows = c.tokens.len();
                 let logits: Vec<f32> = (0..rows).flat_map(|_| target).collect();
-                let a = accept(&tree, &c, &logits, 5, &[], &mut s, &mut rng, &mut d);
+                let a = accept(&tree, &c, &logits, 5, &[], 0, &mut s, &mut rng, &mut d);
                 let first = a.tokens.first().copied().unwrap_or(a.bonus);
                 counts[first as usize] += 1;
             }

@@ -163,7 +163,7 @@ pub fn generate(
         let tv = Instant::now();
         let base = st.len();
         let logits = llama.forward_tree(&mut st, &compiled.tokens, &compiled.depth, &compiled.ancestors)?;
-        let acc = accept(&tree, &compiled, logits, vocab, &tokens, &mut sampler, &mut rng, &mut dense);
+        let acc = accept(&tree, &compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, &mut rng, &mut dense);
         let mut keep = vec![0];
         keep.extend_from_slice(&acc.rows);
         stats.target_time += tv.elapsed();
