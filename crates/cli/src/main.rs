@@ -5,6 +5,7 @@ mod chat;
 mod common;
 mod inspect;
 mod run;
+mod serve;
 mod spec_bench;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Cmd {
     Inspect(inspect::Args),
     /// Measure prefill and decode tokens/s (median of several runs), printed as JSON.
     Bench(bench::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API.
+    Serve(serve::Args),
     /// Plain decoding vs each drafter on a task set: tau, tokens/s, speedup per group.
     SpecBench(spec_bench::Args),
     /// Download the default model into the cache (other commands do this on first use).
@@ -40,6 +43,7 @@ fn main() {
         Cmd::Inspect(a) => inspect::main(a),
         Cmd::Bench(a) => bench::main(a),
         Cmd::SpecBench(a) => spec_bench::main(a),
+        Cmd::Serve(a) => serve::main(a),
         Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
     };
     if let Err(e) = result {

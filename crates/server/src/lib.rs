@@ -1,0 +1,123 @@
+//! augur-server: an OpenAI-compatible HTTP API over one loaded model.
+//!
+//! - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
+//!   server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /health`,
+//!   `GET /metrics` (Prometheus text).
+//! - Scheduling: at most `max_concurrency` generations run at once (each on a blocking thread,
+//!   sharing the worker pool); up to `max_queue` more wait in FIFO order; beyond that, 429. A
+//!   client that disconnects mid-stream stops its generation at the next token.
+//! - Every error is OpenAI's error JSON (`api::ApiError` maps them in one place).
+
+pub mod api;
+mod error;
+mod handlers;
+mod metrics;
+mod schedule;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use augur_models::{Activations, Model};
+
+pub use error::ApiError;
+use metrics::Metrics;
+use schedule::Scheduler;
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Required `Authorization: Bearer` key, if any.
+    pub api_key: Option<String>,
+    /// Generations running at once.
+    pub max_concurrency: usize,
+    /// Requests waiting beyond those; more get 429.
+    pub max_queue: usize,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// The model id reported by `/v1/models` and in responses.
+    pub model_name: String,
+    /// `prompt-lookup` or `early-exit:L` to decode speculatively (output unchanged).
+    pub spec: Option<String>,
+    pub activations: Activations,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            api_key: None,
+            max_concurrency: 2,
+            max_queue: 16,
+            max_body_bytes: 1 << 20,
+            model_name: "augur".into(),
+            spec: None,
+            activations: Activations::default(),
+        }
+    }
+}
+
+/// Shared state of the handlers.
+pub struct App {
+    pub model: Model,
+    pub cfg: ServerConfig,
+    metrics: Metrics,
+    scheduler: Scheduler,
+    /// Set on shutdown: running generations stop at their next token.
+    stopping: AtomicBool,
+}
+
+impl App {
+    pub fn new(model: Model, cfg: ServerConfig) -> Result<Arc<Self>, String> {
+        if let Some(spec) = &cfg.spec {
+            handlers::check_spec(spec, &model)?;
+        }
+        let scheduler = Scheduler::new(cfg.max_concurrency.max(1), cfg.max_queue);
+        Ok(Arc::new(App { model, cfg, metrics: Metrics::default(), scheduler, stopping: AtomicBool::new(false) }))
+    }
+}
+
+/// The router, for serving or for in-process tests.
+pub fn router(app: Arc<App>) -> axum::Router {
+    handlers::router(app)
+}
+
+/// Serve until Ctrl-C or SIGTERM, then stop accepting, let running requests end (generations are
+/// told to stop) and return within `drain` seconds.
+pub async fn serve(app: Arc<App>, drain: std::time::Duration) -> std::io::Result<()> {
+    let addr: SocketAddr = format!("{}:{}", app.cfg.host, app.cfg.port)
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad host/port: {e}")))?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    eprintln!("augur: serving {} on http://{}", app.cfg.model_name, listener.local_addr()?);
+    let stop_app = app.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        eprintln!("augur: shutting down: no new connections; stopping running generations");
+        stop_app.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
+    let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        r = server => r,
+        _ = async { wait_for_signal().await; tokio::time::sleep(drain).await } => {
+            eprintln!("augur: drain timeout; exiting");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
