@@ -18,8 +18,9 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on the API routes.
     #[arg(long, env = "AUGUR_API_KEY")]
     pub api_key: Option<String>,
-    /// Generations running at once.
-    #[arg(long, default_value_t = 2)]
+    /// Generations running at once. On a small CPU one at a time (the others wait in FIFO order)
+    /// gives the best aggregate throughput: concurrent generations share the worker pool.
+    #[arg(long, default_value_t = 1)]
     pub max_concurrency: usize,
     /// Requests waiting for a slot before the server answers 429.
     #[arg(long, default_value_t = 16)]

@@ -50,7 +50,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
-            max_concurrency: 2,
+            max_concurrency: 1,
             max_queue: 16,
             max_body_bytes: 1 << 20,
             model_name: "augur".into(),
