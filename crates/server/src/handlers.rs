@@ -269,13 +269,7 @@ async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Re
         prepare(&app, ids, settings, 4096, logprobs, true)
     }
     .await;
-    match r {
-        Ok(job) => respond(app, job, "chat.completion").await,
-        Err(e) => {
-            app.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            e.into_response()
-        }
-    }
+    answer(app, r, "chat.completion").await
 }
 
 async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -298,8 +292,13 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         prepare(&app, ids, settings, 16, logprobs, false)
     }
     .await;
-    match r {
-        Ok(job) => respond(app, job, "text_completion").await,
+    answer(app, r, "text_completion").await
+}
+
+/// Run a prepared job, or answer with the error that stopped it.
+async fn answer(app: Arc<App>, job: Result<Job, ApiError>, object: &'static str) -> Response {
+    match job {
+        Ok(job) => respond(app, job, object).await,
         Err(e) => {
             app.metrics.errors.fetch_add(1, Ordering::Relaxed);
             e.into_response()
