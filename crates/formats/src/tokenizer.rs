@@ -8,6 +8,7 @@
 //!   and `qwen2` use their own split regexes; unknown names fall back to GPT-2's with a warning).
 //! - `llama` (SentencePiece BPE: Llama 2, Mistral): vocab + scores, merges derived from the scores
 //!   (a merge ranks by the score of the token it forms), byte fallback, `▁` for spaces.
+//!
 //! Control and user-defined tokens become added tokens, matched whole in the input text.
 
 use std::collections::HashMap;

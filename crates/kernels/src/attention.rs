@@ -282,7 +282,7 @@ mod tests {
             let mut out = vec![0f32; q.len()];
             attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0 }, 0.35, &mut out);
             // A tree-style explicit mask: every token sees position 0 and a pseudo-random subset.
-            let explicit: Vec<bool> = (0..n_tok * seq).map(|i| i % seq == 0 || (i as u64 * 2654435761 ^ seed) % 3 != 0).collect();
+            let explicit: Vec<bool> = (0..n_tok * seq).map(|i| i % seq == 0 || !((i as u64 * 2654435761) ^ seed).is_multiple_of(3)).collect();
             let mut out_m = vec![0f32; q.len()];
             attention(&q, &kc, &vc, seq, shape, Mask::Explicit(&explicit), 0.35, &mut out_m);
             for t in 0..n_tok {

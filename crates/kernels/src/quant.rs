@@ -101,7 +101,7 @@ impl QuantType {
 
     /// Bytes of a row of `k` weights, or `None` when `k` is not a whole number of blocks.
     pub fn row_bytes(self, k: usize) -> Option<usize> {
-        (k % self.block_len() == 0).then(|| k / self.block_len() * self.block_bytes())
+        k.is_multiple_of(self.block_len()).then(|| k / self.block_len() * self.block_bytes())
     }
 
     /// Dequantize one row: `src` holds `dst.len() / block_len` blocks.

@@ -64,7 +64,7 @@ impl Config {
             n_layer: g.get_u64(&k("block_count"))? as usize,
             n_head,
             n_kv_head: g.get_u64(&k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(n_head),
-            head_dim: g.get_u64(&k("attention.key_length")).map(|v| v as usize).unwrap_or(if n_head > 0 { dim / n_head } else { 0 }),
+            head_dim: g.get_u64(&k("attention.key_length")).map(|v| v as usize).unwrap_or(dim.checked_div(n_head).unwrap_or(0)),
             rms_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
             rope_theta: g.get_f64(&k("rope.freq_base")).map(|v| v as f32).unwrap_or(10000.0),
             rope_scaling,
@@ -110,7 +110,7 @@ impl Config {
             n_layer: need("num_hidden_layers")?,
             n_head,
             n_kv_head: u("num_key_value_heads").unwrap_or(n_head),
-            head_dim: u("head_dim").unwrap_or(if n_head > 0 { dim / n_head } else { 0 }),
+            head_dim: u("head_dim").unwrap_or(dim.checked_div(n_head).unwrap_or(0)),
             rms_eps: j.get("rms_norm_eps").and_then(Json::as_f64).unwrap_or(1e-6) as f32,
             rope_theta: theta,
             rope_scaling,
@@ -124,10 +124,10 @@ impl Config {
 
     fn validate(self) -> Result<Self> {
         let bad = |m: String| Err(Error::Config(m));
-        if self.n_head == 0 || self.n_kv_head == 0 || self.n_head % self.n_kv_head != 0 {
+        if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!("{} heads cannot be grouped over {} KV heads", self.n_head, self.n_kv_head));
         }
-        if self.head_dim == 0 || self.head_dim % 2 != 0 {
+        if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
         if self.dim == 0 || self.hidden == 0 || self.vocab == 0 || self.n_layer == 0 {

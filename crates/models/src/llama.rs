@@ -254,7 +254,7 @@ impl<'a> Quantized<'a> {
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
     fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
         let m: Matrix = w.matrix()?;
-        if self.fast && n <= self.actq.len() && m.k % augur_kernels::actq::BLOCK == 0 && actq_supported(&m) {
+        if self.fast && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
             if !self.ready {
                 for (a, xr) in self.actq.iter_mut().zip(x.chunks_exact(m.k)) {
                     a.quantize(xr);

@@ -98,19 +98,6 @@ fn check_vocab(llama: &Llama, tok: &Tokenizer) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::hf_name;
-
-    #[test]
-    fn maps_gguf_names_to_hf() {
-        assert_eq!(hf_name("blk.12.attn_q.weight"), "model.layers.12.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
-        assert_eq!(hf_name("blk.3.ffn_norm.weight"), "model.layers.3.post_attention_layernorm.weight");
-        assert_eq!(hf_name("output.weight"), "lm_head.weight");
-    }
-}
-
 /// Write the first `n_layers` blocks of a GGUF model (with its embeddings, final norm, head and
 /// tokenizer) as a new GGUF: a draft model that shares the target's vocabulary exactly.
 pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<()> {
@@ -140,4 +127,17 @@ pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<(
     }
     w.write(dst)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hf_name;
+
+    #[test]
+    fn maps_gguf_names_to_hf() {
+        assert_eq!(hf_name("blk.12.attn_q.weight"), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.3.ffn_norm.weight"), "model.layers.3.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight"), "lm_head.weight");
+    }
 }
