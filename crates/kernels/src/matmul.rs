@@ -111,23 +111,42 @@ pub const ACTQ_MAX_BATCH: usize = 16;
 /// [`crate::actq`]); `y` is `[acts.len(), rows]`. `m` must satisfy [`actq_supported`]. Each
 /// weight row is read once for all tokens.
 pub fn matmul_actq(m: &Matrix, acts: &[ActQ], y: &mut [f32]) {
-    let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
+    matmul_actq_group([m], &mut [y], acts)
+}
+
+/// [`matmul_actq`] for several matrices that share their input (q/k/v, gate/up) in one parallel
+/// region: one dispatch instead of one per matrix. Allocation-free.
+pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32]; M], acts: &[ActQ]) {
     let n = acts.len();
     assert!((1..=ACTQ_MAX_BATCH).contains(&n), "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})");
-    assert!(acts.iter().all(|a| a.len() == m.k), "matmul_actq: activations must have {} values", m.k);
-    assert_eq!(y.len(), n * m.rows, "matmul_actq: y has {} values, want {n}x{}", y.len(), m.rows);
+    // Per matrix: type, blocks, bytes per row, output, rows.
+    let mut fixed: [Option<(QuantType, &[u8], usize, pool::SyncPtr<f32>, usize)>; M] = [None; M];
+    let mut total = 0;
+    for (slot, (m, y)) in fixed.iter_mut().zip(ms.iter().zip(ys.iter_mut())) {
+        let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
+        assert!(acts.iter().all(|a| a.len() == m.k), "matmul_actq: activations must have {} values", m.k);
+        assert_eq!(y.len(), n * m.rows, "matmul_actq: y has {} values, want {n}x{}", y.len(), m.rows);
+        let rb = ty.block_bytes() * (m.k / ty.block_len());
+        *slot = Some((ty, w, rb, pool::SyncPtr::new(y.as_mut_ptr()), m.rows));
+        total += m.rows;
+    }
+    let parts = &fixed[..];
     let refs: [&ActQ; ACTQ_MAX_BATCH] = std::array::from_fn(|i| &acts[i.min(n - 1)]);
-    let rb = ty.block_bytes() * (m.k / ty.block_len());
     let pool = pool::global();
-    let yp = pool::SyncPtr::new(y.as_mut_ptr());
-    let rows = m.rows;
-    let chunk = (rows / (pool.threads() * 8)).clamp(16, 1024);
-    pool.for_chunks(rows, chunk, &|range| {
+    let chunk = (total / (pool.threads() * 8)).clamp(16, 1024);
+    pool.for_chunks(total, chunk, &|range| {
         let mut out = [0f32; ACTQ_MAX_BATCH];
-        for r in range {
-            crate::dot_actq::dot_many_unchecked(ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
+        let (mut part, mut base) = (0, 0);
+        for g in range {
+            while g >= base + parts[part].as_ref().unwrap().4 {
+                base += parts[part].as_ref().unwrap().4;
+                part += 1;
+            }
+            let (ty, w, rb, yp, rows) = parts[part].as_ref().unwrap();
+            let r = g - base;
+            crate::dot_actq::dot_many_unchecked(*ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
             for (t, v) in out[..n].iter().enumerate() {
-                // SAFETY: element (t, r) belongs to row r, owned by this chunk.
+                // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
                 unsafe { yp.slice(t * rows + r, 1)[0] = *v };
             }
         }

@@ -194,10 +194,11 @@ impl Llama {
                 rms_norm(xr, &layer.attn_norm, cfg.rms_eps, or);
             }
             let (q, k, v) = (&mut st.q[..n * qd], &mut st.k[..n * kvd], &mut st.v[..n * kvd]);
-            let mut aq = Quantized::new(&mut st.actq, fast);
-            aq.linear(&layer.wq, xn, n, q, layer.bq.as_deref())?;
-            aq.linear(&layer.wk, xn, n, k, layer.bk.as_deref())?;
-            aq.linear(&layer.wv, xn, n, v, layer.bv.as_deref())?;
+            Quantized::new(&mut st.actq, fast).linear_group(
+                [(&layer.wq, &mut *q, layer.bq.as_deref()), (&layer.wk, &mut *k, layer.bk.as_deref()), (&layer.wv, &mut *v, layer.bv.as_deref())],
+                xn,
+                n,
+            )?;
             for t in 0..n {
                 let cs = &st.cs[t * half..(t + 1) * half];
                 rope(&mut q[t * qd..(t + 1) * qd], hd, cs, cfg.rope_interleaved);
@@ -218,9 +219,7 @@ impl Llama {
                 rms_norm(xr, &layer.ffn_norm, cfg.rms_eps, or);
             }
             let (gate, up) = (&mut st.gate[..n * hid], &mut st.up[..n * hid]);
-            let mut aq = Quantized::new(&mut st.actq, fast);
-            aq.linear(&layer.w_gate, xn, n, gate, None)?;
-            aq.linear(&layer.w_up, xn, n, up, None)?;
+            Quantized::new(&mut st.actq, fast).linear_group([(&layer.w_gate, &mut *gate, None), (&layer.w_up, &mut *up, None)], xn, n)?;
             silu_mul(gate, up);
             Quantized::new(&mut st.actq, fast).linear(&layer.w_down, gate, n, proj, None)?;
             add_assign(x, proj);
@@ -251,16 +250,47 @@ impl<'a> Quantized<'a> {
         Quantized { actq, fast, ready: false }
     }
 
+    /// Several projections of the same input in one parallel region when they all take the
+    /// integer path (q/k/v, gate/up); otherwise one by one. Allocation-free.
+    fn linear_group<const M: usize>(&mut self, outs: [(&Tensor, &mut [f32], Option<&[f32]>); M], x: &[f32], n: usize) -> Result<()> {
+        let mut mats: [Option<Matrix>; M] = [None; M];
+        for (slot, (w, _, _)) in mats.iter_mut().zip(outs.iter()) {
+            *slot = Some(w.matrix()?);
+        }
+        let mats: [Matrix; M] = mats.map(|m| m.expect("filled above"));
+        let k = mats[0].k;
+        let integer = self.fast && n <= self.actq.len() && k % augur_kernels::actq::BLOCK == 0 && mats.iter().all(|m| m.k == k && actq_supported(m));
+        if !integer {
+            for (w, y, b) in outs {
+                self.linear(w, x, n, y, b)?;
+            }
+            return Ok(());
+        }
+        self.quantize(x, k);
+        let biases: [Option<&[f32]>; M] = std::array::from_fn(|i| outs[i].2);
+        let mut ys = outs.map(|(_, y, _)| y);
+        let refs: [&Matrix; M] = std::array::from_fn(|i| &mats[i]);
+        augur_kernels::matmul::matmul_actq_group(refs, &mut ys, &self.actq[..n]);
+        for (y, b) in ys.iter_mut().zip(biases) {
+            add_bias(y, b);
+        }
+        Ok(())
+    }
+
+    fn quantize(&mut self, x: &[f32], k: usize) {
+        if !self.ready {
+            for (a, xr) in self.actq.iter_mut().zip(x.chunks_exact(k)) {
+                a.quantize(xr);
+            }
+            self.ready = true;
+        }
+    }
+
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
     fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
         let m: Matrix = w.matrix()?;
         if self.fast && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
-            if !self.ready {
-                for (a, xr) in self.actq.iter_mut().zip(x.chunks_exact(m.k)) {
-                    a.quantize(xr);
-                }
-                self.ready = true;
-            }
+            self.quantize(x, m.k);
             matmul_actq(&m, &self.actq[..n], y);
             add_bias(y, bias);
             return Ok(());
