@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 
 use anyhow::Result;
 use augur_decode::chat::{ChatTemplate, Message};
-use augur_decode::{generate, GenerateConfig};
+use augur_decode::{generate_in, GenerateConfig, Session};
 
 use crate::common::{ModelArgs, PrecisionArgs, SampleArgs};
 
@@ -30,6 +30,8 @@ pub fn main(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let tpl = ChatTemplate::for_model(&model)?;
     let mut msgs: Vec<Message> = a.system.iter().map(|s| Message::new("system", s)).collect();
+    // The KV cache of the conversation so far, reused across turns.
+    let mut session = Session::new(&model);
     let stdin = std::io::stdin();
     let mut out = std::io::stdout();
     eprintln!("augur chat: type a message and press Enter; Ctrl-D or /exit ends, /reset clears the history.");
@@ -59,7 +61,7 @@ pub fn main(a: Args) -> Result<()> {
             continue;
         }
         let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, activations: a.precision.get() };
-        let s = generate(&model, &ids, &cfg, |ev| {
+        let s = generate_in(&mut session, &model, &ids, &cfg, |ev| {
             let _ = write!(out, "{}", ev.text).and_then(|_| out.flush());
             ControlFlow::Continue(())
         })?;

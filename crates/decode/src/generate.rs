@@ -50,6 +50,8 @@ pub enum StopReason {
 #[derive(Debug, Clone)]
 pub struct Summary {
     pub prompt_tokens: usize,
+    /// Leading prompt tokens whose keys/values were reused from the session instead of computed.
+    pub cached_tokens: usize,
     pub generated: Vec<u32>,
     pub text: String,
     pub prefill: Duration,
@@ -119,12 +121,38 @@ impl Emitter {
         if stop != StopReason::StopString {
             self.text.push_str(&self.stops.flush());
         }
-        Summary { prompt_tokens, generated: self.generated, text: self.text, prefill, decode, stop }
+        Summary { prompt_tokens, cached_tokens: 0, generated: self.generated, text: self.text, prefill, decode, stop }
+    }
+}
+
+/// The run state of a conversation: the KV cache and the tokens it holds. Reusing one across
+/// turns skips recomputing the shared prefix (the earlier turns) of the next prompt.
+pub struct Session {
+    state: State,
+    cached: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &Model) -> Self {
+        Session { state: State::new(&model.llama.cfg), cached: Vec::new() }
     }
 }
 
 /// Generate from `prompt` token ids. `on_token` sees every token; returning `Break` stops.
 pub fn generate(
+    model: &Model,
+    prompt: &[u32],
+    cfg: &GenerateConfig,
+    on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+) -> Result<Summary> {
+    generate_in(&mut Session::new(model), model, prompt, cfg, on_token)
+}
+
+/// [`generate`] continuing a [`Session`]: the longest prefix of `prompt` already in the session's
+/// cache is kept, the rest is computed. (Positions computed in a different batch may differ from
+/// a fresh run's in the last bits.)
+pub fn generate_in(
+    session: &mut Session,
     model: &Model,
     prompt: &[u32],
     cfg: &GenerateConfig,
@@ -139,7 +167,16 @@ pub fn generate(
     if need > llama.cfg.context {
         return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
     }
-    let mut st = State::new(&llama.cfg);
+    // Keep the shared prefix (never the last prompt token: it gets its own step below).
+    let keep = session.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
+    if session.state.activations != cfg.activations {
+        session.state.truncate(0);
+        session.cached.clear();
+    }
+    let keep = keep.min(session.cached.len());
+    session.state.truncate(keep);
+    session.cached.truncate(keep);
+    let st = &mut session.state;
     st.activations = cfg.activations;
     st.reserve(&llama.cfg, need);
     let mut history: Vec<u32> = Vec::with_capacity(need);
@@ -151,10 +188,11 @@ pub fn generate(
     // greedy outputs agree bit for bit.
     let t0 = Instant::now();
     let (head, last) = prompt.split_at(prompt.len() - 1);
-    if !head.is_empty() {
-        llama.forward(&mut st, head, Logits::Last)?;
+    if head.len() > keep {
+        llama.forward(st, &head[keep..], Logits::Last)?;
     }
-    let mut logits = llama.forward(&mut st, last, Logits::Last)?;
+    let mut logits = llama.forward(st, last, Logits::Last)?;
+    session.cached.extend_from_slice(&prompt[keep..]);
     let prefill = t0.elapsed();
     let t1 = Instant::now();
     let mut reason = StopReason::MaxTokens;
@@ -168,7 +206,10 @@ pub fn generate(
         if pos + 1 == cfg.max_tokens {
             break;
         }
-        logits = llama.forward(&mut st, &[id], Logits::Last)?;
+        logits = llama.forward(st, &[id], Logits::Last)?;
+        session.cached.push(id);
     }
-    Ok(emit.finish(prompt.len(), prefill, t1.elapsed(), reason))
+    let mut summary = emit.finish(prompt.len(), prefill, t1.elapsed(), reason);
+    summary.cached_tokens = keep;
+    Ok(summary)
 }

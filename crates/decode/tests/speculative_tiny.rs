@@ -141,3 +141,24 @@ fn sampled_first_token_follows_the_target_distribution() {
     assert!(x > 20.5, "the wrong rule should fail the same test (chi-square {x:.1})");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_session_reuses_the_conversation_prefix_and_matches_a_fresh_run() {
+    use augur_decode::{generate_in, Session};
+    let dir = tmp("session");
+    let (target, _) = models(&dir);
+    let mut session = Session::new(&target);
+    let turn1: Vec<u32> = vec![40, 41, 42];
+    let c = cfg(0.0, 5, Activations::I22);
+    let a = generate_in(&mut session, &target, &turn1, &c, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(a.cached_tokens, 0);
+    let mut turn2 = turn1.clone();
+    turn2.extend_from_slice(&a.generated);
+    turn2.extend_from_slice(&[50, 51]);
+    let b = generate_in(&mut session, &target, &turn2, &c, |_| ControlFlow::Continue(())).unwrap();
+    // Everything but the last generated token of turn 1 was in the cache.
+    assert_eq!(b.cached_tokens, turn1.len() + a.generated.len() - 1);
+    let fresh = generate(&target, &turn2, &c, |_| ControlFlow::Continue(())).unwrap();
+    assert_eq!(b.generated, fresh.generated, "short prompts take the same kernels either way");
+    std::fs::remove_dir_all(&dir).ok();
+}
