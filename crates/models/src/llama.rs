@@ -137,9 +137,37 @@ impl Llama {
         self.run(st, tokens, None, n_layers, Logits::Last)
     }
 
+    /// One decode step for several sequences at once (continuous batching): `tokens[i]` is
+    /// appended to `seqs[i]`, whose own cache it attends to. The matmuls run once over all rows;
+    /// `scratch` provides the buffers (its own cache is untouched). Returns `[n, vocab]` logits.
+    /// Each row's numbers are exactly those of a single-sequence step.
+    pub fn forward_many<'s>(&self, scratch: &'s mut State, seqs: &mut [&mut State], tokens: &[u32]) -> Result<&'s [f32]> {
+        if seqs.len() != tokens.len() {
+            return Err(Error::Config(format!("forward_many: {} sequences but {} tokens", seqs.len(), tokens.len())));
+        }
+        if let Some(s) = seqs.iter().find(|s| s.pos + 1 > self.cfg.context) {
+            return Err(Error::ContextFull { need: s.pos + 1, ctx: self.cfg.context });
+        }
+        self.run_rows(scratch, Some(seqs), tokens, None, self.layers.len(), Logits::All)
+    }
+
     fn run<'s>(
         &self,
         st: &'s mut State,
+        tokens: &[u32],
+        tree: Option<(&[usize], &[bool])>,
+        n_layers: usize,
+        which: Logits,
+    ) -> Result<&'s [f32]> {
+        self.run_rows(st, None, tokens, tree, n_layers, which)
+    }
+
+    /// The forward pass over `tokens`: of one sequence held in `st` (`seqs` None; a tree when
+    /// `tree` is given), or one token per sequence of `seqs` with `st` as scratch.
+    fn run_rows<'s>(
+        &self,
+        st: &'s mut State,
+        mut seqs: Option<&mut [&mut State]>,
         tokens: &[u32],
         tree: Option<(&[usize], &[bool])>,
         n_layers: usize,
@@ -181,13 +209,17 @@ impl Llama {
             embed.row_f32(id as usize, &mut st.x[t * dim..(t + 1) * dim]);
         }
         for t in 0..n {
-            let pos = pos0 + tree.map_or(t, |(depth, _)| depth[t]);
+            let pos = match (&seqs, tree) {
+                (Some(seqs), _) => seqs[t].pos,
+                (None, Some((depth, _))) => pos0 + depth[t],
+                (None, None) => pos0 + t,
+            };
             rope_angles(pos, &self.inv_freq, &mut st.cs[t * half..(t + 1) * half]);
         }
         let shape = Shape { n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd };
         let scale = 1.0 / (hd as f32).sqrt();
 
-        for (layer, cache) in self.layers[..n_layers].iter().zip(st.kv.iter_mut()) {
+        for (l, layer) in self.layers[..n_layers].iter().enumerate() {
             let x = &mut st.x[..n * dim];
             let xn = &mut st.xn[..n * dim];
             for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
@@ -204,13 +236,23 @@ impl Llama {
                 rope(&mut q[t * qd..(t + 1) * qd], hd, cs, cfg.rope_interleaved);
                 rope(&mut k[t * kvd..(t + 1) * kvd], hd, cs, cfg.rope_interleaved);
             }
-            cache.k.truncate(pos0 * kvd);
-            cache.v.truncate(pos0 * kvd);
-            cache.k.extend_from_slice(k);
-            cache.v.extend_from_slice(v);
             let att = &mut st.att[..n * qd];
-            let mask = if tree.is_some() { Mask::Explicit(&st.mask) } else { Mask::Causal { pos0 } };
-            attention(q, &cache.k, &cache.v, pos0 + n, shape, mask, scale, att);
+            match seqs.as_deref_mut() {
+                None => {
+                    let cache = &mut st.kv[l];
+                    cache.append(pos0, kvd, k, v);
+                    let mask = if tree.is_some() { Mask::Explicit(&st.mask) } else { Mask::Causal { pos0 } };
+                    attention(q, &cache.k, &cache.v, pos0 + n, shape, mask, scale, att);
+                }
+                Some(seqs) => {
+                    for (t, s) in seqs.iter_mut().enumerate() {
+                        let (p, cache) = (s.pos, &mut s.kv[l]);
+                        cache.append(p, kvd, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+                        let (qt, at) = (&q[t * qd..(t + 1) * qd], &mut att[t * qd..(t + 1) * qd]);
+                        attention(qt, &cache.k, &cache.v, p + 1, shape, Mask::Causal { pos0: p }, scale, at);
+                    }
+                }
+            }
             let proj = &mut st.proj[..n * dim];
             Quantized::new(&mut st.actq, fast).linear(&layer.wo, att, n, proj, None)?;
             add_assign(x, proj);
@@ -224,7 +266,10 @@ impl Llama {
             Quantized::new(&mut st.actq, fast).linear(&layer.w_down, gate, n, proj, None)?;
             add_assign(x, proj);
         }
-        st.pos = pos0 + n;
+        match seqs {
+            None => st.pos = pos0 + n,
+            Some(seqs) => seqs.iter_mut().for_each(|s| s.pos += 1),
+        }
 
         let first = n - n_logits;
         let xs = &st.x[first * dim..n * dim];

@@ -40,6 +40,16 @@ pub(crate) struct LayerCache {
     pub v: Vec<f32>,
 }
 
+impl LayerCache {
+    /// Write new positions' keys/values at `pos0..` (dropping anything cached past `pos0`).
+    pub fn append(&mut self, pos0: usize, kv_dim: usize, k: &[f32], v: &[f32]) {
+        self.k.truncate(pos0 * kv_dim);
+        self.v.truncate(pos0 * kv_dim);
+        self.k.extend_from_slice(k);
+        self.v.extend_from_slice(v);
+    }
+}
+
 /// Per-sequence state for [`crate::Llama::forward`].
 #[derive(Debug, Clone)]
 pub struct State {

@@ -79,3 +79,42 @@ fn errors_name_the_problem() {
     assert!(e.contains("truncated") && e.contains("tensor `"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn forward_many_equals_each_sequence_alone() {
+    use augur_models::Activations;
+    let dir = tmpdir("many");
+    let p = dir.join("q.gguf");
+    tiny::write_gguf(&p, false, Some(QuantType::Q4_1), 9).unwrap();
+    let m = Model::open(&p).unwrap();
+    let cfg = &m.llama.cfg;
+    let prompts: [&[u32]; 3] = [&[5, 6, 7], &[100, 3], &[9, 9, 9, 9, 9]];
+    for act in [Activations::I22, Activations::F32] {
+        let mut solo: Vec<State> = Vec::new();
+        let mut batched: Vec<State> = Vec::new();
+        for p in prompts {
+            for states in [&mut solo, &mut batched] {
+                let mut st = State::new(cfg);
+                st.activations = act;
+                m.llama.forward(&mut st, p, Logits::Last).unwrap();
+                states.push(st);
+            }
+        }
+        let mut scratch = State::new(cfg);
+        scratch.activations = act;
+        for step in 0..4u32 {
+            let toks = [20 + step, 30 + step, 40 + step];
+            let mut refs: Vec<&mut State> = batched.iter_mut().collect();
+            let many = m.llama.forward_many(&mut scratch, &mut refs, &toks).unwrap().to_vec();
+            for (i, st) in solo.iter_mut().enumerate() {
+                let one = m.llama.forward(st, &[toks[i]], Logits::Last).unwrap();
+                assert!(one == &many[i * cfg.vocab..(i + 1) * cfg.vocab], "{act:?} step {step} sequence {i} differs");
+            }
+        }
+        for (a, b) in solo.iter().zip(&batched) {
+            assert_eq!(a.len(), b.len());
+            assert!(a.kv(1) == b.kv(1));
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
