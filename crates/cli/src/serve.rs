@@ -18,9 +18,9 @@ pub struct Args {
     /// Require `Authorization: Bearer KEY` on the API routes.
     #[arg(long, env = "AUGUR_API_KEY")]
     pub api_key: Option<String>,
-    /// Generations running at once. On a small CPU one at a time (the others wait in FIFO order)
-    /// gives the best aggregate throughput: concurrent generations share the worker pool.
-    #[arg(long, default_value_t = 1)]
+    /// Requests decoded together (continuous batching; each step is one forward pass over all of
+    /// them). More wait in FIFO order.
+    #[arg(long, default_value_t = 8)]
     pub max_concurrency: usize,
     /// Requests waiting for a slot before the server answers 429.
     #[arg(long, default_value_t = 16)]

@@ -10,6 +10,7 @@ mod error;
 pub mod generate;
 pub mod rng;
 pub mod sampler;
+pub mod sequence;
 pub mod speculative;
 mod stop;
 

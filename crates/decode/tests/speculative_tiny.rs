@@ -162,3 +162,38 @@ fn a_session_reuses_the_conversation_prefix_and_matches_a_fresh_run() {
     assert_eq!(b.generated, fresh.generated, "short prompts take the same kernels either way");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn sequences_stepped_together_match_plain_generation() {
+    use augur_decode::sequence::Sequence;
+    let dir = tmp("batch");
+    let (target, _) = models(&dir);
+    let prompts: [&[u32]; 3] = [&[40, 41, 42], &[7, 8], &[100, 101, 102, 103]];
+    let configs: Vec<GenerateConfig> = (0..3).map(|i| {
+        let mut c = cfg(if i == 1 { 0.9 } else { 0.0 }, 6 + 3 * i, Activations::I22);
+        c.sampler.seed = 11 + i as u64;
+        c
+    }).collect();
+    let mut seqs: Vec<Sequence> = prompts.iter().zip(&configs).map(|(p, c)| Sequence::start(&target, p, c, |_| ControlFlow::Continue(())).unwrap()).collect();
+    let mut scratch = augur_models::State::new(&target.llama.cfg);
+    loop {
+        let live: Vec<usize> = (0..seqs.len()).filter(|&i| seqs[i].next_input().is_some()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let toks: Vec<u32> = live.iter().map(|&i| seqs[i].next_input().unwrap()).collect();
+        let logits = {
+            let mut refs: Vec<&mut augur_models::State> = seqs.iter_mut().enumerate().filter(|(i, _)| live.contains(i)).map(|(_, s)| &mut s.state).collect();
+            target.llama.forward_many(&mut scratch, &mut refs, &toks).unwrap().to_vec()
+        };
+        let v = target.llama.cfg.vocab;
+        for (row, &i) in live.iter().enumerate() {
+            seqs[i].advance(&target, &logits[row * v..(row + 1) * v], &mut |_| ControlFlow::Continue(())).unwrap();
+        }
+    }
+    for ((seq, p), c) in seqs.into_iter().zip(prompts).zip(&configs) {
+        let plain = generate(&target, p, c, |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(seq.finish().generated, plain.generated);
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

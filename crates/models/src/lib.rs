@@ -20,3 +20,6 @@ pub use error::{Error, Result};
 pub use llama::{Llama, Logits};
 pub use model::{write_truncated_gguf, Model};
 pub use state::{Activations, State};
+
+/// Most rows one batched forward pass keeps on the integer path.
+pub const MAX_BATCH: usize = augur_kernels::matmul::ACTQ_MAX_BATCH;

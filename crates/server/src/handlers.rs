@@ -104,6 +104,8 @@ struct Job {
     /// Top alternatives per token, if log probabilities were requested.
     logprobs: Option<usize>,
     chat: bool,
+    /// Seed when the request gives none.
+    seed: u64,
 }
 
 /// One generated token as the response layer sees it.
@@ -159,34 +161,10 @@ fn logprob_entry(model: &Model, id: u32, logits: &[f32], top: usize, chat: bool)
 /// token when the receiver is gone (client disconnected) or the server is shutting down.
 fn run_job(app: Arc<App>, job: Job, tx: mpsc::Sender<Ev>) {
     let model = &app.model;
-    let base_seed = job.settings.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7));
     app.metrics.prompt_tokens.fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
     for index in 0..job.settings.n {
-        let cfg = GenerateConfig {
-            max_tokens: job.max_tokens,
-            sampler: SamplerConfig {
-                temperature: job.settings.temperature,
-                top_p: job.settings.top_p,
-                presence_penalty: job.settings.presence_penalty,
-                frequency_penalty: job.settings.frequency_penalty,
-                seed: base_seed.wrapping_add(index as u64),
-                ..Default::default()
-            },
-            stop: job.settings.stop.clone(),
-            ignore_eos: false,
-            activations: app.cfg.activations,
-        };
-        let on_token = |ev: &TokenEvent| {
-            if app.stopping.load(Ordering::Relaxed) {
-                return ControlFlow::Break(());
-            }
-            let logprob = job.logprobs.map(|k| logprob_entry(model, ev.id, ev.logits, k, job.chat));
-            let piece = Piece { index, text: ev.text.to_string(), logprob };
-            match tx.blocking_send(Ev::Piece(piece)) {
-                Ok(()) => ControlFlow::Continue(()),
-                Err(_) => ControlFlow::Break(()),
-            }
-        };
+        let cfg = choice_config(&app, &job, index);
+        let on_token = |ev: &TokenEvent| send_piece(&app, &tx, index, job.logprobs, job.chat, ev);
         let result = match app.cfg.spec.as_deref() {
             Some(spec) => drafter(spec, model).map_err(ApiError::internal).and_then(|mut d| {
                 speculative::generate(model, &job.ids, &cfg, &SpecConfig { k: 6 }, d.as_mut(), on_token)
@@ -218,6 +196,138 @@ fn run_job(app: Arc<App>, job: Job, tx: mpsc::Sender<Ev>) {
     }
 }
 
+/// The generation settings of choice `index` of a job.
+fn choice_config(app: &App, job: &Job, index: usize) -> GenerateConfig {
+    let base_seed = job.settings.seed.unwrap_or(job.seed);
+    GenerateConfig {
+        max_tokens: job.max_tokens,
+        sampler: SamplerConfig {
+            temperature: job.settings.temperature,
+            top_p: job.settings.top_p,
+            presence_penalty: job.settings.presence_penalty,
+            frequency_penalty: job.settings.frequency_penalty,
+            seed: base_seed.wrapping_add(index as u64),
+            ..Default::default()
+        },
+        stop: job.settings.stop.clone(),
+        ignore_eos: false,
+        activations: app.cfg.activations,
+    }
+}
+
+/// Send one token to the client; `Break` when it is gone or the server is stopping.
+fn send_piece(app: &App, tx: &mpsc::Sender<Ev>, index: usize, logprobs: Option<usize>, chat: bool, ev: &TokenEvent) -> ControlFlow<()> {
+    if app.stopping.load(Ordering::Relaxed) {
+        return ControlFlow::Break(());
+    }
+    let logprob = logprobs.map(|k| logprob_entry(&app.model, ev.id, ev.logits, k, chat));
+    match tx.blocking_send(Ev::Piece(Piece { index, text: ev.text.to_string(), logprob })) {
+        Ok(()) => ControlFlow::Continue(()),
+        Err(_) => ControlFlow::Break(()),
+    }
+}
+
+/// A job handed to the batching engine, with its slot (freed when its last choice ends).
+pub struct EngineJob {
+    job: Job,
+    tx: mpsc::Sender<Ev>,
+    slot: crate::schedule::Slot,
+}
+
+struct Live {
+    seq: augur_decode::sequence::Sequence,
+    index: usize,
+    tx: mpsc::Sender<Ev>,
+    logprobs: Option<usize>,
+    chat: bool,
+    _slot: Arc<crate::schedule::Slot>,
+}
+
+/// Continuous batching: every step decodes one token for each live sequence in one forward
+/// pass (up to 16 rows; each row's numbers are those of a solo run), admitting new requests
+/// between steps.
+pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
+    use augur_decode::sequence::Sequence;
+    let model = &app.model;
+    let vocab = model.llama.cfg.vocab;
+    let mut scratch = augur_models::State::new(&model.llama.cfg);
+    scratch.activations = app.cfg.activations;
+    let mut live: Vec<Live> = Vec::new();
+    let finish = |app: &App, l: Live| {
+        let (tx, index) = (l.tx.clone(), l.index);
+        let s = l.seq.finish();
+        app.metrics.generated_tokens.fetch_add(s.generated.len() as u64, Ordering::Relaxed);
+        app.metrics.decode_us.fetch_add(s.decode.as_micros() as u64, Ordering::Relaxed);
+        if s.stop != StopReason::Callback {
+            let _ = tx.blocking_send(Ev::Done { index, finish: finish_reason(&s), tokens: s.generated.len() });
+        }
+    };
+    loop {
+        let mut incoming = Vec::new();
+        if live.is_empty() {
+            match rx.recv() {
+                Ok(j) => incoming.push(j),
+                Err(_) => return,
+            }
+        }
+        incoming.extend(rx.try_iter());
+        for EngineJob { job, tx, slot } in incoming {
+            app.metrics.prompt_tokens.fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
+            let slot = Arc::new(slot);
+            for index in 0..job.settings.n {
+                let cfg = choice_config(&app, &job, index);
+                let (lp, chat) = (job.logprobs, job.chat);
+                match Sequence::start(model, &job.ids, &cfg, |ev| send_piece(&app, &tx, index, lp, chat, ev)) {
+                    Ok(seq) => {
+                        let l = Live { seq, index, tx: tx.clone(), logprobs: lp, chat, _slot: slot.clone() };
+                        if l.seq.finished().is_some() {
+                            finish(&app, l);
+                        } else {
+                            live.push(l);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                        break;
+                    }
+                }
+            }
+        }
+        for chunk in live.chunks_mut(augur_kernels_batch()) {
+            let toks: Vec<u32> = chunk.iter().map(|l| l.seq.next_input().expect("live sequences have an input")).collect();
+            let logits = {
+                let mut refs: Vec<&mut augur_models::State> = chunk.iter_mut().map(|l| &mut l.seq.state).collect();
+                match model.llama.forward_many(&mut scratch, &mut refs, &toks) {
+                    Ok(l) => l.to_vec(),
+                    Err(e) => {
+                        for l in chunk.iter() {
+                            let _ = l.tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                        }
+                        continue;
+                    }
+                }
+            };
+            for (row, l) in chunk.iter_mut().enumerate() {
+                let Live { seq, index, tx, logprobs, chat, .. } = l;
+                let r = seq.advance(model, &logits[row * vocab..(row + 1) * vocab], &mut |ev| send_piece(&app, tx, *index, *logprobs, *chat, ev));
+                if let Err(e) = r {
+                    let _ = tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                }
+            }
+        }
+        let (done, rest): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.seq.finished().is_some() || l.tx.is_closed());
+        live = rest;
+        for l in done {
+            finish(&app, l);
+        }
+    }
+}
+
+/// Rows per batched step (the integer path's batch limit).
+fn augur_kernels_batch() -> usize {
+    augur_models::MAX_BATCH
+}
+
 /// Token ids, context check and token budget of a request.
 fn prepare(app: &App, ids: Vec<u32>, settings: Settings, default_max: usize, logprobs: Option<usize>, chat: bool) -> Result<Job, ApiError> {
     let ctx = app.model.llama.cfg.context;
@@ -243,7 +353,8 @@ fn prepare(app: &App, ids: Vec<u32>, settings: Settings, default_max: usize, log
         Some(m) => m,
         None => default_max.min(room),
     };
-    Ok(Job { ids, settings, max_tokens, logprobs, chat })
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+    Ok(Job { ids, settings, max_tokens, logprobs, chat, seed })
 }
 
 async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -318,11 +429,23 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
     let chat = object == "chat.completion";
     let (stream, include_usage, n, prompt_tokens) = (job.settings.stream, job.settings.include_usage, job.settings.n, job.ids.len());
     let (tx, mut rx) = mpsc::channel::<Ev>(64);
-    let worker_app = app.clone();
-    tokio::task::spawn_blocking(move || {
-        let _slot = slot; // released when the generation ends (or stops for a gone client)
-        run_job(worker_app, job, tx)
-    });
+    match &app.engine {
+        // Plain decoding: the batching engine (the slot is released when the job's last choice ends).
+        Some(engine) => {
+            let sent = engine.lock().map(|e| e.send(EngineJob { job, tx, slot }).is_ok()).unwrap_or(false);
+            if !sent {
+                return ApiError::internal("the generation engine has stopped").into_response();
+            }
+        }
+        // Speculative decoding: one blocking generation per request.
+        None => {
+            let worker_app = app.clone();
+            tokio::task::spawn_blocking(move || {
+                let _slot = slot; // released when the generation ends (or stops for a gone client)
+                run_job(worker_app, job, tx)
+            });
+        }
+    }
     let id = request_id(if chat { "chatcmpl" } else { "cmpl" });
     let created = now();
     let model_name = app.cfg.model_name.clone();

@@ -3,9 +3,11 @@
 //! - `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (streaming as
 //!   server-sent events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /health`,
 //!   `GET /metrics` (Prometheus text).
-//! - Scheduling: at most `max_concurrency` generations run at once (each on a blocking thread,
-//!   sharing the worker pool); up to `max_queue` more wait in FIFO order; beyond that, 429. A
-//!   client that disconnects mid-stream stops its generation at the next token.
+//! - Scheduling: continuous batching. One engine thread decodes one token for every running
+//!   sequence per forward pass, admitting new requests between steps; at most `max_concurrency`
+//!   requests run at once, up to `max_queue` more wait in FIFO order, beyond that 429. A client
+//!   that disconnects mid-stream leaves the batch at the next step. (With `--spec`, requests run
+//!   one blocking generation each instead.)
 //! - Every error is OpenAI's error JSON (`api::ApiError` maps them in one place).
 
 pub mod api;
@@ -50,7 +52,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             api_key: None,
-            max_concurrency: 1,
+            max_concurrency: 8,
             max_queue: 16,
             max_body_bytes: 1 << 20,
             model_name: "augur".into(),
@@ -68,6 +70,8 @@ pub struct App {
     scheduler: Scheduler,
     /// Set on shutdown: running generations stop at their next token.
     stopping: AtomicBool,
+    /// The continuous-batching engine's queue (None with `--spec`, which runs per request).
+    engine: Option<std::sync::Mutex<std::sync::mpsc::Sender<handlers::EngineJob>>>,
 }
 
 impl App {
@@ -76,7 +80,24 @@ impl App {
             handlers::check_spec(spec, &model)?;
         }
         let scheduler = Scheduler::new(cfg.max_concurrency.max(1), cfg.max_queue);
-        Ok(Arc::new(App { model, cfg, metrics: Metrics::default(), scheduler, stopping: AtomicBool::new(false) }))
+        let batching = cfg.spec.is_none();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let app = Arc::new(App {
+            model,
+            cfg,
+            metrics: Metrics::default(),
+            scheduler,
+            stopping: AtomicBool::new(false),
+            engine: batching.then(|| std::sync::Mutex::new(tx)),
+        });
+        if batching {
+            let engine_app = app.clone();
+            std::thread::Builder::new()
+                .name("augur-engine".into())
+                .spawn(move || handlers::engine(engine_app, rx))
+                .map_err(|e| format!("starting the engine thread: {e}"))?;
+        }
+        Ok(app)
     }
 }
 
