@@ -3,12 +3,14 @@
 //! says stop.
 
 use std::ops::ControlFlow;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use augur_formats::tokenizer::{StreamDecoder, Tokenizer};
-use augur_models::{Activations, Logits, Model, State};
+use augur_models::{Activations, Model, State};
 
-use crate::sampler::{Sampler, SamplerConfig};
+use crate::sequence::Sequence;
+
+use crate::sampler::SamplerConfig;
 use crate::stop::StopMatcher;
 use crate::Result;
 
@@ -158,58 +160,20 @@ pub fn generate_in(
     cfg: &GenerateConfig,
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Summary> {
-    let llama = &model.llama;
-    if prompt.is_empty() {
-        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
+    let same_precision = session.state.activations == cfg.activations;
+    let keep = if same_precision { session.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count() } else { 0 };
+    let state = std::mem::replace(&mut session.state, State::new(&model.llama.cfg));
+    session.cached.clear();
+    let mut seq = Sequence::resume(model, state, keep, prompt, cfg, &mut on_token)?;
+    let kept = keep.min(prompt.len().saturating_sub(1));
+    while seq.next_input().is_some() {
+        seq.step(model, &mut on_token)?;
     }
-    let mut sampler = Sampler::new(cfg.sampler.clone())?;
-    let need = prompt.len() + cfg.max_tokens;
-    if need > llama.cfg.context {
-        return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
-    }
-    // Keep the shared prefix (never the last prompt token: it gets its own step below).
-    let keep = session.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(prompt.len() - 1);
-    if session.state.activations != cfg.activations {
-        session.state.truncate(0);
-        session.cached.clear();
-    }
-    let keep = keep.min(session.cached.len());
-    session.state.truncate(keep);
-    session.cached.truncate(keep);
-    let st = &mut session.state;
-    st.activations = cfg.activations;
-    st.reserve(&llama.cfg, need);
-    let mut history: Vec<u32> = Vec::with_capacity(need);
-    history.extend_from_slice(prompt);
-    let mut emit = Emitter::new(cfg);
-
-    // The last prompt token gets its own step, as in speculative decoding (where it is the first
-    // pending token): both paths then compute every position with the same kernels, so their
-    // greedy outputs agree bit for bit.
-    let t0 = Instant::now();
-    let (head, last) = prompt.split_at(prompt.len() - 1);
-    if head.len() > keep {
-        llama.forward(st, &head[keep..], Logits::Last)?;
-    }
-    let mut logits = llama.forward(st, last, Logits::Last)?;
-    session.cached.extend_from_slice(&prompt[keep..]);
-    let prefill = t0.elapsed();
-    let t1 = Instant::now();
-    let mut reason = StopReason::MaxTokens;
-    for pos in 0..cfg.max_tokens {
-        let id = sampler.sample_with(logits, &history, pos);
-        history.push(id);
-        if let Some(r) = emit.push(&model.tokenizer, id, logits, &mut on_token)? {
-            reason = r;
-            break;
-        }
-        if pos + 1 == cfg.max_tokens {
-            break;
-        }
-        logits = llama.forward(st, &[id], Logits::Last)?;
-        session.cached.push(id);
-    }
-    let mut summary = emit.finish(prompt.len(), prefill, t1.elapsed(), reason);
-    summary.cached_tokens = keep;
+    let (mut summary, state) = seq.finish_with_state();
+    // The cache now holds the prompt and every generated token but the last.
+    session.cached.extend_from_slice(prompt);
+    session.cached.extend_from_slice(&summary.generated[..summary.generated.len().saturating_sub(1)]);
+    session.state = state;
+    summary.cached_tokens = kept;
     Ok(summary)
 }

@@ -29,7 +29,20 @@ pub struct Sequence {
 
 impl Sequence {
     /// Prefill `prompt`, then sample and emit the first token.
-    pub fn start(model: &Model, prompt: &[u32], cfg: &GenerateConfig, mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Self> {
+    pub fn start(model: &Model, prompt: &[u32], cfg: &GenerateConfig, on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Self> {
+        Self::resume(model, State::new(&model.llama.cfg), 0, prompt, cfg, on_token)
+    }
+
+    /// [`Sequence::start`] from a state whose cache already holds `prompt[..keep]` (a session's
+    /// earlier turns); only the rest of the prompt is computed.
+    pub fn resume(
+        model: &Model,
+        mut state: State,
+        keep: usize,
+        prompt: &[u32],
+        cfg: &GenerateConfig,
+        mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
+    ) -> Result<Self> {
         let llama = &model.llama;
         if prompt.is_empty() {
             return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
@@ -39,13 +52,16 @@ impl Sequence {
         if need > llama.cfg.context {
             return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
         }
-        let mut state = State::new(&llama.cfg);
+        // Never keep the last prompt token: it gets its own step, as in speculative decoding (where
+        // it is the first pending token), so all paths compute every position with the same kernels.
+        let keep = keep.min(prompt.len() - 1).min(state.len());
+        state.truncate(keep);
         state.activations = cfg.activations;
         state.reserve(&llama.cfg, need);
         let t0 = Instant::now();
         let (head, last) = prompt.split_at(prompt.len() - 1);
-        if !head.is_empty() {
-            llama.forward(&mut state, head, Logits::Last)?;
+        if head.len() > keep {
+            llama.forward(&mut state, &head[keep..], Logits::Last)?;
         }
         let logits = llama.forward(&mut state, last, Logits::Last)?.to_vec();
         let mut seq = Sequence {
@@ -83,20 +99,50 @@ impl Sequence {
 
     /// Take the logits row of the last step: sample, emit, and say whether the sequence ended.
     pub fn advance(&mut self, model: &Model, logits: &[f32], on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
-        let generated = self.emit.generated.len();
-        let id = self.sampler.sample_with(logits, &self.history, generated);
-        self.history.push(id);
-        self.pending = Some(id);
-        if let Some(r) = self.emit.push(&model.tokenizer, id, logits, on_token)? {
-            self.stop = Some(r);
-        } else if self.emit.generated.len() == self.max_tokens {
-            self.stop = Some(StopReason::MaxTokens);
-        }
-        Ok(self.stop)
+        let Sequence { sampler, emit, history, pending, stop, max_tokens, .. } = self;
+        choose(Picker { sampler, emit, history, pending, stop, max_tokens: *max_tokens }, model, logits, on_token)
+    }
+
+    /// One decode step on this sequence alone: feed the pending token, then choose the next
+    /// (without copying the logits).
+    pub fn step(&mut self, model: &Model, on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
+        let Some(tok) = self.next_input() else { return Ok(self.stop) };
+        let Sequence { state, sampler, emit, history, pending, stop, max_tokens, .. } = self;
+        let logits = model.llama.forward(state, &[tok], Logits::Last)?;
+        choose(Picker { sampler, emit, history, pending, stop, max_tokens: *max_tokens }, model, logits, on_token)
+    }
+
+    /// The summary, and the state (for a session to continue from).
+    pub fn finish_with_state(self) -> (Summary, State) {
+        let decode = self.started.elapsed();
+        let stop = self.stop.unwrap_or(StopReason::MaxTokens);
+        (self.emit.finish(self.prompt_tokens, self.prefill, decode, stop), self.state)
     }
 
     pub fn finish(self) -> Summary {
-        let decode = self.started.elapsed();
-        self.emit.finish(self.prompt_tokens, self.prefill, decode, self.stop.unwrap_or(StopReason::MaxTokens))
+        self.finish_with_state().0
     }
+}
+
+/// The fields that choosing a token touches (borrowed apart from the state that holds the logits).
+struct Picker<'a> {
+    sampler: &'a mut Sampler,
+    emit: &'a mut Emitter,
+    history: &'a mut Vec<u32>,
+    pending: &'a mut Option<u32>,
+    stop: &'a mut Option<StopReason>,
+    max_tokens: usize,
+}
+
+/// Sample from `logits`, emit the token, and record whether the sequence ended.
+fn choose(p: Picker, model: &Model, logits: &[f32], on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
+    let id = p.sampler.sample_with(logits, p.history, p.emit.generated.len());
+    p.history.push(id);
+    *p.pending = Some(id);
+    if let Some(r) = p.emit.push(&model.tokenizer, id, logits, on_token)? {
+        *p.stop = Some(r);
+    } else if p.emit.generated.len() == p.max_tokens {
+        *p.stop = Some(StopReason::MaxTokens);
+    }
+    Ok(*p.stop)
 }

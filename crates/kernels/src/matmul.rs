@@ -114,13 +114,15 @@ pub fn matmul_actq(m: &Matrix, acts: &[ActQ], y: &mut [f32]) {
     matmul_actq_group([m], &mut [y], acts)
 }
 
+/// One matrix of a group: type, blocks, bytes per row, output, rows.
+type Part<'a> = (QuantType, &'a [u8], usize, pool::SyncPtr<f32>, usize);
+
 /// [`matmul_actq`] for several matrices that share their input (q/k/v, gate/up) in one parallel
 /// region: one dispatch instead of one per matrix. Allocation-free.
 pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32]; M], acts: &[ActQ]) {
     let n = acts.len();
     assert!((1..=ACTQ_MAX_BATCH).contains(&n), "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})");
-    // Per matrix: type, blocks, bytes per row, output, rows.
-    let mut fixed: [Option<(QuantType, &[u8], usize, pool::SyncPtr<f32>, usize)>; M] = [None; M];
+    let mut fixed: [Option<Part>; M] = [None; M];
     let mut total = 0;
     for (slot, (m, y)) in fixed.iter_mut().zip(ms.iter().zip(ys.iter_mut())) {
         let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };

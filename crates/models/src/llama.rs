@@ -283,6 +283,9 @@ impl Llama {
     }
 }
 
+/// A weight, its output buffer and its optional bias.
+type Projection<'a, 'b> = (&'a Tensor, &'b mut [f32], Option<&'a [f32]>);
+
 /// Projections that share one input: the input is quantized for the integer path at most once.
 struct Quantized<'a> {
     actq: &'a mut [ActQ],
@@ -297,14 +300,14 @@ impl<'a> Quantized<'a> {
 
     /// Several projections of the same input in one parallel region when they all take the
     /// integer path (q/k/v, gate/up); otherwise one by one. Allocation-free.
-    fn linear_group<const M: usize>(&mut self, outs: [(&Tensor, &mut [f32], Option<&[f32]>); M], x: &[f32], n: usize) -> Result<()> {
+    fn linear_group<const M: usize>(&mut self, outs: [Projection; M], x: &[f32], n: usize) -> Result<()> {
         let mut mats: [Option<Matrix>; M] = [None; M];
         for (slot, (w, _, _)) in mats.iter_mut().zip(outs.iter()) {
             *slot = Some(w.matrix()?);
         }
         let mats: [Matrix; M] = mats.map(|m| m.expect("filled above"));
         let k = mats[0].k;
-        let integer = self.fast && n <= self.actq.len() && k % augur_kernels::actq::BLOCK == 0 && mats.iter().all(|m| m.k == k && actq_supported(m));
+        let integer = self.fast && n <= self.actq.len() && k.is_multiple_of(augur_kernels::actq::BLOCK) && mats.iter().all(|m| m.k == k && actq_supported(m));
         if !integer {
             for (w, y, b) in outs {
                 self.linear(w, x, n, y, b)?;
