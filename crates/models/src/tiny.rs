@@ -14,8 +14,13 @@ use crate::{Config, Error, Result, RopeScaling};
 /// Shape of the tiny model: every matrix dimension is a multiple of 256 so every GGUF block type
 /// (K-quants included) can store it.
 pub fn config(tied: bool) -> Config {
+    config_arch("llama", tied)
+}
+
+/// [`config`] for `llama` or `qwen2` (q/k/v biases; GGUF keeps HF's rotate-half q/k order).
+pub fn config_arch(arch: &str, tied: bool) -> Config {
     Config {
-        arch: "llama".into(),
+        arch: arch.into(),
         vocab: VOCAB.len() + 256 + MERGES.len(),
         dim: 256,
         hidden: 512,
@@ -26,7 +31,7 @@ pub fn config(tied: bool) -> Config {
         rms_eps: 1e-5,
         rope_theta: 10000.0,
         rope_scaling: RopeScaling::None,
-        rope_interleaved: true,
+        rope_interleaved: arch != "qwen2",
         context: 256,
         tied_embeddings: tied,
     }
@@ -94,6 +99,11 @@ fn weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
         w.push((format!("blk.{i}.attn_k.weight"), vec![kvd, d], r.vec(kvd * d, 2.0 * s)));
         w.push((format!("blk.{i}.attn_v.weight"), vec![kvd, d], r.vec(kvd * d, s)));
         w.push((format!("blk.{i}.attn_output.weight"), vec![d, qd], r.vec(d * qd, s)));
+        if cfg.arch == "qwen2" {
+            w.push((format!("blk.{i}.attn_q.bias"), vec![qd], r.vec(qd, 0.5)));
+            w.push((format!("blk.{i}.attn_k.bias"), vec![kvd], r.vec(kvd, 0.5)));
+            w.push((format!("blk.{i}.attn_v.bias"), vec![kvd], r.vec(kvd, 0.5)));
+        }
         w.push((format!("blk.{i}.ffn_norm.weight"), vec![d], norm(&mut r)));
         w.push((format!("blk.{i}.ffn_gate.weight"), vec![h, d], r.vec(h * d, s)));
         w.push((format!("blk.{i}.ffn_up.weight"), vec![h, d], r.vec(h * d, s)));
@@ -110,23 +120,29 @@ const TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message[
 
 /// Write the tiny model as GGUF (matrices in `quant`, or f32) to `path`.
 pub fn write_gguf(path: &Path, tied: bool, quant: Option<QuantType>, seed: u64) -> Result<()> {
-    let cfg = config(tied);
+    write_gguf_arch(path, "llama", tied, quant, seed)
+}
+
+/// [`write_gguf`] for `llama` or `qwen2`.
+pub fn write_gguf_arch(path: &Path, arch: &str, tied: bool, quant: Option<QuantType>, seed: u64) -> Result<()> {
+    let cfg = config_arch(arch, tied);
     let mut wr = Writer::new();
     let s = |v: &str| Value::String(v.into());
     let u = |v: usize| Value::U32(v as u32);
     let toks = tokens();
     let types: Vec<Value> = (0..toks.len()).map(|i| Value::I32(if i < VOCAB.len() { 3 } else { 1 })).collect();
-    wr.metadata("general.architecture", s("llama"))
+    let k = |key: &str| format!("{arch}.{key}");
+    wr.metadata("general.architecture", s(arch))
         .metadata("general.name", s("augur-tiny"))
-        .metadata("llama.context_length", u(cfg.context))
-        .metadata("llama.embedding_length", u(cfg.dim))
-        .metadata("llama.feed_forward_length", u(cfg.hidden))
-        .metadata("llama.block_count", u(cfg.n_layer))
-        .metadata("llama.attention.head_count", u(cfg.n_head))
-        .metadata("llama.attention.head_count_kv", u(cfg.n_kv_head))
-        .metadata("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.rms_eps))
-        .metadata("llama.rope.freq_base", Value::F32(cfg.rope_theta))
-        .metadata("llama.vocab_size", u(cfg.vocab))
+        .metadata(k("context_length"), u(cfg.context))
+        .metadata(k("embedding_length"), u(cfg.dim))
+        .metadata(k("feed_forward_length"), u(cfg.hidden))
+        .metadata(k("block_count"), u(cfg.n_layer))
+        .metadata(k("attention.head_count"), u(cfg.n_head))
+        .metadata(k("attention.head_count_kv"), u(cfg.n_kv_head))
+        .metadata(k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps))
+        .metadata(k("rope.freq_base"), Value::F32(cfg.rope_theta))
+        .metadata(k("vocab_size"), u(cfg.vocab))
         .metadata("tokenizer.ggml.model", s("gpt2"))
         .metadata("tokenizer.ggml.pre", s("smollm"))
         .metadata("tokenizer.ggml.tokens", Value::Array(ValueType::String, toks.iter().map(|t| s(t)).collect()))
@@ -137,7 +153,9 @@ pub fn write_gguf(path: &Path, tied: bool, quant: Option<QuantType>, seed: u64) 
         .metadata("tokenizer.ggml.add_bos_token", Value::Bool(false))
         .metadata("tokenizer.chat_template", s(TEMPLATE));
     for (name, shape, mut data) in weights(&cfg, seed) {
-        if name.ends_with("attn_q.weight") {
+        if !cfg.rope_interleaved {
+            // qwen2 GGUF files keep HF's q/k row order (llama.cpp uses NEOX RoPE for them).
+        } else if name.ends_with("attn_q.weight") {
             data = permute_rows(&data, cfg.n_head, cfg.dim);
         } else if name.ends_with("attn_k.weight") {
             data = permute_rows(&data, cfg.n_kv_head, cfg.dim);
@@ -161,7 +179,12 @@ fn hf_json_name(g: &str) -> String {
 
 /// Write the same tiny model (f32) as an HF checkpoint directory.
 pub fn write_safetensors(dir: &Path, tied: bool, seed: u64) -> Result<()> {
-    let cfg = config(tied);
+    write_safetensors_arch(dir, "llama", tied, seed)
+}
+
+/// [`write_safetensors`] for `llama` or `qwen2`.
+pub fn write_safetensors_arch(dir: &Path, arch: &str, tied: bool, seed: u64) -> Result<()> {
+    let cfg = config_arch(arch, tied);
     std::fs::create_dir_all(dir).map_err(|e| Error::Path { path: dir.into(), msg: e.to_string() })?;
     let named: Vec<(String, Tensor)> = weights(&cfg, seed)
         .into_iter()
@@ -170,7 +193,7 @@ pub fn write_safetensors(dir: &Path, tied: bool, seed: u64) -> Result<()> {
     let refs: Vec<(&str, &Tensor)> = named.iter().map(|(n, t)| (n.as_str(), t)).collect();
     augur_formats::safetensors::save(&dir.join("model.safetensors"), &refs)?;
     let config = json!({
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab,
+        "architectures": [if arch == "qwen2" { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }], "model_type": arch, "vocab_size": cfg.vocab,
         "hidden_size": cfg.dim, "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
         "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head, "rms_norm_eps": cfg.rms_eps,
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.context, "tie_word_embeddings": tied,
@@ -180,7 +203,7 @@ pub fn write_safetensors(dir: &Path, tied: bool, seed: u64) -> Result<()> {
     write("config.json", config.to_string())?;
     // The tokenizer.json is the one augur builds from the GGUF metadata.
     let tmp = dir.join("tokenizer-source.gguf");
-    write_gguf(&tmp, tied, None, seed)?;
+    write_gguf_arch(&tmp, arch, tied, None, seed)?;
     let tok = Tokenizer::from_gguf(&Gguf::open(&tmp)?)?;
     std::fs::remove_file(&tmp).ok();
     write("tokenizer.json", tok.to_json()?)?;

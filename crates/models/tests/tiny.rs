@@ -118,3 +118,22 @@ fn forward_many_equals_each_sequence_alone() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn qwen2_with_biases_agrees_between_gguf_and_safetensors() {
+    let dir = tmpdir("qwen2");
+    let g = dir.join("qwen2.gguf");
+    tiny::write_gguf_arch(&g, "qwen2", false, None, 13).unwrap();
+    let st = dir.join("qwen2-hf");
+    tiny::write_safetensors_arch(&st, "qwen2", false, 13).unwrap();
+    let (mg, ms) = (Model::open(&g).unwrap(), Model::open(&st).unwrap());
+    assert_eq!(mg.llama.cfg.arch, "qwen2");
+    assert!(!mg.llama.cfg.rope_interleaved);
+    let ids = [40u32, 41, 42, 7, 8];
+    let (a, b) = (run(&mg, &ids), run(&ms, &ids));
+    let d = max_diff(&a, &b);
+    assert!(d < 1e-3, "qwen2 GGUF vs safetensors logits differ by {d}");
+    let file = augur_formats::gguf::Gguf::open(&g).unwrap();
+    assert!(file.tensor_info("blk.0.attn_q.bias").is_some(), "the qwen2 file carries q/k/v biases");
+    std::fs::remove_dir_all(&dir).ok();
+}
