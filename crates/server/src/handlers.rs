@@ -244,8 +244,8 @@ struct Live {
 }
 
 /// Continuous batching: every step decodes one token for each live sequence in one forward
-/// pass (up to 16 rows; each row's numbers are those of a solo run), admitting new requests
-/// between steps.
+/// pass (up to 16 rows; each row's numbers are those of a solo run), admitting (prefilling) up
+/// to two new requests between steps.
 pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
     use augur_decode::sequence::Sequence;
     let model = &app.model;
@@ -262,16 +262,19 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
             let _ = tx.blocking_send(Ev::Done { index, finish: finish_reason(&s), tokens: s.generated.len() });
         }
     };
+    let mut waiting: std::collections::VecDeque<EngineJob> = std::collections::VecDeque::new();
     loop {
-        let mut incoming = Vec::new();
-        if live.is_empty() {
+        if live.is_empty() && waiting.is_empty() {
             match rx.recv() {
-                Ok(j) => incoming.push(j),
+                Ok(j) => waiting.push_back(j),
                 Err(_) => return,
             }
         }
-        incoming.extend(rx.try_iter());
-        for EngineJob { job, tx, slot } in incoming {
+        waiting.extend(rx.try_iter());
+        // Prefill at most two new requests between decode steps, so a burst of arrivals does
+        // not stall the streams already running.
+        let admit = if live.is_empty() { 1 } else { 2 }.min(waiting.len());
+        for EngineJob { job, tx, slot } in waiting.drain(..admit) {
             app.metrics.prompt_tokens.fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
             let slot = Arc::new(slot);
             for index in 0..job.settings.n {
