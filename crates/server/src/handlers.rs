@@ -240,6 +240,8 @@ struct Live {
     tx: mpsc::Sender<Ev>,
     logprobs: Option<usize>,
     chat: bool,
+    /// An error was reported to the client; the sequence leaves the batch.
+    failed: bool,
     _slot: Arc<crate::schedule::Slot>,
 }
 
@@ -282,7 +284,7 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
                 let (lp, chat) = (job.logprobs, job.chat);
                 match Sequence::start(model, &job.ids, &cfg, |ev| send_piece(&app, &tx, index, lp, chat, ev)) {
                     Ok(seq) => {
-                        let l = Live { seq, index, tx: tx.clone(), logprobs: lp, chat, _slot: slot.clone() };
+                        let l = Live { seq, index, tx: tx.clone(), logprobs: lp, chat, failed: false, _slot: slot.clone() };
                         if l.seq.finished().is_some() {
                             finish(&app, l);
                         } else {
@@ -303,24 +305,26 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
                 match model.llama.forward_many(&mut scratch, &mut refs, &toks) {
                     Ok(l) => l.to_vec(),
                     Err(e) => {
-                        for l in chunk.iter() {
+                        for l in chunk.iter_mut() {
                             let _ = l.tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                            l.failed = true;
                         }
                         continue;
                     }
                 }
             };
             for (row, l) in chunk.iter_mut().enumerate() {
-                let Live { seq, index, tx, logprobs, chat, .. } = l;
+                let Live { seq, index, tx, logprobs, chat, failed, .. } = l;
                 let r = seq.advance(model, &logits[row * vocab..(row + 1) * vocab], &mut |ev| send_piece(&app, tx, *index, *logprobs, *chat, ev));
                 if let Err(e) = r {
                     let _ = tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                    *failed = true;
                 }
             }
         }
-        let (done, rest): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.seq.finished().is_some() || l.tx.is_closed());
+        let (done, rest): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.failed || l.seq.finished().is_some() || l.tx.is_closed());
         live = rest;
-        for l in done {
+        for l in done.into_iter().filter(|l| !l.failed) {
             finish(&app, l);
         }
     }
