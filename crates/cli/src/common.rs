@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use augur_decode::speculative::{DraftModel, Drafter, EarlyExit, PromptLookup};
 use augur_decode::SamplerConfig;
 use augur_models::{hub, Activations, Model};
 
@@ -28,7 +27,7 @@ impl ModelArgs {
             Some(p) => p.clone(),
             None => hub::ensure_default_model()?,
         };
-        Model::open(&path).with_context(|| format!("loading {}", path.display()))
+        Model::open(&path).context("loading the model")
     }
 }
 
@@ -86,26 +85,4 @@ impl SampleArgs {
             ..Default::default()
         }
     }
-}
-
-/// The drafter named by a `--spec` value: `prompt-lookup`, `draft:PATH` or `early-exit:L`.
-pub fn drafter(spec: &str, ngram: usize, tree: usize, model: &Model) -> Result<Box<dyn Drafter>> {
-    Ok(match spec.split_once(':') {
-        None if spec == "prompt-lookup" => Box::new(PromptLookup::new(ngram, tree)),
-        Some(("draft", path)) => {
-            let draft = Model::open(std::path::Path::new(path)).with_context(|| format!("loading draft model {path}"))?;
-            Box::new(DraftModel::new(draft, model)?)
-        }
-        Some(("early-exit", l)) => {
-            let layers: usize = l.parse().with_context(|| format!("early-exit:{l}: the layer count must be a number"))?;
-            anyhow::ensure!(
-                layers >= 1 && layers < model.llama.cfg.n_layer,
-                "early-exit:{layers}: choose 1..{} (the model has {} layers)",
-                model.llama.cfg.n_layer - 1,
-                model.llama.cfg.n_layer
-            );
-            Box::new(EarlyExit { layers })
-        }
-        _ => anyhow::bail!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH or early-exit:L"),
-    })
 }

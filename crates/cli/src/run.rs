@@ -101,7 +101,7 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let mut drafter = match a.spec.as_deref() {
         None => None,
-        Some(s) => Some(crate::common::drafter(s, a.spec_ngram, a.spec_tree, &model)?),
+        Some(s) => Some(speculative::from_spec(s, &model, a.spec_ngram, a.spec_tree)?),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

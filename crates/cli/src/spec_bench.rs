@@ -16,7 +16,7 @@ use augur_decode::{generate, GenerateConfig};
 use augur_models::{Logits, State};
 use serde_json::json;
 
-use crate::common::{drafter, ModelArgs, PrecisionArgs};
+use crate::common::{ModelArgs, PrecisionArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -115,7 +115,7 @@ pub fn main(a: Args) -> Result<()> {
         e.secs += secs;
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
-            let mut d = drafter(spec, 3, 1, &model)?;
+            let mut d = speculative::from_spec(spec, &model, 3, 1)?;
             let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { k: a.spec_k }, d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();

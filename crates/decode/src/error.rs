@@ -9,6 +9,8 @@ pub enum Error {
     Template(String),
     #[error("invalid sampling setting: {0}")]
     Sampling(String),
+    #[error("speculative decoding: {0}")]
+    Spec(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

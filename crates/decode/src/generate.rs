@@ -127,6 +127,18 @@ impl Emitter {
     }
 }
 
+/// A non-empty prompt that leaves room for `max_tokens` in the context.
+pub(crate) fn check_prompt(model: &Model, prompt: &[u32], max_tokens: usize) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
+    }
+    let (need, ctx) = (prompt.len() + max_tokens, model.llama.cfg.context);
+    if need > ctx {
+        return Err(augur_models::Error::ContextFull { need, ctx }.into());
+    }
+    Ok(())
+}
+
 /// The run state of a conversation: the KV cache and the tokens it holds. Reusing one across
 /// turns skips recomputing the shared prefix (the earlier turns) of the next prompt.
 pub struct Session {

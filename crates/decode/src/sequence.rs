@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use augur_models::{Logits, Model, State};
 
-use crate::generate::{Emitter, GenerateConfig, StopReason, Summary, TokenEvent};
+use crate::generate::{check_prompt, Emitter, GenerateConfig, StopReason, Summary, TokenEvent};
 use crate::sampler::Sampler;
 use crate::Result;
 
@@ -44,14 +44,9 @@ impl Sequence {
         mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
     ) -> Result<Self> {
         let llama = &model.llama;
-        if prompt.is_empty() {
-            return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
-        }
         let sampler = Sampler::new(cfg.sampler.clone())?;
+        check_prompt(model, prompt, cfg.max_tokens)?;
         let need = prompt.len() + cfg.max_tokens;
-        if need > llama.cfg.context {
-            return Err(augur_models::Error::ContextFull { need, ctx: llama.cfg.context }.into());
-        }
         // Never keep the last prompt token: it gets its own step, as in speculative decoding (where
         // it is the first pending token), so all paths compute every position with the same kernels.
         let keep = keep.min(prompt.len() - 1).min(state.len());

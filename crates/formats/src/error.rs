@@ -3,8 +3,10 @@ use std::path::PathBuf;
 /// Errors reading or writing model files. Each names the file part (key, tensor, offset) at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    /// The message carries the cause itself (not as an error `source`, so error chains do not
+    /// repeat it).
+    #[error("{path}: {err}")]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("GGUF: {what} at byte offset {offset}; the file is truncated or corrupt (re-download or re-convert it)")]
     Gguf { what: String, offset: u64 },
     #[error("GGUF metadata key `{key}`: {msg}")]

@@ -19,7 +19,7 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Self> {
         let files: Vec<PathBuf> = if path.is_dir() {
             let mut v: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|source| Error::Io { path: path.to_owned(), source })?
+                .map_err(|err| Error::Io { path: path.to_owned(), err })?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
                 .collect();
@@ -40,9 +40,9 @@ impl Checkpoint {
 
     fn load_file(path: &Path, out: &mut HashMap<String, Tensor>) -> Result<()> {
         let err = |msg: String| Error::Safetensors { path: path.to_owned(), msg };
-        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let file = std::fs::File::open(path).map_err(|err| Error::Io { path: path.to_owned(), err })?;
         // SAFETY: read-only map; see Gguf::open.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.to_owned(), source })?;
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|err| Error::Io { path: path.to_owned(), err })?;
         let map: Arc<memmap2::Mmap> = Arc::new(map);
         let st = SafeTensors::deserialize(&map[..]).map_err(|e| err(e.to_string()))?;
         let base = map.as_ptr() as usize;

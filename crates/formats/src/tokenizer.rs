@@ -85,16 +85,20 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
     merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect()
 }
 
+/// A metadata array of strings.
+fn string_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
+    g.get_array(key)?
+        .iter()
+        .map(|v| v.as_str().map(str::to_owned))
+        .collect::<Option<_>>()
+        .ok_or_else(|| Error::Metadata { key: key.into(), msg: "expected an array of strings".into() })
+}
+
 impl Tokenizer {
     /// Build the tokenizer described by a GGUF file's `tokenizer.ggml.*` metadata.
     pub fn from_gguf(g: &Gguf) -> Result<Self> {
         let model = g.get_str("tokenizer.ggml.model")?;
-        let tokens: Vec<String> = g
-            .get_array("tokenizer.ggml.tokens")?
-            .iter()
-            .map(|v| v.as_str().map(str::to_owned))
-            .collect::<Option<_>>()
-            .ok_or_else(|| Error::Metadata { key: "tokenizer.ggml.tokens".into(), msg: "expected an array of strings".into() })?;
+        let tokens = string_array(g, "tokenizer.ggml.tokens")?;
         let types: Vec<i64> = match g.get("tokenizer.ggml.token_type") {
             Some(Value::Array(_, v)) => v.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
@@ -113,12 +117,7 @@ impl Tokenizer {
             .collect();
         let doc = match model {
             "gpt2" => {
-                let merges: Vec<String> = g
-                    .get_array("tokenizer.ggml.merges")?
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_owned))
-                    .collect::<Option<_>>()
-                    .ok_or_else(|| Error::Metadata { key: "tokenizer.ggml.merges".into(), msg: "expected an array of strings".into() })?;
+                let merges = string_array(g, "tokenizer.ggml.merges")?;
                 let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
                 json!({
                     "version": "1.0",

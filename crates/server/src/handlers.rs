@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use augur_decode::chat::{ChatTemplate, Message};
-use augur_decode::speculative::{self, Drafter, EarlyExit, PromptLookup, SpecConfig};
+use augur_decode::speculative::{self, Drafter, SpecConfig};
 use augur_decode::{generate, GenerateConfig, SamplerConfig, StopReason, Summary, TokenEvent};
 use augur_models::Model;
 use axum::body::{to_bytes, Body};
@@ -42,14 +42,11 @@ pub fn check_spec(spec: &str, model: &Model) -> Result<(), String> {
 }
 
 fn drafter(spec: &str, model: &Model) -> Result<Box<dyn Drafter + Send>, String> {
-    match spec.split_once(':') {
-        None if spec == "prompt-lookup" => Ok(Box::new(PromptLookup::new(3, 1))),
-        Some(("early-exit", l)) => match l.parse::<usize>() {
-            Ok(layers) if layers >= 1 && layers < model.llama.cfg.n_layer => Ok(Box::new(EarlyExit { layers })),
-            _ => Err(format!("early-exit:{l}: choose 1..{}", model.llama.cfg.n_layer - 1)),
-        },
-        _ => Err(format!("--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)")),
+    // A draft model would be loaded per request; the server takes the stateless drafters only.
+    if spec.starts_with("draft:") {
+        return Err(format!("--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)"));
     }
+    speculative::from_spec(spec, model, 3, 1).map_err(|e| e.to_string())
 }
 
 fn now() -> u64 {
@@ -298,7 +295,7 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
                 }
             }
         }
-        for chunk in live.chunks_mut(augur_kernels_batch()) {
+        for chunk in live.chunks_mut(augur_models::MAX_BATCH) {
             let toks: Vec<u32> = chunk.iter().map(|l| l.seq.next_input().expect("live sequences have an input")).collect();
             let logits = {
                 let mut refs: Vec<&mut augur_models::State> = chunk.iter_mut().map(|l| &mut l.seq.state).collect();
@@ -328,11 +325,6 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
             finish(&app, l);
         }
     }
-}
-
-/// Rows per batched step (the integer path's batch limit).
-fn augur_kernels_batch() -> usize {
-    augur_models::MAX_BATCH
 }
 
 /// Token ids, context check and token budget of a request.

@@ -28,6 +28,24 @@ pub trait Drafter {
     fn propose(&mut self, ctx: Ctx) -> Result<Tree>;
 }
 
+/// The drafter a `--spec` value names: `prompt-lookup` (n-grams up to `ngram` tokens, `width`
+/// branches), `draft:PATH` (a model with `target`'s vocabulary) or `early-exit:L`.
+pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize) -> Result<Box<dyn Drafter + Send>> {
+    let n_layer = target.llama.cfg.n_layer;
+    Ok(match spec.split_once(':') {
+        None if spec == "prompt-lookup" => Box::new(PromptLookup::new(ngram, width)),
+        Some(("draft", path)) => {
+            let draft = Model::open(std::path::Path::new(path))?;
+            Box::new(DraftModel::new(draft, target)?)
+        }
+        Some(("early-exit", l)) => match l.parse::<usize>() {
+            Ok(layers) if layers >= 1 && layers < n_layer => Box::new(EarlyExit { layers }),
+            _ => return Err(Error::Spec(format!("early-exit:{l}: the layer count must be a number in 1..{} (the model has {n_layer} layers)", n_layer - 1))),
+        },
+        _ => return Err(Error::Spec(format!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH or early-exit:L"))),
+    })
+}
+
 /// N-gram lookup: the longest suffix of the context (up to `max_n` tokens, down to 1) that also
 /// occurs earlier; the tokens that followed its most recent occurrences are proposed, as a chain
 /// per distinct continuation (up to `width` branches).

@@ -13,10 +13,10 @@ use augur_kernels::matmul::ACTQ_MAX_BATCH;
 use augur_models::{Logits, Model, State};
 
 pub use accept::{accept, Accepted};
-pub use drafters::{Ctx, DraftModel, Drafter, EarlyExit, PromptLookup};
+pub use drafters::{from_spec, Ctx, DraftModel, Drafter, EarlyExit, PromptLookup};
 pub use tree::{Compiled, Tree};
 
-use crate::generate::{Emitter, GenerateConfig, StopReason, Summary, TokenEvent};
+use crate::generate::{check_prompt, Emitter, GenerateConfig, StopReason, Summary, TokenEvent};
 use crate::rng::Rng;
 use crate::sampler::Sampler;
 use crate::Result;
@@ -125,13 +125,8 @@ pub fn generate(
     let k = spec.k.clamp(1, ACTQ_MAX_BATCH - 1);
     let mut sampler = Sampler::new(cfg.sampler.clone())?;
     let mut rng = Rng::new(cfg.sampler.seed ^ 0x5EC0_DE5E_ED00_0001);
-    if prompt.is_empty() {
-        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
-    }
+    check_prompt(model, prompt, cfg.max_tokens)?;
     let need = prompt.len() + cfg.max_tokens + k + 1;
-    if prompt.len() + cfg.max_tokens > llama.cfg.context {
-        return Err(augur_models::Error::ContextFull { need: prompt.len() + cfg.max_tokens, ctx: llama.cfg.context }.into());
-    }
     let mut st = State::new(&llama.cfg);
     st.activations = cfg.activations;
     st.reserve(&llama.cfg, need.min(llama.cfg.context));

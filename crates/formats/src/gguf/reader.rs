@@ -162,7 +162,7 @@ impl Gguf {
     /// Open and mmap a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |source| Error::Io { path: path.to_owned(), source };
+        let io = |err| Error::Io { path: path.to_owned(), err };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; augur never writes the file while it is open. A file
         // changed by another process underneath is outside what any mmap reader can defend against.

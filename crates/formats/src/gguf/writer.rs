@@ -105,7 +105,7 @@ impl Writer {
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let tmp = path.with_extension("gguf.tmp");
-        let io = |source| Error::Io { path: path.to_owned(), source };
+        let io = |err| Error::Io { path: path.to_owned(), err };
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&self.to_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
