@@ -4,6 +4,8 @@ use augur_kernels::QuantType;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
+    /// For gradient checks and numerically demanding references.
+    F64,
     F16,
     BF16,
     /// GGUF block quantization; the innermost dimension is a whole number of blocks.
@@ -16,6 +18,7 @@ impl DType {
     pub fn bytes_for(self, n: usize) -> Option<usize> {
         match self {
             DType::F32 => n.checked_mul(4),
+            DType::F64 => n.checked_mul(8),
             DType::F16 | DType::BF16 => n.checked_mul(2),
             DType::Quant(q) => q.row_bytes(n),
         }
@@ -24,6 +27,7 @@ impl DType {
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
+            DType::F64 => "F64",
             DType::F16 => "F16",
             DType::BF16 => "BF16",
             DType::Quant(q) => q.name(),
@@ -34,3 +38,4 @@ impl DType {
         matches!(self, DType::Quant(_))
     }
 }
+

@@ -5,14 +5,20 @@
 //! new f32 tensors. Quantized storage is a first-class dtype: a quantized matrix multiplies f32
 //! activations directly through the kernels crate, never through a dequantized copy.
 
+pub mod amp;
+pub mod autograd;
 mod dtype;
 mod error;
+mod float;
 mod layout;
 mod ops;
 mod storage;
+pub mod registry;
 mod tensor;
 
+pub use autograd::{no_grad, NoGradGuard};
 pub use dtype::DType;
+pub use ops::{AttentionMask, BinaryOp, UnaryOp};
 pub use error::{Error, Result};
 pub use layout::Layout;
 pub use storage::{Bytes, Storage};

@@ -1,15 +1,23 @@
-//! Compute ops on tensors. Primitive ops (elementwise maps, broadcasting binary ops, reductions over
-//! the last dim, matmul, gather) plus fused ops (softmax, rms_norm, linear) that have a test
-//! showing they equal their composition from primitives.
+//! The compute kernels behind the tensor ops, outside autograd. Each takes tensors of any float
+//! dtype and computes in f64 when an input is f64, else in f32; the differentiable public ops in
+//! `autograd::rules` call these and record how to differentiate them.
 
-use augur_kernels::{matmul, vec as kv};
+use std::borrow::Cow;
+
+use augur_kernels::flash;
+use augur_kernels::real::Real;
+use rayon::prelude::*;
 
 use crate::error::{invalid, Error, Result};
+use crate::float::{compute_dtype, with_float, Float};
 use crate::layout::broadcast_shape;
-use crate::{DType, Tensor};
+use crate::{DType, Layout, Tensor};
+
+/// Elements per parallel chunk of an elementwise op (smaller ops run on one thread).
+const PAR_CHUNK: usize = 1 << 15;
 
 /// A binary elementwise op.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinaryOp {
     Add,
     Sub,
@@ -19,7 +27,8 @@ pub enum BinaryOp {
 }
 
 impl BinaryOp {
-    fn apply(self, a: f32, b: f32) -> f32 {
+    #[inline(always)]
+    fn apply<T: Real>(self, a: T, b: T) -> T {
         match self {
             BinaryOp::Add => a + b,
             BinaryOp::Sub => a - b,
@@ -30,8 +39,11 @@ impl BinaryOp {
     }
 }
 
-/// A unary elementwise op.
-#[derive(Debug, Clone, Copy)]
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+const GELU_C: f64 = 0.044715;
+
+/// A unary elementwise op. The `*Grad` variants are derivatives used by the backward rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnaryOp {
     Neg,
     Exp,
@@ -39,170 +51,659 @@ pub enum UnaryOp {
     Sqrt,
     Recip,
     Sqr,
+    Abs,
     Silu,
     Sigmoid,
+    Tanh,
+    Relu,
+    /// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`).
+    Gelu,
+    /// d silu(x) / dx.
+    SiluGrad,
+    /// d gelu(x) / dx.
+    GeluGrad,
+    /// 1 where x > 0, else 0 (d relu / dx).
+    Step,
+    /// sign(x) (d |x| / dx).
+    Sign,
 }
 
 impl UnaryOp {
-    fn apply(self, x: f32) -> f32 {
+    #[inline(always)]
+    fn apply<T: Real>(self, x: T) -> T {
+        let one = T::ONE;
+        let sig = |x: T| one / (one + (-x).exp());
         match self {
             UnaryOp::Neg => -x,
             UnaryOp::Exp => x.exp(),
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
-            UnaryOp::Recip => 1.0 / x,
+            UnaryOp::Recip => one / x,
             UnaryOp::Sqr => x * x,
-            UnaryOp::Silu => x / (1.0 + (-x).exp()),
-            UnaryOp::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            UnaryOp::Abs => x.max(-x),
+            UnaryOp::Silu => x * sig(x),
+            UnaryOp::Sigmoid => sig(x),
+            UnaryOp::Tanh => x.tanh(),
+            UnaryOp::Relu => x.max(T::ZERO),
+            UnaryOp::Gelu => {
+                let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
+                T::from_f64(0.5) * x * (one + u.tanh())
+            }
+            UnaryOp::SiluGrad => {
+                let s = sig(x);
+                s * (one + x * (one - s))
+            }
+            UnaryOp::GeluGrad => {
+                let c = T::from_f64(SQRT_2_OVER_PI);
+                let k = T::from_f64(GELU_C);
+                let t = (c * (x + k * x * x * x)).tanh();
+                let half = T::from_f64(0.5);
+                half * (one + t) + half * x * (one - t * t) * c * (one + T::from_f64(3.0) * k * x * x)
+            }
+            UnaryOp::Step => {
+                if x > T::ZERO {
+                    one
+                } else {
+                    T::ZERO
+                }
+            }
+            UnaryOp::Sign => {
+                if x > T::ZERO {
+                    one
+                } else if x < T::ZERO {
+                    -one
+                } else {
+                    T::ZERO
+                }
+            }
         }
     }
 }
 
-impl Tensor {
-    /// Elementwise `op(self, rhs)` with numpy broadcasting; result is f32.
-    pub fn binary(&self, rhs: &Tensor, op: BinaryOp) -> Result<Tensor> {
-        let shape = broadcast_shape("binary", self.shape(), rhs.shape())?;
-        let a = self.broadcast_to(&shape)?.to_vec_f32()?;
-        let b = rhs.broadcast_to(&shape)?.to_vec_f32()?;
-        Tensor::from_vec(a.iter().zip(&b).map(|(&x, &y)| op.apply(x, y)).collect(), &shape)
+fn map_into<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
+    if x.len() >= 2 * PAR_CHUNK {
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+    } else {
+        out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
     }
+}
 
-    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary(rhs, BinaryOp::Add)
+fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
+    if x.len() >= 2 * PAR_CHUNK {
+        out.par_chunks_mut(PAR_CHUNK)
+            .zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK)))
+            .for_each(|(o, (x, y))| o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y)));
+    } else {
+        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
     }
-    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary(rhs, BinaryOp::Sub)
-    }
-    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary(rhs, BinaryOp::Mul)
-    }
-    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
-        self.binary(rhs, BinaryOp::Div)
-    }
+}
 
-    /// Elementwise `op(self)`; result is f32.
-    pub fn unary(&self, op: UnaryOp) -> Result<Tensor> {
-        Tensor::from_vec(self.to_vec_f32()?.into_iter().map(|x| op.apply(x)).collect(), self.shape())
-    }
+pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    with_float!(compute_dtype(&[x]), T => {
+        let v = x.values::<T>()?;
+        let mut out = vec![T::ZERO; v.len()];
+        map_into(&v, &mut out, |a| op.apply(a));
+        Ok(Tensor::from_values(out, x.shape()))
+    })
+}
 
-    pub fn scale(&self, s: f32) -> Result<Tensor> {
-        Tensor::from_vec(self.to_vec_f32()?.into_iter().map(|x| x * s).collect(), self.shape())
-    }
+/// `x * mul + add`.
+pub(crate) fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+    with_float!(compute_dtype(&[x]), T => {
+        let v = x.values::<T>()?;
+        let (m, a) = (T::from_f64(mul), T::from_f64(add));
+        let mut out = vec![T::ZERO; v.len()];
+        map_into(&v, &mut out, |x| x * m + a);
+        Ok(Tensor::from_values(out, x.shape()))
+    })
+}
 
-    fn reduce_last(&self, op: &'static str, f: impl Fn(&[f32]) -> f32) -> Result<Tensor> {
-        let Some(&n) = self.shape().last() else { return invalid(op, "cannot reduce a 0-d tensor") };
-        let v = self.to_vec_f32()?;
-        let mut shape = self.shape().to_vec();
-        *shape.last_mut().unwrap() = 1;
-        Tensor::from_vec(if n == 0 { vec![] } else { v.chunks_exact(n).map(f).collect() }, &shape)
-    }
-
-    /// Sum over the last dim, kept as size 1.
-    pub fn sum_last(&self) -> Result<Tensor> {
-        self.reduce_last("sum_last", |r| r.iter().sum())
-    }
-
-    /// Max over the last dim, kept as size 1.
-    pub fn max_last(&self) -> Result<Tensor> {
-        self.reduce_last("max_last", |r| r.iter().copied().fold(f32::NEG_INFINITY, f32::max))
-    }
-
-    /// Matrix product of f32-convertible tensors: `[.., m, k] x [.., k, n] -> [.., m, n]`
-    /// (batch dims must match exactly).
-    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
-        let (a, b) = (self.shape(), rhs.shape());
-        if a.len() < 2 || a.len() != b.len() || a[..a.len() - 2] != b[..b.len() - 2] || a[a.len() - 1] != b[b.len() - 2] {
-            return Err(Error::ShapeMismatch { op: "matmul", lhs: a.to_vec(), rhs: b.to_vec() });
+/// Elementwise `op(a, b)` with numpy broadcasting.
+pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    let shape = broadcast_shape("binary", a.shape(), b.shape())?;
+    let n: usize = shape.iter().product();
+    with_float!(compute_dtype(&[a, b]), T => {
+        let mut out = vec![T::ZERO; n];
+        let trailing = |t: &Tensor| {
+            let s = t.shape();
+            let lead = s.iter().take_while(|&&d| d == 1).count();
+            shape.ends_with(&s[lead..])
+        };
+        if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
+            zip_into(&a.values::<T>()?, &b.values::<T>()?, &mut out, |x, y| op.apply(x, y));
+        } else if a.shape() == shape.as_slice() && trailing(b) && b.numel() > 0 {
+            // b repeats along the leading dims (a bias, a per-channel gain).
+            let (x, y) = (a.values::<T>()?, b.values::<T>()?);
+            let m = y.len();
+            out.par_chunks_mut(m.max(PAR_CHUNK / m.max(1) * m)).zip(x.par_chunks(m.max(PAR_CHUNK / m.max(1) * m))).for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(m).zip(x.chunks(m)) {
+                    o.iter_mut().zip(x.iter().zip(y.iter())).for_each(|(o, (&x, &y))| *o = op.apply(x, y));
+                }
+            });
+        } else {
+            let x = a.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
+            let y = b.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
+            zip_into(&x, &y, &mut out, |x, y| op.apply(x, y));
         }
-        let r = a.len();
-        let (m, k, n) = (a[r - 2], a[r - 1], b[r - 1]);
-        let batch: usize = a[..r - 2].iter().product();
-        let (x, y) = (self.to_vec_f32()?, rhs.to_vec_f32()?);
-        let mut out = vec![0f32; batch * m * n];
-        for bi in 0..batch {
-            // SAFETY: pointers index inside the three contiguous buffers sized batch*m*k, batch*k*n, batch*m*n.
+        Ok(Tensor::from_values(out, &shape))
+    })
+}
+
+/// Sum `x` down to `shape` (the inverse of broadcasting `shape` up to `x`'s shape).
+pub(crate) fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    if x.shape() == shape {
+        return Ok(x.detach());
+    }
+    if broadcast_shape("sum_to", shape, x.shape())? != x.shape() {
+        return Err(Error::ShapeMismatch { op: "sum_to", lhs: x.shape().to_vec(), rhs: shape.to_vec() });
+    }
+    with_float!(compute_dtype(&[x]), T => {
+        let v = x.values::<T>()?;
+        let mut out = vec![T::ZERO; shape.iter().product()];
+        let lead = shape.iter().take_while(|&&d| d == 1).count();
+        if x.shape().ends_with(&shape[lead..]) {
+            // Sum of whole trailing blocks (a bias gradient).
+            let m = out.len().max(1);
+            for chunk in v.chunks(m) {
+                out.iter_mut().zip(chunk).for_each(|(o, &c)| *o += c);
+            }
+        } else {
+            let target = Layout::contiguous(shape).broadcast_to(x.shape())?;
+            for (i, oi) in target.indices().enumerate() {
+                out[oi] += v[i];
+            }
+        }
+        Ok(Tensor::from_values(out, shape))
+    })
+}
+
+/// Max over the last dim, kept as size 1.
+pub(crate) fn max_last(x: &Tensor) -> Result<Tensor> {
+    let Some(&n) = x.shape().last() else { return invalid("reduce", "cannot reduce the last dim of a 0-d tensor") };
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = 1;
+    with_float!(compute_dtype(&[x]), T => {
+        let v = x.values::<T>()?;
+        let out: Vec<T> = if n == 0 {
+            vec![]
+        } else {
+            v.chunks_exact(n).map(|r| r.iter().copied().fold(T::NEG_INFINITY, T::max)).collect()
+        };
+        Ok(Tensor::from_values(out, &shape))
+    })
+}
+
+/// The storage of `t` as `T` with a layout to read it by: the tensor's own storage and layout when
+/// it already holds `T`, else a contiguous converted copy.
+fn strided<T: Float>(t: &Tensor) -> Result<(Cow<'_, [T]>, Layout)> {
+    match T::slice(t.storage()) {
+        Some(s) => Ok((Cow::Borrowed(s), t.layout().clone())),
+        None => Ok((Cow::Owned(t.values::<T>()?.into_owned()), Layout::contiguous(t.shape()))),
+    }
+}
+
+/// `[.., m, k] × [.., k, n] → [.., m, n]`; `b` may also be 2-d (shared by every batch). Strided
+/// inputs (transposed views) are read in place.
+pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (sa, sb) = (a.shape(), b.shape());
+    let r = sa.len();
+    let bad = || Error::ShapeMismatch { op: "matmul", lhs: sa.to_vec(), rhs: sb.to_vec() };
+    if r < 2 || sb.len() < 2 || (sb.len() != 2 && sb.len() != r) || sa[r - 1] != sb[sb.len() - 2] {
+        return Err(bad());
+    }
+    if sb.len() == r && sa[..r - 2] != sb[..r - 2] {
+        return Err(bad());
+    }
+    let (m, k, n) = (sa[r - 2], sa[r - 1], sb[sb.len() - 1]);
+    let batch: usize = sa[..r - 2].iter().product();
+    let mut shape = sa.to_vec();
+    shape[r - 1] = n;
+    with_float!(compute_dtype(&[a, b]), T => {
+        let (x, lx) = strided::<T>(a)?;
+        let (y, ly) = strided::<T>(b)?;
+        let mut out = vec![T::ZERO; batch * m * n];
+        let at = |l: &Layout, bi: usize| {
+            let rank = l.shape().len();
+            let mut idx = vec![0; rank];
+            let mut rem = bi;
+            for d in (0..rank.saturating_sub(2)).rev() {
+                idx[d] = rem % l.shape()[d];
+                rem /= l.shape()[d];
+            }
+            l.index(&idx)
+        };
+        let st = |l: &Layout| {
+            let s = l.strides();
+            (s[s.len() - 2] as isize, s[s.len() - 1] as isize)
+        };
+        let ((xr, xc), (yr, yc)) = (st(&lx), st(&ly));
+        let one = |bi: usize, o: &mut [T], par: gemm::Parallelism| {
+            let (xo, yo) = (at(&lx, bi), if sb.len() == 2 { ly.offset() } else { at(&ly, bi) });
+            // SAFETY: the offsets and strides come from the layouts of `x` and `y`, whose every
+            // index lies inside the storage; `o` holds exactly m×n elements written row-major.
             unsafe {
                 gemm::gemm(
                     m, n, k,
-                    out.as_mut_ptr().add(bi * m * n), 1, n as isize, false,
-                    x.as_ptr().add(bi * m * k), 1, k as isize,
-                    y.as_ptr().add(bi * k * n), 1, n as isize,
-                    0.0, 1.0, false, false, false, gemm::Parallelism::None,
+                    o.as_mut_ptr(), 1, n as isize, false,
+                    x.as_ptr().add(xo), xc, xr,
+                    y.as_ptr().add(yo), yc, yr,
+                    T::ZERO, T::ONE, false, false, false, par,
                 );
             }
+        };
+        if m * n * k == 0 {
+            // Nothing to add: the product of empty matrices is zero.
+        } else if batch > 1 && m * n * k < 1 << 21 {
+            out.par_chunks_mut(m * n).enumerate().for_each(|(bi, o)| one(bi, o, gemm::Parallelism::None));
+        } else {
+            let par = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+            for (bi, o) in out.chunks_mut(m * n).enumerate() {
+                one(bi, o, par);
+            }
         }
-        let mut shape = a.to_vec();
-        shape[r - 1] = n;
-        Tensor::from_vec(out, &shape)
-    }
+        Ok(Tensor::from_values(out, &shape))
+    })
+}
 
-    /// `self · wᵀ` for a weight `w` of shape `[out, in]` in any dtype, quantized included
-    /// (the fused op behind `Linear`; it equals `self.matmul(w.to_f32().transpose(0, 1))`).
-    pub fn linear(&self, w: &Tensor) -> Result<Tensor> {
-        let m = w.matrix()?;
-        let k = *self.shape().last().unwrap_or(&0);
-        if k != m.k {
-            return Err(Error::ShapeMismatch { op: "linear", lhs: self.shape().to_vec(), rhs: w.shape().to_vec() });
-        }
-        let x = self.to_vec_f32()?;
-        let n_tok = x.len() / k.max(1);
-        let mut y = vec![0f32; n_tok * m.rows];
-        matmul::matmul(&m, &x, n_tok, &mut y);
-        let mut shape = self.shape().to_vec();
-        *shape.last_mut().unwrap() = m.rows;
-        Tensor::from_vec(y, &shape)
-    }
+/// Softmax (or log-softmax) over the last dim.
+pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
+    let n = *x.shape().last().unwrap_or(&1);
+    with_float!(compute_dtype(&[x]), T => {
+        let mut v = x.values::<T>()?.into_owned();
+        v.par_chunks_mut(n.max(1)).for_each(|r| {
+            let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
+            let mx = if mx == T::NEG_INFINITY { T::ZERO } else { mx };
+            let mut z = T::ZERO;
+            for e in r.iter_mut() {
+                *e = (*e - mx).exp();
+                z += *e;
+            }
+            if log {
+                let lz = z.ln();
+                r.iter_mut().for_each(|e| *e = e.ln() - lz);
+            } else {
+                let inv = T::ONE / z;
+                r.iter_mut().for_each(|e| *e *= inv);
+            }
+        });
+        Ok(Tensor::from_values(v, x.shape()))
+    })
+}
 
-    /// Softmax over the last dim (fused; equals `exp(x - max) / sum(exp(x - max))`).
-    pub fn softmax_last(&self) -> Result<Tensor> {
-        let n = *self.shape().last().unwrap_or(&1);
-        let mut v = self.to_vec_f32()?;
-        for r in v.chunks_exact_mut(n.max(1)) {
-            kv::softmax(r);
-        }
-        Tensor::from_vec(v, self.shape())
+fn norm_shapes(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
+    let n = *x.shape().last().unwrap_or(&0);
+    if w.shape() != [n] || n == 0 {
+        return Err(Error::ShapeMismatch { op, lhs: x.shape().to_vec(), rhs: w.shape().to_vec() });
     }
+    Ok(n)
+}
 
-    /// RMSNorm over the last dim with gain `w` (fused; equals `x * rsqrt(mean(x²) + eps) * w`).
-    pub fn rms_norm(&self, w: &Tensor, eps: f32) -> Result<Tensor> {
-        let n = *self.shape().last().unwrap_or(&1);
-        if w.shape() != [n] {
-            return Err(Error::ShapeMismatch { op: "rms_norm", lhs: self.shape().to_vec(), rhs: w.shape().to_vec() });
-        }
-        let (x, g) = (self.to_vec_f32()?, w.to_vec_f32()?);
-        let mut out = vec![0f32; x.len()];
-        for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
-            kv::rms_norm(xr, &g, eps, or);
-        }
-        Tensor::from_vec(out, self.shape())
+/// Per row: the mean (zero for RMSNorm) and `1 / sqrt(var + eps)`.
+fn row_stats<T: Real>(r: &[T], center: bool, eps: f64) -> (T, T) {
+    let n = T::from_f64(r.len() as f64);
+    let mu = if center { r.iter().copied().sum::<T>() / n } else { T::ZERO };
+    let var = r.iter().map(|&x| (x - mu) * (x - mu)).sum::<T>() / n;
+    (mu, T::ONE / (var + T::from_f64(eps)).sqrt())
+}
+
+/// LayerNorm (`center`, with bias `b`) or RMSNorm (no centering, no bias) over the last dim.
+pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center: bool) -> Result<Tensor> {
+    let n = norm_shapes("norm", x, w)?;
+    if let Some(b) = b {
+        norm_shapes("norm", x, b)?;
     }
+    with_float!(compute_dtype(&[x, w]), T => {
+        let (xv, wv) = (x.values::<T>()?, w.values::<T>()?);
+        let bv = b.map(|b| b.values::<T>()).transpose()?;
+        let mut out = vec![T::ZERO; xv.len()];
+        out.par_chunks_mut(n).zip(xv.par_chunks(n)).for_each(|(o, r)| {
+            let (mu, rs) = row_stats(r, center, eps);
+            for i in 0..n {
+                o[i] = (r[i] - mu) * rs * wv[i] + bv.as_ref().map_or(T::ZERO, |b| b[i]);
+            }
+        });
+        Ok(Tensor::from_values(out, x.shape()))
+    })
+}
 
-    /// Rows of a 2-d table (embedding lookup), dequantizing as needed: `[n] -> [n, dim]`.
-    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
-        let (rows, dim) = self.dims2()?;
-        let m = self.matrix()?;
+/// Gradients of [`norm`]: `(dx, dw, db)` (`db` only when centering).
+pub(crate) fn norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    let n = norm_shapes("norm_backward", x, w)?;
+    with_float!(compute_dtype(&[x, w, g]), T => {
+        let (xv, wv, gv) = (x.values::<T>()?, w.values::<T>()?, g.values::<T>()?);
+        let mut dx = vec![T::ZERO; xv.len()];
+        let rows = xv.len() / n;
+        let per = rows.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        let partial: Vec<(Vec<T>, Vec<T>)> = dx
+            .par_chunks_mut(per * n)
+            .enumerate()
+            .map(|(c, dxc)| {
+                let (mut dw, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+                for (ri, dxr) in dxc.chunks_mut(n).enumerate() {
+                    let r0 = (c * per + ri) * n;
+                    let (xr, gr) = (&xv[r0..r0 + n], &gv[r0..r0 + n]);
+                    let (mu, rs) = row_stats(xr, center, eps);
+                    let (mut mg, mut mgx) = (T::ZERO, T::ZERO);
+                    for i in 0..n {
+                        let xh = (xr[i] - mu) * rs;
+                        let gw = gr[i] * wv[i];
+                        mg += gw;
+                        mgx += gw * xh;
+                        dw[i] += gr[i] * xh;
+                        db[i] += gr[i];
+                    }
+                    let nn = T::from_f64(n as f64);
+                    let (mg, mgx) = (if center { mg / nn } else { T::ZERO }, mgx / nn);
+                    for i in 0..n {
+                        let xh = (xr[i] - mu) * rs;
+                        dxr[i] = rs * (gr[i] * wv[i] - mg - xh * mgx);
+                    }
+                }
+                (dw, db)
+            })
+            .collect();
+        let (mut dw, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
+        for (pw, pb) in partial {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
+        Ok((Tensor::from_values(dx, x.shape()), Tensor::from_values(dw, &[n]), center.then(|| Tensor::from_values(db, &[n]))))
+    })
+}
+
+/// Rows `ids` of a 2-d table: `[n] → [n, dim]` (an embedding lookup; quantized tables too).
+pub(crate) fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
+    let (rows, dim) = table.dims2()?;
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
+        return invalid("gather_rows", format!("index {bad} out of range for {rows} rows"));
+    }
+    if table.dtype().is_quantized() {
+        let m = table.matrix()?;
         let mut out = vec![0f32; ids.len() * dim];
         for (&id, dst) in ids.iter().zip(out.chunks_exact_mut(dim.max(1))) {
-            if id as usize >= rows {
-                return invalid("gather_rows", format!("index {id} out of range for {rows} rows"));
-            }
             m.row_f32(id as usize, dst);
         }
-        Tensor::from_vec(out, &[ids.len(), dim])
+        return Tensor::from_vec(out, &[ids.len(), dim]);
     }
-
-    /// Convert to another unquantized dtype.
-    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
-        let v = self.to_vec_f32()?;
-        match dtype {
-            DType::F32 => Tensor::from_vec(v, self.shape()),
-            DType::F16 => Tensor::from_f16(v.iter().map(|&x| half::f16::from_f32(x)).collect(), self.shape()),
-            DType::BF16 => Tensor::from_bf16(v.iter().map(|&x| half::bf16::from_f32(x)).collect(), self.shape()),
-            DType::Quant(_) => Err(Error::UnsupportedDType { op: "to_dtype", dtype, hint: " (quantize rows with QuantType::quantize_row)" }),
+    with_float!(compute_dtype(&[table]), T => {
+        let v = table.values::<T>()?;
+        let mut out = Vec::with_capacity(ids.len() * dim);
+        for &id in ids {
+            out.extend_from_slice(&v[id as usize * dim..(id as usize + 1) * dim]);
         }
+        Ok(Tensor::from_values(out, &[ids.len(), dim]))
+    })
+}
+
+/// The adjoint of [`gather_rows`]: adds row `i` of `g` into row `ids[i]` of a `[rows, dim]` zero table.
+pub(crate) fn scatter_add_rows(g: &Tensor, ids: &[u32], rows: usize) -> Result<Tensor> {
+    let (n, dim) = g.dims2()?;
+    if n != ids.len() {
+        return invalid("scatter_add_rows", format!("{n} gradient rows for {} ids", ids.len()));
+    }
+    with_float!(compute_dtype(&[g]), T => {
+        let v = g.values::<T>()?;
+        let mut out = vec![T::ZERO; rows * dim];
+        for (&id, r) in ids.iter().zip(v.chunks_exact(dim.max(1))) {
+            out[id as usize * dim..(id as usize + 1) * dim].iter_mut().zip(r).for_each(|(o, &x)| *o += x);
+        }
+        Ok(Tensor::from_values(out, &[rows, dim]))
+    })
+}
+
+/// Mean cross-entropy of `[n, classes]` logits against class ids, skipping `ignore`d targets.
+/// Returns the 0-d loss and the number of counted rows.
+pub(crate) fn cross_entropy(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(Tensor, usize)> {
+    let (n, c) = ce_shapes(logits, targets, ignore)?;
+    with_float!(compute_dtype(&[logits]), T => {
+        let v = logits.values::<T>()?;
+        let mut total = T::ZERO;
+        let mut count = 0;
+        for (r, &t) in v.chunks_exact(c).zip(targets).take(n) {
+            if Some(t) == ignore {
+                continue;
+            }
+            let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
+            let lse = mx + r.iter().map(|&x| (x - mx).exp()).sum::<T>().ln();
+            total += lse - r[t as usize];
+            count += 1;
+        }
+        let loss = if count == 0 { T::ZERO } else { total / T::from_f64(count as f64) };
+        Ok((Tensor::from_values(vec![loss], &[]), count))
+    })
+}
+
+fn ce_shapes(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(usize, usize)> {
+    let (n, c) = logits.dims2()?;
+    if targets.len() != n {
+        return invalid("cross_entropy", format!("{} targets for {n} rows of logits", targets.len()));
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= c && Some(t) != ignore) {
+        return invalid("cross_entropy", format!("target class {t} out of range for {c} classes"));
+    }
+    Ok((n, c))
+}
+
+/// `d loss / d logits` of [`cross_entropy`] times the upstream scalar `g`:
+/// `(softmax(row) − onehot(target)) × g / count`.
+pub(crate) fn cross_entropy_backward(logits: &Tensor, targets: &[u32], ignore: Option<u32>, count: usize, g: &Tensor) -> Result<Tensor> {
+    let (_, c) = ce_shapes(logits, targets, ignore)?;
+    let scale = if count == 0 { 0.0 } else { g.to_vec_f64()?[0] / count as f64 };
+    with_float!(compute_dtype(&[logits, g]), T => {
+        let mut v = logits.values::<T>()?.into_owned();
+        let s = T::from_f64(scale);
+        v.par_chunks_mut(c).zip(targets.par_iter()).for_each(|(r, &t)| {
+            if Some(t) == ignore {
+                r.fill(T::ZERO);
+                return;
+            }
+            let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
+            let mut z = T::ZERO;
+            for e in r.iter_mut() {
+                *e = (*e - mx).exp();
+                z += *e;
+            }
+            let inv = s / z;
+            r.iter_mut().for_each(|e| *e *= inv);
+            r[t as usize] -= s;
+        });
+        Ok(Tensor::from_values(v, logits.shape()))
+    })
+}
+
+/// `(outer, inner)` sizes around `dim`: the tensor is `outer` slabs of `shape[dim] × inner`.
+fn around(shape: &[usize], dim: usize) -> (usize, usize) {
+    (shape[..dim].iter().product(), shape[dim + 1..].iter().product())
+}
+
+/// Concatenation along `dim`.
+pub(crate) fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
+    let Some(first) = ts.first() else { return invalid("cat", "needs at least one tensor") };
+    let r = first.rank();
+    if dim >= r {
+        return invalid("cat", format!("dim {dim} out of range for rank {r}"));
+    }
+    let mut shape = first.shape().to_vec();
+    shape[dim] = 0;
+    for t in ts {
+        let s = t.shape();
+        if s.len() != r || s.iter().enumerate().any(|(i, &d)| i != dim && d != first.shape()[i]) {
+            return Err(Error::ShapeMismatch { op: "cat", lhs: first.shape().to_vec(), rhs: s.to_vec() });
+        }
+        shape[dim] += s[dim];
+    }
+    let (outer, inner) = around(&shape, dim);
+    with_float!(compute_dtype(ts), T => {
+        let vals: Vec<_> = ts.iter().map(|t| t.values::<T>()).collect::<Result<_>>()?;
+        let mut out = Vec::with_capacity(shape.iter().product());
+        for o in 0..outer {
+            for (t, v) in ts.iter().zip(&vals) {
+                let w = t.shape()[dim] * inner;
+                out.extend_from_slice(&v[o * w..(o + 1) * w]);
+            }
+        }
+        Ok(Tensor::from_values(out, &shape))
+    })
+}
+
+/// `g` placed at `start..start+len` of a zero tensor whose `dim` has size `full` (the adjoint of narrow).
+pub(crate) fn pad(g: &Tensor, dim: usize, start: usize, full: usize) -> Result<Tensor> {
+    let mut shape = g.shape().to_vec();
+    let len = shape[dim];
+    shape[dim] = full;
+    let (outer, inner) = around(&shape, dim);
+    with_float!(compute_dtype(&[g]), T => {
+        let v = g.values::<T>()?;
+        let mut out = vec![T::ZERO; shape.iter().product()];
+        for o in 0..outer {
+            let src = &v[o * len * inner..(o + 1) * len * inner];
+            out[(o * full + start) * inner..(o * full + start + len) * inner].copy_from_slice(src);
+        }
+        Ok(Tensor::from_values(out, &shape))
+    })
+}
+
+/// A contiguous copy in the compute dtype.
+pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    with_float!(compute_dtype(&[x]), T => Ok(Tensor::from_values(x.values::<T>()?.into_owned(), x.shape())))
+}
+
+/// Rotary embedding of `x: [.., seq, dim]` with per-position tables `cos, sin: [seq, dim/2]`;
+/// pairs are `(2i, 2i+1)` when `interleaved`, else `(i, i + dim/2)` (HF's rotate-half).
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let s = x.shape();
+    if s.len() < 2 || !s[s.len() - 1].is_multiple_of(2) || cos.shape() != [s[s.len() - 2], s[s.len() - 1] / 2] || sin.shape() != cos.shape() {
+        return Err(Error::ShapeMismatch { op: "rope", lhs: s.to_vec(), rhs: cos.shape().to_vec() });
+    }
+    let (seq, d) = (s[s.len() - 2], s[s.len() - 1]);
+    let half = d / 2;
+    with_float!(compute_dtype(&[x, cos]), T => {
+        let (c, sn) = (cos.values::<T>()?, sin.values::<T>()?);
+        let mut v = x.values::<T>()?.into_owned();
+        v.par_chunks_mut(d).enumerate().for_each(|(row, r)| {
+            let t = row % seq;
+            for i in 0..half {
+                let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (cc, ss) = (c[t * half + i], sn[t * half + i]);
+                let (x0, x1) = (r[a], r[b]);
+                r[a] = x0 * cc - x1 * ss;
+                r[b] = x0 * ss + x1 * cc;
+            }
+        });
+        Ok(Tensor::from_values(v, s))
+    })
+}
+
+/// What an attention call masks and adds to its scores.
+#[derive(Debug, Clone, Default)]
+pub struct AttentionMask {
+    /// Each query `i` sees keys up to `i + k_len − q_len`.
+    pub causal: bool,
+    /// `[q_len × k_len]`, true where attending is allowed (tree masks, padding).
+    pub allow: Option<std::sync::Arc<[bool]>>,
+    /// ALiBi slopes, one per query head.
+    pub alibi: Option<Vec<f32>>,
+    /// The scale of `q·k` (default `1/sqrt(head_dim)`).
+    pub scale: Option<f32>,
+}
+
+fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, m: &AttentionMask) -> Result<flash::Shape> {
+    let bad = |msg: String| Error::Invalid { op: "attention", msg };
+    let (&[b, h, tq, d], &[bk, hk, tk, dk]) = (q.shape(), k.shape()) else {
+        return Err(bad(format!("q and k must be [batch, heads, len, dim], got {:?} and {:?}", q.shape(), k.shape())));
+    };
+    if bk != b || dk != d || v.shape() != k.shape() {
+        return Err(bad(format!("q {:?}, k {:?} and v {:?} do not agree", q.shape(), k.shape(), v.shape())));
+    }
+    let s = flash::Shape { batch: b, heads: h, kv_heads: hk, q_len: tq, k_len: tk, dim: d };
+    s.check(m.causal).map_err(bad)?;
+    if m.allow.as_ref().is_some_and(|a| a.len() != tq * tk) {
+        return Err(bad(format!("the allow mask must hold q_len × k_len = {} entries", tq * tk)));
+    }
+    if m.alibi.as_ref().is_some_and(|a| a.len() != h) {
+        return Err(bad(format!("ALiBi needs one slope per query head ({h})")));
+    }
+    if bias.is_some_and(|t| t.shape() != [h, tq, tk]) {
+        return Err(bad(format!("the score bias must be [heads, q_len, k_len] = [{h}, {tq}, {tk}], got {:?}", bias.map(|t| t.shape()))));
+    }
+    Ok(s)
+}
+
+/// FlashAttention forward: `(out [b, h, q_len, d], lse [b, h, q_len])`.
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, m: &AttentionMask) -> Result<(Tensor, Tensor)> {
+    let s = attention_shape(q, k, v, bias, m)?;
+    let mut ins = vec![q, k, v];
+    ins.extend(bias);
+    with_float!(compute_dtype(&ins), T => {
+        let (qv, kv, vv) = (q.values::<T>()?, k.values::<T>()?, v.values::<T>()?);
+        let bv = bias.map(|b| b.values::<T>()).transpose()?;
+        let slopes: Option<Vec<T>> = m.alibi.as_ref().map(|a| a.iter().map(|&x| T::from_f64(x as f64)).collect());
+        let mask = flash::Mask { causal: m.causal, allow: m.allow.as_deref(), bias: bv.as_deref(), alibi: slopes.as_deref() };
+        let scale = T::from_f64(m.scale.map_or(1.0 / (s.dim as f64).sqrt(), |x| x as f64));
+        let mut out = vec![T::ZERO; qv.len()];
+        let mut lse = vec![T::ZERO; s.batch * s.heads * s.q_len];
+        flash::forward(&s, &mask, scale, &qv, &kv, &vv, &mut out, &mut lse);
+        Ok((Tensor::from_values(out, q.shape()), Tensor::from_values(lse, &[s.batch, s.heads, s.q_len])))
+    })
+}
+
+/// FlashAttention-2 backward: `(dq, dk, dv, dbias)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn attention_backward(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    bias: Option<&Tensor>,
+    m: &AttentionMask,
+    out: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor, Option<Tensor>)> {
+    let s = attention_shape(q, k, v, bias, m)?;
+    with_float!(compute_dtype(&[q, k, v, out, g]), T => {
+        let (qv, kv, vv) = (q.values::<T>()?, k.values::<T>()?, v.values::<T>()?);
+        let (ov, lv, gv) = (out.values::<T>()?, lse.values::<T>()?, g.values::<T>()?);
+        let bv = bias.map(|b| b.values::<T>()).transpose()?;
+        let slopes: Option<Vec<T>> = m.alibi.as_ref().map(|a| a.iter().map(|&x| T::from_f64(x as f64)).collect());
+        let mask = flash::Mask { causal: m.causal, allow: m.allow.as_deref(), bias: bv.as_deref(), alibi: slopes.as_deref() };
+        let scale = T::from_f64(m.scale.map_or(1.0 / (s.dim as f64).sqrt(), |x| x as f64));
+        let (mut dq, mut dk, mut dv) = (vec![T::ZERO; qv.len()], vec![T::ZERO; kv.len()], vec![T::ZERO; vv.len()]);
+        let mut db = bias.map(|_| vec![T::ZERO; s.heads * s.q_len * s.k_len]);
+        flash::backward(&s, &mask, scale, (&qv, &kv, &vv), (&ov, &lv, &gv), (&mut dq, &mut dk, &mut dv), db.as_deref_mut());
+        Ok((
+            Tensor::from_values(dq, q.shape()),
+            Tensor::from_values(dk, k.shape()),
+            Tensor::from_values(dv, v.shape()),
+            db.map(|d| Tensor::from_values(d, &[s.heads, s.q_len, s.k_len])),
+        ))
+    })
+}
+
+/// Conversion to another unquantized dtype (rounding to nearest for f16/bf16).
+pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::F64 => Ok(Tensor::from_values(x.values::<f64>()?.into_owned(), x.shape())),
+        DType::F32 => Ok(Tensor::from_values(x.values::<f32>()?.into_owned(), x.shape())),
+        DType::F16 => Tensor::from_f16(x.values::<f32>()?.iter().map(|&v| half::f16::from_f32(v)).collect(), x.shape()),
+        DType::BF16 => Tensor::from_bf16(x.values::<f32>()?.iter().map(|&v| half::bf16::from_f32(v)).collect(), x.shape()),
+        DType::Quant(_) => Err(Error::UnsupportedDType { op: "to_dtype", dtype, hint: " (quantize rows with QuantType::quantize_row)" }),
     }
 }
 
+/// `x · wᵀ` for a weight `[out, in]` in a kernel dtype (quantized, f16, bf16, f32): the inference
+/// kernels' batched dequantize-and-dot.
+pub(crate) fn linear_weights(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let m = w.matrix()?;
+    let k = *x.shape().last().unwrap_or(&0);
+    if k != m.k {
+        return Err(Error::ShapeMismatch { op: "linear", lhs: x.shape().to_vec(), rhs: w.shape().to_vec() });
+    }
+    let xv = x.values::<f32>()?;
+    let n_tok = xv.len() / k.max(1);
+    let mut y = vec![0f32; n_tok * m.rows];
+    augur_kernels::matmul::matmul(&m, &xv, n_tok, &mut y);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().expect("rank >= 1") = m.rows;
+    Tensor::from_vec(y, &shape)
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,7 +735,7 @@ mod tests {
         fn rms_norm_equals_its_composition(r in 1usize..5, c in 1usize..40, seed: u32) {
             let x = t(data(r * c, seed), &[r, c]);
             let w = t(data(c, seed ^ 7), &[c]);
-            let ms = x.unary(UnaryOp::Sqr).unwrap().sum_last().unwrap().scale(1.0 / c as f32).unwrap();
+            let ms = x.unary(UnaryOp::Sqr).unwrap().sum_last().unwrap().scale(1.0 / c as f64).unwrap();
             let inv = ms.add(&t(vec![1e-5], &[1])).unwrap().unary(UnaryOp::Sqrt).unwrap().unary(UnaryOp::Recip).unwrap();
             let composed = x.mul(&inv).unwrap().mul(&w).unwrap();
             prop_assert!(close(&x.rms_norm(&w, 1e-5).unwrap(), &composed, 1e-4));

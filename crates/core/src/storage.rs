@@ -40,6 +40,7 @@ impl std::fmt::Debug for Bytes {
 #[derive(Debug)]
 pub enum Storage {
     F32(Vec<f32>),
+    F64(Vec<f64>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
     Raw { dtype: DType, bytes: Bytes },
@@ -49,6 +50,7 @@ impl Storage {
     pub fn dtype(&self) -> DType {
         match self {
             Storage::F32(_) => DType::F32,
+            Storage::F64(_) => DType::F64,
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
             Storage::Raw { dtype, .. } => *dtype,

@@ -1,19 +1,24 @@
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use augur_kernels::matmul::{Matrix, Weights};
 use half::{bf16, f16};
 
+use crate::autograd::Meta;
 use crate::error::{invalid, Error, Result};
+use crate::float::Float;
 use crate::{Bytes, DType, Layout, Storage};
 
 /// An n-dimensional array: shared storage plus a strided layout.
 ///
-/// Cloning is cheap (the storage is reference counted). Views share storage; compute ops return
-/// new contiguous f32 tensors.
+/// Cloning is cheap (the storage is reference counted) and a clone is the same tensor to autograd
+/// (it shares the gradient). Views share storage; compute ops return new contiguous tensors (f64
+/// when an input is f64, else f32; bf16/f16 under autocast for matmuls and attention).
 #[derive(Clone, Debug)]
 pub struct Tensor {
-    storage: Arc<Storage>,
-    layout: Layout,
+    pub(crate) storage: Arc<Storage>,
+    pub(crate) layout: Layout,
+    pub(crate) autograd: Option<Arc<Meta>>,
 }
 
 fn cast_slice<T>(b: &[u8]) -> Option<&[T]> {
@@ -25,7 +30,7 @@ fn cast_slice<T>(b: &[u8]) -> Option<&[T]> {
 
 impl Tensor {
     fn new(storage: Storage, shape: &[usize]) -> Self {
-        Tensor { storage: Arc::new(storage), layout: Layout::contiguous(shape) }
+        Tensor { storage: Arc::new(storage), layout: Layout::contiguous(shape), autograd: None }
     }
 
     fn check_len(len: usize, shape: &[usize], dtype: DType) -> Result<()> {
@@ -39,6 +44,30 @@ impl Tensor {
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
         Self::check_len(data.len(), shape, DType::F32)?;
         Ok(Self::new(Storage::F32(data), shape))
+    }
+
+    pub fn from_f64(data: Vec<f64>, shape: &[usize]) -> Result<Self> {
+        Self::check_len(data.len(), shape, DType::F64)?;
+        Ok(Self::new(Storage::F64(data), shape))
+    }
+
+    /// A 0-d f32 tensor.
+    pub fn scalar(v: f32) -> Self {
+        Self::new(Storage::F32(vec![v]), &[])
+    }
+
+    pub fn full(shape: &[usize], v: f32) -> Self {
+        Self::new(Storage::F32(vec![v; shape.iter().product()]), shape)
+    }
+
+    pub fn ones(shape: &[usize]) -> Self {
+        Self::full(shape, 1.0)
+    }
+
+    /// A contiguous tensor of computed values (f32 or f64).
+    pub(crate) fn from_values<T: Float>(v: Vec<T>, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(v.len(), shape.iter().product::<usize>());
+        Self::new(T::storage(v), shape)
     }
 
     pub fn from_f16(data: Vec<f16>, shape: &[usize]) -> Result<Self> {
@@ -71,6 +100,7 @@ impl Tensor {
         }
         let storage = match dtype {
             DType::F32 => Storage::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::F64 => Storage::F64(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
             DType::F16 if cast_slice::<f16>(b).is_none() => {
                 Storage::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
             }
@@ -113,8 +143,10 @@ impl Tensor {
         &self.storage
     }
 
-    fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor { storage: self.storage.clone(), layout }
+    /// The same data under another layout, outside the autograd graph (the differentiable views
+    /// in `autograd::rules` record themselves).
+    pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
+        Tensor { storage: self.storage.clone(), layout, autograd: None }
     }
 
     fn require_unquantized(&self, op: &'static str) -> Result<()> {
@@ -124,28 +156,54 @@ impl Tensor {
         Ok(())
     }
 
-    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+    pub(crate) fn reshape_raw(&self, shape: &[usize]) -> Result<Tensor> {
         if self.dtype().is_quantized() && shape.last() != self.shape().last() {
             return invalid("reshape", "a quantized tensor keeps its innermost (block) dimension");
         }
         Ok(self.with_layout(self.layout.reshape(shape)?))
     }
 
-    pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
+    pub(crate) fn transpose_raw(&self, a: usize, b: usize) -> Result<Tensor> {
         self.require_unquantized("transpose")?;
         Ok(self.with_layout(self.layout.transpose(a, b)?))
     }
 
-    pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
+    pub(crate) fn narrow_raw(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         if self.dtype().is_quantized() && dim + 1 == self.rank() {
             return invalid("narrow", "cannot narrow inside quantized blocks");
         }
         Ok(self.with_layout(self.layout.narrow(dim, start, len)?))
     }
 
-    pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
+    pub(crate) fn broadcast_to_raw(&self, shape: &[usize]) -> Result<Tensor> {
         self.require_unquantized("broadcast_to")?;
         Ok(self.with_layout(self.layout.broadcast_to(shape)?))
+    }
+
+    /// All elements in row-major order as `T`, borrowed when the storage already is exactly that.
+    pub(crate) fn values<T: Float>(&self) -> Result<Cow<'_, [T]>> {
+        if self.layout.is_contiguous() {
+            if let Some(v) = T::slice(&self.storage) {
+                return Ok(Cow::Borrowed(&v[self.layout.offset()..self.layout.offset() + self.numel()]));
+            }
+        }
+        Ok(Cow::Owned(match &*self.storage {
+            Storage::F64(v) => self.layout.indices().map(|i| T::from_f64(v[i])).collect(),
+            _ => self.to_vec_f32()?.into_iter().map(T::from_f32).collect(),
+        }))
+    }
+
+    /// All elements as f64 in row-major order.
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        Ok(self.values::<f64>()?.into_owned())
+    }
+
+    /// The value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return invalid("item", format!("tensor of shape {:?} has {} elements, not one", self.shape(), self.numel()));
+        }
+        Ok(self.values::<f32>()?[0])
     }
 
     /// Contiguous f32 data, borrowed when the tensor already is exactly that.
@@ -164,6 +222,7 @@ impl Tensor {
         let l = &self.layout;
         Ok(match &*self.storage {
             Storage::F32(v) => l.indices().map(|i| v[i]).collect(),
+            Storage::F64(v) => l.indices().map(|i| v[i] as f32).collect(),
             Storage::F16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
             Storage::BF16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
             Storage::Raw { dtype, bytes } => {
@@ -171,7 +230,7 @@ impl Tensor {
                 match dtype {
                     DType::F16 => l.indices().map(|i| cast_slice::<f16>(b).expect("aligned")[i].to_f32()).collect(),
                     DType::BF16 => l.indices().map(|i| cast_slice::<bf16>(b).expect("aligned")[i].to_f32()).collect(),
-                    DType::Quant(_) | DType::F32 => {
+                    DType::Quant(_) | DType::F32 | DType::F64 => {
                         // Quantized tensors are always contiguous rows (views cannot split blocks).
                         let (rows, k) = (self.numel() / self.shape().last().copied().unwrap_or(1), *self.shape().last().unwrap_or(&1));
                         let m = self.matrix_rows(k)?;
@@ -195,19 +254,21 @@ impl Tensor {
     fn matrix_rows(&self, k: usize) -> Result<Matrix<'_>> {
         let total_rows = match &*self.storage {
             Storage::F32(v) => v.len() / k.max(1),
+            Storage::F64(_) => return Err(Error::UnsupportedDType { op: "matrix", dtype: DType::F64, hint: " (weight kernels take f32, f16, bf16 or quantized)" }),
             Storage::F16(v) => v.len() / k.max(1),
             Storage::BF16(v) => v.len() / k.max(1),
             Storage::Raw { dtype, bytes } => bytes.as_slice().len() / dtype.bytes_for(k).unwrap_or(usize::MAX).max(1),
         };
         let weights = match &*self.storage {
             Storage::F32(v) => Weights::F32(&v[..total_rows * k]),
+            Storage::F64(_) => unreachable!("rejected above"),
             Storage::F16(v) => Weights::F16(&v[..total_rows * k]),
             Storage::BF16(v) => Weights::BF16(&v[..total_rows * k]),
             Storage::Raw { dtype, bytes } => match dtype {
                 DType::Quant(q) => Weights::Quant(*q, bytes.as_slice()),
                 DType::F16 => Weights::F16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
                 DType::BF16 => Weights::BF16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
-                DType::F32 => unreachable!("f32 raw data is converted at construction"),
+                DType::F32 | DType::F64 => unreachable!("f32/f64 raw data is converted at construction"),
             },
         };
         Matrix::new(weights, total_rows, k).ok_or_else(|| Error::Invalid { op: "matrix", msg: "storage size does not match shape".into() })
@@ -225,5 +286,23 @@ impl Tensor {
             return invalid("matrix", format!("storage holds {} rows, shape says {rows}", m.rows));
         }
         Ok(m)
+    }
+}
+
+impl Tensor {
+    /// This tensor's f32 values for an in-place update (what an optimizer does to a parameter).
+    /// The tensor keeps its autograd identity; its data is copied first if the storage is shared
+    /// (for example saved by a graph that has not been freed) or is not a whole f32 buffer.
+    pub fn values_mut_f32(&mut self) -> Result<&mut [f32]> {
+        let whole = self.layout.is_contiguous() && self.layout.offset() == 0 && matches!(&*self.storage, Storage::F32(v) if v.len() == self.numel());
+        if !whole || Arc::get_mut(&mut self.storage).is_none() {
+            let v = self.to_vec_f32()?;
+            self.storage = Arc::new(Storage::F32(v));
+            self.layout = Layout::contiguous(self.layout.shape());
+        }
+        match Arc::get_mut(&mut self.storage) {
+            Some(Storage::F32(v)) => Ok(v),
+            _ => unreachable!("made unique f32 above"),
+        }
     }
 }

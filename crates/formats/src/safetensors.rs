@@ -49,9 +49,10 @@ impl Checkpoint {
         for (name, view) in st.tensors() {
             let dtype = match view.dtype() {
                 Dtype::F32 => DType::F32,
+                Dtype::F64 => DType::F64,
                 Dtype::F16 => DType::F16,
                 Dtype::BF16 => DType::BF16,
-                d => return Err(err(format!("tensor `{name}` has dtype {d:?}; augur loads F32, F16 and BF16"))),
+                d => return Err(err(format!("tensor `{name}` has dtype {d:?}; augur loads F32, F64, F16 and BF16"))),
             };
             let data = view.data();
             let start = data.as_ptr() as usize - base;
@@ -81,13 +82,25 @@ impl Checkpoint {
 
 /// Write f32 tensors as a safetensors file (for tests and exported checkpoints).
 pub fn save(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
-    let data: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+    let st_err = |msg: String| Error::Safetensors { path: path.to_owned(), msg };
+    let data: Vec<(String, Dtype, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(n, t)| Ok((n.to_string(), t.to_vec_f32()?.iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape().to_vec())))
+        .map(|(n, t)| {
+            let (dtype, bytes): (Dtype, Vec<u8>) = match t.dtype() {
+                DType::F64 => (Dtype::F64, t.to_vec_f64()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+                DType::BF16 => (Dtype::BF16, t.to_vec_f32()?.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect()),
+                DType::F16 => (Dtype::F16, t.to_vec_f32()?.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect()),
+                _ => (Dtype::F32, t.to_vec_f32()?.iter().flat_map(|v| v.to_le_bytes()).collect()),
+            };
+            Ok((n.to_string(), dtype, bytes, t.shape().to_vec()))
+        })
         .collect::<Result<_>>()?;
     let views: Vec<(String, safetensors::tensor::TensorView)> = data
         .iter()
-        .map(|(n, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })?)))
+        .map(|(n, d, b, s)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).map_err(|e| st_err(e.to_string()))?)))
         .collect::<Result<_>>()?;
-    safetensors::serialize_to_file(views, None, path).map_err(|e| Error::Safetensors { path: path.to_owned(), msg: e.to_string() })
+    // Write beside the target and rename, so an interrupted save never leaves a torn file.
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp).map_err(|e| st_err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|err| Error::Io { path: path.to_owned(), err })
 }

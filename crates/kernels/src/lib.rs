@@ -15,9 +15,11 @@ pub mod attention;
 pub mod cpu;
 pub mod dot;
 pub mod dot_actq;
+pub mod flash;
 pub mod matmul;
 pub mod pool;
 pub mod quant;
+pub mod real;
 pub mod reference;
 pub mod vec;
 

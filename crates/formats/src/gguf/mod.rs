@@ -22,6 +22,7 @@ use augur_core::{DType, QuantType};
 pub fn dtype_of(ggml_type: u32) -> Option<DType> {
     match ggml_type {
         0 => Some(DType::F32),
+        28 => Some(DType::F64),
         1 => Some(DType::F16),
         30 => Some(DType::BF16),
         t => QuantType::from_ggml_id(t).map(DType::Quant),
@@ -32,6 +33,7 @@ pub fn dtype_of(ggml_type: u32) -> Option<DType> {
 pub fn ggml_type_of(dtype: DType) -> u32 {
     match dtype {
         DType::F32 => 0,
+        DType::F64 => 28,
         DType::F16 => 1,
         DType::BF16 => 30,
         DType::Quant(q) => q.ggml_id(),

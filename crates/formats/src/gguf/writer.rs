@@ -62,6 +62,7 @@ impl Writer {
             (DType::Quant(_), Some(raw)) if t.layout().is_contiguous() => raw.to_vec(),
             (DType::Quant(_), _) => return Err(Error::Tensor { name, msg: "quantized tensor view cannot be written".into() }),
             (DType::F32, _) => t.to_vec_f32()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            (DType::F64, _) => t.to_vec_f64()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
             (DType::F16, _) => t.to_vec_f32()?.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
             (DType::BF16, _) => t.to_vec_f32()?.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
         };

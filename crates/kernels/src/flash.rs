@@ -1,0 +1,298 @@
+//! FlashAttention on the CPU: the tiled, online-softmax forward pass and the FlashAttention-2
+//! backward pass (Dao 2023), over `[batch, heads, len, dim]` row-major slices.
+//!
+//! Neither pass holds a `q_len × k_len` matrix: the forward keeps a running maximum, a running sum
+//! and an output accumulator per query row while it walks the keys in tiles, and saves the row's
+//! log-sum-exp; the backward recomputes each probability from that log-sum-exp. Memory beyond the
+//! inputs and outputs is `O(dim)` per worker. The scalar reference in the tests materialises the
+//! whole matrix and must agree.
+
+use rayon::prelude::*;
+
+use crate::real::{axpy, dot, Real};
+
+/// Keys scored per tile of the forward pass.
+const TILE: usize = 64;
+
+/// Sizes of one attention call. Query heads are grouped over key/value heads (GQA): query head
+/// `h` reads key/value head `h / (heads / kv_heads)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    pub batch: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_len: usize,
+    pub k_len: usize,
+    pub dim: usize,
+}
+
+impl Shape {
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// Is the shape usable: heads divisible by kv heads, and for a causal mask at least as many
+    /// keys as queries (queries are the last `q_len` positions of the keys).
+    pub fn check(&self, causal: bool) -> Result<(), String> {
+        if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
+            return Err(format!("{} query heads cannot be grouped over {} key/value heads", self.heads, self.kv_heads));
+        }
+        if causal && self.q_len > self.k_len {
+            return Err(format!("a causal mask needs at least as many keys ({}) as queries ({})", self.k_len, self.q_len));
+        }
+        Ok(())
+    }
+}
+
+/// Which keys each query sees, and what is added to its scores.
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a, T> {
+    /// Query `i` sees keys `0..=i + k_len - q_len`.
+    pub causal: bool,
+    /// `[q_len × k_len]`, `true` where the query may attend (a tree mask, padding, ...).
+    pub allow: Option<&'a [bool]>,
+    /// `[heads × q_len × k_len]` added to the scaled scores (T5 relative bias, a learned bias).
+    pub bias: Option<&'a [T]>,
+    /// One ALiBi slope per query head: `-slope × |query position − key position|` is added.
+    pub alibi: Option<&'a [T]>,
+}
+
+impl<T: Real> Mask<'_, T> {
+    pub fn causal() -> Self {
+        Mask { causal: true, allow: None, bias: None, alibi: None }
+    }
+
+    #[inline]
+    fn key_end(&self, s: &Shape, i: usize) -> usize {
+        if self.causal {
+            i + s.k_len - s.q_len + 1
+        } else {
+            s.k_len
+        }
+    }
+
+    /// The scaled score's additive term for (head, query, key), or `None` when masked out.
+    #[inline]
+    fn term(&self, s: &Shape, h: usize, i: usize, j: usize) -> Option<T> {
+        if let Some(a) = self.allow {
+            if !a[i * s.k_len + j] {
+                return None;
+            }
+        }
+        let mut b = T::ZERO;
+        if let Some(bias) = self.bias {
+            b += bias[(h * s.q_len + i) * s.k_len + j];
+        }
+        if let Some(sl) = self.alibi {
+            let qi = i + s.k_len - s.q_len;
+            b -= sl[h] * T::from_f64(qi.abs_diff(j) as f64);
+        }
+        Some(b)
+    }
+}
+
+/// `out = softmax(q·kᵀ·scale + mask) · v`, and the log-sum-exp of every query row (`-inf` for a
+/// row that sees no key; its output is zero).
+#[allow(clippy::too_many_arguments)]
+pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T]) {
+    let (d, g) = (s.dim, s.group());
+    assert_eq!(q.len(), s.batch * s.heads * s.q_len * d);
+    assert_eq!(k.len(), s.batch * s.kv_heads * s.k_len * d);
+    assert_eq!(v.len(), k.len());
+    assert_eq!(out.len(), q.len());
+    assert_eq!(lse.len(), s.batch * s.heads * s.q_len);
+    let work = out.par_chunks_mut(s.q_len * d).zip(lse.par_chunks_mut(s.q_len));
+    work.enumerate().for_each(|(bh, (out, lse))| {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let kv = (b * s.kv_heads + h / g) * s.k_len * d;
+        let (k, v) = (&k[kv..kv + s.k_len * d], &v[kv..kv + s.k_len * d]);
+        let q = &q[bh * s.q_len * d..(bh + 1) * s.q_len * d];
+        let mut scores = [T::ZERO; TILE];
+        for i in 0..s.q_len {
+            let qi = &q[i * d..(i + 1) * d];
+            let acc = &mut out[i * d..(i + 1) * d];
+            acc.fill(T::ZERO);
+            let (mut mx, mut sum) = (T::NEG_INFINITY, T::ZERO);
+            let end = m.key_end(s, i);
+            for j0 in (0..end).step_by(TILE) {
+                let j1 = (j0 + TILE).min(end);
+                let mut tile_max = T::NEG_INFINITY;
+                for j in j0..j1 {
+                    let sc = match m.term(s, h, i, j) {
+                        Some(t) => dot(qi, &k[j * d..(j + 1) * d]) * scale + t,
+                        None => T::NEG_INFINITY,
+                    };
+                    scores[j - j0] = sc;
+                    tile_max = tile_max.max(sc);
+                }
+                if tile_max == T::NEG_INFINITY {
+                    continue;
+                }
+                let new_max = mx.max(tile_max);
+                if mx != T::NEG_INFINITY && new_max != mx {
+                    let c = (mx - new_max).exp();
+                    sum *= c;
+                    acc.iter_mut().for_each(|a| *a *= c);
+                }
+                mx = new_max;
+                for j in j0..j1 {
+                    if scores[j - j0] == T::NEG_INFINITY {
+                        continue;
+                    }
+                    let p = (scores[j - j0] - mx).exp();
+                    sum += p;
+                    axpy(p, &v[j * d..(j + 1) * d], acc);
+                }
+            }
+            if sum == T::ZERO {
+                lse[i] = T::NEG_INFINITY;
+            } else {
+                let inv = T::ONE / sum;
+                acc.iter_mut().for_each(|a| *a *= inv);
+                lse[i] = mx + sum.ln();
+            }
+        }
+    });
+}
+
+/// Gradients of [`forward`]'s output. `dbias`, when given, receives the bias gradient summed over
+/// the batch (`[heads × q_len × k_len]`). Probabilities are recomputed from `lse`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward<T: Real>(
+    s: &Shape,
+    m: &Mask<T>,
+    scale: T,
+    (q, k, v): (&[T], &[T], &[T]),
+    (out, lse, dout): (&[T], &[T], &[T]),
+    (dq, dk, dv): (&mut [T], &mut [T], &mut [T]),
+    dbias: Option<&mut [T]>,
+) {
+    let (d, g) = (s.dim, s.group());
+    let rows = s.q_len * d;
+    let keys = s.k_len * d;
+    let plane = s.q_len * s.k_len;
+    // One task per (batch, kv head): it owns that head's dk/dv and its query heads' dq.
+    let mut partial = dbias.as_ref().map(|_| vec![T::ZERO; s.batch * s.heads * plane]);
+    let mut tasks: Vec<_> = dq.chunks_mut(g * rows).zip(dk.chunks_mut(keys)).zip(dv.chunks_mut(keys)).collect();
+    let mut biases: Vec<Option<&mut [T]>> = match partial.as_mut() {
+        Some(p) => p.chunks_mut(g * plane).map(Some).collect(),
+        None => (0..tasks.len()).map(|_| None).collect(),
+    };
+    let work: Vec<_> = tasks.drain(..).zip(biases.drain(..)).enumerate().collect();
+    work.into_par_iter().for_each(|(bg, (((dq, dk), dv), mut db))| {
+        dq.fill(T::ZERO);
+        dk.fill(T::ZERO);
+        dv.fill(T::ZERO);
+        let (k, v) = (&k[bg * keys..(bg + 1) * keys], &v[bg * keys..(bg + 1) * keys]);
+        let b = bg / s.kv_heads;
+        for r in 0..g {
+            let h = (bg % s.kv_heads) * g + r;
+            let base = (b * s.heads + h) * s.q_len;
+            for i in 0..s.q_len {
+                let l = lse[base + i];
+                if l == T::NEG_INFINITY {
+                    continue;
+                }
+                let row = (base + i) * d;
+                let (qi, oi, doi) = (&q[row..row + d], &out[row..row + d], &dout[row..row + d]);
+                let di = dot(doi, oi);
+                let dqi = &mut dq[(r * s.q_len + i) * d..(r * s.q_len + i + 1) * d];
+                for j in 0..m.key_end(s, i) {
+                    let Some(t) = m.term(s, h, i, j) else { continue };
+                    let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
+                    let p = (dot(qi, kj) * scale + t - l).exp();
+                    axpy(p, doi, &mut dv[j * d..(j + 1) * d]);
+                    let ds = p * (dot(doi, vj) - di);
+                    axpy(ds * scale, kj, dqi);
+                    axpy(ds * scale, qi, &mut dk[j * d..(j + 1) * d]);
+                    if let Some(db) = db.as_deref_mut() {
+                        db[(r * s.q_len + i) * s.k_len + j] += ds;
+                    }
+                }
+            }
+        }
+    });
+    if let (Some(dbias), Some(p)) = (dbias, partial) {
+        dbias.fill(T::ZERO);
+        for chunk in p.chunks(s.heads * plane) {
+            dbias.iter_mut().zip(chunk).for_each(|(a, &b)| *a += b);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The whole score matrix, softmaxed, times v: the plain definition.
+    fn naive(s: &Shape, m: &Mask<f64>, scale: f64, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+        let d = s.dim;
+        let mut out = vec![0.0; q.len()];
+        for b in 0..s.batch {
+            for h in 0..s.heads {
+                let kv = (b * s.kv_heads + h / s.group()) * s.k_len * d;
+                for i in 0..s.q_len {
+                    let row = ((b * s.heads + h) * s.q_len + i) * d;
+                    let sc: Vec<f64> = (0..s.k_len)
+                        .map(|j| match (j < m.key_end(s, i)).then(|| m.term(s, h, i, j)).flatten() {
+                            Some(t) => (0..d).map(|x| q[row + x] * k[kv + j * d + x]).sum::<f64>() * scale + t,
+                            None => f64::NEG_INFINITY,
+                        })
+                        .collect();
+                    let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    if mx == f64::NEG_INFINITY {
+                        continue;
+                    }
+                    let z: f64 = sc.iter().map(|x| (x - mx).exp()).sum();
+                    for (j, x) in sc.iter().enumerate() {
+                        let p = (x - mx).exp() / z;
+                        for e in 0..d {
+                            out[row + e] += p * v[kv + j * d + e];
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn data(n: usize, seed: u64) -> Vec<f64> {
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    proptest! {
+        #[test]
+        fn forward_equals_the_naive_definition(
+            batch in 1usize..3, kv_heads in 1usize..3, group in 1usize..3, q_len in 1usize..9,
+            extra in 0usize..80, dim in 1usize..12, causal: bool, masked: bool, biased: bool, alibi: bool, seed: u64,
+        ) {
+            let heads = kv_heads * group;
+            let k_len = q_len + extra;
+            let s = Shape { batch, heads, kv_heads, q_len, k_len, dim };
+            let allow: Vec<bool> = data(q_len * k_len, seed ^ 1).iter().map(|x| *x > -0.6).collect();
+            let bias = data(heads * q_len * k_len, seed ^ 2);
+            let slopes = data(heads, seed ^ 3).iter().map(|x| x.abs()).collect::<Vec<_>>();
+            let m = Mask {
+                causal,
+                allow: masked.then_some(&allow[..]),
+                bias: biased.then_some(&bias[..]),
+                alibi: alibi.then_some(&slopes[..]),
+            };
+            let (q, k, v) = (data(batch * heads * q_len * dim, seed), data(batch * kv_heads * k_len * dim, seed ^ 4), data(batch * kv_heads * k_len * dim, seed ^ 5));
+            let mut out = vec![0.0; q.len()];
+            let mut lse = vec![0.0; batch * heads * q_len];
+            forward(&s, &m, 0.37, &q, &k, &v, &mut out, &mut lse);
+            let want = naive(&s, &m, 0.37, &q, &k, &v);
+            for (a, b) in out.iter().zip(&want) {
+                prop_assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+        }
+    }
+}
