@@ -1,0 +1,205 @@
+//! Optimizers (SGD with momentum, AdamW), learning-rate schedules and gradient clipping.
+//! Updates are in place on f32 master weights, keyed by parameter name.
+
+use std::collections::HashMap;
+
+use augur_core::Tensor;
+use augur_formats::safetensors::Checkpoint;
+
+use crate::error::{invalid, Result};
+use crate::module::Module;
+
+/// Something that updates a module's parameters from their gradients.
+pub trait Optimizer {
+    /// One update of every parameter that requires a gradient and has one.
+    fn step(&mut self, model: &mut dyn Module) -> Result<()>;
+    fn lr(&self) -> f64;
+    fn set_lr(&mut self, lr: f64);
+    /// The optimizer's state as named tensors (for resumable checkpoints).
+    fn state(&self) -> Vec<(String, Tensor)>;
+    /// Restore what [`Optimizer::state`] wrote.
+    fn load_state(&mut self, ck: &Checkpoint) -> Result<()>;
+}
+
+/// Which parameters get weight decay: by default matrices and embeddings, not norms or biases.
+pub fn decays(_name: &str, t: &Tensor) -> bool {
+    t.rank() >= 2
+}
+
+/// Visit each trainable parameter with its gradient as f32.
+fn for_each_grad(model: &mut dyn Module, mut f: impl FnMut(&str, &mut Tensor, &[f32]) -> Result<()>) -> Result<()> {
+    let mut res = Ok(());
+    model.visit("", &mut |name, p| {
+        if res.is_err() || !p.is_requires_grad() {
+            return;
+        }
+        let Some(g) = p.grad() else { return };
+        res = g.to_vec_f32().map_err(Into::into).and_then(|g| f(name, p, &g));
+    });
+    res
+}
+
+/// SGD with momentum (PyTorch's form: `b = μb + g`, `p −= lr·b`) and L2 weight decay.
+#[derive(Debug, Clone)]
+pub struct Sgd {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    buf: HashMap<String, Vec<f32>>,
+}
+
+impl Sgd {
+    pub fn new(lr: f64, momentum: f64, weight_decay: f64) -> Self {
+        Sgd { lr, momentum, weight_decay, buf: HashMap::new() }
+    }
+}
+
+impl Optimizer for Sgd {
+    fn step(&mut self, model: &mut dyn Module) -> Result<()> {
+        let (lr, mu, wd) = (self.lr as f32, self.momentum as f32, self.weight_decay as f32);
+        let bufs = &mut self.buf;
+        for_each_grad(model, |name, p, g| {
+            let wd = if decays(name, p) { wd } else { 0.0 };
+            let first = !bufs.contains_key(name);
+            let b = bufs.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
+            let w = p.values_mut_f32()?;
+            for i in 0..w.len() {
+                let gi = g[i] + wd * w[i];
+                b[i] = if first || mu == 0.0 { gi } else { mu * b[i] + gi };
+                w[i] -= lr * if mu == 0.0 { gi } else { b[i] };
+            }
+            Ok(())
+        })
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.buf.iter().map(|(n, b)| (format!("sgd.momentum.{n}"), Tensor::from_vec(b.clone(), &[b.len()]).expect("1-d"))).collect()
+    }
+    fn load_state(&mut self, ck: &Checkpoint) -> Result<()> {
+        self.buf = ck.names().filter_map(|n| n.strip_prefix("sgd.momentum.").map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect::<Result<_>>()?;
+        Ok(())
+    }
+}
+
+/// AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, computed as PyTorch does.
+#[derive(Debug, Clone)]
+pub struct AdamW {
+    pub lr: f64,
+    pub betas: (f64, f64),
+    pub eps: f64,
+    pub weight_decay: f64,
+    step: u64,
+    m: HashMap<String, Vec<f32>>,
+    v: HashMap<String, Vec<f32>>,
+}
+
+impl AdamW {
+    pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
+        AdamW { lr, betas, eps, weight_decay, step: 0, m: HashMap::new(), v: HashMap::new() }
+    }
+
+    /// Steps taken so far.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+}
+
+impl Optimizer for AdamW {
+    fn step(&mut self, model: &mut dyn Module) -> Result<()> {
+        self.step += 1;
+        let t = self.step as i32;
+        let (b1, b2) = (self.betas.0 as f32, self.betas.1 as f32);
+        let lr = self.lr as f32;
+        let bc1 = 1.0 - b1.powi(t);
+        let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
+        let step_size = lr / bc1;
+        let (eps, wd) = (self.eps as f32, self.weight_decay as f32);
+        let (ms, vs) = (&mut self.m, &mut self.v);
+        for_each_grad(model, |name, p, g| {
+            let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
+            let m = ms.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
+            let v = vs.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
+            if m.len() != g.len() {
+                return invalid(format!("AdamW state for `{name}` has {} values, the parameter {}", m.len(), g.len()));
+            }
+            let w = p.values_mut_f32()?;
+            for i in 0..w.len() {
+                w[i] *= decay;
+                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
+                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
+                let denom = v[i].sqrt() / bc2_sqrt + eps;
+                w[i] -= step_size * m[i] / denom;
+            }
+            Ok(())
+        })
+    }
+    fn lr(&self) -> f64 {
+        self.lr
+    }
+    fn set_lr(&mut self, lr: f64) {
+        self.lr = lr;
+    }
+    fn state(&self) -> Vec<(String, Tensor)> {
+        let vec1 = |v: &Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]).expect("1-d");
+        let mut out = vec![("adamw.step".to_string(), Tensor::from_f64(vec![self.step as f64], &[1]).expect("1"))];
+        out.extend(self.m.iter().map(|(n, v)| (format!("adamw.m.{n}"), vec1(v))));
+        out.extend(self.v.iter().map(|(n, v)| (format!("adamw.v.{n}"), vec1(v))));
+        out
+    }
+    fn load_state(&mut self, ck: &Checkpoint) -> Result<()> {
+        self.step = ck.get("adamw.step")?.to_vec_f64()?[0] as u64;
+        let grab = |prefix: &str| -> Result<HashMap<String, Vec<f32>>> {
+            ck.names().filter_map(|n| n.strip_prefix(prefix).map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect()
+        };
+        self.m = grab("adamw.m.")?;
+        self.v = grab("adamw.v.")?;
+        Ok(())
+    }
+}
+
+/// Linear warm-up to `base_lr` over `warmup` steps, then cosine decay to `min_lr` at `total`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LrSchedule {
+    pub base_lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    pub total: usize,
+}
+
+impl LrSchedule {
+    /// The learning rate for (0-based) step `step`.
+    pub fn at(&self, step: usize) -> f64 {
+        if step < self.warmup {
+            return self.base_lr * (step + 1) as f64 / self.warmup as f64;
+        }
+        if step >= self.total {
+            return self.min_lr;
+        }
+        let p = (step - self.warmup) as f64 / (self.total - self.warmup).max(1) as f64;
+        self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + (std::f64::consts::PI * p).cos())
+    }
+}
+
+/// Scale every gradient so their global L2 norm is at most `max_norm` (PyTorch's
+/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)`, capped at 1). Returns the norm before.
+pub fn clip_grad_norm(model: &mut dyn Module, max_norm: f64) -> Result<f64> {
+    let grads = crate::module::with_grads(model);
+    let mut sq = 0f64;
+    for p in &grads {
+        sq += p.grad().expect("has grad").to_vec_f32()?.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+    }
+    let norm = sq.sqrt();
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        for p in &grads {
+            let g = p.grad().expect("has grad");
+            p.set_grad(Some(g.scale(coef)?))?;
+        }
+    }
+    Ok(norm)
+}
