@@ -178,7 +178,7 @@ impl Block {
                 MlpKind::Gelu => Mlp::Gelu(GeluMlp::new(c.dim, c.hidden, c.bias, c.init_std, out_std, rng)),
                 MlpKind::Swiglu => Mlp::Swiglu(SwiGlu::new(c.dim, c.hidden, c.init_std, out_std, rng)),
             },
-            drop: Dropout::new(c.dropout, c.seed ^ (layer as u64 + 1) * 0x9E37),
+            drop: Dropout::new(c.dropout, c.seed ^ ((layer as u64 + 1) * 0x9E37)),
         }
     }
 
