@@ -15,7 +15,10 @@ use serde_json::json;
 use crate::common::{ModelArgs, PrecisionArgs};
 
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub what: Option<What>,
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt tokens to prefill.
@@ -38,6 +41,15 @@ pub struct Args {
     /// Also measure memory read bandwidth over a buffer the size of the weights (the decode bound).
     #[arg(long)]
     pub bandwidth: bool,
+}
+
+/// Benchmarks other than inference speed.
+#[derive(clap::Subcommand, Debug)]
+pub enum What {
+    /// Training steps per second of a GPT (forward, backward, AdamW), as JSON.
+    Train(crate::bench_train::TrainArgs),
+    /// FlashAttention forward + backward: time and peak RSS at one sequence length.
+    Attention(crate::bench_train::AttentionArgs),
 }
 
 /// Read bandwidth in GB/s over `bytes` bytes with the worker pool (best of 5 passes).
@@ -64,19 +76,24 @@ fn read_bandwidth(bytes: usize) -> f64 {
     best
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
 /// Peak resident set size of this process in MiB (Linux), if known.
-fn peak_rss_mib() -> Option<f64> {
+pub(crate) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
     let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
 pub fn main(a: Args) -> Result<()> {
+    match a.what {
+        Some(What::Train(t)) => return crate::bench_train::train(t),
+        Some(What::Attention(t)) => return crate::bench_train::attention(t),
+        None => {}
+    }
     ensure!(a.runs > 0, "--runs must be at least 1");
     ensure!(a.prompt_len > 0, "--prompt-len must be at least 1");
     ensure!(!a.batches.contains(&0), "--batches sizes must be at least 1");

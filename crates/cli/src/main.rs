@@ -1,6 +1,7 @@
 //! `augur`: run, chat with, inspect and benchmark language models.
 
 mod bench;
+mod bench_train;
 mod chat;
 mod common;
 mod inspect;

@@ -1,0 +1,146 @@
+//! `augur bench train`: tokens/s of full training steps (forward, backward, AdamW) of a GPT, and
+//! `augur bench attention`: time and peak RSS of a FlashAttention forward + backward.
+
+use std::time::Instant;
+
+use anyhow::{ensure, Context, Result};
+use augur_core::{AttentionMask, DType, Tensor};
+use augur_nn::amp::autocast;
+use augur_nn::optim::{AdamW, Optimizer};
+use augur_nn::{Gpt, GptConfig, ModuleExt, Rng};
+use serde_json::json;
+
+use crate::bench::{median, peak_rss_mib};
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    /// A preset (tiny, small) or a GPT config JSON file.
+    #[arg(long, default_value = "small")]
+    pub config: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Timed steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub steps: usize,
+    /// f32, or bf16/f16 autocast.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+}
+
+/// The autocast dtype of a `--precision` value.
+pub fn parse_precision(s: &str) -> Result<Option<DType>> {
+    match s {
+        "f32" => Ok(None),
+        "bf16" => Ok(Some(DType::BF16)),
+        "f16" => Ok(Some(DType::F16)),
+        _ => anyhow::bail!("--precision must be f32, bf16 or f16, not `{s}`"),
+    }
+}
+
+/// Size rayon's pool (used by the training ops) once per process.
+pub fn set_train_threads(threads: Option<usize>) -> Result<usize> {
+    if let Some(t) = threads {
+        ensure!(t > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("the thread pool is already running")?;
+    }
+    Ok(rayon::current_num_threads())
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    ensure!(a.steps > 0 && a.batch > 0 && a.seq_len > 0, "--steps, --batch and --seq-len must be positive");
+    let threads = set_train_threads(a.threads)?;
+    let precision = parse_precision(&a.precision)?;
+    let cfg = GptConfig::from_arg(&a.config)?;
+    let mut model = Gpt::new(cfg.clone())?;
+    let params = model.num_parameters();
+    let mut opt = AdamW::new(3e-4, (0.9, 0.95), 1e-8, 0.1);
+    let mut rng = Rng::new(0);
+    let n = a.batch * a.seq_len;
+    let mut times = vec![];
+    let mut loss = 0.0;
+    for step in 0..=a.steps {
+        let ids: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab) as u32).collect();
+        let tgt: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab) as u32).collect();
+        let t = Instant::now();
+        let l = autocast(precision, || model.loss(&ids, &tgt, a.batch))??;
+        l.backward()?;
+        opt.step(&mut model)?;
+        model.zero_grad();
+        if step > 0 {
+            times.push(t.elapsed().as_secs_f64());
+        }
+        loss = l.item()?;
+    }
+    let step_s = median(times);
+    println!(
+        "{}",
+        json!({
+            "bench": "train",
+            "config": a.config,
+            "model": cfg,
+            "parameters": params,
+            "batch": a.batch,
+            "seq_len": a.seq_len,
+            "threads": threads,
+            "precision": a.precision,
+            "steps": a.steps,
+            "step_ms": step_s * 1e3,
+            "tokens_per_s": n as f64 / step_s,
+            "last_loss": loss,
+            "peak_rss_mib": peak_rss_mib(),
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct AttentionArgs {
+    /// Sequence length (queries = keys, causal).
+    #[arg(long, default_value_t = 4096)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    #[arg(long)]
+    pub threads: Option<usize>,
+}
+
+pub fn attention(a: AttentionArgs) -> Result<()> {
+    let threads = set_train_threads(a.threads)?;
+    let before = peak_rss_mib();
+    let mut rng = Rng::new(1);
+    let mut mk = || -> Result<Tensor> {
+        let n = a.heads * a.seq_len * a.head_dim;
+        Ok(Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect(), &[1, a.heads, a.seq_len, a.head_dim])?.requires_grad(true))
+    };
+    let (q, k, v) = (mk()?, mk()?, mk()?);
+    let inputs_mib = peak_rss_mib();
+    let t = Instant::now();
+    let out = Tensor::attention(&q, &k, &v, None, &AttentionMask { causal: true, ..Default::default() })?;
+    let fwd = t.elapsed().as_secs_f64();
+    out.sum_all()?.backward()?;
+    let total = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({
+            "bench": "attention",
+            "seq_len": a.seq_len,
+            "heads": a.heads,
+            "head_dim": a.head_dim,
+            "threads": threads,
+            "forward_ms": fwd * 1e3,
+            "backward_ms": (total - fwd) * 1e3,
+            "rss_before_mib": before,
+            "rss_with_inputs_mib": inputs_mib,
+            "peak_rss_mib": peak_rss_mib(),
+            "score_matrix_would_be_mib": (a.heads * a.seq_len * a.seq_len * 4) as f64 / (1 << 20) as f64,
+        })
+    );
+    Ok(())
+}
