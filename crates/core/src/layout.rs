@@ -75,6 +75,46 @@ impl Layout {
         })
     }
 
+    /// Storage offsets of the first element of every innermost row, in row-major order (one
+    /// offset for a 0-d layout). Rows are `shape[last]` elements `strides[last]` apart.
+    pub fn row_starts(&self) -> impl Iterator<Item = usize> + '_ {
+        let outer = self.shape.len().saturating_sub(1);
+        let n: usize = self.shape[..outer].iter().product();
+        let n = if self.shape.last() == Some(&0) { 0 } else { n };
+        let mut idx = vec![0usize; outer];
+        let mut first = true;
+        (0..n).map(move |_| {
+            if !first {
+                for d in (0..outer).rev() {
+                    idx[d] += 1;
+                    if idx[d] < self.shape[d] {
+                        break;
+                    }
+                    idx[d] = 0;
+                }
+            }
+            first = false;
+            self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>()
+        })
+    }
+
+    /// The elements of `data` this layout selects, in row-major order, mapped through `f`.
+    pub fn gather<S: Copy, T>(&self, data: &[S], f: impl Fn(S) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(self.numel());
+        let (n, st) = match (self.shape.last(), self.strides.last()) {
+            (Some(&n), Some(&st)) => (n, st),
+            _ => return vec![f(data[self.offset])],
+        };
+        for r in self.row_starts() {
+            if st == 1 {
+                out.extend(data[r..r + n].iter().map(|&x| f(x)));
+            } else {
+                out.extend((0..n).map(|j| f(data[r + j * st])));
+            }
+        }
+        out
+    }
+
     /// Same elements, new shape; contiguous layouts only.
     pub fn reshape(&self, shape: &[usize]) -> Result<Layout> {
         if shape.iter().product::<usize>() != self.numel() {

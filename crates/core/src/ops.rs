@@ -72,10 +72,12 @@ impl UnaryOp {
     #[inline(always)]
     fn apply<T: Real>(self, x: T) -> T {
         let one = T::ONE;
-        let sig = |x: T| one / (one + (-x).exp());
+        let sig = |x: T| one / (one + (-x).fast_exp());
+        // tanh through one exponential (saturates cleanly: e^{2u} → ∞ gives 1, → 0 gives −1).
+        let tanh = |u: T| one - T::from_f64(2.0) / ((u + u).fast_exp() + one);
         match self {
             UnaryOp::Neg => -x,
-            UnaryOp::Exp => x.exp(),
+            UnaryOp::Exp => x.fast_exp(),
             UnaryOp::Log => x.ln(),
             UnaryOp::Sqrt => x.sqrt(),
             UnaryOp::Recip => one / x,
@@ -87,7 +89,7 @@ impl UnaryOp {
             UnaryOp::Relu => x.max(T::ZERO),
             UnaryOp::Gelu => {
                 let u = T::from_f64(SQRT_2_OVER_PI) * (x + T::from_f64(GELU_C) * x * x * x);
-                T::from_f64(0.5) * x * (one + u.tanh())
+                T::from_f64(0.5) * x * (one + tanh(u))
             }
             UnaryOp::SiluGrad => {
                 let s = sig(x);
@@ -96,7 +98,7 @@ impl UnaryOp {
             UnaryOp::GeluGrad => {
                 let c = T::from_f64(SQRT_2_OVER_PI);
                 let k = T::from_f64(GELU_C);
-                let t = (c * (x + k * x * x * x)).tanh();
+                let t = tanh(c * (x + k * x * x * x));
                 let half = T::from_f64(0.5);
                 half * (one + t) + half * x * (one - t * t) * c * (one + T::from_f64(3.0) * k * x * x)
             }
@@ -138,11 +140,21 @@ fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sy
     }
 }
 
+/// `map_into` with the op fixed at compile time, so each loop is branch-free and vectorizes.
+macro_rules! per_variant {
+    ($op:expr, $ty:ident, [$($v:ident),*], |$o:ident| $call:expr) => {
+        match $op {
+            $($ty::$v => { let $o = $ty::$v; $call })*
+        }
+    };
+}
+
 pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let mut out = vec![T::ZERO; v.len()];
-        map_into(&v, &mut out, |a| op.apply(a));
+        per_variant!(op, UnaryOp, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
+            |o| map_into(&v, &mut out, |a| o.apply(a)));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -170,20 +182,22 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
             shape.ends_with(&s[lead..])
         };
         if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
-            zip_into(&a.values::<T>()?, &b.values::<T>()?, &mut out, |x, y| op.apply(x, y));
+            let (x, y) = (a.values::<T>()?, b.values::<T>()?);
+            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |o| zip_into(&x, &y, &mut out, |x, y| o.apply(x, y)));
         } else if a.shape() == shape.as_slice() && trailing(b) && b.numel() > 0 {
             // b repeats along the leading dims (a bias, a per-channel gain).
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
             let m = y.len();
-            out.par_chunks_mut(m.max(PAR_CHUNK / m.max(1) * m)).zip(x.par_chunks(m.max(PAR_CHUNK / m.max(1) * m))).for_each(|(o, x)| {
+            let chunk = m.max(PAR_CHUNK / m.max(1) * m);
+            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |op| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
                 for (o, x) in o.chunks_mut(m).zip(x.chunks(m)) {
                     o.iter_mut().zip(x.iter().zip(y.iter())).for_each(|(o, (&x, &y))| *o = op.apply(x, y));
                 }
-            });
+            }));
         } else {
             let x = a.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
             let y = b.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
-            zip_into(&x, &y, &mut out, |x, y| op.apply(x, y));
+            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |o| zip_into(&x, &y, &mut out, |x, y| o.apply(x, y)));
         }
         Ok(Tensor::from_values(out, &shape))
     })
@@ -315,7 +329,7 @@ pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
             let mx = if mx == T::NEG_INFINITY { T::ZERO } else { mx };
             let mut z = T::ZERO;
             for e in r.iter_mut() {
-                *e = (*e - mx).exp();
+                *e = (*e - mx).fast_exp();
                 z += *e;
             }
             if log {
@@ -464,7 +478,7 @@ pub(crate) fn cross_entropy(logits: &Tensor, targets: &[u32], ignore: Option<u32
                 continue;
             }
             let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
-            let lse = mx + r.iter().map(|&x| (x - mx).exp()).sum::<T>().ln();
+            let lse = mx + r.iter().map(|&x| (x - mx).fast_exp()).sum::<T>().ln();
             total += lse - r[t as usize];
             count += 1;
         }
@@ -500,7 +514,7 @@ pub(crate) fn cross_entropy_backward(logits: &Tensor, targets: &[u32], ignore: O
             let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
             let mut z = T::ZERO;
             for e in r.iter_mut() {
-                *e = (*e - mx).exp();
+                *e = (*e - mx).fast_exp();
                 z += *e;
             }
             let inv = s / z;

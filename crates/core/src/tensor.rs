@@ -188,7 +188,8 @@ impl Tensor {
             }
         }
         Ok(Cow::Owned(match &*self.storage {
-            Storage::F64(v) => self.layout.indices().map(|i| T::from_f64(v[i])).collect(),
+            Storage::F64(v) => self.layout.gather(v, T::from_f64),
+            Storage::F32(v) => self.layout.gather(v, T::from_f32),
             _ => self.to_vec_f32()?.into_iter().map(T::from_f32).collect(),
         }))
     }
@@ -221,15 +222,15 @@ impl Tensor {
         }
         let l = &self.layout;
         Ok(match &*self.storage {
-            Storage::F32(v) => l.indices().map(|i| v[i]).collect(),
-            Storage::F64(v) => l.indices().map(|i| v[i] as f32).collect(),
-            Storage::F16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
-            Storage::BF16(v) => l.indices().map(|i| v[i].to_f32()).collect(),
+            Storage::F32(v) => l.gather(v, |x| x),
+            Storage::F64(v) => l.gather(v, |x| x as f32),
+            Storage::F16(v) => l.gather(v, f16::to_f32),
+            Storage::BF16(v) => l.gather(v, bf16::to_f32),
             Storage::Raw { dtype, bytes } => {
                 let b = bytes.as_slice();
                 match dtype {
-                    DType::F16 => l.indices().map(|i| cast_slice::<f16>(b).expect("aligned")[i].to_f32()).collect(),
-                    DType::BF16 => l.indices().map(|i| cast_slice::<bf16>(b).expect("aligned")[i].to_f32()).collect(),
+                    DType::F16 => l.gather(cast_slice::<f16>(b).expect("aligned"), f16::to_f32),
+                    DType::BF16 => l.gather(cast_slice::<bf16>(b).expect("aligned"), bf16::to_f32),
                     DType::Quant(_) | DType::F32 | DType::F64 => {
                         // Quantized tensors are always contiguous rows (views cannot split blocks).
                         let (rows, k) = (self.numel() / self.shape().last().copied().unwrap_or(1), *self.shape().last().unwrap_or(&1));

@@ -9,10 +9,32 @@
 
 use rayon::prelude::*;
 
-use crate::real::{axpy, dot, Real};
+use crate::real::{dot, Real};
 
-/// Keys scored per tile of the forward pass.
-const TILE: usize = 64;
+/// Query rows and keys per tile: each tile's scores are one small matrix product.
+const BR: usize = 32;
+const BC: usize = 64;
+
+/// `dst[m×n] (+)= beta · a[m×k] · b[k×n]`, each operand given by its row and column strides.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+fn mm<T: Real>((m, n, k): (usize, usize, usize), dst: &mut [T], dst_rs: usize, add: bool, a: &[T], (a_rs, a_cs): (usize, usize), b: &[T], (b_rs, b_cs): (usize, usize), beta: T) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n);
+    assert!(a.len() > (m - 1) * a_rs + (k - 1) * a_cs && b.len() > (k - 1) * b_rs + (n - 1) * b_cs);
+    // SAFETY: the assertions above keep every index gemm forms inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, dst_rs as isize, add,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            T::ONE, beta, false, false, false, gemm::Parallelism::None,
+        );
+    }
+}
 
 /// Sizes of one attention call. Query heads are grouped over key/value heads (GQA): query head
 /// `h` reads key/value head `h / (heads / kv_heads)`.
@@ -107,49 +129,60 @@ pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &
         let kv = (b * s.kv_heads + h / g) * s.k_len * d;
         let (k, v) = (&k[kv..kv + s.k_len * d], &v[kv..kv + s.k_len * d]);
         let q = &q[bh * s.q_len * d..(bh + 1) * s.q_len * d];
-        let mut scores = [T::ZERO; TILE];
-        for i in 0..s.q_len {
-            let qi = &q[i * d..(i + 1) * d];
-            let acc = &mut out[i * d..(i + 1) * d];
+        let mut sc = vec![T::ZERO; BR * BC];
+        let (mut mx, mut sum) = ([T::ZERO; BR], [T::ZERO; BR]);
+        for i0 in (0..s.q_len).step_by(BR) {
+            let br = BR.min(s.q_len - i0);
+            let acc = &mut out[i0 * d..(i0 + br) * d];
             acc.fill(T::ZERO);
-            let (mut mx, mut sum) = (T::NEG_INFINITY, T::ZERO);
-            let end = m.key_end(s, i);
-            for j0 in (0..end).step_by(TILE) {
-                let j1 = (j0 + TILE).min(end);
-                let mut tile_max = T::NEG_INFINITY;
-                for j in j0..j1 {
-                    let sc = match m.term(s, h, i, j) {
-                        Some(t) => dot(qi, &k[j * d..(j + 1) * d]) * scale + t,
-                        None => T::NEG_INFINITY,
-                    };
-                    scores[j - j0] = sc;
-                    tile_max = tile_max.max(sc);
-                }
-                if tile_max == T::NEG_INFINITY {
-                    continue;
-                }
-                let new_max = mx.max(tile_max);
-                if mx != T::NEG_INFINITY && new_max != mx {
-                    let c = (mx - new_max).exp();
-                    sum *= c;
-                    acc.iter_mut().for_each(|a| *a *= c);
-                }
-                mx = new_max;
-                for j in j0..j1 {
-                    if scores[j - j0] == T::NEG_INFINITY {
+            mx[..br].fill(T::NEG_INFINITY);
+            sum[..br].fill(T::ZERO);
+            let end = m.key_end(s, i0 + br - 1);
+            for j0 in (0..end).step_by(BC) {
+                let bc = BC.min(end - j0);
+                // Scores of the tile: q rows i0.. against k rows j0.. (kᵀ read in place).
+                mm((br, bc, d), &mut sc, BC, false, &q[i0 * d..], (d, 1), &k[j0 * d..], (1, d), scale);
+                for r in 0..br {
+                    let i = i0 + r;
+                    let row = &mut sc[r * BC..r * BC + bc];
+                    let lim = m.key_end(s, i);
+                    let mut tile_max = T::NEG_INFINITY;
+                    for (c, x) in row.iter_mut().enumerate() {
+                        let j = j0 + c;
+                        *x = match (j < lim).then(|| m.term(s, h, i, j)).flatten() {
+                            Some(t) => *x + t,
+                            None => T::NEG_INFINITY,
+                        };
+                        tile_max = tile_max.max(*x);
+                    }
+                    if tile_max == T::NEG_INFINITY {
+                        row.fill(T::ZERO);
                         continue;
                     }
-                    let p = (scores[j - j0] - mx).exp();
-                    sum += p;
-                    axpy(p, &v[j * d..(j + 1) * d], acc);
+                    let new_max = mx[r].max(tile_max);
+                    if mx[r] != T::NEG_INFINITY && new_max != mx[r] {
+                        let c = (mx[r] - new_max).fast_exp();
+                        sum[r] *= c;
+                        acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
+                    }
+                    mx[r] = new_max;
+                    for x in row.iter_mut() {
+                        *x = if *x == T::NEG_INFINITY { T::ZERO } else { (*x - new_max).fast_exp() };
+                        sum[r] += *x;
+                    }
                 }
+                // acc += P · v rows j0..
+                mm((br, d, bc), acc, d, true, &sc, (BC, 1), &v[j0 * d..], (d, 1), T::ONE);
             }
-            if sum == T::ZERO {
-                lse[i] = T::NEG_INFINITY;
-            } else {
-                let inv = T::ONE / sum;
-                acc.iter_mut().for_each(|a| *a *= inv);
-                lse[i] = mx + sum.ln();
+            for r in 0..br {
+                if sum[r] == T::ZERO {
+                    lse[i0 + r] = T::NEG_INFINITY;
+                    acc[r * d..(r + 1) * d].fill(T::ZERO);
+                } else {
+                    let inv = T::ONE / sum[r];
+                    acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= inv);
+                    lse[i0 + r] = mx[r] + sum[r].ln();
+                }
             }
         }
     });
@@ -185,29 +218,55 @@ pub fn backward<T: Real>(
         dv.fill(T::ZERO);
         let (k, v) = (&k[bg * keys..(bg + 1) * keys], &v[bg * keys..(bg + 1) * keys]);
         let b = bg / s.kv_heads;
+        let (mut p, mut dp) = (vec![T::ZERO; BR * BC], vec![T::ZERO; BR * BC]);
+        let mut delta = vec![T::ZERO; s.q_len];
         for r in 0..g {
             let h = (bg % s.kv_heads) * g + r;
             let base = (b * s.heads + h) * s.q_len;
-            for i in 0..s.q_len {
-                let l = lse[base + i];
-                if l == T::NEG_INFINITY {
-                    continue;
-                }
-                let row = (base + i) * d;
-                let (qi, oi, doi) = (&q[row..row + d], &out[row..row + d], &dout[row..row + d]);
-                let di = dot(doi, oi);
-                let dqi = &mut dq[(r * s.q_len + i) * d..(r * s.q_len + i + 1) * d];
-                for j in 0..m.key_end(s, i) {
-                    let Some(t) = m.term(s, h, i, j) else { continue };
-                    let (kj, vj) = (&k[j * d..(j + 1) * d], &v[j * d..(j + 1) * d]);
-                    let p = (dot(qi, kj) * scale + t - l).exp();
-                    axpy(p, doi, &mut dv[j * d..(j + 1) * d]);
-                    let ds = p * (dot(doi, vj) - di);
-                    axpy(ds * scale, kj, dqi);
-                    axpy(ds * scale, qi, &mut dk[j * d..(j + 1) * d]);
-                    if let Some(db) = db.as_deref_mut() {
-                        db[(r * s.q_len + i) * s.k_len + j] += ds;
+            let (q, o, dout) = (&q[base * d..(base + s.q_len) * d], &out[base * d..(base + s.q_len) * d], &dout[base * d..(base + s.q_len) * d]);
+            let lse = &lse[base..base + s.q_len];
+            let dq = &mut dq[r * rows..(r + 1) * rows];
+            for (i, dl) in delta.iter_mut().enumerate() {
+                *dl = dot(&dout[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]);
+            }
+            for j0 in (0..s.k_len).step_by(BC) {
+                let bc = BC.min(s.k_len - j0);
+                for i0 in (0..s.q_len).step_by(BR) {
+                    let br = BR.min(s.q_len - i0);
+                    if m.key_end(s, i0 + br - 1) <= j0 {
+                        continue; // every query of the block is before these keys
                     }
+                    // P = exp(scores − lse), zero where masked.
+                    mm((br, bc, d), &mut p, BC, false, &q[i0 * d..], (d, 1), &k[j0 * d..], (1, d), scale);
+                    for rr in 0..br {
+                        let i = i0 + rr;
+                        let lim = m.key_end(s, i);
+                        for c in 0..bc {
+                            let j = j0 + c;
+                            let x = &mut p[rr * BC + c];
+                            *x = match (j < lim && lse[i] != T::NEG_INFINITY).then(|| m.term(s, h, i, j)).flatten() {
+                                Some(t) => (*x + t - lse[i]).fast_exp(),
+                                None => T::ZERO,
+                            };
+                        }
+                    }
+                    // dv_j += Pᵀ · dO_i ; dP = dO_i · v_jᵀ
+                    mm((bc, d, br), &mut dv[j0 * d..], d, true, &p, (1, BC), &dout[i0 * d..], (d, 1), T::ONE);
+                    mm((br, bc, d), &mut dp, BC, false, &dout[i0 * d..], (d, 1), &v[j0 * d..], (1, d), T::ONE);
+                    // dS = P ⊙ (dP − delta_i)
+                    for rr in 0..br {
+                        let dl = delta[i0 + rr];
+                        for c in 0..bc {
+                            let ds = p[rr * BC + c] * (dp[rr * BC + c] - dl);
+                            dp[rr * BC + c] = ds;
+                            if let Some(db) = db.as_deref_mut() {
+                                db[(r * s.q_len + i0 + rr) * s.k_len + j0 + c] += ds;
+                            }
+                        }
+                    }
+                    // dq_i += scale · dS · k_j ; dk_j += scale · dSᵀ · q_i
+                    mm((br, d, bc), &mut dq[i0 * d..], d, true, &dp, (BC, 1), &k[j0 * d..], (d, 1), scale);
+                    mm((bc, d, br), &mut dk[j0 * d..], d, true, &dp, (1, BC), &q[i0 * d..], (d, 1), scale);
                 }
             }
         }
@@ -270,7 +329,7 @@ mod tests {
     proptest! {
         #[test]
         fn forward_equals_the_naive_definition(
-            batch in 1usize..3, kv_heads in 1usize..3, group in 1usize..3, q_len in 1usize..9,
+            batch in 1usize..3, kv_heads in 1usize..3, group in 1usize..3, q_len in 1usize..70,
             extra in 0usize..80, dim in 1usize..12, causal: bool, masked: bool, biased: bool, alibi: bool, seed: u64,
         ) {
             let heads = kv_heads * group;

@@ -30,6 +30,8 @@ pub trait Real:
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
+    /// `e^x` to about 1e-7 relative in f32 without a libm call (vectorizes); exact libm in f64.
+    fn fast_exp(self) -> Self;
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn tanh(self) -> Self;
@@ -38,7 +40,7 @@ pub trait Real:
 }
 
 macro_rules! real {
-    ($t:ty) => {
+    ($t:ty, $fast_exp:expr) => {
         impl Real for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -54,6 +56,10 @@ macro_rules! real {
             #[inline(always)]
             fn exp(self) -> Self {
                 <$t>::exp(self)
+            }
+            #[inline(always)]
+            fn fast_exp(self) -> Self {
+                $fast_exp(self)
             }
             #[inline(always)]
             fn ln(self) -> Self {
@@ -78,8 +84,8 @@ macro_rules! real {
         }
     };
 }
-real!(f32);
-real!(f64);
+real!(f32, crate::vec::exp);
+real!(f64, f64::exp);
 
 /// Dot product with eight independent accumulators, so the compiler can vectorise it.
 #[inline]
