@@ -140,21 +140,38 @@ fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sy
     }
 }
 
-/// `map_into` with the op fixed at compile time, so each loop is branch-free and vectorizes.
+/// Run `$call` with `$f` bound to the op's function fixed at compile time (a const generic), so
+/// each elementwise loop holds no dispatch and vectorizes.
 macro_rules! per_variant {
-    ($op:expr, $ty:ident, [$($v:ident),*], |$o:ident| $call:expr) => {
+    ($op:expr, $ty:ident, $fun:ident, [$($v:ident),*], |$f:ident| $call:expr) => {
         match $op {
-            $($ty::$v => { let $o = $ty::$v; $call })*
+            $($ty::$v => { let $f = $fun::<{ $ty::$v as usize }, _>; $call })*
         }
     };
+}
+
+const UNARY: [UnaryOp; 16] = {
+    use UnaryOp::*;
+    [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign]
+};
+const BINARY: [BinaryOp; 5] = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max];
+
+#[inline(always)]
+fn unary_c<const OP: usize, T: Real>(x: T) -> T {
+    const { UNARY[OP] }.apply(x)
+}
+
+#[inline(always)]
+fn binary_c<const OP: usize, T: Real>(x: T, y: T) -> T {
+    const { BINARY[OP] }.apply(x, y)
 }
 
 pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let mut out = vec![T::ZERO; v.len()];
-        per_variant!(op, UnaryOp, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
-            |o| map_into(&v, &mut out, |a| o.apply(a)));
+        per_variant!(op, UnaryOp, unary_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
+            |f| map_into(&v, &mut out, f));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -183,21 +200,21 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         };
         if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
-            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |o| zip_into(&x, &y, &mut out, |x, y| o.apply(x, y)));
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_into(&x, &y, &mut out, f));
         } else if a.shape() == shape.as_slice() && trailing(b) && b.numel() > 0 {
             // b repeats along the leading dims (a bias, a per-channel gain).
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
             let m = y.len();
             let chunk = m.max(PAR_CHUNK / m.max(1) * m);
-            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |op| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
                 for (o, x) in o.chunks_mut(m).zip(x.chunks(m)) {
-                    o.iter_mut().zip(x.iter().zip(y.iter())).for_each(|(o, (&x, &y))| *o = op.apply(x, y));
+                    o.iter_mut().zip(x.iter().zip(y.iter())).for_each(|(o, (&x, &y))| *o = f(x, y));
                 }
             }));
         } else {
             let x = a.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
             let y = b.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
-            per_variant!(op, BinaryOp, [Add, Sub, Mul, Div, Max], |o| zip_into(&x, &y, &mut out, |x, y| o.apply(x, y)));
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_into(&x, &y, &mut out, f));
         }
         Ok(Tensor::from_values(out, &shape))
     })
@@ -772,6 +789,12 @@ mod tests {
             let y = x.transpose(0, 1).unwrap().to_vec_f32().unwrap();
             for i in 0..c { for j in 0..r { prop_assert_eq!(y[i * r + j], (j * c + i) as f32); } }
         }
+    }
+
+    #[test]
+    fn op_tables_follow_declaration_order() {
+        assert!(UNARY.iter().enumerate().all(|(i, &o)| o as usize == i));
+        assert!(BINARY.iter().enumerate().all(|(i, &o)| o as usize == i));
     }
 
     #[test]
