@@ -145,7 +145,10 @@ fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sy
 macro_rules! per_variant {
     ($op:expr, $ty:ident, $fun:ident, [$($v:ident),*], |$f:ident| $call:expr) => {
         match $op {
-            $($ty::$v => { let $f = $fun::<{ $ty::$v as usize }, _>; $call })*
+            $($ty::$v => {
+                let $f = |x, y| $fun::<{ $ty::$v as usize }, _>(x, y);
+                $call
+            })*
         }
     };
 }
@@ -157,7 +160,7 @@ const UNARY: [UnaryOp; 16] = {
 const BINARY: [BinaryOp; 5] = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max];
 
 #[inline(always)]
-fn unary_c<const OP: usize, T: Real>(x: T) -> T {
+fn unary_c<const OP: usize, T: Real>(x: T, _: ()) -> T {
     const { UNARY[OP] }.apply(x)
 }
 
@@ -171,7 +174,7 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
         let v = x.values::<T>()?;
         let mut out = vec![T::ZERO; v.len()];
         per_variant!(op, UnaryOp, unary_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
-            |f| map_into(&v, &mut out, f));
+            |f| map_into(&v, &mut out, |x| f(x, ())));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -285,10 +288,16 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if sb.len() == r && sa[..r - 2] != sb[..r - 2] {
         return Err(bad());
     }
+    let mut shape = sa.to_vec();
+    shape[r - 1] = sb[sb.len() - 1];
+    if sb.len() == 2 && r > 2 {
+        // A shared right-hand side: one [batch·m, k] × [k, n] product (one packing of `b`).
+        let k = sa[r - 1];
+        let a2 = if a.layout().is_contiguous() { a.reshape_raw(&[a.numel() / k.max(1), k])? } else { contiguous(a)?.reshape_raw(&[a.numel() / k.max(1), k])? };
+        return matmul(&a2, b)?.reshape_raw(&shape);
+    }
     let (m, k, n) = (sa[r - 2], sa[r - 1], sb[sb.len() - 1]);
     let batch: usize = sa[..r - 2].iter().product();
-    let mut shape = sa.to_vec();
-    shape[r - 1] = n;
     with_float!(compute_dtype(&[a, b]), T => {
         let (x, lx) = strided::<T>(a)?;
         let (y, ly) = strided::<T>(b)?;

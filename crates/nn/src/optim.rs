@@ -34,7 +34,10 @@ fn for_each_grad(model: &mut dyn Module, mut f: impl FnMut(&str, &mut Tensor, &[
             return;
         }
         let Some(g) = p.grad() else { return };
-        res = g.to_vec_f32().map_err(Into::into).and_then(|g| f(name, p, &g));
+        res = match g.as_f32_slice() {
+            Some(s) => f(name, p, s),
+            None => g.to_vec_f32().map_err(Into::into).and_then(|g| f(name, p, &g)),
+        };
     });
     res
 }

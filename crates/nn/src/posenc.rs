@@ -121,8 +121,23 @@ impl Rope {
         }
     }
 
-    /// `cos, sin: [len, dim/2]` for positions `start..start+len`.
+    /// `cos, sin: [len, dim/2]` for positions `start..start+len` (the last tables made on this
+    /// thread are kept: every layer of a forward pass asks for the same ones).
     pub fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        type Key = (Rope, usize, usize);
+        thread_local! {
+            static LAST: std::cell::RefCell<Option<(Key, (Tensor, Tensor))>> = const { std::cell::RefCell::new(None) };
+        }
+        let key = (*self, start, len);
+        if let Some(hit) = LAST.with(|l| l.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, t)| t.clone())) {
+            return Ok(hit);
+        }
+        let t = self.compute_tables(start, len)?;
+        LAST.with(|l| *l.borrow_mut() = Some((key, t.clone())));
+        Ok(t)
+    }
+
+    fn compute_tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
         let f = self.inv_freq();
         let m = self.attention_factor();
         let half = f.len();
