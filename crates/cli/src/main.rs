@@ -6,8 +6,10 @@ mod chat;
 mod common;
 mod inspect;
 mod run;
+mod run_gpt;
 mod serve;
 mod spec_bench;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -32,6 +34,8 @@ enum Cmd {
     Serve(serve::Args),
     /// Plain decoding vs each drafter on a task set: tau, tokens/s, speedup per group.
     SpecBench(spec_bench::Args),
+    /// Train a GPT from scratch on text (byte-level, or a model's tokenizer).
+    Train(train::Args),
     /// Download the default model into the cache (other commands do this on first use).
     Fetch,
 }
@@ -45,6 +49,7 @@ fn main() {
         Cmd::Bench(a) => bench::main(a),
         Cmd::SpecBench(a) => spec_bench::main(a),
         Cmd::Serve(a) => serve::main(a),
+        Cmd::Train(a) => train::main(a),
         Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
     };
     if let Err(e) = result {

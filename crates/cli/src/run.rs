@@ -77,6 +77,9 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if let Some(dir) = a.model.model.as_deref().filter(|d| crate::run_gpt::is_checkpoint(d)) {
+        return crate::run_gpt::main(dir, &a);
+    }
     let model = a.model.load()?;
     let prompt: Vec<u32> = match (&a.prompt_ids, &a.prompt) {
         (Some(ids), None) => {

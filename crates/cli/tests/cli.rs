@@ -98,3 +98,27 @@ fn bad_input_gets_a_clear_error() {
     fails_with(&augur(&["run", "-m", &junk.display().to_string(), "hi"]), "not a GGUF file");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn train_resume_and_run_a_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("augur-cli-train-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let data = dir.join("text.txt");
+    std::fs::write(&data, "a small corpus of text for a small model. ".repeat(200)).unwrap();
+    let out = dir.join("ckpt");
+    let (d, o) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let common = ["--config", "tiny", "--seq-len", "16", "--batch", "2", "--eval-every", "2", "--threads", "1"];
+    let r = augur(&[&["train", "--data", d, "--steps", "4", "--out", o][..], &common[..]].concat());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("held-out loss"));
+    let r = augur(&[&["train", "--data", d, "--steps", "6", "--resume", o][..], &common[..]].concat());
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("step 6"));
+    let r = augur(&["train", "--data", d, "--steps", "6", "--resume", o]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("already at step 6"));
+    let r = augur(&["run", "-m", o, "-n", "5", "a small"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let r = augur(&["train", "--data", dir.join("missing").to_str().unwrap(), "--steps", "1"]);
+    assert!(!r.status.success() && String::from_utf8_lossy(&r.stderr).contains("does not exist"));
+    std::fs::remove_dir_all(&dir).ok();
+}

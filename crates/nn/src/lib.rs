@@ -21,6 +21,7 @@ pub mod module;
 pub mod optim;
 pub mod posenc;
 mod rng;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use gpt::{Gpt, GptConfig};

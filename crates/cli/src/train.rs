@@ -1,0 +1,171 @@
+//! `augur train`: train a GPT from scratch on text, with progress, held-out perplexity and
+//! resumable checkpoints.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Context, Result};
+use augur_formats::tokenizer::Tokenizer;
+use augur_nn::posenc::PosKind;
+use augur_nn::train::{Corpus, TrainSettings, Trainer};
+use augur_nn::GptConfig;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::bench_train::set_train_threads;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Text files or directories (every file inside, recursively). Default: the Python standard
+    /// library's source on this machine (no download needed).
+    #[arg(long, num_args = 1..)]
+    pub data: Vec<PathBuf>,
+    /// Model: a preset (tiny, small) or a GPT config JSON file.
+    #[arg(long, default_value = "small")]
+    pub config: String,
+    /// Positional encoding: rope, alibi, sinusoidal, learned, t5, none (default: the config's).
+    #[arg(long)]
+    pub pos: Option<PosKind>,
+    #[arg(long, default_value_t = 256)]
+    pub seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1000)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// f32, bf16 or f16 (autocast; f16 turns on loss scaling).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
+    /// Checkpoint directory.
+    #[arg(long, default_value = "augur-train-out")]
+    pub out: PathBuf,
+    /// Continue the run saved in this directory (same optimizer state, data position and RNG).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Held-out evaluation (and a checkpoint) every N steps.
+    #[arg(long, default_value_t = 100)]
+    pub eval_every: usize,
+    /// Reuse a model's tokenizer (a .gguf file or a tokenizer.json) instead of bytes.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Read at most this many bytes of text.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_bytes: usize,
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// The Python standard library's source directory, found by asking python3.
+pub fn default_corpus() -> Result<PathBuf> {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sysconfig; print(sysconfig.get_paths()['stdlib'])"])
+        .output()
+        .context("the default corpus is the Python standard library, but python3 could not be run; pass --data FILE")?;
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    ensure!(p.is_dir(), "python3 reported {} as its standard library, which is not a directory; pass --data FILE", p.display());
+    Ok(p)
+}
+
+/// Text of the files under `paths` (sorted, for reproducibility), up to `max` bytes.
+pub fn read_text(paths: &[PathBuf], max: usize, py_only: bool) -> Result<String> {
+    let mut files = vec![];
+    fn walk(p: &Path, out: &mut Vec<PathBuf>, py_only: bool) -> Result<()> {
+        if p.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            entries.sort();
+            for e in entries {
+                walk(&e, out, py_only)?;
+            }
+        } else if !py_only || p.extension().is_some_and(|e| e == "py") {
+            out.push(p.to_owned());
+        }
+        Ok(())
+    }
+    for p in paths {
+        ensure!(p.exists(), "{} does not exist", p.display());
+        walk(p, &mut files, py_only)?;
+    }
+    let mut text = String::new();
+    for f in files {
+        if text.len() >= max {
+            break;
+        }
+        if let Ok(t) = std::fs::read_to_string(&f) {
+            text.push_str(&t);
+            text.push('\n');
+        }
+    }
+    text.truncate(text.floor_char_boundary(max));
+    ensure!(!text.is_empty(), "no readable text in {paths:?}");
+    Ok(text)
+}
+
+fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
+    if path.extension().is_some_and(|e| e == "gguf") {
+        let g = augur_formats::gguf::Gguf::open(path)?;
+        Ok(Tokenizer::from_gguf(&g)?)
+    } else {
+        Ok(Tokenizer::from_file(path)?)
+    }
+}
+
+pub fn main(a: Args) -> Result<()> {
+    set_train_threads(a.threads)?;
+    let (paths, py_only) = if a.data.is_empty() { (vec![default_corpus()?], true) } else { (a.data.clone(), false) };
+    let text = read_text(&paths, a.max_bytes, py_only)?;
+    let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
+    let tokens: Vec<u32> = match &tokenizer {
+        Some(t) => t.encode(&text)?,
+        None => text.bytes().map(u32::from).collect(),
+    };
+    let corpus = Corpus::split(tokens, 0.05)?;
+    eprintln!("corpus: {} bytes of text from {} path(s), {} training and {} held-out tokens", text.len(), paths.len(), corpus.train.len(), corpus.valid.len());
+    let mut trainer = match &a.resume {
+        Some(dir) => Trainer::resume(dir, Some(a.steps)).with_context(|| format!("resuming from {}", dir.display()))?,
+        None => {
+            let mut cfg = GptConfig::from_arg(&a.config)?;
+            if let Some(p) = a.pos {
+                cfg.pos = p;
+            }
+            cfg.vocab = tokenizer.as_ref().map_or(256, Tokenizer::vocab_size);
+            cfg.max_seq = cfg.max_seq.max(a.seq_len);
+            cfg.seed = a.seed;
+            let settings = TrainSettings { batch: a.batch, seq_len: a.seq_len, steps: a.steps, lr: a.lr, min_lr: a.lr / 10.0, warmup: (a.steps / 20).clamp(1, 200), precision: Some(a.precision.clone()), eval_every: a.eval_every, seed: a.seed, ..TrainSettings::default() };
+            Trainer::new(cfg, settings)?
+        }
+    };
+    if trainer.step >= trainer.settings.steps {
+        bail!("the run is already at step {} of {}; pass a larger --steps to continue", trainer.step, trainer.settings.steps);
+    }
+    let out = a.resume.clone().unwrap_or(a.out.clone());
+    if let Some(t) = &tokenizer {
+        std::fs::create_dir_all(&out)?;
+        std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
+    }
+    let s = trainer.settings.clone();
+    let bar = ProgressBar::new(s.steps as u64).with_position(trainer.step as u64);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]").expect("valid template"));
+    let t0 = Instant::now();
+    let start = trainer.step;
+    while trainer.step < s.steps {
+        let r = trainer.step(&corpus)?;
+        let tps = ((trainer.step - start) * s.batch * s.seq_len) as f64 / t0.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s{}", r.loss, r.lr, tps, if r.skipped { " (skipped: overflow)" } else { "" }));
+        bar.inc(1);
+        if (s.eval_every > 0 && trainer.step.is_multiple_of(s.eval_every)) || trainer.step == s.steps {
+            let l = trainer.evaluate(&corpus, s.seq_len)?;
+            let line = format!("step {}: train loss {:.4}, held-out loss {:.4}, perplexity {:.2}", trainer.step, r.loss, l, l.exp());
+            if bar.is_hidden() {
+                eprintln!("{line}");
+            } else {
+                bar.println(line);
+            }
+            trainer.save(&out)?;
+        }
+    }
+    bar.finish();
+    eprintln!("checkpoint: {} (generate with `augur run -m {} \"PROMPT\"`)", out.display(), out.display());
+    Ok(())
+}
