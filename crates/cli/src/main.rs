@@ -4,6 +4,7 @@ mod bench;
 mod bench_train;
 mod chat;
 mod common;
+mod experiment;
 mod inspect;
 mod run;
 mod run_gpt;
@@ -36,6 +37,9 @@ enum Cmd {
     SpecBench(spec_bench::Args),
     /// Train a GPT from scratch on text (byte-level, or a model's tokenizer).
     Train(train::Args),
+    /// Research experiments built on `augur train` (e.g. pos-extrapolation).
+    #[command(subcommand)]
+    Experiment(experiment::Experiment),
     /// Download the default model into the cache (other commands do this on first use).
     Fetch,
 }
@@ -50,6 +54,7 @@ fn main() {
         Cmd::SpecBench(a) => spec_bench::main(a),
         Cmd::Serve(a) => serve::main(a),
         Cmd::Train(a) => train::main(a),
+        Cmd::Experiment(e) => experiment::main(e),
         Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
     };
     if let Err(e) = result {
