@@ -40,6 +40,8 @@ enum Cmd {
     /// Research experiments built on `augur train` (e.g. pos-extrapolation).
     #[command(subcommand)]
     Experiment(experiment::Experiment),
+    /// List the tensor op registry: canonical names, aliases, arguments, differentiability.
+    Ops,
     /// Download the default model into the cache (other commands do this on first use).
     Fetch,
 }
@@ -55,6 +57,14 @@ fn main() {
         Cmd::Serve(a) => serve::main(a),
         Cmd::Train(a) => train::main(a),
         Cmd::Experiment(e) => experiment::main(e),
+        Cmd::Ops => {
+            for o in augur_core::registry::OPS {
+                let aliases = if o.aliases.is_empty() { String::new() } else { format!(" (also {})", o.aliases.join(", ")) };
+                println!("{:<28} {:<9} {}{aliases}\n{:<38} {}", o.name, if o.differentiable { "grad" } else { "no-grad" }, o.args, "", o.doc);
+            }
+            println!("dtypes: {}; devices: {}", augur_core::registry::DTYPES.join(", "), augur_core::registry::DEVICES.join(", "));
+            Ok(())
+        }
         Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
     };
     if let Err(e) = result {

@@ -11,6 +11,29 @@
 //! - [`gpt`]: a small GPT assembled from all of the above.
 //!
 //! Autograd itself (requires_grad, backward, no_grad, detach) lives on `augur_core::Tensor`.
+//!
+//! Train a module (here: fit `y = 2x` with one Linear layer):
+//!
+//! ```
+//! use augur_core::Tensor;
+//! use augur_nn::layers::Linear;
+//! use augur_nn::optim::{AdamW, Optimizer};
+//! use augur_nn::{ModuleExt, Rng};
+//!
+//! let mut layer = Linear::new(1, 1, false, 0.1, &mut Rng::new(0));
+//! let mut opt = AdamW::new(0.1, (0.9, 0.999), 1e-8, 0.0);
+//! let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3, 1])?;
+//! let y = Tensor::from_vec(vec![2.0, 4.0, 6.0], &[3, 1])?;
+//! for _ in 0..200 {
+//!     let err = layer.forward(&x)?.sub(&y)?;
+//!     err.mul(&err)?.mean_all()?.backward()?;
+//!     opt.step(&mut layer)?;
+//!     layer.zero_grad();
+//! }
+//! let w = layer.weight.item()?;
+//! assert!((w - 2.0).abs() < 0.05, "learned weight {w}");
+//! # Ok::<(), augur_nn::Error>(())
+//! ```
 
 pub mod amp;
 mod error;

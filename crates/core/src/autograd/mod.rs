@@ -7,6 +7,15 @@
 //! into every leaf's `.grad()`, frees each intermediate gradient as soon as it is consumed and,
 //! unless asked to keep it, frees each node's saved tensors after use. Inside [`no_grad`] nothing
 //! is recorded.
+//!
+//! ```
+//! use augur_core::Tensor;
+//! let x = Tensor::from_vec(vec![1.0, 2.0, 3.0], &[3])?.requires_grad(true);
+//! let y = x.mul(&x)?.sum_all()?; // Σ x²
+//! y.backward()?;
+//! assert_eq!(x.grad().unwrap().to_vec_f32()?, [2.0, 4.0, 6.0]);
+//! # Ok::<(), augur_core::Error>(())
+//! ```
 
 pub(crate) mod rules;
 
