@@ -50,6 +50,8 @@ pub enum What {
     Train(crate::bench_train::TrainArgs),
     /// FlashAttention forward + backward: time and peak RSS at one sequence length.
     Attention(crate::bench_train::AttentionArgs),
+    /// All-reduce time and bus bandwidth (run under `mpirun -np N`, MPI build).
+    Allreduce(crate::bench_train::AllReduceArgs),
 }
 
 /// Read bandwidth in GB/s over `bytes` bytes with the worker pool (best of 5 passes).
@@ -92,6 +94,7 @@ pub fn main(a: Args) -> Result<()> {
     match a.what {
         Some(What::Train(t)) => return crate::bench_train::train(t),
         Some(What::Attention(t)) => return crate::bench_train::attention(t),
+        Some(What::Allreduce(t)) => return crate::bench_train::allreduce(t),
         None => {}
     }
     ensure!(a.runs > 0, "--runs must be at least 1");

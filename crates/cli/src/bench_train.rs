@@ -144,3 +144,36 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct AllReduceArgs {
+    /// Buffer size in MiB (DDP's bucket is 25).
+    #[arg(long, default_value_t = 25.0)]
+    pub mib: f64,
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+}
+
+/// All-reduce time and bus bandwidth over `mpirun -np N augur bench allreduce`.
+pub fn allreduce(a: AllReduceArgs) -> Result<()> {
+    let group = crate::train::process_group(true)?;
+    let n = ((a.mib * (1 << 20) as f64) / 4.0) as usize;
+    let mut buf = vec![1.0f32; n];
+    group.all_reduce_sum(&mut buf); // warm-up
+    group.barrier();
+    let mut times = vec![];
+    for _ in 0..a.iters {
+        group.barrier();
+        let t = Instant::now();
+        group.all_reduce_sum(&mut buf);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    if group.rank() == 0 {
+        let w = group.world() as f64;
+        let t = median(times);
+        let bytes = (n * 4) as f64;
+        println!("{}", json!({ "bench": "allreduce", "ranks": group.world(), "bytes": bytes, "median_ms": t * 1e3,
+            "algorithm_gb_s": bytes / t / 1e9, "bus_gb_s": 2.0 * (w - 1.0) / w * bytes / t / 1e9 }));
+    }
+    Ok(())
+}

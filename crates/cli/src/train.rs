@@ -55,6 +55,24 @@ pub struct Args {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Data-parallel over MPI: run under `mpirun -np N`; each rank trains on `--batch` windows of
+    /// every step and gradients are averaged (needs a build with `--features mpi`).
+    #[arg(long)]
+    pub ddp: bool,
+}
+
+/// The process group for this run: MPI's world with `--ddp`, else a world of one.
+pub fn process_group(ddp: bool) -> Result<Box<dyn augur_dist::ProcessGroup>> {
+    if !ddp {
+        return Ok(Box::new(augur_dist::Solo));
+    }
+    #[cfg(feature = "mpi")]
+    {
+        let g = augur_dist::mpi_group::MpiGroup::init().context("MPI could not be initialised with serialized threading")?;
+        Ok(Box::new(g))
+    }
+    #[cfg(not(feature = "mpi"))]
+    bail!("this augur was built without MPI; rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)")
 }
 
 /// The Python standard library's source directory, found by asking python3.
@@ -113,6 +131,8 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 
 pub fn main(a: Args) -> Result<()> {
     set_train_threads(a.threads)?;
+    let group = process_group(a.ddp)?;
+    let lead = group.rank() == 0;
     let (paths, py_only) = if a.data.is_empty() { (vec![default_corpus()?], true) } else { (a.data.clone(), false) };
     let text = read_text(&paths, a.max_bytes, py_only)?;
     let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
@@ -121,7 +141,9 @@ pub fn main(a: Args) -> Result<()> {
         None => text.bytes().map(u32::from).collect(),
     };
     let corpus = Corpus::split(tokens, 0.05)?;
-    eprintln!("corpus: {} bytes of text from {} path(s), {} training and {} held-out tokens", text.len(), paths.len(), corpus.train.len(), corpus.valid.len());
+    if lead {
+        eprintln!("corpus: {} bytes of text from {} path(s), {} training and {} held-out tokens", text.len(), paths.len(), corpus.train.len(), corpus.valid.len());
+    }
     let mut trainer = match &a.resume {
         Some(dir) => Trainer::resume(dir, Some(a.steps)).with_context(|| format!("resuming from {}", dir.display()))?,
         None => {
@@ -136,36 +158,42 @@ pub fn main(a: Args) -> Result<()> {
             Trainer::new(cfg, settings)?
         }
     };
+    augur_dist::Ddp::new(group.as_ref()).broadcast_parameters(&mut trainer.model)?;
     if trainer.step >= trainer.settings.steps {
         bail!("the run is already at step {} of {}; pass a larger --steps to continue", trainer.step, trainer.settings.steps);
     }
     let out = a.resume.clone().unwrap_or(a.out.clone());
-    if let Some(t) = &tokenizer {
+    if let Some(t) = tokenizer.as_ref().filter(|_| lead) {
         std::fs::create_dir_all(&out)?;
         std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
     }
     let s = trainer.settings.clone();
-    let bar = ProgressBar::new(s.steps as u64).with_position(trainer.step as u64);
+    let bar = if lead { ProgressBar::new(s.steps as u64) } else { ProgressBar::hidden() }.with_position(trainer.step as u64);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]").expect("valid template"));
     let t0 = Instant::now();
     let start = trainer.step;
     while trainer.step < s.steps {
-        let r = trainer.step(&corpus)?;
-        let tps = ((trainer.step - start) * s.batch * s.seq_len) as f64 / t0.elapsed().as_secs_f64();
+        let r = trainer.step_parallel(&corpus, group.as_ref())?;
+        let tps = ((trainer.step - start) * s.batch * s.seq_len * group.world()) as f64 / t0.elapsed().as_secs_f64();
         bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s{}", r.loss, r.lr, tps, if r.skipped { " (skipped: overflow)" } else { "" }));
         bar.inc(1);
         if (s.eval_every > 0 && trainer.step.is_multiple_of(s.eval_every)) || trainer.step == s.steps {
             let l = trainer.evaluate(&corpus, s.seq_len)?;
-            let line = format!("step {}: train loss {:.4}, held-out loss {:.4}, perplexity {:.2}", trainer.step, r.loss, l, l.exp());
-            if bar.is_hidden() {
-                eprintln!("{line}");
-            } else {
-                bar.println(line);
+            if lead {
+                let line = format!("step {}: train loss {:.4}, held-out loss {:.4}, perplexity {:.2}, {tps:.0} tok/s over {} rank(s)", trainer.step, r.loss, l, l.exp(), group.world());
+                if bar.is_hidden() {
+                    eprintln!("{line}");
+                } else {
+                    bar.println(line);
+                }
+                trainer.save(&out)?;
             }
-            trainer.save(&out)?;
+            group.barrier();
         }
     }
     bar.finish();
-    eprintln!("checkpoint: {} (generate with `augur run -m {} \"PROMPT\"`)", out.display(), out.display());
+    if lead {
+        eprintln!("checkpoint: {} (generate with `augur run -m {} \"PROMPT\"`)", out.display(), out.display());
+    }
     Ok(())
 }

@@ -1,1 +1,62 @@
-pub fn x() {}
+//! augur-dist: process-group backends for data-parallel training across processes and machines.
+//!
+//! [`augur_nn::dist::ProcessGroup`] is the interface and [`augur_nn::dist::Ddp`] the bucketed,
+//! overlapped gradient averaging; this crate adds the MPI backend (feature `mpi`, through the
+//! `mpi` crate over the system's OpenMPI or MPICH). Launch with `mpirun -np N augur train --ddp`.
+
+pub use augur_nn::dist::{Ddp, ProcessGroup, Solo, ThreadGroup};
+
+#[cfg(feature = "mpi")]
+pub mod mpi_group {
+    use augur_nn::dist::ProcessGroup;
+    use mpi::collective::SystemOperation;
+    use mpi::topology::{Communicator, SimpleCommunicator};
+    use mpi::traits::*;
+    use mpi::Threading;
+
+    /// MPI's world communicator as a process group.
+    pub struct MpiGroup {
+        world: SimpleCommunicator,
+        rank: usize,
+        size: usize,
+        _universe: mpi::environment::Universe,
+    }
+
+    // SAFETY: MPI is initialised with at least `Threading::Serialized`, which allows calls from
+    // any thread as long as no two overlap. `Ddp` calls collectives from one communication thread
+    // during the backward pass and from the training thread only after joining it.
+    unsafe impl Send for MpiGroup {}
+    unsafe impl Sync for MpiGroup {}
+
+    impl MpiGroup {
+        /// Initialise MPI (once per process). `None` when MPI cannot give serialized threading.
+        pub fn init() -> Option<Self> {
+            let (universe, threading) = mpi::initialize_with_threading(Threading::Serialized)?;
+            if threading < Threading::Serialized {
+                return None;
+            }
+            let world = universe.world();
+            let (rank, size) = (world.rank() as usize, world.size() as usize);
+            Some(MpiGroup { world, rank, size, _universe: universe })
+        }
+    }
+
+    impl ProcessGroup for MpiGroup {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world(&self) -> usize {
+            self.size
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) {
+            let send = buf.to_vec();
+            self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
+        }
+        fn broadcast(&self, buf: &mut [f32], root: usize) {
+            self.world.process_at_rank(root as i32).broadcast_into(buf);
+        }
+        fn barrier(&self) {
+            self.world.barrier();
+        }
+    }
+}

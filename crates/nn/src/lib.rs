@@ -36,6 +36,7 @@
 //! ```
 
 pub mod amp;
+pub mod dist;
 mod error;
 pub mod functional;
 pub mod gpt;

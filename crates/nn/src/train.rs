@@ -14,6 +14,7 @@ use augur_formats::safetensors::Checkpoint;
 use serde::{Deserialize, Serialize};
 
 use crate::amp::{autocast, GradScaler};
+use crate::dist::{Ddp, ProcessGroup, Solo};
 use crate::error::{invalid, Error, Result};
 use crate::gpt::{Gpt, GptConfig};
 use crate::module::{Module, ModuleExt};
@@ -143,12 +144,32 @@ impl Trainer {
 
     /// One optimisation step on a fresh random batch.
     pub fn step(&mut self, corpus: &Corpus) -> Result<StepReport> {
+        self.step_parallel(corpus, &Solo)
+    }
+
+    /// One data-parallel step: the ranks draw the same global batch of `batch × world` windows,
+    /// each trains on its own `batch` of them, and gradients are averaged across ranks during the
+    /// backward pass; every rank then takes the same optimizer step (or all skip it).
+    pub fn step_parallel(&mut self, corpus: &Corpus, group: &dyn ProcessGroup) -> Result<StepReport> {
         let s = &self.settings;
-        let (x, y) = Corpus::batch(&corpus.train, s.batch, s.seq_len, &mut self.rng)?;
+        let (x, y) = Corpus::batch(&corpus.train, s.batch * group.world(), s.seq_len, &mut self.rng)?;
+        let shard = s.batch * s.seq_len;
+        let r = group.rank() * shard..(group.rank() + 1) * shard;
+        let (x, y) = (&x[r.clone()], &y[r]);
         let precision = s.autocast()?;
-        let loss = autocast(precision, || self.model.loss(&x, &y, s.batch))??;
-        self.scaler.scale_loss(&loss)?.backward()?;
-        let found_inf = self.scaler.unscale(&mut self.model)?;
+        let loss = autocast(precision, || self.model.loss(x, y, s.batch))??;
+        let scaled = self.scaler.scale_loss(&loss)?;
+        if group.world() > 1 {
+            Ddp::new(group).backward(&scaled, &mut self.model)?;
+        } else {
+            scaled.backward()?;
+        }
+        let mut found_inf = self.scaler.unscale(&mut self.model)?;
+        if group.world() > 1 {
+            let mut flag = [if found_inf { 1.0 } else { 0.0 }];
+            group.all_reduce_sum(&mut flag);
+            found_inf = flag[0] > 0.0;
+        }
         let grad_norm = if found_inf { f64::INFINITY } else { clip_grad_norm(&mut self.model, s.clip)? };
         let lr = self.sched.at(self.step);
         self.opt.set_lr(lr);

@@ -174,9 +174,20 @@ impl Tensor {
         self.backward_with(Tensor::ones(self.shape()), false)
     }
 
+    /// Identity of this tensor's autograd node (shared by its clones), if it requires a gradient.
+    pub fn grad_id(&self) -> Option<usize> {
+        self.autograd.as_ref().map(|m| m.id)
+    }
+
     /// Backpropagate `grad` (this tensor's shape); `retain_graph` keeps the saved tensors so a
     /// second backward through the same graph works.
     pub fn backward_with(&self, grad: Tensor, retain_graph: bool) -> Result<()> {
+        self.backward_hooked(grad, retain_graph, &mut |_| {})
+    }
+
+    /// [`Tensor::backward_with`], calling `ready(grad_id)` as soon as a leaf's gradient is final
+    /// (data-parallel training starts reducing it while the rest of the backward pass runs).
+    pub fn backward_hooked(&self, grad: Tensor, retain_graph: bool, ready: &mut dyn FnMut(usize)) -> Result<()> {
         let Some(root) = &self.autograd else {
             return invalid("backward", "tensor does not require grad (no input had requires_grad, or it was computed under no_grad)");
         };
@@ -189,12 +200,15 @@ impl Tensor {
         for meta in order.iter().rev() {
             let Some(g) = grads.remove(&meta.id) else { continue };
             let Some(node) = &meta.node else {
-                let mut slot = lock(&meta.grad);
-                *slot = Some(match slot.take() {
-                    Some(acc) => acc.add(&g)?,
-                    None if g.dtype() == crate::DType::F64 => g,
-                    None => crate::ops::to_dtype(&g, crate::DType::F32)?,
-                });
+                {
+                    let mut slot = lock(&meta.grad);
+                    *slot = Some(match slot.take() {
+                        Some(acc) => acc.add(&g)?,
+                        None if g.dtype() == crate::DType::F64 => g,
+                        None => crate::ops::to_dtype(&g, crate::DType::F32)?,
+                    });
+                }
+                ready(meta.id);
                 continue;
             };
             let mut f = lock(&node.backward);
