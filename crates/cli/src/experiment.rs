@@ -35,17 +35,34 @@ pub struct PosArgs {
     /// Held-out windows per evaluation.
     #[arg(long, default_value_t = 24)]
     pub eval_windows: usize,
-    /// Where the table (results.md), the plot (perplexity.svg) and results.json go.
+    /// Where the table (results.md), the plot (perplexity.png) and results.json go.
     #[arg(long, default_value = "pos-extrapolation")]
     pub out: PathBuf,
     #[arg(long, default_value_t = 2 << 20)]
     pub max_bytes: usize,
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// Redraw the table and plot from an earlier run's results.json instead of training.
+    #[arg(long)]
+    pub replot: Option<PathBuf>,
 }
 
 pub fn main(e: Experiment) -> Result<()> {
     let Experiment::PosExtrapolation(a) = e;
+    if let Some(json) = &a.replot {
+        let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(json).with_context(|| format!("reading {}", json.display()))?)?;
+        let l = j["train_len"].as_u64().context("results.json lacks train_len")? as usize;
+        let rows: Vec<(String, Vec<f64>)> = j["perplexity"]
+            .as_object()
+            .context("results.json lacks perplexity")?
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_array().map(|a| a.iter().filter_map(|x| x.as_f64()).collect()).unwrap_or_default()))
+            .collect();
+        std::fs::create_dir_all(&a.out)?;
+        png_plot(&a.out.join("perplexity.png"), &rows, &[1, 2, 4, 8], l)?;
+        eprintln!("wrote {}/perplexity.png", a.out.display());
+        return Ok(());
+    }
     set_train_threads(a.threads)?;
     let (paths, py) = if a.data.is_empty() { (vec![default_corpus()?], true) } else { (a.data.clone(), false) };
     let text = read_text(&paths, a.max_bytes, py)?;
@@ -89,38 +106,44 @@ pub fn main(e: Experiment) -> Result<()> {
         let _ = writeln!(md, "| {n} | {} |", v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" | "));
     }
     std::fs::write(a.out.join("results.md"), &md)?;
-    std::fs::write(a.out.join("perplexity.svg"), svg_plot(&rows, &mults, l))?;
+    png_plot(&a.out.join("perplexity.png"), &rows, &mults, l)?;
     let j = json!({ "train_len": l, "steps": a.steps, "batch": a.batch, "lengths": mults.iter().map(|m| m * l).collect::<Vec<_>>(),
         "perplexity": rows.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>() });
     std::fs::write(a.out.join("results.json"), serde_json::to_string_pretty(&j)? + "\n")?;
     print!("{md}");
-    eprintln!("wrote {}/results.md, perplexity.svg, results.json", a.out.display());
+    eprintln!("wrote {}/results.md, perplexity.png, results.json", a.out.display());
     Ok(())
 }
 
-/// A line chart of log perplexity against evaluation length, as SVG (text, no font files).
-fn svg_plot(rows: &[(String, Vec<f64>)], mults: &[usize], l: usize) -> String {
-    let (w, h, pad) = (720.0, 440.0, 60.0);
-    let ys: Vec<f64> = rows.iter().flat_map(|(_, v)| v.iter().map(|x| x.max(1.0).ln())).collect();
-    let (lo, hi) = (ys.iter().cloned().fold(f64::INFINITY, f64::min), ys.iter().cloned().fold(f64::NEG_INFINITY, f64::max).max(1e-9));
-    let x = |i: usize| pad + (w - 2.5 * pad) * i as f64 / (mults.len() - 1).max(1) as f64;
-    let y = |v: f64| h - pad - (h - 2.0 * pad) * (v.max(1.0).ln() - lo) / (hi - lo).max(1e-9);
-    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"];
-    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n");
-    let _ = writeln!(s, "<text x=\"{}\" y=\"20\" text-anchor=\"middle\" font-size=\"14\">Held-out perplexity (log scale) vs evaluation length, trained at L = {l}</text>", w / 2.0);
-    let _ = writeln!(s, "<line x1=\"{pad}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/><line x1=\"{pad}\" y1=\"{pad}\" x2=\"{pad}\" y2=\"{}\" stroke=\"black\"/>", h - pad, w - 1.5 * pad, h - pad, h - pad);
-    for (i, m) in mults.iter().enumerate() {
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\">{}</text>", x(i), h - pad + 18.0, m * l);
+/// A line chart of perplexity (log scale) against evaluation length, as PNG (plotters, with the
+/// DejaVu Sans font compiled in, so no system fonts are needed).
+fn png_plot(path: &std::path::Path, rows: &[(String, Vec<f64>)], mults: &[usize], l: usize) -> Result<()> {
+    use plotters::prelude::*;
+    let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("plot: {e}");
+    // Registering twice (a second experiment in one process) is harmless.
+    let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular());
+    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(&x))?;
+    let ys = rows.iter().flat_map(|(_, v)| v.iter().copied());
+    let (lo, hi) = ys.fold((f64::INFINITY, 0f64), |(a, b), y| (a.min(y), b.max(y)));
+    let xs: Vec<f64> = mults.iter().map(|m| (m * l) as f64).collect();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("Held-out perplexity vs evaluation length (trained at L = {l})"), ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d((xs[0] * 0.9..xs[xs.len() - 1] * 1.1).log_scale(), (lo * 0.9..hi * 1.1).log_scale())
+        .map_err(|x| e(&x))?;
+    chart.configure_mesh().x_desc("evaluation length (tokens)").y_desc("perplexity").draw().map_err(|x| e(&x))?;
+    for (i, (name, v)) in rows.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(xs.iter().copied().zip(v.iter().copied()), color.stroke_width(2)))
+            .map_err(|x| e(&x))?
+            .label(name.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     }
-    for k in 0..=4 {
-        let v = (lo + (hi - lo) * k as f64 / 4.0).exp();
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{v:.1}</text>", pad - 6.0, y(v) + 4.0);
-    }
-    for (ri, (name, v)) in rows.iter().enumerate() {
-        let c = colors[ri % colors.len()];
-        let pts: Vec<String> = v.iter().enumerate().map(|(i, p)| format!("{:.1},{:.1}", x(i), y(*p))).collect();
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>", pts.join(" "));
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>", w - 1.4 * pad, pad + 16.0 * ri as f64);
-    }
-    s + "</svg>\n"
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).position(SeriesLabelPosition::UpperLeft).draw().map_err(|x| e(&x))?;
+    root.present().map_err(|x| e(&x))?;
+    Ok(())
 }
