@@ -4,6 +4,12 @@
 //! [`Layout`]. View ops (reshape, transpose, narrow) only change the layout; compute ops produce
 //! new f32 tensors. Quantized storage is a first-class dtype: a quantized matrix multiplies f32
 //! activations directly through the kernels crate, never through a dequantized copy.
+//!
+//! The same tensor trains: [`Tensor::requires_grad`] makes a leaf, the differentiable ops (one
+//! derivative rule each, in `autograd::rules`) record a graph, and [`Tensor::backward`] fills the
+//! leaves' gradients ([`autograd`]). Compute runs in f32, or f64 when an input is f64 (gradient
+//! checks); inside [`amp::autocast`] matmuls and attention run in bf16 or f16. [`registry::OPS`]
+//! lists every public op under its canonical name.
 
 pub mod amp;
 pub mod autograd;

@@ -21,6 +21,16 @@ pub trait Optimizer {
     fn load_state(&mut self, ck: &Checkpoint) -> Result<()>;
 }
 
+/// Per-parameter state vectors as named tensors (`prefix` + parameter name).
+fn save_vectors(prefix: &str, m: &HashMap<String, Vec<f32>>) -> Vec<(String, Tensor)> {
+    m.iter().map(|(n, v)| (format!("{prefix}{n}"), Tensor::from_vec(v.clone(), &[v.len()]).expect("1-d"))).collect()
+}
+
+/// The inverse of [`save_vectors`].
+fn load_vectors(ck: &Checkpoint, prefix: &str) -> Result<HashMap<String, Vec<f32>>> {
+    ck.names().filter_map(|n| n.strip_prefix(prefix).map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect()
+}
+
 /// Which parameters get weight decay: by default matrices and embeddings, not norms or biases.
 pub fn decays(_name: &str, t: &Tensor) -> bool {
     t.rank() >= 2
@@ -81,10 +91,10 @@ impl Optimizer for Sgd {
         self.lr = lr;
     }
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.buf.iter().map(|(n, b)| (format!("sgd.momentum.{n}"), Tensor::from_vec(b.clone(), &[b.len()]).expect("1-d"))).collect()
+        save_vectors("sgd.momentum.", &self.buf)
     }
     fn load_state(&mut self, ck: &Checkpoint) -> Result<()> {
-        self.buf = ck.names().filter_map(|n| n.strip_prefix("sgd.momentum.").map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect::<Result<_>>()?;
+        self.buf = load_vectors(ck, "sgd.momentum.")?;
         Ok(())
     }
 }
@@ -148,19 +158,15 @@ impl Optimizer for AdamW {
         self.lr = lr;
     }
     fn state(&self) -> Vec<(String, Tensor)> {
-        let vec1 = |v: &Vec<f32>| Tensor::from_vec(v.clone(), &[v.len()]).expect("1-d");
         let mut out = vec![("adamw.step".to_string(), Tensor::from_f64(vec![self.step as f64], &[1]).expect("1"))];
-        out.extend(self.m.iter().map(|(n, v)| (format!("adamw.m.{n}"), vec1(v))));
-        out.extend(self.v.iter().map(|(n, v)| (format!("adamw.v.{n}"), vec1(v))));
+        out.extend(save_vectors("adamw.m.", &self.m));
+        out.extend(save_vectors("adamw.v.", &self.v));
         out
     }
     fn load_state(&mut self, ck: &Checkpoint) -> Result<()> {
         self.step = ck.get("adamw.step")?.to_vec_f64()?[0] as u64;
-        let grab = |prefix: &str| -> Result<HashMap<String, Vec<f32>>> {
-            ck.names().filter_map(|n| n.strip_prefix(prefix).map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect()
-        };
-        self.m = grab("adamw.m.")?;
-        self.v = grab("adamw.v.")?;
+        self.m = load_vectors(ck, "adamw.m.")?;
+        self.v = load_vectors(ck, "adamw.v.")?;
         Ok(())
     }
 }
