@@ -55,26 +55,6 @@ impl Layout {
         self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>()
     }
 
-    /// Storage indices of all elements in row-major order.
-    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
-        let n = self.numel();
-        let mut idx = vec![0usize; self.shape.len()];
-        let mut first = true;
-        (0..n).map(move |_| {
-            if !first {
-                for d in (0..idx.len()).rev() {
-                    idx[d] += 1;
-                    if idx[d] < self.shape[d] {
-                        break;
-                    }
-                    idx[d] = 0;
-                }
-            }
-            first = false;
-            self.index(&idx)
-        })
-    }
-
     /// Storage offsets of the first element of every innermost row, in row-major order (one
     /// offset for a 0-d layout). Rows are `shape[last]` elements `strides[last]` apart.
     pub fn row_starts(&self) -> impl Iterator<Item = usize> + '_ {
@@ -98,13 +78,21 @@ impl Layout {
         })
     }
 
+    /// Length and stride of the innermost rows (one element for a 0-d layout).
+    fn row(&self) -> (usize, usize) {
+        (self.shape.last().copied().unwrap_or(1), self.strides.last().copied().unwrap_or(0))
+    }
+
+    /// Storage indices of all elements in row-major order.
+    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        let (n, st) = self.row();
+        self.row_starts().flat_map(move |r| (0..n).map(move |j| r + j * st))
+    }
+
     /// The elements of `data` this layout selects, in row-major order, mapped through `f`.
     pub fn gather<S: Copy, T>(&self, data: &[S], f: impl Fn(S) -> T) -> Vec<T> {
         let mut out = Vec::with_capacity(self.numel());
-        let (n, st) = match (self.shape.last(), self.strides.last()) {
-            (Some(&n), Some(&st)) => (n, st),
-            _ => return vec![f(data[self.offset])],
-        };
+        let (n, st) = self.row();
         for r in self.row_starts() {
             if st == 1 {
                 out.extend(data[r..r + n].iter().map(|&x| f(x)));

@@ -53,9 +53,12 @@ impl Shape {
         self.heads / self.kv_heads
     }
 
-    /// Is the shape usable: heads divisible by kv heads, and for a causal mask at least as many
-    /// keys as queries (queries are the last `q_len` positions of the keys).
+    /// Is the shape usable: no empty dimension, heads divisible by kv heads, and for a causal
+    /// mask at least as many keys as queries (queries are the last `q_len` positions of the keys).
     pub fn check(&self, causal: bool) -> Result<(), String> {
+        if [self.batch, self.heads, self.q_len, self.k_len, self.dim].contains(&0) {
+            return Err(format!("every size must be positive, got {self:?}"));
+        }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
             return Err(format!("{} query heads cannot be grouped over {} key/value heads", self.heads, self.kv_heads));
         }

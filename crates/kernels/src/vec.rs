@@ -45,9 +45,10 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
-/// `e^x` without a libm call (so loops of it vectorize): Cody-Waite range reduction
-/// `x = n·ln2 + r`, `|r| <= ln2/2`, and a degree-6 Taylor polynomial (truncation < 1.2e-7
-/// relative). `-inf` (and anything below -87.3) gives 0; results above f32's range give +inf.
+/// `e^x` as a straight-line sequence the compiler can vectorise (no libm call, no saturating
+/// float-to-int cast): Cody-Waite range reduction `x = n·ln2 + r`, `|r| <= ln2/2`, a degree-6
+/// Taylor polynomial (truncation < 1.2e-7 relative), and `2^n` built in the exponent bits.
+/// `-inf` (and anything below -87.3) gives 0; results above f32's range give +inf.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -58,16 +59,16 @@ pub fn exp(x: f32) -> f32 {
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    // 2^n in two factors, so n = 128 (x near 88.7) does not overflow the exponent field.
-    let (n1, n2) = ((n as i32) >> 1, n as i32 - ((n as i32) >> 1));
-    let s1 = f32::from_bits(((n1 + 127) << 23) as u32);
-    let s2 = f32::from_bits(((n2 + 127) << 23) as u32);
-    if x < -87.3 {
-        0.0
-    } else if x > 88.7 {
+    // n is an integer in [-126, 128]: read it from the rounding constant's mantissa bits. 2^n in
+    // two factors, so n = 128 (x near 88.7) does not overflow the exponent field.
+    let ni = ((xc * LOG2E + ROUND).to_bits() as i32) - 0x4B40_0000;
+    let (n1, n2) = (ni >> 1, ni - (ni >> 1));
+    let y = p * f32::from_bits(((n1 + 127) << 23) as u32) * f32::from_bits(((n2 + 127) << 23) as u32);
+    let y = if x < -87.3 { 0.0 } else { y };
+    if x > 88.7 {
         f32::INFINITY
     } else {
-        p * s1 * s2
+        y
     }
 }
 
@@ -137,6 +138,13 @@ mod tests {
     use super::*;
     use crate::reference;
     use proptest::prelude::*;
+
+    #[test]
+    fn exp_limits() {
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), f32::INFINITY);
+        assert_eq!(exp(0.0), 1.0);
+    }
 
     proptest! {
         #[test]
