@@ -4,6 +4,7 @@ mod bench;
 mod bench_train;
 mod chat;
 mod common;
+mod distill;
 mod experiment;
 mod inspect;
 mod run;
@@ -37,6 +38,10 @@ enum Cmd {
     SpecBench(spec_bench::Args),
     /// Train a GPT from scratch on text (byte-level, or a model's tokenizer).
     Train(train::Args),
+    /// Self-distillation data: the model's own responses to a prompt set (and its hidden states).
+    DistillData(distill::DataArgs),
+    /// Train Medusa heads for a model on `distill-data` output (use with `--spec medusa:FILE`).
+    TrainMedusa(distill::MedusaArgs),
     /// Research experiments built on `augur train` (e.g. pos-extrapolation).
     #[command(subcommand)]
     Experiment(experiment::Experiment),
@@ -56,6 +61,8 @@ fn main() {
         Cmd::SpecBench(a) => spec_bench::main(a),
         Cmd::Serve(a) => serve::main(a),
         Cmd::Train(a) => train::main(a),
+        Cmd::DistillData(a) => distill::data_main(a),
+        Cmd::TrainMedusa(a) => distill::medusa_main(a),
         Cmd::Experiment(e) => experiment::main(e),
         Cmd::Ops => {
             for o in augur_core::registry::OPS {

@@ -47,7 +47,8 @@ pub struct Args {
     #[arg(long)]
     pub stats: bool,
     /// Speculative decoding: `prompt-lookup`, `draft:PATH` (a smaller model with the same
-    /// tokenizer) or `early-exit:L` (the model's first L layers). Output is unchanged.
+    /// tokenizer), `early-exit:L` (the model's first L layers) or `medusa:PATH` (heads from
+    /// `augur train-medusa`). Output is unchanged.
     #[arg(long)]
     pub spec: Option<String>,
     /// Most draft tokens per round (at most 15).
@@ -56,6 +57,10 @@ pub struct Args {
     /// prompt-lookup: how many alternative continuations to verify at once (a tree).
     #[arg(long, default_value_t = 1)]
     pub spec_tree: usize,
+    /// Typical acceptance `EPS,DELTA` (e.g. 0.09,0.3) instead of exact verification when
+    /// sampling: more tokens accepted, but NOT lossless (greedy decoding stays exact).
+    #[arg(long)]
+    pub typical: Option<augur_decode::speculative::Typical>,
     /// prompt-lookup: longest n-gram to match.
     #[arg(long, default_value_t = 3)]
     pub spec_ngram: usize,
@@ -104,7 +109,7 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let mut drafter = match a.spec.as_deref() {
         None => None,
-        Some(s) => Some(speculative::from_spec(s, &model, a.spec_ngram, a.spec_tree)?),
+        Some(s) => Some(speculative::from_spec(s, &model, a.spec_ngram, a.spec_tree, a.spec_k)?),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -127,7 +132,7 @@ pub fn main(a: Args) -> Result<()> {
     let (summary, spec) = match drafter.as_deref_mut() {
         None => (generate(&model, &prompt, &cfg, on_token)?, None),
         Some(d) => {
-            let spec = SpecConfig { k: a.spec_k };
+            let spec = SpecConfig { typical: a.typical, ..SpecConfig::new(a.spec_k) };
             let (s, st) = speculative::generate(&model, &prompt, &cfg, &spec, d, on_token)?;
             (s, Some(st))
         }

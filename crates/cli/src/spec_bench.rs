@@ -115,8 +115,8 @@ pub fn main(a: Args) -> Result<()> {
         e.secs += secs;
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
-            let mut d = speculative::from_spec(spec, &model, 3, 1)?;
-            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { k: a.spec_k }, d.as_mut(), |_| ControlFlow::Continue(()))?;
+            let mut d = speculative::from_spec(spec, &model, 3, 1, a.spec_k)?;
+            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig::new(a.spec_k), d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();
             e.secs += s.decode.as_secs_f64();

@@ -50,7 +50,7 @@ fn greedy_equals_plain_for_every_drafter_and_precision() {
         // The target as its own draft model: every draft is accepted.
         drafters.push(("self-draft", Box::new(DraftModel::new(Model::open(&target.path).unwrap(), &target).unwrap())));
         for (name, mut d) in drafters {
-            let (s, stats) = speculative::generate(&target, &prompt, &cfg(0.0, 40, act), &SpecConfig { k: 4 }, d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
+            let (s, stats) = speculative::generate(&target, &prompt, &cfg(0.0, 40, act), &SpecConfig::new(4), d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
             assert_eq!(s.generated, plain.generated, "{name} ({act:?})");
             if name == "self-draft" {
                 assert!(stats.tau() > 3.0, "self-draft accepts everything: tau {}", stats.tau());
@@ -121,7 +121,7 @@ fn sampled_first_token_follows_the_target_distribution() {
     for seed in 0..n {
         let mut cs = c.clone();
         cs.sampler.seed = seed as u64;
-        let (s, _) = speculative::generate(&target, &prompt, &cs, &SpecConfig { k: 3 }, &mut drafter, |_| ControlFlow::Continue(())).unwrap();
+        let (s, _) = speculative::generate(&target, &prompt, &cs, &SpecConfig::new(3), &mut drafter, |_| ControlFlow::Continue(())).unwrap();
         counts[s.generated[0] as usize] += 1;
     }
     let x = chi2(&counts, &p, n);

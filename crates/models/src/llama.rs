@@ -18,6 +18,9 @@ pub enum Logits {
     Last,
     /// Every token's (scoring, speculative verification).
     All,
+    /// None: the pass stops after the final norm, whose output for every token is then in
+    /// [`State::hidden`] (training data for speculators, embeddings).
+    Hidden,
 }
 
 /// Weights of one decoder block.
@@ -126,6 +129,20 @@ impl Llama {
         self.run(st, tokens, Some((depth, ancestors)), self.layers.len(), Logits::All)
     }
 
+    /// The output head's rows `ids` (the logit weights of those tokens), as f32 `[ids.len(), dim]`:
+    /// a drafter's reduced-vocabulary head, or a frozen head for training.
+    pub fn output_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let (m, dim) = (self.output.matrix()?, self.cfg.dim);
+        let mut out = vec![0.0; ids.len() * dim];
+        for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim)) {
+            if id as usize >= self.cfg.vocab {
+                return Err(Error::UnknownToken { id, vocab: self.cfg.vocab });
+            }
+            m.row_f32(id as usize, row);
+        }
+        Ok(out)
+    }
+
     /// Only the first `n_layers` blocks, then the final norm and output head (early-exit
     /// self-speculation). Keys/values of those layers are written at the new positions, as in a
     /// full pass; the other layers' caches are left as they were, and a full pass from an earlier
@@ -185,7 +202,10 @@ impl Llama {
         if pos0 + n > cfg.context {
             return Err(Error::ContextFull { need: pos0 + n, ctx: cfg.context });
         }
-        let n_logits = if which == Logits::All { n } else { 1 };
+        let n_logits = match which {
+            Logits::Last => 1,
+            Logits::All | Logits::Hidden => n,
+        };
         st.fit(cfg, n, n_logits);
         if let Some((_, anc)) = tree {
             // [n, pos0 + n]: the cached prefix is visible to every node, then the tree mask.
@@ -276,6 +296,10 @@ impl Llama {
         let xn = &mut st.xn[..n_logits * dim];
         for (xr, or) in xs.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
             rms_norm(xr, &self.norm, cfg.rms_eps, or);
+        }
+        st.hidden_rows = n_logits;
+        if which == Logits::Hidden {
+            return Ok(&st.logits[..0]);
         }
         let logits = &mut st.logits[..n_logits * cfg.vocab];
         Quantized::new(&mut st.actq, fast).linear(&self.output, xn, n_logits, logits, None)?;

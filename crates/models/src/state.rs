@@ -57,6 +57,8 @@ pub struct State {
     pub(crate) pos: usize,
     /// Floats per position per layer in the cache (`n_kv_head * head_dim`).
     kv_dim: usize,
+    /// Model width.
+    dim: usize,
     pub(crate) kv: Vec<LayerCache>,
     /// Scratch, each `[n_tok, …]`: residual stream, normed input, q, k, v, attention output,
     /// projection output, gate, up.
@@ -77,6 +79,8 @@ pub struct State {
     pub(crate) mask: Vec<bool>,
     /// The current matmul input quantized for the integer path, one per token.
     pub(crate) actq: Vec<ActQ>,
+    /// Rows of the last pass's final-norm output held in `xn` (see [`State::hidden`]).
+    pub(crate) hidden_rows: usize,
     /// Representation of matmul inputs (see [`Activations`]).
     pub activations: Activations,
 }
@@ -92,6 +96,7 @@ impl State {
         State {
             pos: 0,
             kv_dim: cfg.n_kv_head * cfg.head_dim,
+            dim: cfg.dim,
             kv: vec![LayerCache::default(); cfg.n_layer],
             x: vec![],
             xn: vec![],
@@ -106,6 +111,7 @@ impl State {
             logits: vec![],
             actq: Vec::new(),
             mask: Vec::new(),
+            hidden_rows: 0,
             activations: Activations::default(),
         }
     }
@@ -115,6 +121,13 @@ impl State {
         let l = &self.kv[layer];
         let n = self.pos * self.kv_dim;
         (&l.k[..n], &l.v[..n])
+    }
+
+    /// The final-norm hidden states of the last forward pass, `[rows, dim]`: the rows that
+    /// produced logits (the last token for [`crate::Logits::Last`], every token for
+    /// [`crate::Logits::All`] and [`crate::Logits::Hidden`]). Valid until the next pass.
+    pub fn hidden(&self) -> &[f32] {
+        &self.xn[..self.hidden_rows * self.dim]
     }
 
     /// Positions held in the KV cache.

@@ -46,7 +46,7 @@ fn drafter(spec: &str, model: &Model) -> Result<Box<dyn Drafter + Send>, String>
     if spec.starts_with("draft:") {
         return Err(format!("--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)"));
     }
-    speculative::from_spec(spec, model, 3, 1).map_err(|e| e.to_string())
+    speculative::from_spec(spec, model, 3, 1, 6).map_err(|e| e.to_string())
 }
 
 fn now() -> u64 {
@@ -164,7 +164,7 @@ fn run_job(app: Arc<App>, job: Job, tx: mpsc::Sender<Ev>) {
         let on_token = |ev: &TokenEvent| send_piece(&app, &tx, index, job.logprobs, job.chat, ev);
         let result = match app.cfg.spec.as_deref() {
             Some(spec) => drafter(spec, model).map_err(ApiError::internal).and_then(|mut d| {
-                speculative::generate(model, &job.ids, &cfg, &SpecConfig { k: 6 }, d.as_mut(), on_token)
+                speculative::generate(model, &job.ids, &cfg, &SpecConfig::new(6), d.as_mut(), on_token)
                     .map(|(s, st)| {
                         app.metrics.spec_passes.fetch_add(st.target_passes as u64, Ordering::Relaxed);
                         app.metrics.spec_emitted.fetch_add(st.emitted as u64, Ordering::Relaxed);

@@ -130,6 +130,63 @@ pub fn accept(
     }
 }
 
+/// Medusa's typical acceptance: a candidate `x` is accepted when the target gives it probability
+/// above `min(eps, delta · exp(-H(p)))`, `H` the entropy of the target's (filtered) distribution.
+/// Not lossless: the output follows a relaxed distribution (more confident where the target is).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Typical {
+    /// Hard threshold (Medusa's `posterior_threshold`, 0.09 there).
+    pub eps: f32,
+    /// Entropy-scaled threshold factor (Medusa's `posterior_alpha`, 0.3 there).
+    pub delta: f32,
+}
+
+impl std::str::FromStr for Typical {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("--typical `{s}`: expected EPS,DELTA, two numbers in (0, 1], e.g. 0.09,0.3");
+        let (a, b) = s.split_once(',').ok_or_else(bad)?;
+        let (eps, delta): (f32, f32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+        if !(eps > 0.0 && eps <= 1.0 && delta > 0.0 && delta <= 1.0) {
+            return Err(bad());
+        }
+        Ok(Typical { eps, delta })
+    }
+}
+
+/// Walk the tree with typical acceptance: at each node take the first child (proposal order)
+/// that passes [`Typical`]'s threshold; the bonus token is sampled from the target as usual. With
+/// a greedy sampler the filtered distribution is the argmax alone, so this equals exact greedy
+/// verification.
+pub fn accept_typical(
+    compiled: &Compiled,
+    logits: &[f32],
+    vocab: usize,
+    history: &[u32],
+    generated: usize,
+    sampler: &mut Sampler,
+    t: &Typical,
+) -> Accepted {
+    let (mut rows, mut tokens, mut hist) = (Vec::new(), Vec::new(), history.to_vec());
+    let mut row = 0;
+    loop {
+        let l = &logits[row * vocab..(row + 1) * vocab];
+        let dist = sampler.distribution_with(l, &hist, generated + tokens.len()).to_vec();
+        let entropy: f32 = dist.iter().filter(|e| e.1 > 0.0).map(|e| -e.1 * e.1.ln()).sum();
+        let threshold = t.eps.min(t.delta * (-entropy).exp());
+        let p = |x: u32| dist.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
+        match compiled.children[row].iter().find(|&&c| p(compiled.tokens[c]) > threshold) {
+            Some(&c) => {
+                rows.push(c);
+                tokens.push(compiled.tokens[c]);
+                hist.push(compiled.tokens[c]);
+                row = c;
+            }
+            None => return Accepted { rows, tokens, bonus: sampler.draw(&dist) },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,6 +207,22 @@ mod tests {
         let mut d = Vec::new();
         let a = accept(&tree, &c, &logits, 3, &[], 0, &mut sampler(0.0), &mut Rng::new(1), &mut d);
         assert_eq!(a, Accepted { rows: vec![1], tokens: vec![2], bonus: 1 });
+    }
+
+    #[test]
+    fn typical_accepts_likely_candidates_and_is_exact_when_greedy() {
+        // row 0: p = softmax([2, 1.9, -3]) (two likely tokens); candidates 1 then 0
+        let mut tree = Tree::default();
+        tree.push(1, None, None);
+        let c = tree.compile(7);
+        let logits = [2.0, 1.9, -3.0, /* row1 */ 0.0, 0.0, 9.0];
+        let t = Typical { eps: 0.09, delta: 0.3 };
+        let a = accept_typical(&c, &logits, 3, &[], 0, &mut sampler(1.0), &t);
+        assert_eq!((a.rows.clone(), a.tokens.clone(), a.bonus), (vec![1], vec![1], 2), "token 1 has p ≈ 0.47 > threshold");
+        let g = accept_typical(&c, &logits, 3, &[], 0, &mut sampler(0.0), &t);
+        assert_eq!((g.tokens, g.bonus), (vec![], 0), "greedy: only the argmax passes");
+        assert!("0.09,0.3".parse::<Typical>().is_ok());
+        assert!("0.09".parse::<Typical>().is_err() && "2,0.3".parse::<Typical>().is_err());
     }
 
     /// Chi-square test: the first emitted token (accepted or bonus) is distributed as the

@@ -17,6 +17,9 @@ pub struct Ctx<'a> {
     /// The target and its state (holding `tokens[..len - 1]`).
     pub target: &'a Llama,
     pub state: &'a mut State,
+    /// The target's final-norm hidden state at the row whose logits chose the pending token
+    /// (`None` on the first round, whose pending token is the prompt's last).
+    pub hidden: Option<&'a [f32]>,
     /// Most nodes wanted.
     pub k: usize,
     pub sampler: &'a mut Sampler,
@@ -26,11 +29,18 @@ pub struct Ctx<'a> {
 pub trait Drafter {
     /// Propose a tree of at most `ctx.k` nodes continuing `ctx.tokens` (may be empty).
     fn propose(&mut self, ctx: Ctx) -> Result<Tree>;
+
+    /// Whether the loop may shrink `k` after failed rounds (chains); a drafter with a fixed tree
+    /// shape (Medusa) answers false and is only paused after repeated failures.
+    fn adaptive(&self) -> bool {
+        true
+    }
 }
 
 /// The drafter a `--spec` value names: `prompt-lookup` (n-grams up to `ngram` tokens, `width`
-/// branches), `draft:PATH` (a model with `target`'s vocabulary) or `early-exit:L`.
-pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize) -> Result<Box<dyn Drafter + Send>> {
+/// branches), `draft:PATH` (a model with `target`'s vocabulary), `early-exit:L` or
+/// `medusa:PATH` (heads from `augur train-medusa`, a tree of at most `k` nodes).
+pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize, k: usize) -> Result<Box<dyn Drafter + Send>> {
     let n_layer = target.llama.cfg.n_layer;
     Ok(match spec.split_once(':') {
         None if spec == "prompt-lookup" => Box::new(PromptLookup::new(ngram, width)),
@@ -38,11 +48,15 @@ pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize) -> Resu
             let draft = Model::open(std::path::Path::new(path))?;
             Box::new(DraftModel::new(draft, target)?)
         }
+        Some(("medusa", path)) => {
+            let heads = super::medusa::MedusaHeads::open(std::path::Path::new(path), &target.llama)?;
+            Box::new(super::medusa::Medusa::new(heads, k))
+        }
         Some(("early-exit", l)) => match l.parse::<usize>() {
             Ok(layers) if layers >= 1 && layers < n_layer => Box::new(EarlyExit { layers }),
             _ => return Err(Error::Spec(format!("early-exit:{l}: the layer count must be a number in 1..{} (the model has {n_layer} layers)", n_layer - 1))),
         },
-        _ => return Err(Error::Spec(format!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH or early-exit:L"))),
+        _ => return Err(Error::Spec(format!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH, early-exit:L or medusa:PATH"))),
     })
 }
 

@@ -4,6 +4,7 @@
 
 mod accept;
 mod drafters;
+pub mod medusa;
 mod tree;
 
 use std::ops::ControlFlow;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use augur_kernels::matmul::ACTQ_MAX_BATCH;
 use augur_models::{Logits, Model, State};
 
-pub use accept::{accept, Accepted};
+pub use accept::{accept, accept_typical, Accepted, Typical};
 pub use drafters::{from_spec, Ctx, DraftModel, Drafter, EarlyExit, PromptLookup};
 pub use tree::{Compiled, Tree};
 
@@ -27,6 +28,17 @@ pub struct SpecConfig {
     /// Most draft tokens per round (tree nodes), at most 15 so a verification pass stays on the
     /// batched integer path (16 rows with the pending token). The governor adapts below it.
     pub k: usize,
+    /// Typical acceptance instead of exact verification (Medusa's relaxed rule; NOT lossless:
+    /// the output is no longer distributed as the target's). Applies when sampling; greedy
+    /// decoding stays exact.
+    pub typical: Option<Typical>,
+}
+
+impl SpecConfig {
+    /// Exact (lossless) speculation with at most `k` draft nodes per round.
+    pub fn new(k: usize) -> Self {
+        SpecConfig { k, typical: None }
+    }
 }
 
 /// What speculation did.
@@ -135,6 +147,9 @@ pub fn generate(
     let mut stats = SpecStats::default();
     let mut dense = Vec::new();
     let mut governor = Governor::new(k);
+    let dim = llama.cfg.dim;
+    // The hidden state of the row that chose the pending token (for drafters that read it).
+    let mut hidden: Vec<f32> = Vec::with_capacity(dim);
 
     // Prefill all but the last prompt token; it becomes the first pending token.
     let t0 = Instant::now();
@@ -147,18 +162,22 @@ pub fn generate(
     'rounds: while emit.generated.len() < cfg.max_tokens {
         let room = (llama.cfg.context - st.len() - 1).min(cfg.max_tokens - emit.generated.len() - 1);
         let td = Instant::now();
-        let want = governor.next().min(room);
+        let want = if drafter.adaptive() { governor.next() } else { governor.next().min(1) * k }.min(room);
         let tree = if want == 0 {
             Tree::default()
         } else {
-            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, k: want, sampler: &mut sampler })?
+            let hidden = (!hidden.is_empty()).then_some(&hidden[..]);
+            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, hidden, k: want, sampler: &mut sampler })?
         };
         stats.draft_time += td.elapsed();
         let compiled = tree.compile(*tokens.last().unwrap());
         let tv = Instant::now();
         let base = st.len();
         let logits = llama.forward_tree(&mut st, &compiled.tokens, &compiled.depth, &compiled.ancestors)?;
-        let acc = accept(&tree, &compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, &mut rng, &mut dense);
+        let acc = match &spec.typical {
+            Some(t) => accept_typical(&compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, t),
+            None => accept(&tree, &compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, &mut rng, &mut dense),
+        };
         let mut keep = vec![0];
         keep.extend_from_slice(&acc.rows);
         stats.target_time += tv.elapsed();
@@ -171,6 +190,9 @@ pub fn generate(
         rows.extend_from_slice(&acc.rows);
         let emitted: Vec<u32> = acc.tokens.iter().copied().chain([acc.bonus]).collect();
         let logits_rows: Vec<Vec<f32>> = rows.iter().map(|&r| logits[r * vocab..(r + 1) * vocab].to_vec()).collect();
+        let last = *rows.last().expect("row 0");
+        hidden.clear();
+        hidden.extend_from_slice(&st.hidden()[last * dim..(last + 1) * dim]);
         st.keep(base, &keep);
         for (tok, row_logits) in emitted.into_iter().zip(&logits_rows) {
             tokens.push(tok);

@@ -1,0 +1,129 @@
+//! `augur distill-data` (the target's own responses to a prompt set, optionally with its hidden
+//! states) and `augur train-medusa` (Medusa heads trained on them).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use augur_distill::data::{self, DistillSet};
+use augur_distill::medusa::{self, MedusaConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::common::{ModelArgs, SampleArgs};
+
+fn bar(len: usize, what: &str) -> ProgressBar {
+    let b = ProgressBar::new(len as u64);
+    b.set_style(ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]")).expect("valid template"));
+    b
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt file (JSONL: `{"messages": [...]}` or `{"prompt": "..."}`, optional `group`).
+    #[arg(long, default_value = "bench/distill/prompts.jsonl")]
+    pub prompts: PathBuf,
+    /// Output directory (`samples.jsonl`, `hidden.safetensors`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Most response tokens per prompt.
+    #[arg(long, default_value_t = 256)]
+    pub max_tokens: usize,
+    /// Also cache the target's final hidden states (what head training reads).
+    #[arg(long)]
+    pub hidden: bool,
+    /// Only the first N prompts.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+}
+
+pub fn data_main(a: DataArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let prompts = data::load_prompts(&a.prompts, &model, a.limit)?;
+    let t0 = Instant::now();
+    let b = bar(prompts.len(), "responses");
+    let samples = data::respond(&model, &prompts, a.max_tokens, a.sample.config(), |i, _| b.set_position(i as u64))?;
+    b.finish();
+    let tokens: usize = samples.iter().map(|s| s.ids.len() - s.prompt_len).sum();
+    eprintln!("{} responses, {tokens} tokens in {:.0} s", samples.len(), t0.elapsed().as_secs_f64());
+    let (hidden, dim) = if a.hidden {
+        let b = bar(samples.len(), "hidden  ");
+        let h = data::hidden_states(&model.llama, &samples, |i, _| b.set_position(i as u64))?;
+        b.finish();
+        (Some(h), model.llama.cfg.dim)
+    } else {
+        (None, 0)
+    };
+    DistillSet { samples, hidden, dim }.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("{}", a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MedusaArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data directory from `augur distill-data` (hidden states are computed if not cached).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output file (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Number of heads (draft depth).
+    #[arg(long, default_value_t = 3)]
+    pub heads: usize,
+    /// Residual blocks per head.
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// Tokens the heads score (the most frequent of the data).
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 2)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 256)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+}
+
+pub fn medusa_main(a: MedusaArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let mut set = DistillSet::open(&a.data)?;
+    if set.hidden.is_none() {
+        let b = bar(set.samples.len(), "hidden");
+        set.hidden = Some(data::hidden_states(&model.llama, &set.samples, |i, _| b.set_position(i as u64))?);
+        set.dim = model.llama.cfg.dim;
+        b.finish();
+    }
+    let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, ..Default::default() };
+    let t0 = Instant::now();
+    let b = bar(0, "train");
+    let trained = medusa::train(&model.llama, &set, &cfg, |p| {
+        b.set_length(p.steps as u64);
+        b.set_position(p.step as u64);
+        b.set_message(format!("loss {:.3}", p.loss));
+    })?;
+    b.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    let dim = model.llama.cfg.dim;
+    let tensors = augur_decode::speculative::medusa::heads_tensors(&trained.heads, dim, &trained.vocab, &trained.accuracy)?;
+    let refs: Vec<(&str, &augur_core::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    augur_formats::safetensors::save(&a.out, &refs).with_context(|| format!("writing {}", a.out.display()))?;
+    let top1: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r[0])).collect();
+    let top5: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r.iter().take(5).sum::<f32>())).collect();
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out.display().to_string(),
+            "train_seconds": secs,
+            "positions": {"train": trained.positions.0, "held_out": trained.positions.1},
+            "vocab_coverage": trained.coverage,
+            "held_out_top1": top1,
+            "held_out_top5": top5,
+        })
+    );
+    Ok(())
+}
