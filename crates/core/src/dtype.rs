@@ -3,10 +3,13 @@ use augur_kernels::QuantType;
 /// Element type of a tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// 32-bit IEEE float.
     F32,
     /// For gradient checks and numerically demanding references.
     F64,
+    /// 16-bit IEEE half float.
     F16,
+    /// bfloat16 (8 exponent bits, 7 mantissa bits).
     BF16,
     /// GGUF block quantization; the innermost dimension is a whole number of blocks.
     Quant(QuantType),
@@ -24,6 +27,7 @@ impl DType {
         }
     }
 
+    /// The short name (`f32`, `q4_1`, …).
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "F32",
@@ -34,6 +38,7 @@ impl DType {
         }
     }
 
+    /// Whether this is a GGUF block type (storage only: no arithmetic, no gradients).
     pub fn is_quantized(self) -> bool {
         matches!(self, DType::Quant(_))
     }

@@ -22,18 +22,22 @@ impl Layout {
         Layout { shape: shape.to_vec(), strides, offset: 0 }
     }
 
+    /// Size of each dimension.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// Elements to skip per step of each dimension.
     pub fn strides(&self) -> &[usize] {
         &self.strides
     }
 
+    /// Index of the first element in the storage.
     pub fn offset(&self) -> usize {
         self.offset
     }
 
+    /// Number of elements (the product of the shape).
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }

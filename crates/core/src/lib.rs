@@ -11,6 +11,8 @@
 //! checks); inside [`amp::autocast`] matmuls and attention run in bf16 or f16. [`registry::OPS`]
 //! lists every public op under its canonical name.
 
+#![warn(missing_docs)]
+
 pub mod amp;
 pub mod autograd;
 mod dtype;

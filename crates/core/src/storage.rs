@@ -13,6 +13,7 @@ pub struct Bytes {
 }
 
 impl Bytes {
+    /// Own `v`.
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();
         Bytes { owner: Arc::new(v), start: 0, len }
@@ -24,6 +25,7 @@ impl Bytes {
         (end <= (*owner).as_ref().len()).then_some(Bytes { owner, start, len })
     }
 
+    /// The bytes.
     pub fn as_slice(&self) -> &[u8] {
         &(*self.owner).as_ref()[self.start..self.start + self.len]
     }
@@ -39,14 +41,25 @@ impl std::fmt::Debug for Bytes {
 /// weights read from files (quantized blocks, or f16/bf16 kept in their file form).
 #[derive(Debug)]
 pub enum Storage {
+    /// f32 values.
     F32(Vec<f32>),
+    /// f64 values (gradient checks).
     F64(Vec<f64>),
+    /// f16 values.
     F16(Vec<f16>),
+    /// bf16 values.
     BF16(Vec<bf16>),
-    Raw { dtype: DType, bytes: Bytes },
+    /// Bytes of another type (GGUF quantized blocks), possibly memory-mapped.
+    Raw {
+        /// The element or block type.
+        dtype: DType,
+        /// The raw bytes (often a view of a memory-mapped file).
+        bytes: Bytes,
+    },
 }
 
 impl Storage {
+    /// The element type held.
     pub fn dtype(&self) -> DType {
         match self {
             Storage::F32(_) => DType::F32,

@@ -41,11 +41,13 @@ impl Tensor {
         Ok(())
     }
 
+    /// An f32 tensor of `shape` owning `data` (row-major); fails when the lengths differ.
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Self> {
         Self::check_len(data.len(), shape, DType::F32)?;
         Ok(Self::new(Storage::F32(data), shape))
     }
 
+    /// An f64 tensor of `shape` owning `data` (row-major).
     pub fn from_f64(data: Vec<f64>, shape: &[usize]) -> Result<Self> {
         Self::check_len(data.len(), shape, DType::F64)?;
         Ok(Self::new(Storage::F64(data), shape))
@@ -56,10 +58,12 @@ impl Tensor {
         Self::new(Storage::F32(vec![v]), &[])
     }
 
+    /// An f32 tensor of `shape` with every element `v`.
     pub fn full(shape: &[usize], v: f32) -> Self {
         Self::new(Storage::F32(vec![v; shape.iter().product()]), shape)
     }
 
+    /// An f32 tensor of ones.
     pub fn ones(shape: &[usize]) -> Self {
         Self::full(shape, 1.0)
     }
@@ -70,16 +74,19 @@ impl Tensor {
         Self::new(T::storage(v), shape)
     }
 
+    /// An f16 tensor of `shape` owning `data`.
     pub fn from_f16(data: Vec<f16>, shape: &[usize]) -> Result<Self> {
         Self::check_len(data.len(), shape, DType::F16)?;
         Ok(Self::new(Storage::F16(data), shape))
     }
 
+    /// A bf16 tensor of `shape` owning `data`.
     pub fn from_bf16(data: Vec<bf16>, shape: &[usize]) -> Result<Self> {
         Self::check_len(data.len(), shape, DType::BF16)?;
         Ok(Self::new(Storage::BF16(data), shape))
     }
 
+    /// An f32 tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
         Self::new(Storage::F32(vec![0.0; shape.iter().product()]), shape)
     }
@@ -112,10 +119,12 @@ impl Tensor {
         Ok(Self::new(storage, shape))
     }
 
+    /// Size of each dimension.
     pub fn shape(&self) -> &[usize] {
         self.layout.shape()
     }
 
+    /// `(rows, cols)` of a rank-2 tensor; an error for any other rank.
     pub fn dims2(&self) -> Result<(usize, usize)> {
         match self.shape() {
             &[a, b] => Ok((a, b)),
@@ -123,22 +132,27 @@ impl Tensor {
         }
     }
 
+    /// Number of dimensions.
     pub fn rank(&self) -> usize {
         self.shape().len()
     }
 
+    /// Number of elements.
     pub fn numel(&self) -> usize {
         self.layout.numel()
     }
 
+    /// Element (or block) type.
     pub fn dtype(&self) -> DType {
         self.storage.dtype()
     }
 
+    /// Shape, strides and offset into the storage.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
 
+    /// The shared buffer this tensor views.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }

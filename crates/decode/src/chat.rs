@@ -10,11 +10,14 @@ use crate::{Error, Result};
 /// One chat message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Message {
+    /// `system`, `user`, `assistant` or `tool`.
     pub role: String,
+    /// The message text.
     pub content: String,
 }
 
 impl Message {
+    /// A message from `role`.
     pub fn new(role: &str, content: &str) -> Self {
         Message { role: role.into(), content: content.into() }
     }
@@ -35,6 +38,7 @@ fn raise_exception(msg: String) -> std::result::Result<String, JinjaError> {
 }
 
 impl ChatTemplate {
+    /// Compile a Jinja chat template; `bos` and `eos` are the token strings it may refer to.
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);

@@ -17,7 +17,9 @@ use crate::Result;
 /// What to generate.
 #[derive(Debug, Clone, Default)]
 pub struct GenerateConfig {
+    /// Most tokens to generate.
     pub max_tokens: usize,
+    /// How each token is chosen.
     pub sampler: SamplerConfig,
     /// Generation ends before the first occurrence of any of these strings.
     pub stop: Vec<String>,
@@ -31,6 +33,7 @@ pub struct GenerateConfig {
 pub struct TokenEvent<'a> {
     /// 0-based index among the generated tokens.
     pub pos: usize,
+    /// The token id.
     pub id: u32,
     /// Text this token completes for the user (may be empty: partial UTF-8, or held back because it
     /// may start a stop string).
@@ -42,26 +45,37 @@ pub struct TokenEvent<'a> {
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
+    /// The model produced an end-of-sequence token.
     Eos,
+    /// The text reached one of the stop strings.
     StopString,
+    /// The token budget ran out.
     MaxTokens,
+    /// The callback asked to stop.
     Callback,
 }
 
 /// Counts and timings of one generation.
 #[derive(Debug, Clone)]
 pub struct Summary {
+    /// Tokens in the prompt.
     pub prompt_tokens: usize,
     /// Leading prompt tokens whose keys/values were reused from the session instead of computed.
     pub cached_tokens: usize,
+    /// Generated token ids (without the prompt).
     pub generated: Vec<u32>,
+    /// Generated text (stop strings cut off).
     pub text: String,
+    /// Time spent on the prompt.
     pub prefill: Duration,
+    /// Time spent generating after the first token.
     pub decode: Duration,
+    /// Why generation ended.
     pub stop: StopReason,
 }
 
 impl Summary {
+    /// Prompt tokens per second of the prefill.
     pub fn prefill_tok_per_s(&self) -> f64 {
         self.prompt_tokens as f64 / self.prefill.as_secs_f64().max(1e-9)
     }
@@ -147,6 +161,7 @@ pub struct Session {
 }
 
 impl Session {
+    /// An empty session for `model`.
     pub fn new(model: &Model) -> Self {
         Session { state: State::new(&model.llama.cfg), cached: Vec::new() }
     }

@@ -1,12 +1,14 @@
 //! A small seeded generator (xoshiro256**, seeded through splitmix64): reproducible across
 //! platforms and releases, which a seed flag promises users.
 
+/// xoshiro256** state; equal seeds give equal streams, so sampled runs repeat exactly.
 #[derive(Debug, Clone)]
 pub struct Rng {
     s: [u64; 4],
 }
 
 impl Rng {
+    /// A generator whose state is filled from `seed` by splitmix64 (any seed, 0 included, is fine).
     pub fn new(seed: u64) -> Self {
         let mut z = seed;
         let mut next = || {
@@ -19,6 +21,7 @@ impl Rng {
         Rng { s: [next(), next(), next(), next()] }
     }
 
+    /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         let r = self.s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
         let t = self.s[1] << 17;

@@ -25,7 +25,9 @@ pub struct SamplerConfig {
     /// OpenAI-style penalties over the *generated* tokens: `logit -= presence · [count > 0] +
     /// frequency · count` (0 = off).
     pub presence_penalty: f32,
+    /// OpenAI-style frequency penalty: subtracted once per earlier occurrence of a token.
     pub frequency_penalty: f32,
+    /// Seed of the random draws.
     pub seed: u64,
 }
 
@@ -45,6 +47,7 @@ impl Default for SamplerConfig {
 }
 
 impl SamplerConfig {
+    /// Check every setting is in range, naming the first one that is not.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Sampling(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
@@ -67,6 +70,7 @@ impl SamplerConfig {
         Ok(())
     }
 
+    /// Whether decoding is greedy (temperature 0): argmax, no randomness.
     pub fn is_greedy(&self) -> bool {
         self.temperature == 0.0
     }
@@ -90,6 +94,7 @@ pub fn argmax(v: &[f32]) -> u32 {
 /// A sampler with its own RNG stream and reusable buffers.
 #[derive(Debug, Clone)]
 pub struct Sampler {
+    /// The settings it samples with.
     pub cfg: SamplerConfig,
     rng: Rng,
     logits: Vec<f32>,
@@ -97,6 +102,7 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler for `cfg`, after [`SamplerConfig::validate`].
     pub fn new(cfg: SamplerConfig) -> Result<Self> {
         cfg.validate()?;
         Ok(Sampler { rng: Rng::new(cfg.seed), cfg, logits: Vec::new(), dist: Vec::new() })

@@ -12,6 +12,8 @@ use crate::generate::{check_prompt, Emitter, GenerateConfig, StopReason, Summary
 use crate::sampler::Sampler;
 use crate::Result;
 
+/// One sequence generated step by step by an outside loop (the server's continuous batching):
+/// its prompt is prefilled on its own, then each decode step of the batch adds one token to it.
 pub struct Sequence {
     /// The sequence's KV cache.
     pub state: State,
@@ -88,6 +90,7 @@ impl Sequence {
         }
     }
 
+    /// Why this sequence ended, once it has.
     pub fn finished(&self) -> Option<StopReason> {
         self.stop
     }
@@ -114,6 +117,7 @@ impl Sequence {
         (self.emit.finish(self.prompt_tokens, self.prefill, decode, stop), self.state)
     }
 
+    /// The counts and timings of the finished sequence.
     pub fn finish(self) -> Summary {
         self.finish_with_state().0
     }

@@ -4,6 +4,8 @@
 //! overlapped gradient averaging; this crate adds the MPI backend (feature `mpi`, through the
 //! `mpi` crate over the system's OpenMPI or MPICH). Launch with `mpirun -np N augur train --ddp`.
 
+#![warn(missing_docs)]
+
 pub use augur_nn::dist::{Ddp, ProcessGroup, Solo, ThreadGroup};
 
 #[cfg(feature = "mpi")]

@@ -20,7 +20,12 @@ pub enum Error {
     Format(#[from] augur_formats::Error),
     /// Reading or writing a file.
     #[error("{}: {err}", path.display())]
-    Io { path: PathBuf, err: std::io::Error },
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        err: std::io::Error,
+    },
     /// Input that cannot be used, with what to do about it.
     #[error("{0}")]
     Invalid(String),

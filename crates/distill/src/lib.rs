@@ -7,6 +7,8 @@
 //!
 //! The heads decode through `augur_decode::speculative` (`--spec medusa:FILE`).
 
+#![warn(missing_docs)]
+
 pub mod data;
 mod error;
 pub mod medusa;

@@ -4,6 +4,8 @@
 //! - [`safetensors`]: safetensors checkpoints (single file or sharded), mmapped.
 //! - [`tokenizer`]: a tokenizer built from GGUF metadata or from `tokenizer.json`.
 
+#![warn(missing_docs)]
+
 mod error;
 pub mod gguf;
 pub mod safetensors;

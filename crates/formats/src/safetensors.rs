@@ -64,6 +64,7 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// Tensor `name`, or an error naming it.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         self.tensors
             .get(name)
@@ -71,10 +72,12 @@ impl Checkpoint {
             .ok_or_else(|| Error::Tensor { name: name.into(), msg: "not in the checkpoint (wrong architecture?)".into() })
     }
 
+    /// Whether the checkpoint holds `name`.
     pub fn contains(&self, name: &str) -> bool {
         self.tensors.contains_key(name)
     }
 
+    /// Every tensor name (unordered).
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().map(String::as_str)
     }

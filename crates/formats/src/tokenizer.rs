@@ -242,18 +242,22 @@ impl Tokenizer {
         self.inner.to_string(true).map_err(tok_err)
     }
 
+    /// Number of tokens (including added special tokens).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
 
+    /// The id of token string `s`.
     pub fn token_to_id(&self, s: &str) -> Option<u32> {
         self.inner.token_to_id(s)
     }
 
+    /// The token string of `id`.
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
 
+    /// Whether `id` ends generation.
     pub fn is_eos(&self, id: u32) -> bool {
         self.eos.contains(&id)
     }
@@ -269,6 +273,7 @@ pub struct StreamDecoder {
 }
 
 impl StreamDecoder {
+    /// A decoder with nothing buffered.
     pub fn new() -> Self {
         StreamDecoder { ids: Vec::new(), prefix: 0, emitted_len: 0 }
     }

@@ -37,10 +37,12 @@ fn round(v: f64) -> f64 {
 }
 
 impl ActQ {
+    /// Number of values.
     pub fn len(&self) -> usize {
         self.planes[0].len()
     }
 
+    /// Whether no values are held.
     pub fn is_empty(&self) -> bool {
         self.planes[0].is_empty()
     }

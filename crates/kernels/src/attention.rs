@@ -13,8 +13,11 @@ use crate::vec::{hsum16, softmax};
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
 pub struct Shape {
+    /// Query heads.
     pub n_head: usize,
+    /// Key/value heads (grouped-query attention: each serves `n_head / n_kv_head` query heads).
     pub n_kv_head: usize,
+    /// Width of one head.
     pub head_dim: usize,
 }
 
@@ -22,7 +25,11 @@ pub struct Shape {
 #[derive(Debug, Clone, Copy)]
 pub enum Mask<'a> {
     /// Token `t` of the batch sits at position `pos0 + t` and sees positions `0..=pos0 + t`.
-    Causal { pos0: usize },
+    /// Query row `i` sees keys `0..=pos0 + i`.
+    Causal {
+        /// Position of the first query row.
+        pos0: usize,
+    },
     /// Row-major `[n_tok, seq]` booleans.
     Explicit(&'a [bool]),
 }

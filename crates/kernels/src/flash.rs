@@ -40,11 +40,17 @@ fn mm<T: Real>((m, n, k): (usize, usize, usize), dst: &mut [T], dst_rs: usize, a
 /// `h` reads key/value head `h / (heads / kv_heads)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Shape {
+    /// Batch size.
     pub batch: usize,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads (divides `heads`).
     pub kv_heads: usize,
+    /// Query rows per head.
     pub q_len: usize,
+    /// Key rows per head.
     pub k_len: usize,
+    /// Width of one head.
     pub dim: usize,
 }
 
@@ -83,6 +89,7 @@ pub struct Mask<'a, T> {
 }
 
 impl<T: Real> Mask<'_, T> {
+    /// Causal masking only (bottom-right aligned when `k_len > q_len`).
     pub fn causal() -> Self {
         Mask { causal: true, allow: None, bias: None, alibi: None }
     }

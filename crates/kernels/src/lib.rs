@@ -10,6 +10,8 @@
 //! - [`vec`]: RMSNorm, RoPE, softmax, SiLU, and the other per-row ops of a Llama layer.
 //! - [`reference`]: the scalar twins.
 
+#![warn(missing_docs)]
+
 pub mod actq;
 pub mod attention;
 pub mod cpu;

@@ -20,8 +20,11 @@ use crate::quant::QuantType;
 /// Borrowed weight storage of a matrix, row-major, `rows × k`.
 #[derive(Debug, Clone, Copy)]
 pub enum Weights<'a> {
+    /// f32 weights.
     F32(&'a [f32]),
+    /// f16 weights.
     F16(&'a [f16]),
+    /// bf16 weights.
     BF16(&'a [bf16]),
     /// GGUF blocks; each row is `ty.row_bytes(k)` bytes.
     Quant(QuantType, &'a [u8]),
@@ -30,8 +33,11 @@ pub enum Weights<'a> {
 /// A borrowed `rows × k` weight matrix.
 #[derive(Debug, Clone, Copy)]
 pub struct Matrix<'a> {
+    /// The storage.
     pub weights: Weights<'a>,
+    /// Output features (rows).
     pub rows: usize,
+    /// Input features (row length).
     pub k: usize,
 }
 

@@ -129,6 +129,7 @@ impl Pool {
         Pool { n, shared, workers, dispatch: Mutex::new(()) }
     }
 
+    /// Number of threads that run parallel work (the caller included).
     pub fn threads(&self) -> usize {
         self.n
     }
@@ -199,6 +200,7 @@ unsafe impl<T> Send for SyncPtr<T> {}
 unsafe impl<T> Sync for SyncPtr<T> {}
 
 impl<T> SyncPtr<T> {
+    /// Wrap `p` for sharing with the pool's workers.
     pub fn new(p: *mut T) -> Self {
         SyncPtr(p)
     }
@@ -210,6 +212,7 @@ impl<T> SyncPtr<T> {
         std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 
+    /// The raw pointer.
     pub fn ptr(&self) -> *mut T {
         self.0
     }

@@ -24,17 +24,26 @@ pub const QK_K: usize = 256;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[allow(non_camel_case_types)]
 pub enum QuantType {
+    /// 4-bit, one f16 scale per 32 weights (`q - 8`).
     Q4_0,
+    /// 4-bit, f16 scale and minimum per 32 weights.
     Q4_1,
+    /// 5-bit, one f16 scale per 32 weights.
     Q5_0,
+    /// 5-bit, f16 scale and minimum per 32 weights.
     Q5_1,
+    /// 8-bit, one f16 scale per 32 weights.
     Q8_0,
+    /// 4-bit K-quant: 256-weight super-blocks of 8 sub-blocks with 6-bit scales and minimums.
     Q4_K,
+    /// 5-bit K-quant, laid out like Q4_K plus a high-bit plane.
     Q5_K,
+    /// 6-bit K-quant: 16 sub-blocks with 8-bit scales.
     Q6_K,
 }
 
 impl QuantType {
+    /// Every supported block type.
     pub const ALL: [QuantType; 8] = [
         QuantType::Q4_0,
         QuantType::Q4_1,
@@ -82,10 +91,12 @@ impl QuantType {
         }
     }
 
+    /// The type with ggml's numeric id `id`.
     pub fn from_ggml_id(id: u32) -> Option<Self> {
         QuantType::ALL.into_iter().find(|t| t.ggml_id() == id)
     }
 
+    /// The ggml name (`Q4_1`, …).
     pub const fn name(self) -> &'static str {
         match self {
             QuantType::Q4_0 => "Q4_0",

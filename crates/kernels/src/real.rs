@@ -24,18 +24,29 @@ pub trait Real:
     + Sum
     + 'static
 {
+    /// 0.
     const ZERO: Self;
+    /// 1.
     const ONE: Self;
+    /// −∞.
     const NEG_INFINITY: Self;
+    /// Nearest value to `v`.
     fn from_f64(v: f64) -> Self;
+    /// Exact widening to f64.
     fn to_f64(self) -> f64;
+    /// `e^self` (the fast vectorisable form for f32).
     fn exp(self) -> Self;
     /// `e^x` to about 1e-7 relative in f32 without a libm call (vectorizes); exact libm in f64.
     fn fast_exp(self) -> Self;
+    /// Natural logarithm.
     fn ln(self) -> Self;
+    /// Square root.
     fn sqrt(self) -> Self;
+    /// Hyperbolic tangent.
     fn tanh(self) -> Self;
+    /// The larger of two values.
     fn max(self, o: Self) -> Self;
+    /// Neither infinite nor NaN.
     fn is_finite(self) -> bool;
 }
 

@@ -8,30 +8,57 @@ use crate::{Error, Result};
 /// RoPE frequency scaling.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum RopeScaling {
+    /// Plain RoPE.
     None,
     /// Positions divided by `factor` (linear interpolation).
-    Linear { factor: f32 },
+    /// Positions divided by `factor` (linear interpolation).
+    Linear {
+        /// Context extension factor.
+        factor: f32,
+    },
     /// Llama 3's per-frequency scaling.
-    Llama3 { factor: f32, low_freq_factor: f32, high_freq_factor: f32, original_context: f32 },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// Overall extension factor.
+        factor: f32,
+        /// Wavelengths above `original_context / low_freq_factor` are scaled fully.
+        low_freq_factor: f32,
+        /// Wavelengths below `original_context / high_freq_factor` are kept.
+        high_freq_factor: f32,
+        /// Context length the model was trained with.
+        original_context: f32,
+    },
 }
 
 /// Hyperparameters of a Llama-family decoder.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
+    /// Architecture name (`llama`, `qwen2`, `mistral`).
     pub arch: String,
+    /// Vocabulary size.
     pub vocab: usize,
+    /// Model width.
     pub dim: usize,
+    /// MLP hidden width.
     pub hidden: usize,
+    /// Number of decoder blocks.
     pub n_layer: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// Key/value heads.
     pub n_kv_head: usize,
+    /// Width of one head.
     pub head_dim: usize,
+    /// RMSNorm epsilon.
     pub rms_eps: f32,
+    /// RoPE base frequency.
     pub rope_theta: f32,
+    /// RoPE frequency scaling.
     pub rope_scaling: RopeScaling,
     /// Rotate pairs `(2i, 2i+1)` (GGUF llama weights, permuted by the converter) instead of
     /// `(i, i + head_dim/2)` (HF weights; GGUF qwen2).
     pub rope_interleaved: bool,
+    /// Longest sequence (positions) the model supports.
     pub context: usize,
     /// The output head reuses the token embedding.
     pub tied_embeddings: bool,

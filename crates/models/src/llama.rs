@@ -51,6 +51,7 @@ pub struct Layer {
 
 /// A loaded Llama-family model (immutable; run state lives in [`State`]).
 pub struct Llama {
+    /// Hyperparameters.
     pub cfg: Config,
     /// [vocab, dim]
     embed: Tensor,

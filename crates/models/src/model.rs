@@ -12,10 +12,13 @@ use crate::{Config, Error, Llama, Result};
 
 /// Weights, tokenizer and chat template of one model.
 pub struct Model {
+    /// Weights and forward pass.
     pub llama: Llama,
+    /// The model's own tokenizer.
     pub tokenizer: Tokenizer,
     /// Jinja chat template, if the model ships one.
     pub chat_template: Option<String>,
+    /// Where it was loaded from.
     pub path: PathBuf,
 }
 
@@ -56,6 +59,7 @@ impl Model {
         }
     }
 
+    /// Open a GGUF file (weights memory-mapped, tokenizer and template from its metadata).
     pub fn open_gguf(path: &Path) -> Result<Self> {
         let g = Gguf::open(path)?;
         let cfg = Config::from_gguf(&g)?;
@@ -66,6 +70,7 @@ impl Model {
         Ok(Model { llama, tokenizer, chat_template, path: path.to_owned() })
     }
 
+    /// Open a safetensors checkpoint directory with `config.json` and `tokenizer.json`.
     pub fn open_safetensors(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
             std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Path { path: dir.join(name), msg: e.to_string() })

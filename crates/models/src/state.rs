@@ -92,6 +92,7 @@ fn fit(v: &mut Vec<f32>, n: usize) {
 }
 
 impl State {
+    /// An empty state for a model of `cfg`.
     pub fn new(cfg: &Config) -> Self {
         State {
             pos: 0,
@@ -135,6 +136,7 @@ impl State {
         self.pos
     }
 
+    /// Whether the cache is empty.
     pub fn is_empty(&self) -> bool {
         self.pos == 0
     }

@@ -13,10 +13,15 @@ use crate::optim::Optimizer;
 /// in a row it doubles. Off (scale 1, never skips) when disabled, as it should be with bf16.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GradScaler {
+    /// Current loss scale.
     pub scale: f64,
+    /// Factor applied after `growth_interval` finite steps (2).
     pub growth_factor: f64,
+    /// Factor applied after an overflow (0.5).
     pub backoff_factor: f64,
+    /// Consecutive finite steps before growing (2000).
     pub growth_interval: u32,
+    /// Whether scaling is on (off for bf16 and f32).
     pub enabled: bool,
     tracker: u32,
 }
@@ -32,6 +37,7 @@ impl GradScaler {
         Self::new(dtype == Some(DType::F16))
     }
 
+    /// `loss · scale` (or `loss` when disabled): call backward on this.
     pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
         Ok(if self.enabled { loss.scale(self.scale)? } else { loss.clone() })
     }

@@ -12,12 +12,15 @@ use crate::module::Module;
 
 /// A group of cooperating processes.
 pub trait ProcessGroup: Send + Sync {
+    /// This process's index, `0..world`.
     fn rank(&self) -> usize;
+    /// Number of processes.
     fn world(&self) -> usize;
     /// Element-wise sum of `buf` over all ranks, in place.
     fn all_reduce_sum(&self, buf: &mut [f32]);
     /// `root`'s `buf` on every rank.
     fn broadcast(&self, buf: &mut [f32], root: usize);
+    /// Wait until every process reaches this point.
     fn barrier(&self);
 }
 
@@ -42,11 +45,14 @@ pub const BUCKET_BYTES: usize = 25 << 20;
 
 /// Distributed data parallelism over a process group.
 pub struct Ddp<'g> {
+    /// The process group gradients are averaged over.
     pub group: &'g dyn ProcessGroup,
+    /// Target bucket size in bytes (25 MB by default, as PyTorch).
     pub bucket_bytes: usize,
 }
 
 impl<'g> Ddp<'g> {
+    /// Data parallelism over `group` with 25 MB buckets.
     pub fn new(group: &'g dyn ProcessGroup) -> Self {
         Ddp { group, bucket_bytes: BUCKET_BYTES }
     }

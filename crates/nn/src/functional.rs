@@ -32,10 +32,12 @@ pub fn embedding(table: &Tensor, ids: &[u32], shape: &[usize]) -> Result<Tensor>
     Ok(table.gather_rows(ids)?.reshape(&out)?)
 }
 
+/// LayerNorm over the last dimension: `(x - mean) / √(var + eps) · w + b`.
 pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.layer_norm(w, b, eps)?)
 }
 
+/// RMSNorm over the last dimension: `x / √(mean(x²) + eps) · w`.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(x.rms_norm(w, eps)?)
 }
@@ -73,14 +75,17 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Cached positions.
     pub fn len(&self) -> usize {
         self.k.as_ref().map_or(0, |k| k.shape()[2])
     }
 
+    /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Forget every cached position.
     pub fn clear(&mut self) {
         *self = KvCache::default();
     }
@@ -102,9 +107,13 @@ impl KvCache {
 /// The projection weights of one attention layer (`[out, in]` each, optional biases as Qwen2 has).
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionWeights<'a> {
+    /// Query projection and bias.
     pub wq: (&'a Tensor, Option<&'a Tensor>),
+    /// Key projection and bias.
     pub wk: (&'a Tensor, Option<&'a Tensor>),
+    /// Value projection and bias.
     pub wv: (&'a Tensor, Option<&'a Tensor>),
+    /// Output projection and bias.
     pub wo: (&'a Tensor, Option<&'a Tensor>),
 }
 

@@ -15,15 +15,21 @@ use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// Which normalisation the blocks use.
 pub enum NormKind {
+    /// LayerNorm with bias (GPT-2).
     Layer,
+    /// RMSNorm (Llama).
     Rms,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// Which MLP the blocks use.
 pub enum MlpKind {
+    /// `fc → GELU → proj` (GPT-2).
     Gelu,
+    /// SwiGLU (Llama).
     Swiglu,
 }
 
@@ -31,24 +37,41 @@ pub enum MlpKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GptConfig {
+    /// Vocabulary size.
     pub vocab: usize,
+    /// Model width.
     pub dim: usize,
+    /// Number of blocks.
     pub n_layer: usize,
+    /// Query heads.
     pub n_head: usize,
+    /// Key/value heads (grouped-query attention when fewer than `n_head`).
     pub n_kv_head: usize,
+    /// MLP hidden width.
     pub hidden: usize,
     /// Positions a learned table holds (other encodings have no limit).
     pub max_seq: usize,
+    /// Positional encoding.
     pub pos: PosKind,
+    /// RoPE base frequency.
     pub rope_theta: f64,
+    /// RoPE frequency scaling (applied at evaluation for extrapolation).
     pub rope_scaling: RopeScaling,
+    /// Normalisation.
     pub norm: NormKind,
+    /// MLP kind.
     pub mlp: MlpKind,
+    /// Biases in linear layers.
     pub bias: bool,
+    /// Output head shares the embedding.
     pub tied: bool,
+    /// Dropout probability in training.
     pub dropout: f64,
+    /// Normalisation epsilon.
     pub norm_eps: f64,
+    /// Standard deviation of the initial weights.
     pub init_std: f64,
+    /// Seed of the initial weights.
     pub seed: u64,
 }
 
@@ -97,12 +120,14 @@ impl GptConfig {
         }
     }
 
+    /// Read a config from a JSON file (unknown keys rejected), validated.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|err| Error::Io { path: path.into(), err })?;
         let cfg: GptConfig = serde_json::from_str(&text).map_err(|err| Error::Json { path: path.into(), err })?;
         cfg.validate()
     }
 
+    /// Check the dimensions fit together (heads divide the width, …).
     pub fn validate(self) -> Result<Self> {
         if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
             return invalid(format!("{} heads cannot be grouped over {} KV heads", self.n_head, self.n_kv_head));
@@ -119,6 +144,7 @@ impl GptConfig {
         Ok(self)
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.dim / self.n_head
     }
@@ -213,6 +239,7 @@ impl Module for Block {
 /// norm, and an output head (tied to the embedding by default).
 #[derive(Debug)]
 pub struct Gpt {
+    /// The hyperparameters.
     pub config: GptConfig,
     tok: Embedding,
     pos: PositionalEncoding,

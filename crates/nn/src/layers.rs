@@ -14,7 +14,9 @@ use crate::rng::Rng;
 /// `y = x · wᵀ + b`. The weight may be a frozen quantized GGUF tensor (inference only).
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// `[out, in]`.
     pub weight: Tensor,
+    /// `[out]`, if any.
     pub bias: Option<Tensor>,
 }
 
@@ -29,6 +31,7 @@ impl Linear {
         Linear { weight, bias }
     }
 
+    /// Apply the layer to `[.., in]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         F::linear(x, &self.weight, self.bias.as_ref())
     }
@@ -50,10 +53,12 @@ impl Module for Linear {
 /// A `[rows, dim]` lookup table.
 #[derive(Debug, Clone)]
 pub struct Embedding {
+    /// `[rows, dim]`.
     pub weight: Tensor,
 }
 
 impl Embedding {
+    /// A trainable table initialised from N(0, std²).
     pub fn new(rows: usize, dim: usize, std: f64, rng: &mut Rng) -> Self {
         Embedding { weight: parameter(&[rows, dim], || rng.normal() * std) }
     }
@@ -71,17 +76,23 @@ impl Module for Embedding {
 }
 
 #[derive(Debug, Clone)]
+/// Layer normalisation over the last dimension, with a learnt scale and bias.
 pub struct LayerNorm {
+    /// Scale, `[dim]`.
     pub weight: Tensor,
+    /// Bias, `[dim]`.
     pub bias: Tensor,
+    /// Epsilon added to the variance.
     pub eps: f64,
 }
 
 impl LayerNorm {
+    /// Scale 1, bias 0.
     pub fn new(dim: usize, eps: f64) -> Self {
         LayerNorm { weight: parameter(&[dim], || 1.0), bias: parameter(&[dim], || 0.0), eps }
     }
 
+    /// Normalise `[.., dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         F::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
@@ -95,16 +106,21 @@ impl Module for LayerNorm {
 }
 
 #[derive(Debug, Clone)]
+/// RMS normalisation over the last dimension, with a learnt scale.
 pub struct RmsNorm {
+    /// Scale, `[dim]`.
     pub weight: Tensor,
+    /// Epsilon added to the mean square.
     pub eps: f64,
 }
 
 impl RmsNorm {
+    /// Scale 1.
     pub fn new(dim: usize, eps: f64) -> Self {
         RmsNorm { weight: parameter(&[dim], || 1.0), eps }
     }
 
+    /// Normalise `[.., dim]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         F::rms_norm(x, &self.weight, self.eps)
     }
@@ -119,16 +135,19 @@ impl Module for RmsNorm {
 /// Inverted dropout, active in training mode only.
 #[derive(Debug)]
 pub struct Dropout {
+    /// Probability of zeroing an element in training.
     pub p: f64,
     training: bool,
     rng: Mutex<Rng>,
 }
 
 impl Dropout {
+    /// Dropout with probability `p`, its mask stream seeded by `seed`.
     pub fn new(p: f64, seed: u64) -> Self {
         Dropout { p, training: true, rng: Mutex::new(Rng::new(seed)) }
     }
 
+    /// Zero and rescale elements in training; the identity in evaluation.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         F::dropout(x, self.p, self.training, &mut rng)
@@ -145,16 +164,21 @@ impl Module for Dropout {
 /// Llama's gated MLP.
 #[derive(Debug, Clone)]
 pub struct SwiGlu {
+    /// Gate projection `[hidden, dim]`.
     pub gate: Linear,
+    /// Up projection `[hidden, dim]`.
     pub up: Linear,
+    /// Down projection `[dim, hidden]`.
     pub down: Linear,
 }
 
 impl SwiGlu {
+    /// Weights from N(0, std²), the down projection from N(0, out_std²).
     pub fn new(dim: usize, hidden: usize, std: f64, out_std: f64, rng: &mut Rng) -> Self {
         SwiGlu { gate: Linear::new(dim, hidden, false, std, rng), up: Linear::new(dim, hidden, false, std, rng), down: Linear::new(hidden, dim, false, out_std, rng) }
     }
 
+    /// `down(silu(gate(x)) · up(x))`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         F::swiglu(x, &self.gate.weight, &self.up.weight, &self.down.weight)
     }
@@ -171,15 +195,19 @@ impl Module for SwiGlu {
 /// GPT-2's MLP.
 #[derive(Debug, Clone)]
 pub struct GeluMlp {
+    /// `[hidden, dim]`.
     pub fc: Linear,
+    /// `[dim, hidden]`.
     pub proj: Linear,
 }
 
 impl GeluMlp {
+    /// Weights from N(0, std²), the output projection from N(0, out_std²).
     pub fn new(dim: usize, hidden: usize, bias: bool, std: f64, out_std: f64, rng: &mut Rng) -> Self {
         GeluMlp { fc: Linear::new(dim, hidden, bias, std, rng), proj: Linear::new(hidden, dim, bias, out_std, rng) }
     }
 
+    /// `proj(gelu(fc(x)))`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         F::gelu_mlp(x, self.fc.parts(), self.proj.parts())
     }
@@ -195,15 +223,22 @@ impl Module for GeluMlp {
 /// Causal multi-head attention with grouped KV heads; positions come from a [`PositionalEncoding`].
 #[derive(Debug, Clone)]
 pub struct MultiHeadAttention {
+    /// Query projection.
     pub wq: Linear,
+    /// Key projection.
     pub wk: Linear,
+    /// Value projection.
     pub wv: Linear,
+    /// Output projection.
     pub wo: Linear,
+    /// Query heads.
     pub heads: usize,
+    /// Key/value heads.
     pub kv_heads: usize,
 }
 
 impl MultiHeadAttention {
+    /// Random projections; the output projection from N(0, out_std²).
     pub fn new(dim: usize, heads: usize, kv_heads: usize, bias: bool, std: f64, out_std: f64, rng: &mut Rng) -> Self {
         let hd = dim / heads;
         MultiHeadAttention {

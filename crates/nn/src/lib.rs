@@ -35,6 +35,8 @@
 //! # Ok::<(), augur_nn::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod amp;
 pub mod dist;
 mod error;

@@ -51,10 +51,12 @@ pub trait ModuleExt: Module {
         });
     }
 
+    /// Stop computing gradients for every parameter (e.g. a frozen base model).
     fn freeze(&mut self) {
         self.set_requires_grad(false);
     }
 
+    /// Drop every parameter's gradient.
     fn zero_grad(&mut self) {
         self.visit("", &mut |_, t| t.zero_grad());
     }

@@ -13,7 +13,9 @@ use crate::module::Module;
 pub trait Optimizer {
     /// One update of every parameter that requires a gradient and has one.
     fn step(&mut self, model: &mut dyn Module) -> Result<()>;
+    /// The current learning rate.
     fn lr(&self) -> f64;
+    /// Set the learning rate (schedules call this each step).
     fn set_lr(&mut self, lr: f64);
     /// The optimizer's state as named tensors (for resumable checkpoints).
     fn state(&self) -> Vec<(String, Tensor)>;
@@ -55,13 +57,17 @@ fn for_each_grad(model: &mut dyn Module, mut f: impl FnMut(&str, &mut Tensor, &[
 /// SGD with momentum (PyTorch's form: `b = μb + g`, `p −= lr·b`) and L2 weight decay.
 #[derive(Debug, Clone)]
 pub struct Sgd {
+    /// Learning rate.
     pub lr: f64,
+    /// Momentum factor (0 = plain SGD).
     pub momentum: f64,
+    /// L2 weight decay added to the gradient.
     pub weight_decay: f64,
     buf: HashMap<String, Vec<f32>>,
 }
 
 impl Sgd {
+    /// SGD with `momentum` and `weight_decay`.
     pub fn new(lr: f64, momentum: f64, weight_decay: f64) -> Self {
         Sgd { lr, momentum, weight_decay, buf: HashMap::new() }
     }
@@ -102,9 +108,13 @@ impl Optimizer for Sgd {
 /// AdamW (Loshchilov & Hutter): Adam with decoupled weight decay, computed as PyTorch does.
 #[derive(Debug, Clone)]
 pub struct AdamW {
+    /// Learning rate.
     pub lr: f64,
+    /// Decay rates of the first and second moment estimates.
     pub betas: (f64, f64),
+    /// Added to the denominator.
     pub eps: f64,
+    /// Decoupled weight decay (applied to weights that [`decays`] selects).
     pub weight_decay: f64,
     step: u64,
     m: HashMap<String, Vec<f32>>,
@@ -112,6 +122,7 @@ pub struct AdamW {
 }
 
 impl AdamW {
+    /// AdamW with PyTorch's defaults for the rest of its state.
     pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
         AdamW { lr, betas, eps, weight_decay, step: 0, m: HashMap::new(), v: HashMap::new() }
     }
@@ -174,9 +185,13 @@ impl Optimizer for AdamW {
 /// Linear warm-up to `base_lr` over `warmup` steps, then cosine decay to `min_lr` at `total`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LrSchedule {
+    /// Peak learning rate.
     pub base_lr: f64,
+    /// Final learning rate.
     pub min_lr: f64,
+    /// Warm-up steps.
     pub warmup: usize,
+    /// Total steps.
     pub total: usize,
 }
 

@@ -13,12 +13,18 @@ use crate::rng::Rng;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum PosKind {
+    /// No positional information (causal attention alone).
     None,
+    /// Fixed sinusoids added to the embeddings (Vaswani et al.).
     Sinusoidal,
+    /// A learnt table of absolute positions.
     Learned,
     #[default]
+    /// Rotary embeddings of queries and keys.
     Rope,
+    /// Linear attention biases by distance (Press et al.).
     Alibi,
+    /// Learnt, bucketed relative-position biases (T5).
     T5,
 }
 
@@ -35,16 +41,44 @@ impl std::str::FromStr for PosKind {
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum RopeScaling {
     #[default]
+    /// Plain RoPE.
     None,
     /// Position interpolation: every frequency divided by `factor`.
-    Linear { factor: f64 },
+    /// Position interpolation: positions divided by `factor`.
+    Linear {
+        /// Context extension factor.
+        factor: f64,
+    },
     /// NTK-aware: the base grows to `theta × factor^(d / (d − 2))`, stretching low frequencies most.
-    Ntk { factor: f64 },
+    /// NTK-aware: the base frequency raised so low frequencies stretch by `factor`.
+    Ntk {
+        /// Context extension factor.
+        factor: f64,
+    },
     /// YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp between, and
     /// scale attention by `0.1 ln(factor) + 1`.
-    Yarn { factor: f64, original_len: usize, beta_fast: f64, beta_slow: f64 },
+    Yarn {
+        /// Context extension factor.
+        factor: f64,
+        /// Training context length.
+        original_len: usize,
+        /// Rotations per context above which a dimension is kept.
+        beta_fast: f64,
+        /// Rotations per context below which a dimension is interpolated.
+        beta_slow: f64,
+    },
     /// Llama 3.1's wavelength bands.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_len: usize },
+    /// Llama 3.1's frequency-dependent scaling.
+    Llama3 {
+        /// Overall extension factor.
+        factor: f64,
+        /// Wavelengths above `original_len / low_freq_factor` are scaled fully.
+        low_freq_factor: f64,
+        /// Wavelengths below `original_len / high_freq_factor` are kept.
+        high_freq_factor: f64,
+        /// Training context length.
+        original_len: usize,
+    },
 }
 
 impl RopeScaling {
@@ -57,14 +91,18 @@ impl RopeScaling {
 /// Rotary position embedding over `dim` features per head.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Rope {
+    /// Rotated width (the head width).
     pub dim: usize,
+    /// Base frequency.
     pub theta: f64,
+    /// Frequency scaling.
     pub scaling: RopeScaling,
     /// Rotate pairs `(2i, 2i+1)` (GGUF/Meta order) rather than `(i, i + dim/2)` (HF order).
     pub interleaved: bool,
 }
 
 impl Rope {
+    /// Unscaled RoPE over `dim` with base `theta`.
     pub fn new(dim: usize, theta: f64) -> Self {
         Rope { dim, theta, scaling: RopeScaling::None, interleaved: false }
     }
@@ -202,18 +240,39 @@ pub fn t5_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
 /// A model's positional encoding, with its parameters when it learns any.
 #[derive(Debug, Clone)]
 pub enum PositionalEncoding {
+    /// No positions.
     None,
-    Sinusoidal { dim: usize },
+    /// Sinusoids added to the input.
+    Sinusoidal {
+        /// Model width.
+        dim: usize,
+    },
     /// A learned `[max_len, dim]` table added to the token embeddings.
-    Learned { table: Tensor },
+    /// A learnt table added to the input.
+    Learned {
+        /// `[max_len, dim]`.
+        table: Tensor,
+    },
+    /// Rotary embeddings inside attention.
     Rope(Rope),
-    Alibi { slopes: Vec<f32> },
+    /// ALiBi biases inside attention.
+    Alibi {
+        /// One slope per head.
+        slopes: Vec<f32>,
+    },
     /// A learned `[buckets, heads]` table of score biases, shared by every layer.
-    T5 { table: Tensor, max_distance: usize },
+    /// T5 relative biases inside attention.
+    T5 {
+        /// `[buckets, heads]` learnt biases.
+        table: Tensor,
+        /// Distance beyond which buckets saturate.
+        max_distance: usize,
+    },
 }
 
 /// T5's defaults.
 pub const T5_BUCKETS: usize = 32;
+/// T5's default `max_distance`.
 pub const T5_MAX_DISTANCE: usize = 128;
 
 impl PositionalEncoding {
@@ -230,6 +289,7 @@ impl PositionalEncoding {
         }
     }
 
+    /// Which kind this is.
     pub fn kind(&self) -> PosKind {
         match self {
             PositionalEncoding::None => PosKind::None,

@@ -24,13 +24,21 @@ use crate::rng::Rng;
 /// How to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainSettings {
+    /// Sequences per step.
     pub batch: usize,
+    /// Tokens per sequence.
     pub seq_len: usize,
+    /// Optimizer steps.
     pub steps: usize,
+    /// Peak learning rate.
     pub lr: f64,
+    /// Final learning rate (cosine decay).
     pub min_lr: f64,
+    /// Warm-up steps.
     pub warmup: usize,
+    /// AdamW weight decay.
     pub weight_decay: f64,
+    /// Gradient clipping by global norm (0 = off).
     pub clip: f64,
     /// `None` (f32), `Some(BF16)` or `Some(F16)` autocast.
     pub precision: Option<String>,
@@ -38,6 +46,7 @@ pub struct TrainSettings {
     pub eval_every: usize,
     /// Windows averaged per evaluation.
     pub eval_windows: usize,
+    /// Seed of the batch sampling.
     pub seed: u64,
 }
 
@@ -48,6 +57,7 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
+    /// The autocast dtype the precision setting asks for (`None` for f32).
     pub fn autocast(&self) -> Result<Option<DType>> {
         match self.precision.as_deref() {
             None | Some("f32") => Ok(None),
@@ -61,11 +71,14 @@ impl TrainSettings {
 /// A tokenized corpus: the last `held_out` fraction is kept for evaluation.
 #[derive(Debug, Clone)]
 pub struct Corpus {
+    /// Training tokens.
     pub train: Vec<u32>,
+    /// Held-out tokens.
     pub valid: Vec<u32>,
 }
 
 impl Corpus {
+    /// The last `held_out` share of `tokens` held out (an error if either part is too small).
     pub fn split(tokens: Vec<u32>, held_out: f64) -> Result<Self> {
         let cut = ((tokens.len() as f64) * (1.0 - held_out)) as usize;
         let mut train = tokens;
@@ -91,10 +104,15 @@ impl Corpus {
 /// What one step reports.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepReport {
+    /// Step number (1-based).
     pub step: usize,
+    /// Training loss.
     pub loss: f32,
+    /// Learning rate used.
     pub lr: f64,
+    /// Global gradient norm before clipping.
     pub grad_norm: f64,
+    /// The step was skipped (overflow under f16 loss scaling).
     pub skipped: bool,
 }
 
@@ -109,7 +127,9 @@ struct TrainerState {
 
 /// A model, its optimizer and the run's position.
 pub struct Trainer {
+    /// The model being trained.
     pub model: Gpt,
+    /// How it is trained.
     pub settings: TrainSettings,
     opt: AdamW,
     scaler: GradScaler,
@@ -120,6 +140,7 @@ pub struct Trainer {
 }
 
 impl Trainer {
+    /// A fresh model and optimizer.
     pub fn new(config: GptConfig, settings: TrainSettings) -> Result<Self> {
         let model = Gpt::new(config)?;
         Self::with_model(model, settings)

@@ -9,11 +9,14 @@ use crate::ApiError;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Stop {
+    /// One stop string.
     One(String),
+    /// Several stop strings.
     Many(Vec<String>),
 }
 
 impl Stop {
+    /// The stop strings as a list.
     pub fn into_vec(self) -> Vec<String> {
         match self {
             Stop::One(s) => vec![s],
@@ -23,8 +26,10 @@ impl Stop {
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
+/// `stream_options` of a request.
 pub struct StreamOptions {
     #[serde(default)]
+    /// Send a final chunk with token counts.
     pub include_usage: bool,
 }
 
@@ -32,48 +37,73 @@ pub struct StreamOptions {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Content {
+    /// Plain text.
     Text(String),
+    /// A list of parts (only text parts are accepted).
     Parts(Vec<ContentPart>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// One part of a message's content.
 pub struct ContentPart {
     #[serde(rename = "type")]
+    /// `text` (others are rejected).
     pub kind: String,
     #[serde(default)]
+    /// The text.
     pub text: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// A chat message of a request.
 pub struct ChatMessage {
+    /// `system`, `user` or `assistant`.
     pub role: String,
     #[serde(default)]
+    /// Text or parts.
     pub content: Option<Content>,
 }
 
 /// Sampling and limits shared by both endpoints.
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct Common {
+    /// Model name (informational: the server serves one model).
     pub model: Option<String>,
+    /// Most tokens to generate.
     pub max_tokens: Option<u64>,
+    /// Newer name of `max_tokens`.
     pub max_completion_tokens: Option<u64>,
+    /// Sampling temperature.
     pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
     pub top_p: Option<f32>,
+    /// Seed for sampling.
     pub seed: Option<u64>,
+    /// Stop string(s).
     pub stop: Option<Stop>,
+    /// Stream server-sent events.
     pub stream: Option<bool>,
+    /// Streaming options.
     pub stream_options: Option<StreamOptions>,
+    /// Completions per request (only 1).
     pub n: Option<u32>,
+    /// OpenAI presence penalty.
     pub presence_penalty: Option<f32>,
+    /// OpenAI frequency penalty.
     pub frequency_penalty: Option<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// `POST /v1/chat/completions` body.
 pub struct ChatRequest {
+    /// The conversation.
     pub messages: Vec<ChatMessage>,
+    /// Return log-probabilities of the chosen tokens.
     pub logprobs: Option<bool>,
+    /// Alternatives per position with `logprobs`.
     pub top_logprobs: Option<u32>,
     #[serde(flatten)]
+    /// Settings shared with completions.
     pub common: Common,
 }
 
@@ -81,16 +111,21 @@ pub struct ChatRequest {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
 pub enum Prompt {
+    /// One prompt.
     One(String),
+    /// Several prompts (only one is accepted).
     Many(Vec<String>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
+/// `POST /v1/completions` body.
 pub struct CompletionRequest {
+    /// The prompt text.
     pub prompt: Prompt,
     /// Top alternatives per token (0..=20), as in the legacy completions API.
     pub logprobs: Option<u32>,
     #[serde(flatten)]
+    /// Settings shared with chat.
     pub common: Common,
 }
 
@@ -110,19 +145,30 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
 /// Validated settings of one request.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Most tokens to generate (`None`: up to the context).
     pub max_tokens: Option<usize>,
+    /// Sampling temperature.
     pub temperature: f32,
+    /// Nucleus sampling mass.
     pub top_p: f32,
+    /// Seed.
     pub seed: Option<u64>,
+    /// Stop strings.
     pub stop: Vec<String>,
+    /// Stream the answer.
     pub stream: bool,
+    /// Send usage in the last chunk.
     pub include_usage: bool,
+    /// Completions requested.
     pub n: usize,
+    /// Presence penalty.
     pub presence_penalty: f32,
+    /// Frequency penalty.
     pub frequency_penalty: f32,
 }
 
 impl Common {
+    /// Validate and default the request's settings, naming a bad field.
     pub fn settings(self) -> Result<Settings, ApiError> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {

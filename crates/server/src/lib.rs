@@ -9,6 +9,36 @@
 //!   that disconnects mid-stream leaves the batch at the next step. (With `--spec`, requests run
 //!   one blocking generation each instead.)
 //! - Every error is OpenAI's error JSON (`api::ApiError` maps them in one place).
+//!
+//! Run the server in process and ask it for a chat completion (a real deployment calls
+//! [`serve`], which binds `cfg.host:cfg.port` and stops on Ctrl-C or SIGTERM):
+//!
+//! ```
+//! use augur_models::{tiny, Model};
+//! use augur_server::{router, App, ServerConfig};
+//! use axum::body::Body;
+//! use axum::http::{Request, StatusCode};
+//! use http_body_util::BodyExt;
+//! use tower::ServiceExt;
+//!
+//! # tokio::runtime::Runtime::new()?.block_on(async {
+//! let path = std::env::temp_dir().join(format!("augur-doc-server-{}.gguf", std::process::id()));
+//! tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 1)?;
+//! let app = App::new(Model::open(&path)?, ServerConfig::default())?;
+//! let body = r#"{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}"#;
+//! let req = Request::post("/v1/chat/completions").header("content-type", "application/json").body(Body::from(body))?;
+//! let res = router(app).oneshot(req).await?;
+//! assert_eq!(res.status(), StatusCode::OK);
+//! let json: serde_json::Value = serde_json::from_slice(&res.into_body().collect().await?.to_bytes())?;
+//! assert_eq!(json["object"], "chat.completion");
+//! assert!(json["choices"][0]["message"]["content"].is_string());
+//! # std::fs::remove_file(&path).ok();
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+#![warn(missing_docs)]
 
 pub mod api;
 mod error;
@@ -29,7 +59,9 @@ use schedule::Scheduler;
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Address to bind.
     pub host: String,
+    /// Port to bind.
     pub port: u16,
     /// Required `Authorization: Bearer` key, if any.
     pub api_key: Option<String>,
@@ -43,6 +75,7 @@ pub struct ServerConfig {
     pub model_name: String,
     /// `prompt-lookup` or `early-exit:L` to decode speculatively (output unchanged).
     pub spec: Option<String>,
+    /// Representation of matmul inputs.
     pub activations: Activations,
 }
 
@@ -64,7 +97,9 @@ impl Default for ServerConfig {
 
 /// Shared state of the handlers.
 pub struct App {
+    /// The served model.
     pub model: Model,
+    /// The server's settings.
     pub cfg: ServerConfig,
     metrics: Metrics,
     scheduler: Scheduler,
@@ -75,6 +110,7 @@ pub struct App {
 }
 
 impl App {
+    /// Shared state for `model` with `cfg` (fails on invalid settings).
     pub fn new(model: Model, cfg: ServerConfig) -> Result<Arc<Self>, String> {
         if let Some(spec) = &cfg.spec {
             handlers::check_spec(spec, &model)?;

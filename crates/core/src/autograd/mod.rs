@@ -77,6 +77,7 @@ pub fn no_grad<R>(f: impl FnOnce() -> R) -> R {
 pub struct NoGradGuard(bool);
 
 impl NoGradGuard {
+    /// A guard that turns recording off until it is dropped (the scope form of [`no_grad`]).
     pub fn new() -> Self {
         NoGradGuard(ENABLED.with(|e| e.replace(false)))
     }
@@ -124,6 +125,7 @@ impl Tensor {
         Tensor { autograd, ..self }
     }
 
+    /// Whether this tensor records the ops applied to it (a parameter, or a result computed from one).
     pub fn is_requires_grad(&self) -> bool {
         self.autograd.is_some()
     }
@@ -148,6 +150,7 @@ impl Tensor {
         self.autograd.as_ref().and_then(|m| lock(&m.grad).clone())
     }
 
+    /// Drop the accumulated gradient (the next backward starts from zero).
     pub fn zero_grad(&self) {
         if let Some(m) = &self.autograd {
             *lock(&m.grad) = None;

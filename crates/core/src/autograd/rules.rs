@@ -54,6 +54,7 @@ impl Tensor {
         Ok(record(out, "reshape", &[self], move |g, _| Ok(vec![Some(g.reshape(&old)?)])))
     }
 
+    /// Swap dimensions `a` and `b` (a strided view, no copy).
     pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
         let out = self.transpose_raw(a, b)?;
         Ok(record(out, "transpose", &[self], move |g, _| Ok(vec![Some(g.transpose(a, b)?)])))
@@ -76,6 +77,7 @@ impl Tensor {
         Ok(record(out, "pad", &[self], move |g, _| Ok(vec![Some(g.narrow(dim, start, len)?)])))
     }
 
+    /// Broadcast to `shape` (NumPy rules: size-1 or missing leading dimensions stretch); a view.
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
         let out = self.broadcast_to_raw(shape)?;
         let old = self.shape().to_vec();
@@ -126,18 +128,23 @@ impl Tensor {
         }))
     }
 
+    /// Elementwise `self + rhs`, broadcasting.
     pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Add)
     }
+    /// Elementwise `self - rhs`, broadcasting.
     pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Sub)
     }
+    /// Elementwise `self * rhs`, broadcasting.
     pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Mul)
     }
+    /// Elementwise `self / rhs`, broadcasting.
     pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Div)
     }
+    /// Elementwise maximum, broadcasting (the gradient goes to the larger input; ties to `self`).
     pub fn maximum(&self, rhs: &Tensor) -> Result<Tensor> {
         self.binary(rhs, BinaryOp::Max)
     }
@@ -167,30 +174,39 @@ impl Tensor {
         }))
     }
 
+    /// Elementwise `-self`.
     pub fn neg(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Neg)
     }
+    /// Elementwise `e^self`.
     pub fn exp(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Exp)
     }
+    /// Elementwise natural logarithm.
     pub fn log(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Log)
     }
+    /// Elementwise square root.
     pub fn sqrt(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Sqrt)
     }
+    /// Elementwise SiLU, `x · sigmoid(x)`.
     pub fn silu(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Silu)
     }
+    /// Elementwise GELU (tanh approximation, as GPT-2).
     pub fn gelu(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Gelu)
     }
+    /// Elementwise `max(x, 0)`.
     pub fn relu(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Relu)
     }
+    /// Elementwise hyperbolic tangent.
     pub fn tanh(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Tanh)
     }
+    /// Elementwise logistic sigmoid.
     pub fn sigmoid(&self) -> Result<Tensor> {
         self.unary(UnaryOp::Sigmoid)
     }
@@ -201,6 +217,7 @@ impl Tensor {
         Ok(record(out, "affine", &[self], move |g, _| Ok(vec![Some(g.affine(mul, 0.0)?)])))
     }
 
+    /// `self · s` for a constant `s`.
     pub fn scale(&self, s: f64) -> Result<Tensor> {
         self.affine(s, 0.0)
     }
@@ -376,6 +393,7 @@ impl Tensor {
 }
 
 impl BinaryOp {
+    /// The op's canonical lower-case name (as in the registry).
     pub fn name(self) -> &'static str {
         match self {
             BinaryOp::Add => "add",
@@ -388,6 +406,7 @@ impl BinaryOp {
 }
 
 impl UnaryOp {
+    /// The op's canonical lower-case name (as in the registry).
     pub fn name(self) -> &'static str {
         match self {
             UnaryOp::Neg => "neg",

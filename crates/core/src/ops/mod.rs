@@ -23,10 +23,15 @@ const PAR_CHUNK: usize = 1 << 15;
 /// A binary elementwise op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BinaryOp {
+    /// `a + b`.
     Add,
+    /// `a - b`.
     Sub,
+    /// `a * b`.
     Mul,
+    /// `a / b`.
     Div,
+    /// `max(a, b)`.
     Max,
 }
 
@@ -49,16 +54,27 @@ const GELU_C: f64 = 0.044715;
 /// A unary elementwise op. The `*Grad` variants are derivatives used by the backward rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UnaryOp {
+    /// `-x`.
     Neg,
+    /// `e^x`.
     Exp,
+    /// `ln x`.
     Log,
+    /// `√x`.
     Sqrt,
+    /// `1 / x`.
     Recip,
+    /// `x²`.
     Sqr,
+    /// `|x|`.
     Abs,
+    /// `x · sigmoid(x)`.
     Silu,
+    /// `1 / (1 + e^-x)`.
     Sigmoid,
+    /// `tanh x`.
     Tanh,
+    /// `max(x, 0)`.
     Relu,
     /// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`).
     Gelu,

@@ -16,12 +16,15 @@ pub struct Ctx<'a> {
     pub tokens: &'a [u32],
     /// The target and its state (holding `tokens[..len - 1]`).
     pub target: &'a Llama,
+    /// The target's run state (cache of `tokens[..len - 1]`); a drafter may append past it but must
+    /// truncate back.
     pub state: &'a mut State,
     /// The target's final-norm hidden state at the row whose logits chose the pending token
     /// (`None` on the first round, whose pending token is the prompt's last).
     pub hidden: Option<&'a [f32]>,
     /// Most nodes wanted.
     pub k: usize,
+    /// The sampler, whose filtered distribution sampled drafts must use.
     pub sampler: &'a mut Sampler,
 }
 
@@ -69,6 +72,7 @@ pub struct PromptLookup {
 }
 
 impl PromptLookup {
+    /// Match n-grams of up to `max_n` tokens; propose up to `width` branches.
     pub fn new(max_n: usize, width: usize) -> Self {
         PromptLookup { max_n: max_n.max(1), width: width.max(1) }
     }
@@ -196,6 +200,7 @@ impl Drafter for DraftModel {
 /// entries of those layers for the accepted context are the target's own; drafted positions are
 /// written past them and dropped before verification.
 pub struct EarlyExit {
+    /// How many of the target's layers draft.
     pub layers: usize,
 }
 

@@ -53,8 +53,11 @@ pub struct SpecStats {
     /// Per draft depth d (index d-1): rounds that proposed a node at depth d, and rounds that
     /// accepted one.
     pub proposed_at: Vec<usize>,
+    /// Per draft depth d (index d-1): rounds that accepted a node at depth d.
     pub accepted_at: Vec<usize>,
+    /// Time spent drafting.
     pub draft_time: Duration,
+    /// Time spent in target verification passes.
     pub target_time: Duration,
 }
 

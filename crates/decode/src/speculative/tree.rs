@@ -30,10 +30,12 @@ pub struct Compiled {
 }
 
 impl Tree {
+    /// Number of nodes.
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
 
+    /// Whether the tree has no nodes (a plain decoding step).
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }

@@ -20,6 +20,7 @@ const MAX_DIMS: u32 = 4;
 /// One tensor's entry in the GGUF header.
 #[derive(Debug, Clone)]
 pub struct TensorInfo {
+    /// Tensor name (`blk.0.attn_q.weight`, …).
     pub name: String,
     /// Outermost first (GGUF order reversed).
     pub shape: Vec<usize>,
@@ -32,6 +33,7 @@ pub struct TensorInfo {
 }
 
 impl TensorInfo {
+    /// The tensor type's name (`Q4_1`, `F32`, or `type N` for an unknown one).
     pub fn type_name(&self) -> String {
         ggml_type_name(self.ggml_type)
     }
@@ -39,12 +41,15 @@ impl TensorInfo {
 
 /// An opened GGUF file: parsed header, mmapped data.
 pub struct Gguf {
+    /// GGUF format version (2 or 3).
     pub version: u32,
     metadata: Vec<(String, Value)>,
     index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
+    /// Alignment of tensor data (`general.alignment`, default 32).
     pub alignment: u64,
+    /// Byte offset where tensor data starts.
     pub data_offset: u64,
     data: Arc<dyn AsRef<[u8]> + Send + Sync>,
 }
@@ -283,6 +288,7 @@ impl Gguf {
         &self.metadata
     }
 
+    /// The metadata value of `key`.
     pub fn get(&self, key: &str) -> Option<&Value> {
         self.index.get(key).map(|&i| &self.metadata[i].1)
     }
@@ -292,28 +298,34 @@ impl Gguf {
         f(v).ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected {want}, found {:?} {v}", v.value_type()) })
     }
 
+    /// `key` as an unsigned integer (any integer type that fits), or an error naming it.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         self.typed(key, "an unsigned integer", Value::as_u64)
     }
 
+    /// `key` as a float (any numeric type), or an error naming it.
     pub fn get_f64(&self, key: &str) -> Result<f64> {
         self.typed(key, "a number", Value::as_f64)
     }
 
+    /// `key` as a string, or an error naming it.
     pub fn get_str(&self, key: &str) -> Result<&str> {
         let v = self.get(key).ok_or_else(|| Error::Metadata { key: key.into(), msg: "missing".into() })?;
         v.as_str().ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected a string, found {v}") })
     }
 
+    /// `key` as an array, or an error naming it.
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
         let v = self.get(key).ok_or_else(|| Error::Metadata { key: key.into(), msg: "missing".into() })?;
         v.as_array().ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected an array, found {v}") })
     }
 
+    /// Every tensor's description, in file order.
     pub fn tensors(&self) -> &[TensorInfo] {
         &self.tensors
     }
 
+    /// The description of tensor `name`.
     pub fn tensor_info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensor_index.get(name).map(|&i| &self.tensors[i])
     }

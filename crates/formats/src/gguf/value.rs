@@ -3,22 +3,36 @@ use std::fmt;
 /// GGUF metadata value type ids.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueType {
+    /// u8.
     U8 = 0,
+    /// i8.
     I8 = 1,
+    /// u16.
     U16 = 2,
+    /// i16.
     I16 = 3,
+    /// u32.
     U32 = 4,
+    /// i32.
     I32 = 5,
+    /// f32.
     F32 = 6,
+    /// bool.
     Bool = 7,
+    /// UTF-8 string.
     String = 8,
+    /// Array of one type.
     Array = 9,
+    /// u64.
     U64 = 10,
+    /// i64.
     I64 = 11,
+    /// f64.
     F64 = 12,
 }
 
 impl ValueType {
+    /// The type with GGUF's numeric id `v`.
     pub fn from_u32(v: u32) -> Option<Self> {
         use ValueType::*;
         [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64].get(v as usize).copied()
@@ -40,23 +54,36 @@ impl ValueType {
 /// A GGUF metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// A u8 value.
     U8(u8),
+    /// A i8 value.
     I8(i8),
+    /// A u16 value.
     U16(u16),
+    /// A i16 value.
     I16(i16),
+    /// A u32 value.
     U32(u32),
+    /// A i32 value.
     I32(i32),
+    /// A f32 value.
     F32(f32),
+    /// A bool value.
     Bool(bool),
+    /// A string value.
     String(String),
     /// Element type and elements (all of that type).
     Array(ValueType, Vec<Value>),
+    /// A u64 value.
     U64(u64),
+    /// A i64 value.
     I64(i64),
+    /// A f64 value.
     F64(f64),
 }
 
 impl Value {
+    /// This value's GGUF type.
     pub fn value_type(&self) -> ValueType {
         match self {
             Value::U8(_) => ValueType::U8,
@@ -91,6 +118,7 @@ impl Value {
         }
     }
 
+    /// The value as i64 when it is an integer that fits.
     pub fn as_i64(&self) -> Option<i64> {
         match *self {
             Value::I8(v) => Some(v as i64),
@@ -110,6 +138,7 @@ impl Value {
         }
     }
 
+    /// The string, when it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -117,6 +146,7 @@ impl Value {
         }
     }
 
+    /// The boolean, when it is one.
     pub fn as_bool(&self) -> Option<bool> {
         match *self {
             Value::Bool(b) => Some(b),
@@ -124,6 +154,7 @@ impl Value {
         }
     }
 
+    /// The elements, when it is an array.
     pub fn as_array(&self) -> Option<&[Value]> {
         match self {
             Value::Array(_, v) => Some(v),

@@ -46,10 +46,12 @@ fn put_value(out: &mut Vec<u8>, v: &Value) {
 }
 
 impl Writer {
+    /// An empty file: no metadata, no tensors.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Set metadata `key` (replacing an earlier value).
     pub fn metadata(&mut self, key: impl Into<String>, value: Value) -> &mut Self {
         self.metadata.push((key.into(), value));
         self
