@@ -8,6 +8,7 @@
 
 pub use augur_nn::dist::{Ddp, ProcessGroup, Solo, ThreadGroup};
 
+/// The MPI process group (feature `mpi`).
 #[cfg(feature = "mpi")]
 pub mod mpi_group {
     use augur_nn::dist::ProcessGroup;
