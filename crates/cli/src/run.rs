@@ -61,6 +61,10 @@ pub struct Args {
     /// sampling: more tokens accepted, but NOT lossless (greedy decoding stays exact).
     #[arg(long)]
     pub typical: Option<augur_decode::speculative::Typical>,
+    /// Draft what the drafter proposes every round, instead of measuring which draft size is
+    /// fastest on this machine (output is the same either way).
+    #[arg(long)]
+    pub no_throttle: bool,
     /// prompt-lookup: longest n-gram to match.
     #[arg(long, default_value_t = 3)]
     pub spec_ngram: usize,
@@ -132,7 +136,7 @@ pub fn main(a: Args) -> Result<()> {
     let (summary, spec) = match drafter.as_deref_mut() {
         None => (generate(&model, &prompt, &cfg, on_token)?, None),
         Some(d) => {
-            let spec = SpecConfig { typical: a.typical, ..SpecConfig::new(a.spec_k) };
+            let spec = SpecConfig { typical: a.typical, throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) };
             let (s, st) = speculative::generate(&model, &prompt, &cfg, &spec, d, on_token)?;
             (s, Some(st))
         }

@@ -36,6 +36,9 @@ pub struct Args {
     /// Draft tokens per round.
     #[arg(long, default_value_t = 6)]
     pub spec_k: usize,
+    /// Draft what the drafter proposes every round (no throughput-measuring throttle).
+    #[arg(long)]
+    pub no_throttle: bool,
     /// Only the first N tasks of each group.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -116,7 +119,7 @@ pub fn main(a: Args) -> Result<()> {
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
             let mut d = speculative::from_spec(spec, &model, 3, 1, a.spec_k)?;
-            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig::new(a.spec_k), d.as_mut(), |_| ControlFlow::Continue(()))?;
+            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) }, d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();
             e.secs += s.decode.as_secs_f64();

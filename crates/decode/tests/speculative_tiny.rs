@@ -50,7 +50,11 @@ fn greedy_equals_plain_for_every_drafter_and_precision() {
         // The target as its own draft model: every draft is accepted.
         drafters.push(("self-draft", Box::new(DraftModel::new(Model::open(&target.path).unwrap(), &target).unwrap())));
         for (name, mut d) in drafters {
-            let (s, stats) = speculative::generate(&target, &prompt, &cfg(0.0, 40, act), &SpecConfig::new(4), d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
+            // The throttle only decides how much is drafted, never what is emitted.
+            let (t, _) = speculative::generate(&target, &prompt, &cfg(0.0, 40, act), &SpecConfig::new(4), d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
+            assert_eq!(t.generated, plain.generated, "{name} ({act:?}, throttled)");
+            let fixed = SpecConfig { throttle: false, ..SpecConfig::new(4) };
+            let (s, stats) = speculative::generate(&target, &prompt, &cfg(0.0, 40, act), &fixed, d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
             assert_eq!(s.generated, plain.generated, "{name} ({act:?})");
             if name == "self-draft" {
                 assert!(stats.tau() > 3.0, "self-draft accepts everything: tau {}", stats.tau());

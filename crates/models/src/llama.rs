@@ -127,7 +127,11 @@ impl Llama {
         if depth.len() != n || ancestors.len() != n * n {
             return Err(Error::Config(format!("forward_tree: {n} tokens need {n} depths and an {n}x{n} mask")));
         }
-        self.run(st, tokens, Some((depth, ancestors)), self.layers.len(), Logits::All)
+        // A chain (every node the child of the previous one, a single row included) is plain
+        // causal attention, which has the faster kernel.
+        let chain = (0..n).all(|i| (0..n).all(|j| ancestors[i * n + j] == (j <= i)));
+        let tree = if chain { None } else { Some((depth, ancestors)) };
+        self.run(st, tokens, tree, self.layers.len(), Logits::All)
     }
 
     /// The output head's rows `ids` (the logit weights of those tokens), as f32 `[ids.len(), dim]`:
