@@ -86,3 +86,12 @@ impl SampleArgs {
         }
     }
 }
+
+/// A progress bar of `len` steps in augur's style (`prefix` first, when not empty): bar,
+/// position, message, elapsed and remaining time.
+pub fn progress_bar(len: usize, prefix: &str) -> indicatif::ProgressBar {
+    let sep = if prefix.is_empty() { "" } else { " " };
+    let b = indicatif::ProgressBar::new(len as u64);
+    b.set_style(indicatif::ProgressStyle::with_template(&format!("{prefix}{sep}{{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]")).expect("valid template"));
+    b
+}

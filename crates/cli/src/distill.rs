@@ -7,14 +7,15 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use augur_distill::data::{self, DistillSet};
 use augur_distill::medusa::{self, MedusaConfig};
-use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::common::{ModelArgs, SampleArgs};
+use crate::common::{progress_bar, ModelArgs, SampleArgs};
 
-fn bar(len: usize, what: &str) -> ProgressBar {
-    let b = ProgressBar::new(len as u64);
-    b.set_style(ProgressStyle::with_template(&format!("{what} {{bar:30}} {{pos}}/{{len}} {{msg}} [{{elapsed_precise}} < {{eta_precise}}]")).expect("valid template"));
-    b
+/// The model's hidden states of every sample, with a progress bar.
+fn hidden_states(model: &augur_models::Model, samples: &[data::Sample]) -> Result<Vec<half::bf16>> {
+    let b = progress_bar(samples.len(), "hidden");
+    let h = data::hidden_states(&model.llama, samples, |i, _| b.set_position(i as u64))?;
+    b.finish();
+    Ok(h)
 }
 
 #[derive(clap::Args, Debug)]
@@ -43,20 +44,14 @@ pub struct DataArgs {
 pub fn data_main(a: DataArgs) -> Result<()> {
     let model = a.model.load()?;
     let prompts = data::load_prompts(&a.prompts, &model, a.limit)?;
+    anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", a.prompts.display());
     let t0 = Instant::now();
-    let b = bar(prompts.len(), "responses");
+    let b = progress_bar(prompts.len(), "responses");
     let samples = data::respond(&model, &prompts, a.max_tokens, a.sample.config(), |i, _| b.set_position(i as u64))?;
     b.finish();
     let tokens: usize = samples.iter().map(|s| s.ids.len() - s.prompt_len).sum();
     eprintln!("{} responses, {tokens} tokens in {:.0} s", samples.len(), t0.elapsed().as_secs_f64());
-    let (hidden, dim) = if a.hidden {
-        let b = bar(samples.len(), "hidden  ");
-        let h = data::hidden_states(&model.llama, &samples, |i, _| b.set_position(i as u64))?;
-        b.finish();
-        (Some(h), model.llama.cfg.dim)
-    } else {
-        (None, 0)
-    };
+    let (hidden, dim) = if a.hidden { (Some(hidden_states(&model, &samples)?), model.llama.cfg.dim) } else { (None, 0) };
     DistillSet { samples, hidden, dim }.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     println!("{}", a.out.display());
     Ok(())
@@ -93,14 +88,12 @@ pub fn medusa_main(a: MedusaArgs) -> Result<()> {
     let model = a.model.load()?;
     let mut set = DistillSet::open(&a.data)?;
     if set.hidden.is_none() {
-        let b = bar(set.samples.len(), "hidden");
-        set.hidden = Some(data::hidden_states(&model.llama, &set.samples, |i, _| b.set_position(i as u64))?);
+        set.hidden = Some(hidden_states(&model, &set.samples)?);
         set.dim = model.llama.cfg.dim;
-        b.finish();
     }
     let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, ..Default::default() };
     let t0 = Instant::now();
-    let b = bar(0, "train");
+    let b = progress_bar(0, "train");
     let trained = medusa::train(&model.llama, &set, &cfg, |p| {
         b.set_length(p.steps as u64);
         b.set_position(p.step as u64);
@@ -109,9 +102,7 @@ pub fn medusa_main(a: MedusaArgs) -> Result<()> {
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
     let dim = model.llama.cfg.dim;
-    let tensors = augur_decode::speculative::medusa::heads_tensors(&trained.heads, dim, &trained.vocab, &trained.accuracy)?;
-    let refs: Vec<(&str, &augur_core::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    augur_formats::safetensors::save(&a.out, &refs).with_context(|| format!("writing {}", a.out.display()))?;
+    augur_decode::speculative::medusa::save_heads(&a.out, &trained.heads, dim, &trained.vocab, &trained.accuracy).with_context(|| format!("writing {}", a.out.display()))?;
     let top1: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r[0])).collect();
     let top5: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r.iter().take(5).sum::<f32>())).collect();
     println!(

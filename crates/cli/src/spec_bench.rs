@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use augur_decode::chat::{ChatTemplate, Message};
+use augur_distill::data::{load_prompts, Prompt};
 use augur_decode::speculative::{self, SpecConfig};
 use augur_decode::{generate, GenerateConfig};
 use augur_models::{Logits, State};
@@ -47,11 +47,6 @@ pub struct Args {
     pub json: bool,
 }
 
-struct Task {
-    group: String,
-    ids: Vec<u32>,
-}
-
 #[derive(Default, Clone)]
 struct Tally {
     tokens: usize,
@@ -60,8 +55,8 @@ struct Tally {
     mismatches: usize,
 }
 
-fn load_tasks(a: &Args, model: &augur_models::Model) -> Result<Vec<Task>> {
-    let tpl = ChatTemplate::for_model(model)?;
+/// Every `*.jsonl` of the task directory, in name order; a line's group is its file's stem.
+fn load_tasks(a: &Args, model: &augur_models::Model) -> Result<Vec<Prompt>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(&a.tasks)
         .with_context(|| format!("reading task directory {}", a.tasks.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -70,23 +65,7 @@ fn load_tasks(a: &Args, model: &augur_models::Model) -> Result<Vec<Task>> {
     files.sort();
     let mut tasks = Vec::new();
     for f in files {
-        let group = f.file_stem().unwrap_or_default().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(&f)?;
-        for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-            if a.limit.is_some_and(|n| i >= n) {
-                break;
-            }
-            let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{}:{}: not JSON", f.display(), i + 1))?;
-            let prompt = if let Some(m) = v.get("messages") {
-                let msgs: Vec<Message> = serde_json::from_value(m.clone()).with_context(|| format!("{}:{}: bad messages", f.display(), i + 1))?;
-                tpl.render(&msgs, true)?
-            } else if let Some(p) = v.get("prompt").and_then(|p| p.as_str()) {
-                p.to_string()
-            } else {
-                bail!("{}:{}: needs `messages` or `prompt`", f.display(), i + 1);
-            };
-            tasks.push(Task { group: group.clone(), ids: model.tokenizer.encode(&prompt)? });
-        }
+        tasks.extend(load_prompts(&f, model, a.limit)?);
     }
     if tasks.is_empty() {
         bail!("no tasks found in {}", a.tasks.display());

@@ -9,7 +9,7 @@ use augur_formats::tokenizer::Tokenizer;
 use augur_nn::posenc::PosKind;
 use augur_nn::train::{Corpus, TrainSettings, Trainer};
 use augur_nn::GptConfig;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 
 use crate::bench_train::set_train_threads;
 
@@ -168,8 +168,7 @@ pub fn main(a: Args) -> Result<()> {
         std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
     }
     let s = trainer.settings.clone();
-    let bar = if lead { ProgressBar::new(s.steps as u64) } else { ProgressBar::hidden() }.with_position(trainer.step as u64);
-    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]").expect("valid template"));
+    let bar = if lead { crate::common::progress_bar(s.steps, "") } else { ProgressBar::hidden() }.with_position(trainer.step as u64);
     let t0 = Instant::now();
     let start = trainer.step;
     while trainer.step < s.steps {

@@ -31,6 +31,7 @@ pub struct Prompt {
 
 /// Read a JSONL prompt file: each line `{"messages": [...]}` (rendered with the model's chat
 /// template, generation prompt added) or `{"prompt": "raw text"}`, with an optional `group`.
+/// Blank lines are skipped (a file of none gives no prompts); `limit` keeps the first N.
 pub fn load_prompts(path: &Path, model: &Model, limit: Option<usize>) -> Result<Vec<Prompt>> {
     let tpl = ChatTemplate::for_model(model)?;
     let text = std::fs::read_to_string(path).map_err(io(path))?;
@@ -52,9 +53,6 @@ pub fn load_prompts(path: &Path, model: &Model, limit: Option<usize>) -> Result<
         };
         let group = v.get("group").and_then(|g| g.as_str()).map_or_else(|| stem.clone(), str::to_string);
         out.push(Prompt { group, ids: model.tokenizer.encode(&rendered)? });
-    }
-    if out.is_empty() {
-        return Err(Error::Invalid(format!("{}: no prompts", path.display())));
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@
 
 use std::ops::ControlFlow;
 
-use augur_decode::speculative::medusa::{heads_tensors, Medusa, MedusaHeads};
+use augur_decode::speculative::medusa::{save_heads, Medusa, MedusaHeads};
 use augur_decode::speculative::{self, SpecConfig};
 use augur_decode::{generate, GenerateConfig, SamplerConfig};
 use augur_distill::data::{self, DistillSet, Prompt};
@@ -39,9 +39,7 @@ fn trained_heads_learn_and_decode_losslessly() {
     assert!(trained.accuracy[0][0] > 0.2, "held-out top-1 of head 0: {:?}", trained.accuracy);
 
     let file = dir.join("heads.safetensors");
-    let tensors = heads_tensors(&trained.heads, model.llama.cfg.dim, &trained.vocab, &trained.accuracy).unwrap();
-    let refs: Vec<(&str, &augur_core::Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    augur_formats::safetensors::save(&file, &refs).unwrap();
+    save_heads(&file, &trained.heads, model.llama.cfg.dim, &trained.vocab, &trained.accuracy).unwrap();
     let heads = MedusaHeads::open(&file, &model.llama).unwrap();
     assert_eq!(heads.n_heads(), 2);
 

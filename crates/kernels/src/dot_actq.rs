@@ -391,6 +391,34 @@ mod tests {
             }
         }
 
+        /// The AVX2 kernel on its own (on an AVX-512 machine `dot` never reaches it).
+        #[test]
+        fn avx2_kernel_equals_reference(seed in 1u64..u64::MAX, blocks in 1usize..40, n in 1usize..5) {
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+                    let k = blocks * 32;
+                    let row = ty.quantize_row(&data(seed, k, false));
+                    let acts: Vec<ActQ> = (0..n).map(|t| { let mut a = ActQ::default(); a.quantize(&data(seed ^ (t as u64 + 7), k, t % 2 == 1)); a }).collect();
+                    let refs: Vec<&ActQ> = acts.iter().collect();
+                    let mut out = vec![0f32; n];
+                    // SAFETY: AVX2, FMA and F16C detected by avx2(); row and vectors are k long.
+                    unsafe {
+                        match ty {
+                            QuantType::Q4_0 => avx2::dispatch::<{ avx512::Q4_0 }>(&row, &refs, &mut out),
+                            QuantType::Q4_1 => avx2::dispatch::<{ avx512::Q4_1 }>(&row, &refs, &mut out),
+                            _ => avx2::dispatch::<{ avx512::Q8_0 }>(&row, &refs, &mut out),
+                        }
+                    }
+                    for (o, a) in out.iter().zip(&acts) {
+                        let r = dot_reference(ty, &row, a);
+                        let scale = 1.0 + (0..k).map(|i| a.value(i).abs()).sum::<f32>();
+                        prop_assert!((o - r).abs() <= 1e-5 * scale, "{}: avx2 {} ref {}", ty.name(), o, r);
+                    }
+                }
+            }
+        }
+
         #[test]
         fn fast_equals_reference_and_tracks_f32(seed in 1u64..u64::MAX, blocks in 1usize..40, outlier: bool) {
             for ty in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {

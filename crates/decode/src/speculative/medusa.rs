@@ -242,8 +242,9 @@ impl Drafter for Medusa {
     }
 }
 
-/// Heads as tensors, as `augur train-medusa` saves them (see the module docs for the names).
-pub fn heads_tensors(heads: &[Vec<ResBlock>], dim: usize, vocab: &[u32], accuracy: &[Vec<f32>]) -> Result<Vec<(String, Tensor)>> {
+/// Write heads to `path` in the format [`MedusaHeads::open`] reads (see the module docs), as
+/// `augur train-medusa` does.
+pub fn save_heads(path: &Path, heads: &[Vec<ResBlock>], dim: usize, vocab: &[u32], accuracy: &[Vec<f32>]) -> Result<()> {
     let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s).map_err(|e| Error::Spec(e.to_string()));
     let mut out = Vec::new();
     for (k, blocks) in heads.iter().enumerate() {
@@ -255,7 +256,8 @@ pub fn heads_tensors(heads: &[Vec<ResBlock>], dim: usize, vocab: &[u32], accurac
     out.push(("medusa.vocab".into(), t(vocab.iter().map(|&v| v as f32).collect(), &[vocab.len()])?));
     let ranks = accuracy.first().map_or(0, Vec::len);
     out.push(("medusa.accuracy".into(), t(accuracy.concat(), &[accuracy.len(), ranks])?));
-    Ok(out)
+    let refs: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    augur_formats::safetensors::save(path, &refs).map_err(|e| Error::Spec(format!("writing Medusa heads: {e}")))
 }
 
 #[cfg(test)]
