@@ -90,6 +90,30 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// On a CUDA device: decode rates of greedy decoding with the captured step replayed as a graph
+/// (argmax on the device), one per run after a warm-up, on a fresh cache holding `prompt`.
+#[cfg(feature = "cuda")]
+fn graph_decode(model: &augur_models::Model, prompt: &[u32], gen_len: usize, runs: usize) -> Result<Option<Vec<f64>>> {
+    let Some(gpu) = model.llama.gpu() else { return Ok(None) };
+    if gen_len < 2 {
+        return Ok(None);
+    }
+    let mut rates = Vec::new();
+    for run in 0..=runs {
+        let mut seq = gpu.new_seq()?;
+        let out = gpu.greedy(&mut seq, prompt, gen_len, |_| true)?;
+        if run > 0 {
+            rates.push((out.tokens.len() - 1) as f64 / out.decode.as_secs_f64());
+        }
+    }
+    Ok(Some(rates))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_decode(_: &augur_models::Model, _: &[u32], _: usize, _: usize) -> Result<Option<Vec<f64>>> {
+    Ok(None)
+}
+
 pub fn main(a: Args) -> Result<()> {
     match a.what {
         Some(What::Train(t)) => return crate::bench_train::train(t),
@@ -142,6 +166,7 @@ pub fn main(a: Args) -> Result<()> {
             }
         }
     }
+    let graph = graph_decode(&model, &tokens[..a.depth + a.prompt_len], a.gen_len, a.runs)?;
     let weight_bytes: usize = std::fs::metadata(&model.path).map(|m| m.len() as usize).unwrap_or(0);
     let bw = (a.bandwidth && weight_bytes > 0).then(|| read_bandwidth(weight_bytes));
     let r = |v: &[f64]| v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>();
@@ -166,6 +191,9 @@ pub fn main(a: Args) -> Result<()> {
             "read_bandwidth_gb_s": bw,
             "model_bytes": weight_bytes,
             "decode_bound_tok_per_s": bw.map(|b| b * 1e9 / weight_bytes as f64),
+            "device": model.llama.device_name(),
+            "decode_graph_tok_per_s": graph.as_ref().map(|v| median(v.clone())),
+            "decode_graph_runs": graph.as_deref().map(r),
         })
     );
     Ok(())

@@ -15,6 +15,31 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
+    /// Where the forward pass runs: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: DeviceArg,
+}
+
+/// `--device`: the CPU or a CUDA device ordinal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceArg {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceArg::Cpu),
+            "cuda" => Ok(DeviceArg::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceArg::Cuda)
+                .ok_or_else(|| format!("unknown device `{s}`: use cpu, cuda or cuda:N")),
+        }
+    }
 }
 
 impl ModelArgs {
@@ -27,7 +52,15 @@ impl ModelArgs {
             Some(p) => p.clone(),
             None => hub::ensure_default_model()?,
         };
-        Model::open(&path).context("loading the model")
+        #[allow(unused_mut)]
+        let mut model = Model::open(&path).context("loading the model")?;
+        if let DeviceArg::Cuda(n) = self.device {
+            #[cfg(feature = "cuda")]
+            model.llama.to_device(n).with_context(|| format!("moving the model to cuda:{n}"))?;
+            #[cfg(not(feature = "cuda"))]
+            anyhow::bail!("--device cuda:{n}: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`");
+        }
+        Ok(model)
     }
 }
 

@@ -37,6 +37,10 @@ pub enum Error {
         /// What is wrong.
         msg: String,
     },
+    #[cfg(feature = "cuda")]
+    #[error("CUDA: {0}")]
+    /// The CUDA backend (no driver or device, a failed launch, an unsupported shape).
+    Cuda(#[from] augur_cuda::Error),
 }
 
 /// Result with [`Error`].

@@ -28,6 +28,8 @@
 #![warn(missing_docs)]
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod error;
 pub mod hub;
 mod llama;

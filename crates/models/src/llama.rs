@@ -26,27 +26,27 @@ pub enum Logits {
 /// Weights of one decoder block.
 pub struct Layer {
     /// [dim]
-    attn_norm: Vec<f32>,
+    pub(crate) attn_norm: Vec<f32>,
     /// [n_head * head_dim, dim]
-    wq: Tensor,
+    pub(crate) wq: Tensor,
     /// [n_kv_head * head_dim, dim]
-    wk: Tensor,
+    pub(crate) wk: Tensor,
     /// [n_kv_head * head_dim, dim]
-    wv: Tensor,
+    pub(crate) wv: Tensor,
     /// [dim, n_head * head_dim]
-    wo: Tensor,
+    pub(crate) wo: Tensor,
     /// Optional q/k/v biases (Qwen2).
-    bq: Option<Vec<f32>>,
-    bk: Option<Vec<f32>>,
-    bv: Option<Vec<f32>>,
+    pub(crate) bq: Option<Vec<f32>>,
+    pub(crate) bk: Option<Vec<f32>>,
+    pub(crate) bv: Option<Vec<f32>>,
     /// [dim]
-    ffn_norm: Vec<f32>,
+    pub(crate) ffn_norm: Vec<f32>,
     /// [hidden, dim]
-    w_gate: Tensor,
+    pub(crate) w_gate: Tensor,
     /// [hidden, dim]
-    w_up: Tensor,
+    pub(crate) w_up: Tensor,
     /// [dim, hidden]
-    w_down: Tensor,
+    pub(crate) w_down: Tensor,
 }
 
 /// A loaded Llama-family model (immutable; run state lives in [`State`]).
@@ -54,14 +54,20 @@ pub struct Llama {
     /// Hyperparameters.
     pub cfg: Config,
     /// [vocab, dim]
-    embed: Tensor,
-    layers: Vec<Layer>,
+    pub(crate) embed: Tensor,
+    pub(crate) layers: Vec<Layer>,
     /// [dim]
-    norm: Vec<f32>,
+    pub(crate) norm: Vec<f32>,
     /// [vocab, dim]; the embedding itself when tied.
-    output: Tensor,
+    pub(crate) output: Tensor,
     /// [head_dim / 2]
-    inv_freq: Vec<f32>,
+    pub(crate) inv_freq: Vec<f32>,
+    /// Whether `output` is the embedding.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) tied: bool,
+    /// The weights on a CUDA device, once [`Llama::to_device`] moved the forward pass there.
+    #[cfg(feature = "cuda")]
+    pub(crate) gpu: Option<std::sync::Arc<augur_cuda::GpuModel>>,
 }
 
 fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
@@ -89,7 +95,8 @@ impl Llama {
         };
         let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>> { if has(name) { vec(name, n).map(Some) } else { Ok(None) } };
         let embed = mat("token_embd.weight", [cfg.vocab, dim])?;
-        let output = if has("output.weight") { mat("output.weight", [cfg.vocab, dim])? } else { embed.clone() };
+        let tied = !has("output.weight");
+        let output = if tied { embed.clone() } else { mat("output.weight", [cfg.vocab, dim])? };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -109,7 +116,17 @@ impl Llama {
             });
         }
         let inv_freq = cfg.inv_freq();
-        Ok(Llama { norm: vec("output_norm.weight", dim)?, cfg, embed, layers, output, inv_freq })
+        Ok(Llama {
+            norm: vec("output_norm.weight", dim)?,
+            cfg,
+            embed,
+            layers,
+            output,
+            inv_freq,
+            tied,
+            #[cfg(feature = "cuda")]
+            gpu: None,
+        })
     }
 
     /// Run `tokens` at positions `state.len()..`, append their keys/values to the cache and return
@@ -132,6 +149,16 @@ impl Llama {
         let chain = (0..n).all(|i| (0..n).all(|j| ancestors[i * n + j] == (j <= i)));
         let tree = if chain { None } else { Some((depth, ancestors)) };
         self.run(st, tokens, tree, self.layers.len(), Logits::All)
+    }
+
+    /// The name of the CUDA device the forward pass runs on, if [`Llama::to_device`] moved it
+    /// there (feature `cuda`); `None` on the CPU.
+    pub fn device_name(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return Some(g.device().name().to_string());
+        }
+        None
     }
 
     /// The output head's rows `ids` (the logit weights of those tokens), as f32 `[ids.len(), dim]`:
@@ -206,6 +233,13 @@ impl Llama {
         let pos0 = st.pos;
         if pos0 + n > cfg.context {
             return Err(Error::ContextFull { need: pos0 + n, ctx: cfg.context });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            if seqs.is_some() {
+                return Err(Error::Config("one decode step over several sequences (forward_many) runs on the CPU only; serve with --parallel 1 on a CUDA device".into()));
+            }
+            return crate::cuda::run(gpu, st, tokens, tree, n_layers, which);
         }
         let n_logits = match which {
             Logits::Last => 1,

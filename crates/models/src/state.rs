@@ -51,7 +51,7 @@ impl LayerCache {
 }
 
 /// Per-sequence state for [`crate::Llama::forward`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct State {
     /// Number of positions in the KV cache.
     pub(crate) pos: usize,
@@ -83,6 +83,10 @@ pub struct State {
     pub(crate) hidden_rows: usize,
     /// Representation of matmul inputs (see [`Activations`]).
     pub activations: Activations,
+    /// The KV cache and scratch on the device, for a model moved there with
+    /// [`crate::Llama::to_device`] (created by its first pass).
+    #[cfg(feature = "cuda")]
+    pub(crate) gpu: Option<augur_cuda::GpuSeq>,
 }
 
 fn fit(v: &mut Vec<f32>, n: usize) {
@@ -114,13 +118,16 @@ impl State {
             mask: Vec::new(),
             hidden_rows: 0,
             activations: Activations::default(),
+            #[cfg(feature = "cuda")]
+            gpu: None,
         }
     }
 
-    /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each.
+    /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each (host
+    /// caches only: empty for a model on a device).
     pub fn kv(&self, layer: usize) -> (&[f32], &[f32]) {
         let l = &self.kv[layer];
-        let n = self.pos * self.kv_dim;
+        let n = (self.pos * self.kv_dim).min(l.k.len());
         (&l.k[..n], &l.v[..n])
     }
 
@@ -150,6 +157,12 @@ impl State {
     /// into that pass, in path order) at `base..base + keep.len()` and drop the rest: the
     /// accepted path's keys/values are moved, not recomputed.
     pub fn keep(&mut self, base: usize, keep: &[usize]) {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &mut self.gpu {
+            g.keep(base, keep);
+            self.pos = base + keep.len();
+            return;
+        }
         let per = self.kv_dim;
         for l in &mut self.kv {
             if l.k.len() < (base + keep.iter().max().map_or(0, |m| m + 1)) * per {

@@ -87,6 +87,29 @@ fn check_against_reference(model: &Model, act: Activations) {
     eprintln!("{act:?}: max |dlogit| over top-10 x 8 positions x all prompts: {worst:.2e}");
 }
 
+/// The same bounds with the forward pass on a CUDA device (f32 activations there), and a
+/// 600-token prompt (several prefill chunks) against the CPU.
+#[cfg(feature = "cuda")]
+#[test]
+fn matches_hf_transformers_on_cuda() {
+    let mut model = Model::open(&model_path()).unwrap();
+    if let Err(e) = model.llama.to_device(0) {
+        eprintln!("skipped: no CUDA device ({e})");
+        return;
+    }
+    check_against_reference(&model, Activations::F32);
+    let cpu = Model::open(&model_path()).unwrap();
+    let text = "The history of the printing press begins in the fifteenth century. ".repeat(60);
+    let toks = &cpu.tokenizer.encode(&text).unwrap()[..600];
+    let mut a = State::new(&cpu.llama.cfg);
+    a.activations = Activations::F32;
+    let want = cpu.llama.forward(&mut a, toks, Logits::All).unwrap().to_vec();
+    let got = model.llama.forward(&mut State::new(&model.llama.cfg), toks, Logits::All).unwrap().to_vec();
+    let d = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!("cuda vs cpu, 600-token prompt, all logits: max |d| {d:.2e}");
+    assert!(d < 2e-3, "cuda vs cpu logits over a 600-token prompt differ by {d}");
+}
+
 #[test]
 fn tokenizer_matches_hf_on_every_case() {
     let model = Model::open(&model_path()).unwrap();

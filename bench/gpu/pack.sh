@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Build the CUDA binaries here (no CUDA needed to build) and stage what the GPU machine needs in
+# .gpu/ (git-ignored), within the device tool's 64 MiB per call: the stripped binaries, and the
+# default model in two parts (it is larger than one call may carry; part 1 travels first and waits
+# in /root on the warm machine). Usage: bench/gpu/pack.sh MODEL.gguf
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+model=${1:?usage: bench/gpu/pack.sh MODEL.gguf}
+cargo build -q --release -p augur-cli --features cuda
+tests=$(cargo test -q --release -p augur-cuda -p augur-models --features augur-models/cuda --no-run --message-format=json 2>/dev/null |
+  python3 -c 'import json,sys
+for l in sys.stdin:
+    m=json.loads(l)
+    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference"): print(m["executable"])')
+rm -rf .gpu && mkdir -p .gpu/bin .gpu/part1 .gpu/part2
+strip -o .gpu/bin/augur target/release/augur
+for t in $tests; do
+  n=$(basename "$t" | sed 's/-[0-9a-f]*$//')
+  strip -o ".gpu/bin/test-$n" "$t"
+done
+split -b 60M -d "$model" .gpu/model.
+mv .gpu/model.00 .gpu/part1/model.00
+mv .gpu/model.01 .gpu/part2/model.01
+du -sh .gpu/*

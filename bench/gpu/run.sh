@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On the GPU machine, after bench/gpu/pack.sh here: the CUDA conformance suite, the tiny-model
+# CUDA tests, the reference test on the device, then augur's decode speed beside HF transformers'
+# (bench/gpu/hf_peer.py). Results also go to $OUT (or bench/gpu/out). Model: /root/model.gguf,
+# assembled from the two parts pack.sh made.
+set -uo pipefail
+export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
+export AUGUR_CACHE=/root/augur-cache
+out=${OUT:-bench/gpu/out}
+mkdir -p "$out"
+# Test binaries find their data through the path they were built at.
+[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv
+model=/root/model.gguf
+if [ ! -f $model ] && [ -f /root/model.00 ] && [ -f .gpu/part2/model.01 ]; then
+  cat /root/model.00 .gpu/part2/model.01 > $model
+fi
+[ -f $model ] || echo "NO MODEL: part 1 did not wait on this machine; model tests and bench skipped"
+echo "== conformance (kernels vs CPU)"; .gpu/bin/test-augur_cuda --test-threads 1 2>&1 | tail -15
+echo "== tiny models vs CPU"; .gpu/bin/test-cuda --test-threads 1 2>&1 | tail -15
+if [ -f $model ]; then
+  echo "== reference on cuda"
+  AUGUR_MODEL=$model .gpu/bin/test-reference matches_hf_transformers_on_cuda --nocapture 2>&1 | tail -12
+  echo "== augur bench"
+  for i in 1 2; do
+    .gpu/bin/augur bench --device cuda -m $model -p 128 -g 256 --runs 5 | tee -a "$out/augur.jsonl"
+  done
+  echo "== run"
+  .gpu/bin/augur run --device cuda -m $model "Write one sentence about the sea." --max-tokens 40 2>&1 | tail -5
+fi
+echo "== HF peer"
+python3 bench/gpu/hf_peer.py 2>/dev/null | tee -a "$out/hf.jsonl"

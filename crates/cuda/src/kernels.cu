@@ -1,0 +1,498 @@
+// augur's CUDA kernels, compiled at run time by NVRTC (see `Device::open`). No headers: f16 is
+// converted with one PTX instruction and bf16 by a shift, so NVRTC needs no include path.
+//
+// Conventions: row-major f32 activations `[n, k]`; weights are `rows` rows of `row_bytes(k)` bytes
+// in their GGUF block layout (or f32/f16/bf16), dequantized in registers, never copied out;
+// `meta[0]` is the number of cached positions before the pass (read on the device so that a
+// captured decode step can be replayed at any position), `meta[1 + t]` the position of token t.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define MAX_TOK 8      // tokens per launch of the matrix-vector kernel (decode, verification)
+#define ROWS_PER_WARP 4
+#define ATT_WARPS 4
+#define ATT_MAXD 8     // head_dim up to 32 * ATT_MAXD
+#define INFINITY __int_as_float(0x7f800000)
+
+enum { T_F32 = 0, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K };
+
+__device__ __forceinline__ float f16f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
+__device__ __forceinline__ float bf16f(u16 h) { return __uint_as_float(((u32)h) << 16); }
+__device__ __forceinline__ u16 ld16(const u8* p) { return (u16)p[0] | ((u16)p[1] << 8); }
+__device__ __forceinline__ u32 ld32(const u8* p) { return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24); }
+
+template <int T> __device__ __forceinline__ size_t row_bytes(int k) {
+    if (T == T_F32) return (size_t)k * 4;
+    if (T == T_F16 || T == T_BF16) return (size_t)k * 2;
+    if (T == T_Q4_0) return (size_t)(k / 32) * 18;
+    if (T == T_Q4_1) return (size_t)(k / 32) * 20;
+    if (T == T_Q5_0) return (size_t)(k / 32) * 22;
+    if (T == T_Q5_1) return (size_t)(k / 32) * 24;
+    if (T == T_Q8_0) return (size_t)(k / 32) * 34;
+    if (T == T_Q4_K) return (size_t)(k / 256) * 144;
+    if (T == T_Q5_K) return (size_t)(k / 256) * 176;
+    return (size_t)(k / 256) * 210;  // Q6_K
+}
+
+// 6-bit scale and min of sub-block j (0..8) of a Q4_K/Q5_K block's 12 scale bytes.
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, float* s, float* m) {
+    if (j < 4) {
+        *s = (float)(q[j] & 63);
+        *m = (float)(q[j + 4] & 63);
+    } else {
+        *s = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *m = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+// Elements c*8 .. c*8+8 of a row, dequantized.
+template <int T> __device__ __forceinline__ void dq8(const u8* row, int c, float* o) {
+    if constexpr (T == T_F32) {
+        const float* r = (const float*)row + c * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) o[i] = r[i];
+    } else if constexpr (T == T_F16) {
+        const u16* r = (const u16*)row + c * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) o[i] = f16f(r[i]);
+    } else if constexpr (T == T_BF16) {
+        const u16* r = (const u16*)row + c * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) o[i] = bf16f(r[i]);
+    } else if constexpr (T == T_Q4_0 || T == T_Q4_1) {
+        const int bb = T == T_Q4_0 ? 18 : 20;
+        const u8* b = row + (size_t)(c >> 2) * bb;
+        int p = c & 3, sh = (p >> 1) * 4;
+        float d = f16f(ld16(b));
+        const u8* q = b + (T == T_Q4_0 ? 2 : 4) + (p & 1) * 8;
+        if (T == T_Q4_0) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = (float)(((q[i] >> sh) & 0xF) - 8) * d;
+        } else {
+            float m = f16f(ld16(b + 2));
+#pragma unroll
+            for (int i = 0; i < 8; i++) o[i] = (float)((q[i] >> sh) & 0xF) * d + m;
+        }
+    } else if constexpr (T == T_Q5_0 || T == T_Q5_1) {
+        const int bb = T == T_Q5_0 ? 22 : 24;
+        const u8* b = row + (size_t)(c >> 2) * bb;
+        int p = c & 3;
+        float d = f16f(ld16(b));
+        u32 qh = ld32(b + (T == T_Q5_0 ? 2 : 4));
+        const u8* qs = b + (T == T_Q5_0 ? 6 : 8);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int j = p * 8 + i, lo, hi;
+            if (j < 16) {
+                lo = qs[j] & 0xF;
+                hi = ((qh >> j) << 4) & 0x10;
+            } else {
+                lo = qs[j - 16] >> 4;
+                hi = (qh >> (j - 16 + 12)) & 0x10;
+            }
+            if (T == T_Q5_0) o[i] = (float)((lo | hi) - 16) * d;
+            else o[i] = (float)(lo | hi) * d + f16f(ld16(b + 2));
+        }
+    } else if constexpr (T == T_Q8_0) {
+        const u8* b = row + (size_t)(c >> 2) * 34;
+        float d = f16f(ld16(b));
+        const signed char* q = (const signed char*)(b + 2 + (c & 3) * 8);
+#pragma unroll
+        for (int i = 0; i < 8; i++) o[i] = (float)q[i] * d;
+    } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
+        const int bb = T == T_Q4_K ? 144 : 176;
+        const u8* b = row + (size_t)(c >> 5) * bb;
+        int e0 = (c & 31) * 8, chunk = e0 >> 6, hi = (e0 & 63) >= 32, l0 = e0 & 31;
+        float s, m;
+        scale_min_k4(2 * chunk + hi, b + 4, &s, &m);
+        float d1 = f16f(ld16(b)) * s, m1 = f16f(ld16(b + 2)) * m;
+        const u8* q = b + (T == T_Q4_K ? 16 : 48) + chunk * 32 + l0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int v = hi ? (q[i] >> 4) : (q[i] & 0xF);
+            if (T == T_Q5_K) {
+                u8 u = hi ? (u8)(2 << (2 * chunk)) : (u8)(1 << (2 * chunk));
+                v += (b[16 + l0 + i] & u) ? 16 : 0;
+            }
+            o[i] = d1 * (float)v - m1;
+        }
+    } else {  // Q6_K
+        const u8* b = row + (size_t)(c >> 5) * 210;
+        int e0 = (c & 31) * 8, n = e0 >> 7, w = e0 & 127, j = w >> 5, l0 = w & 31;
+        const u8* ql = b + 64 * n + 32 * (j & 1);
+        const u8* qh = b + 128 + 32 * n;
+        float d = f16f(ld16(b + 208));
+        float sc = (float)(signed char)b[192 + 8 * n + l0 / 16 + 2 * j];
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            int l = l0 + i;
+            int nib = (j >> 1) ? (ql[l] >> 4) : (ql[l] & 0xF);
+            int q = (nib | (((qh[l] >> (2 * j)) & 3) << 4)) - 32;
+            o[i] = d * sc * (float)q;
+        }
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32, at most 1024). Every thread gets the sum.
+__device__ float block_sum(float v) {
+    __shared__ float red[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    float s = 0.f;
+    for (int i = 0; i < nw; i++) s += red[i];
+    return s;
+}
+
+// Up to three matrices that share one input (q/k/v, gate/up), one launch.
+struct Segs {
+    const u8* w[3];
+    float* y[3];
+    const float* bias[3];
+    int rows[3];
+    int nseg;
+};
+
+// The input of a matrix-vector launch, prepared in shared memory for every token:
+// 0: x itself; 1: RMSNorm(x) * nw; 2: silu(x) * up (SwiGLU).
+__device__ void prep_input(float* xs, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up) {
+    for (int t = 0; t < n; t++) {
+        const float* xr = x + (size_t)t * k;
+        if (mode == 1) {
+            float ss = 0.f;
+            for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
+            ss = block_sum(ss);
+            float r = 1.0f / sqrtf(ss / (float)k + eps);
+            for (int i = threadIdx.x; i < k; i += blockDim.x) xs[t * k + i] = xr[i] * r * nw[i];
+        } else if (mode == 2) {
+            const float* ur = up + (size_t)t * k;
+            for (int i = threadIdx.x; i < k; i += blockDim.x) {
+                float g = xr[i];
+                xs[t * k + i] = g / (1.0f + expf(-g)) * ur[i];
+            }
+        } else {
+            for (int i = threadIdx.x; i < k; i += blockDim.x) xs[t * k + i] = xr[i];
+        }
+    }
+    __syncthreads();
+}
+
+// y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row.
+template <int T>
+__device__ void matvec(Segs s, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up, int acc) {
+    extern __shared__ float xs[];
+    prep_input(xs, x, n, k, mode, nw, eps, up);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int total = s.rows[0] + (s.nseg > 1 ? s.rows[1] : 0) + (s.nseg > 2 ? s.rows[2] : 0);
+    size_t rb = row_bytes<T>(k);
+    int chunks = k / 8;
+    for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
+        int g = (blockIdx.x * nwarps + warp) * ROWS_PER_WARP + rr;
+        if (g >= total) return;
+        // Constant indices only: a run-time index would copy `s` to local memory.
+        int r0 = s.rows[0], r1 = s.rows[1];
+        int seg = g < r0 ? 0 : (g < r0 + r1 ? 1 : 2);
+        int r = g - (seg > 0 ? r0 : 0) - (seg > 1 ? r1 : 0);
+        int rows = seg == 0 ? r0 : (seg == 1 ? r1 : s.rows[2]);
+        const u8* wseg = seg == 0 ? s.w[0] : (seg == 1 ? s.w[1] : s.w[2]);
+        float* yseg = seg == 0 ? s.y[0] : (seg == 1 ? s.y[1] : s.y[2]);
+        const float* bseg = seg == 0 ? s.bias[0] : (seg == 1 ? s.bias[1] : s.bias[2]);
+        const u8* row = wseg + (size_t)r * rb;
+        float a[MAX_TOK];
+#pragma unroll
+        for (int t = 0; t < MAX_TOK; t++) a[t] = 0.f;
+        for (int c = lane; c < chunks; c += 32) {
+            float w[8];
+            dq8<T>(row, c, w);
+#pragma unroll
+            for (int t = 0; t < MAX_TOK; t++) {
+                if (t < n) {
+                    const float* xv = xs + t * k + c * 8;
+                    float d = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 8; i++) d += w[i] * xv[i];
+                    a[t] += d;
+                }
+            }
+        }
+#pragma unroll
+        for (int t = 0; t < MAX_TOK; t++) {
+            if (t < n) {
+                float v = warp_sum(a[t]);
+                if (lane == 0) {
+                    if (bseg) v += bseg[r];
+                    float* y = yseg + (size_t)t * rows + r;
+                    *y = acc ? *y + v : v;
+                }
+            }
+        }
+    }
+}
+
+// y[t, r] (+)= W[r] · x[t] (+ bias[r]) for any n: 64x64 tiles, 256 threads of 4x4 outputs.
+template <int T>
+__device__ void matmul(const u8* w, const float* x, float* y, const float* bias, int rows, int k, int n, int acc) {
+    __shared__ float ws[64][33];
+    __shared__ float xt[64][33];
+    int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
+    int r0 = blockIdx.x * 64, t0 = blockIdx.y * 64;
+    size_t rb = row_bytes<T>(k);
+    float a[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) a[i][j] = 0.f;
+    int lr = tid >> 2, lc = tid & 3;
+    for (int k0 = 0; k0 < k; k0 += 32) {
+        float tmp[8];
+        if (r0 + lr < rows) dq8<T>(w + (size_t)(r0 + lr) * rb, k0 / 8 + lc, tmp);
+        else
+            for (int i = 0; i < 8; i++) tmp[i] = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) ws[lr][lc * 8 + i] = tmp[i];
+        const float* xr = x + (size_t)(t0 + lr) * k + k0 + lc * 8;
+#pragma unroll
+        for (int i = 0; i < 8; i++) xt[lr][lc * 8 + i] = (t0 + lr < n) ? xr[i] : 0.f;
+        __syncthreads();
+#pragma unroll 8
+        for (int kk = 0; kk < 32; kk++) {
+            float wv[4], xv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) wv[i] = ws[ty * 4 + i][kk];
+#pragma unroll
+            for (int j = 0; j < 4; j++) xv[j] = xt[tx * 4 + j][kk];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) a[i][j] += wv[i] * xv[j];
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int r = r0 + ty * 4 + i;
+        if (r >= rows) continue;
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            int t = t0 + tx * 4 + j;
+            if (t >= n) continue;
+            float v = a[i][j] + (bias ? bias[r] : 0.f);
+            float* o = y + (size_t)t * rows + r;
+            *o = acc ? *o + v : v;
+        }
+    }
+}
+
+// out[t] = W[ids[t]] (embedding lookup), one block per token.
+template <int T>
+__device__ void embed(const u8* w, const int* ids, int k, float* out) {
+    int t = blockIdx.x;
+    const u8* row = w + (size_t)ids[t] * row_bytes<T>(k);
+    for (int c = threadIdx.x; c < k / 8; c += blockDim.x) {
+        float v[8];
+        dq8<T>(row, c, v);
+#pragma unroll
+        for (int i = 0; i < 8; i++) out[(size_t)t * k + c * 8 + i] = v[i];
+    }
+}
+
+#define INSTANTIATE(T, name)                                                                                    \
+    extern "C" __global__ void __launch_bounds__(256) matvec_##name(Segs s, const float* x, int n, int k, int mode, \
+                                                                    const float* nw, float eps, const float* up,    \
+                                                                    int acc) {                                      \
+        matvec<T>(s, x, n, k, mode, nw, eps, up, acc);                                                              \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* w, const float* x, float* y,          \
+                                                                    const float* bias, int rows, int k, int n,      \
+                                                                    int acc) {                                      \
+        matmul<T>(w, x, y, bias, rows, k, n, acc);                                                                  \
+    }                                                                                                               \
+    extern "C" __global__ void embed_##name(const u8* w, const int* ids, int k, float* out) { embed<T>(w, ids, k, out); }
+
+INSTANTIATE(T_F32, f32)
+INSTANTIATE(T_F16, f16)
+INSTANTIATE(T_BF16, bf16)
+INSTANTIATE(T_Q4_0, q4_0)
+INSTANTIATE(T_Q4_1, q4_1)
+INSTANTIATE(T_Q5_0, q5_0)
+INSTANTIATE(T_Q5_1, q5_1)
+INSTANTIATE(T_Q8_0, q8_0)
+INSTANTIATE(T_Q4_K, q4_k)
+INSTANTIATE(T_Q5_K, q5_k)
+INSTANTIATE(T_Q6_K, q6_k)
+
+// out[t] = RMSNorm(x[t]) * w, one block per row.
+extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int k, float* out) {
+    const float* xr = x + (size_t)blockIdx.x * k;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
+    ss = block_sum(ss);
+    float r = 1.0f / sqrtf(ss / (float)k + eps);
+    for (int i = threadIdx.x; i < k; i += blockDim.x) out[(size_t)blockIdx.x * k + i] = xr[i] * r * w[i];
+}
+
+// g = silu(g) * u over len elements.
+extern "C" __global__ void silu_mul(float* g, const float* u, int len) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < len) {
+        float a = g[i];
+        g[i] = a / (1.0f + expf(-a)) * u[i];
+    }
+}
+
+// Rotate q and k of token blockIdx.x by its position, and write its k and v to cache row
+// meta[0] + t. Angles as the CPU computes them: the f32 product, then cos/sin in f64.
+extern "C" __global__ void rope_kv(float* q, const float* k, const float* v, float* kc, float* vc, const int* meta,
+                                   int nh, int nkv, int hd, const float* inv_freq, int interleaved) {
+    int t = blockIdx.x, pos = meta[1 + t], half = hd / 2, kvd = nkv * hd;
+    size_t slot = (size_t)(meta[0] + t) * kvd;
+    for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
+        int h = i / half, j = i % half;
+        double a = (double)((float)pos * inv_freq[j]);
+        float c = (float)cos(a), s = (float)sin(a);
+        int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
+        if (h < nh) {
+            float* qh = q + (size_t)t * nh * hd + h * hd;
+            float x0 = qh[i0], x1 = qh[i1];
+            qh[i0] = x0 * c - x1 * s;
+            qh[i1] = x1 * c + x0 * s;
+        } else {
+            h -= nh;
+            const float* kh = k + (size_t)t * kvd + h * hd;
+            float x0 = kh[i0], x1 = kh[i1];
+            kc[slot + h * hd + i0] = x0 * c - x1 * s;
+            kc[slot + h * hd + i1] = x1 * c + x0 * s;
+        }
+    }
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) vc[slot + i] = v[(size_t)t * kvd + i];
+}
+
+// Attention, split over the keys (flash-decoding): block (query token t * nh + head, split s)
+// covers keys [s*span, (s+1)*span) with an online softmax and writes its partial output and
+// (max, sum); `attn_combine` merges the splits. Query t sees keys j <= meta[0] + t, or those
+// with mask[t * L + j] when a tree mask is given (L = meta[0] + n).
+extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, const float* kc, const float* vc,
+                                                            const int* meta, int n, int nh, int nkv, int hd,
+                                                            float scale, const u8* mask, int span, float* po,
+                                                            float* pml) {
+    __shared__ float sm[ATT_WARPS][2];
+    __shared__ float sacc[ATT_WARPS][32 * ATT_MAXD];
+    int qi = blockIdx.x, t = qi / nh, h = qi % nh, s = blockIdx.y, nsplit = gridDim.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int L = meta[0] + n, kvh = h / (nh / nkv), kvd = nkv * hd, nd = hd / 32;
+    int j0 = s * span, j1 = min(L, j0 + span);
+    if (!mask) j1 = min(j1, meta[0] + t + 1);
+    float qv[ATT_MAXD], acc[ATT_MAXD];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) {
+        qv[i] = i < nd ? q[(size_t)t * nh * hd + h * hd + lane + 32 * i] : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = j0 + warp; j < j1; j += ATT_WARPS) {
+        if (mask && !mask[(size_t)t * L + j]) continue;
+        const float* kr = kc + (size_t)j * kvd + kvh * hd;
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++)
+            if (i < nd) d += qv[i] * kr[lane + 32 * i];
+        d = warp_sum(d) * scale;
+        float mn = fmaxf(m, d), corr = expf(m - mn), p = expf(d - mn);
+        l = l * corr + p;
+        const float* vr = vc + (size_t)j * kvd + kvh * hd;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++)
+            if (i < nd) acc[i] = acc[i] * corr + p * vr[lane + 32 * i];
+        m = mn;
+    }
+    if (lane == 0) {
+        sm[warp][0] = m;
+        sm[warp][1] = l;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++)
+        if (i < nd) sacc[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w][0]);
+    size_t part = (size_t)qi * nsplit + s;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++)
+            if (sm[w][0] != -INFINITY) a += sacc[w][d] * expf(sm[w][0] - M);
+        po[part * hd + d] = a;
+    }
+    if (threadIdx.x == 0) {
+        float sum = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++)
+            if (sm[w][0] != -INFINITY) sum += sm[w][1] * expf(sm[w][0] - M);
+        pml[part * 2] = M;
+        pml[part * 2 + 1] = sum;
+    }
+}
+
+extern "C" __global__ void attn_combine(const float* po, const float* pml, int nsplit, int hd, float* out) {
+    int qi = blockIdx.x;
+    const float* ml = pml + (size_t)qi * nsplit * 2;
+    float M = -INFINITY;
+    for (int s = 0; s < nsplit; s++) M = fmaxf(M, ml[2 * s]);
+    float sum = 0.f;
+    for (int s = 0; s < nsplit; s++)
+        if (ml[2 * s] != -INFINITY) sum += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) {
+        float a = 0.f;
+        for (int s = 0; s < nsplit; s++)
+            if (ml[2 * s] != -INFINITY) a += po[((size_t)qi * nsplit + s) * hd + d] * expf(ml[2 * s] - M);
+        out[(size_t)qi * hd + d] = sum > 0.f ? a / sum : 0.f;
+    }
+}
+
+// out[t] = argmax of row t (the lowest index among equal maxima), one block per row.
+extern "C" __global__ void argmax(const float* x, int k, int* out) {
+    __shared__ float bv[32];
+    __shared__ int bi[32];
+    const float* r = x + (size_t)blockIdx.x * k;
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float v = r[i];
+        if (v > best) { best = v; idx = i; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        int oi = __shfl_xor_sync(0xffffffffu, idx, o);
+        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { bv[warp] = best; bi[warp] = idx; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
+        out[blockIdx.x] = idx;
+    }
+}
+
+// Keep tree nodes: cache rows base + keep[i] move to base + i, in order (keep ascending).
+extern "C" __global__ void keep_rows(float* kc, float* vc, const int* keep, int nkeep, int base, int kvd) {
+    for (int i = 0; i < nkeep; i++) {
+        size_t d = (size_t)(base + i) * kvd, s = (size_t)(base + keep[i]) * kvd;
+        if (d != s)
+            for (int e = threadIdx.x; e < kvd; e += blockDim.x) {
+                kc[d + e] = kc[s + e];
+                vc[d + e] = vc[s + e];
+            }
+        __syncthreads();
+    }
+}

@@ -1,0 +1,526 @@
+//! The Llama forward pass on the device.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use augur_kernels::matmul::Matrix;
+use cudarc::driver::sys::CUgraphInstantiate_flags;
+use cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
+use cudarc::driver::CudaGraph;
+
+use crate::device::{Buf, Device};
+use crate::ops::{DevMat, Input, ATT_SPAN};
+use crate::{Error, Result};
+
+/// Hyperparameters the device pass needs.
+#[derive(Debug, Clone)]
+pub struct Dims {
+    /// Model width.
+    pub dim: usize,
+    /// MLP hidden width.
+    pub hidden: usize,
+    /// Decoder blocks.
+    pub n_layer: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Positions the KV cache holds.
+    pub context: usize,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// RoPE pairs `(2i, 2i+1)` rather than `(i, i + head_dim/2)`.
+    pub rope_interleaved: bool,
+}
+
+/// One decoder block's weights, borrowed from the host model for upload.
+pub struct LayerWeights<'a> {
+    /// `[dim]`
+    pub attn_norm: &'a [f32],
+    /// `[n_head * head_dim, dim]`
+    pub wq: Matrix<'a>,
+    /// `[n_kv_head * head_dim, dim]`
+    pub wk: Matrix<'a>,
+    /// `[n_kv_head * head_dim, dim]`
+    pub wv: Matrix<'a>,
+    /// `[dim, n_head * head_dim]`
+    pub wo: Matrix<'a>,
+    /// q/k/v biases (Qwen2).
+    pub bias: [Option<&'a [f32]>; 3],
+    /// `[dim]`
+    pub ffn_norm: &'a [f32],
+    /// `[hidden, dim]`
+    pub w_gate: Matrix<'a>,
+    /// `[hidden, dim]`
+    pub w_up: Matrix<'a>,
+    /// `[dim, hidden]`
+    pub w_down: Matrix<'a>,
+}
+
+struct GpuLayer {
+    attn_norm: Buf<f32>,
+    wq: DevMat,
+    wk: DevMat,
+    wv: DevMat,
+    wo: DevMat,
+    bias: [Option<Buf<f32>>; 3],
+    ffn_norm: Buf<f32>,
+    w_gate: DevMat,
+    w_up: DevMat,
+    w_down: DevMat,
+}
+
+/// A Llama-family model with its weights on the device.
+pub struct GpuModel {
+    dev: Arc<Device>,
+    /// Hyperparameters.
+    pub dims: Dims,
+    embed: DevMat,
+    layers: Vec<GpuLayer>,
+    norm: Buf<f32>,
+    /// `None` when tied to the embedding.
+    output: Option<DevMat>,
+    inv_freq: Buf<f32>,
+}
+
+/// What a pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Out {
+    /// The last token's logits.
+    Last,
+    /// Every token's logits.
+    All,
+    /// Every token's final-norm hidden state.
+    Hidden,
+}
+
+/// One forward pass over `tokens`, appended to the cache at rows `pos0..`.
+pub struct Pass<'a> {
+    /// Token ids (checked against the vocabulary by the caller).
+    pub tokens: &'a [u32],
+    /// Cached positions before the pass.
+    pub pos0: usize,
+    /// A token tree: each node's depth (its position is `pos0 + depth`) and the `[n, pos0 + n]`
+    /// visibility mask. `None`: a causal chain.
+    pub tree: Option<(&'a [usize], &'a [bool])>,
+    /// Run only the first `n_layers` blocks (early exit); the model's count for a full pass.
+    pub n_layers: usize,
+    /// What to return.
+    pub out: Out,
+}
+
+/// Tokens per chunk of a long causal pass (bounds the scratch memory).
+const CHUNK: usize = 256;
+
+/// One sequence's device state: KV cache and scratch.
+pub struct GpuSeq {
+    dev: Arc<Device>,
+    kc: Vec<Buf<f32>>,
+    vc: Vec<Buf<f32>>,
+    cap: usize,
+    x: Buf<f32>,
+    xn: Buf<f32>,
+    q: Buf<f32>,
+    k: Buf<f32>,
+    v: Buf<f32>,
+    att: Buf<f32>,
+    gate: Buf<f32>,
+    up: Buf<f32>,
+    logits: Buf<f32>,
+    po: Buf<f32>,
+    pml: Buf<f32>,
+    ids: Buf<i32>,
+    meta: Buf<i32>,
+    mask: Buf<u8>,
+    keep: Buf<i32>,
+    kvd: usize,
+    /// A failed [`GpuSeq::keep`], reported by the next pass.
+    failed: Option<String>,
+    graph: Option<Graph>,
+    /// Host staging for `meta` and the mask.
+    meta_host: Vec<i32>,
+    mask_host: Vec<u8>,
+}
+
+impl std::fmt::Debug for GpuSeq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GpuSeq {{ layers: {}, cap: {}, graph: {} }}", self.kc.len(), self.cap, self.graph.is_some())
+    }
+}
+
+/// A captured decode step.
+struct Graph(CudaGraph);
+
+// SAFETY: CUDA graphs may be used from any thread as long as calls on one graph are serialized;
+// a `Graph` is owned by one `GpuSeq` and used only through `&mut GpuSeq`.
+unsafe impl Send for Graph {}
+
+/// Timings of [`GpuModel::greedy`].
+#[derive(Debug, Clone, Default)]
+pub struct GreedyRun {
+    /// Generated ids (the stopping token included).
+    pub tokens: Vec<u32>,
+    /// Prompt pass, first token included.
+    pub prefill: Duration,
+    /// Every later token.
+    pub decode: Duration,
+}
+
+impl GpuModel {
+    /// Upload a model: `embed` `[vocab, dim]`, the blocks, the final norm, the output head
+    /// (`None` when tied) and RoPE's inverse frequencies.
+    pub fn upload<'a>(
+        dev: &Arc<Device>,
+        dims: Dims,
+        embed: Matrix,
+        layers: impl IntoIterator<Item = LayerWeights<'a>>,
+        norm: &[f32],
+        output: Option<Matrix>,
+        inv_freq: &[f32],
+    ) -> Result<Self> {
+        let mut gl = Vec::with_capacity(dims.n_layer);
+        for l in layers {
+            let bias = l.bias.map(|b| b.map(|b| dev.upload(b)));
+            let [b0, b1, b2] = bias;
+            gl.push(GpuLayer {
+                attn_norm: dev.upload(l.attn_norm)?,
+                wq: dev.upload_matrix(&l.wq)?,
+                wk: dev.upload_matrix(&l.wk)?,
+                wv: dev.upload_matrix(&l.wv)?,
+                wo: dev.upload_matrix(&l.wo)?,
+                bias: [b0.transpose()?, b1.transpose()?, b2.transpose()?],
+                ffn_norm: dev.upload(l.ffn_norm)?,
+                w_gate: dev.upload_matrix(&l.w_gate)?,
+                w_up: dev.upload_matrix(&l.w_up)?,
+                w_down: dev.upload_matrix(&l.w_down)?,
+            });
+        }
+        if gl.len() != dims.n_layer {
+            return Err(Error::Unsupported(format!("{} blocks given for a model of {}", gl.len(), dims.n_layer)));
+        }
+        let output = output.map(|m| dev.upload_matrix(&m)).transpose()?;
+        Ok(GpuModel {
+            embed: dev.upload_matrix(&embed)?,
+            layers: gl,
+            norm: dev.upload(norm)?,
+            output,
+            inv_freq: dev.upload(inv_freq)?,
+            dev: dev.clone(),
+            dims,
+        })
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    /// An empty sequence (KV cache for the whole context) on this model's device.
+    pub fn new_seq(&self) -> Result<GpuSeq> {
+        let d = &self.dims;
+        let kvd = d.n_kv_head * d.head_dim;
+        let dev = &self.dev;
+        let (mut kc, mut vc) = (Vec::new(), Vec::new());
+        for _ in 0..d.n_layer {
+            kc.push(dev.alloc(d.context * kvd)?);
+            vc.push(dev.alloc(d.context * kvd)?);
+        }
+        let mut s = GpuSeq {
+            dev: dev.clone(),
+            kc,
+            vc,
+            cap: 0,
+            x: dev.alloc(1)?,
+            xn: dev.alloc(1)?,
+            q: dev.alloc(1)?,
+            k: dev.alloc(1)?,
+            v: dev.alloc(1)?,
+            att: dev.alloc(1)?,
+            gate: dev.alloc(1)?,
+            up: dev.alloc(1)?,
+            logits: dev.alloc(1)?,
+            po: dev.alloc(1)?,
+            pml: dev.alloc(1)?,
+            ids: dev.alloc(1)?,
+            meta: dev.alloc(1)?,
+            mask: dev.alloc(1)?,
+            keep: dev.alloc(1)?,
+            kvd,
+            failed: None,
+            graph: None,
+            meta_host: Vec::new(),
+            mask_host: Vec::new(),
+        };
+        self.fit(&mut s, 1)?;
+        Ok(s)
+    }
+
+    fn nsplit_max(&self) -> usize {
+        self.dims.context.div_ceil(ATT_SPAN)
+    }
+
+    /// Grow `s`'s scratch to `n` tokens. Buffers keep their addresses until they grow, which
+    /// drops the captured decode graph.
+    fn fit(&self, s: &mut GpuSeq, n: usize) -> Result<()> {
+        if n <= s.cap {
+            return Ok(());
+        }
+        let d = &self.dims;
+        let dev = &self.dev;
+        let qd = d.n_head * d.head_dim;
+        s.graph = None;
+        s.x = dev.alloc(n * d.dim)?;
+        s.xn = dev.alloc(n * d.dim)?;
+        s.q = dev.alloc(n * qd)?;
+        s.k = dev.alloc(n * d.n_kv_head * d.head_dim)?;
+        s.v = dev.alloc(n * d.n_kv_head * d.head_dim)?;
+        s.att = dev.alloc(n * qd)?;
+        s.gate = dev.alloc(n * d.hidden)?;
+        s.up = dev.alloc(n * d.hidden)?;
+        s.logits = dev.alloc(n * d.vocab)?;
+        s.po = dev.alloc(n * d.n_head * self.nsplit_max() * d.head_dim)?;
+        s.pml = dev.alloc(n * d.n_head * self.nsplit_max() * 2)?;
+        s.ids = dev.alloc(n)?;
+        s.meta = dev.alloc(n + 1)?;
+        s.keep = dev.alloc(n)?;
+        s.cap = n;
+        Ok(())
+    }
+
+    /// Run `pass`. The final-norm hidden states of the output rows (`[n_out, dim]`: the last
+    /// token for [`Out::Last`], every token otherwise) go to `hidden`, and their logits
+    /// (`[n_out, vocab]`, none for [`Out::Hidden`]) to `logits`.
+    pub fn forward(&self, s: &mut GpuSeq, pass: &Pass, logits: &mut [f32], hidden: &mut [f32]) -> Result<()> {
+        if let Some(e) = s.failed.take() {
+            return Err(Error::Unsupported(format!("an earlier cache update on the device failed: {e}")));
+        }
+        let n = pass.tokens.len();
+        let d = &self.dims;
+        if n == 0 || pass.pos0 + n > d.context || pass.n_layers == 0 || pass.n_layers > d.n_layer {
+            return Err(Error::Unsupported(format!("a pass of {n} tokens at {} over {} layers does not fit this model", pass.pos0, pass.n_layers)));
+        }
+        let n_out = if pass.out == Out::Last { 1 } else { n };
+        let vocab = if pass.out == Out::Hidden { 0 } else { d.vocab };
+        if logits.len() < n_out * vocab || hidden.len() < n_out * d.dim {
+            return Err(Error::Unsupported(format!("output buffers of {} and {} floats for {n_out} rows", logits.len(), hidden.len())));
+        }
+        if pass.tree.is_some() || n <= CHUNK {
+            return self.run(s, pass, Some((&mut logits[..n_out * vocab], &mut hidden[..n_out * d.dim])));
+        }
+        // Long causal passes run in chunks, each returning its share of the outputs.
+        for start in (0..n).step_by(CHUNK) {
+            let end = (start + CHUNK).min(n);
+            let chunk = Pass { tokens: &pass.tokens[start..end], pos0: pass.pos0 + start, tree: None, n_layers: pass.n_layers, out: pass.out };
+            let outs = match pass.out {
+                Out::Last if end < n => None,
+                Out::Last => Some((&mut logits[..vocab], &mut hidden[..d.dim])),
+                _ => Some((&mut logits[start * vocab..end * vocab], &mut hidden[start * d.dim..end * d.dim])),
+            };
+            self.run(s, &chunk, outs)?;
+        }
+        Ok(())
+    }
+
+    fn run(&self, s: &mut GpuSeq, pass: &Pass, outs: Option<(&mut [f32], &mut [f32])>) -> Result<()> {
+        let n = pass.tokens.len();
+        let d = &self.dims;
+        self.fit(s, n)?;
+        s.meta_host.clear();
+        s.meta_host.push(pass.pos0 as i32);
+        match pass.tree {
+            Some((depth, _)) => s.meta_host.extend(depth.iter().map(|&dp| (pass.pos0 + dp) as i32)),
+            None => s.meta_host.extend((0..n).map(|t| (pass.pos0 + t) as i32)),
+        }
+        let ids: Vec<i32> = pass.tokens.iter().map(|&t| t as i32).collect();
+        self.dev.write(&mut s.meta, &s.meta_host)?;
+        self.dev.write(&mut s.ids, &ids)?;
+        if let Some((_, mask)) = pass.tree {
+            s.mask_host.clear();
+            s.mask_host.extend(mask.iter().map(|&b| b as u8));
+            if s.mask.len() < s.mask_host.len() {
+                s.mask = self.dev.alloc(s.mask_host.len())?;
+            }
+            self.dev.write(&mut s.mask, &s.mask_host)?;
+        }
+        let nsplit = (pass.pos0 + n).div_ceil(ATT_SPAN);
+        // SAFETY: every buffer was sized by `fit` for n tokens, the caches for the context.
+        unsafe {
+            self.encode(s, n, pass.tree.is_some(), pass.n_layers, nsplit)?;
+            if let Some((logits, hidden)) = outs {
+                let n_out = hidden.len() / d.dim;
+                let xrow = s.x.at((n - n_out) * d.dim);
+                self.dev.rms_norm(xrow, self.norm.ptr, d.rms_eps, d.dim, n_out, s.xn.ptr)?;
+                if !logits.is_empty() {
+                    let head = self.output.as_ref().unwrap_or(&self.embed);
+                    if Device::matvec_fits(n_out, d.dim) {
+                        self.dev.matvec(&[(head, s.logits.ptr, None)], s.xn.ptr, n_out, Input::Plain, false)?;
+                    } else {
+                        self.dev.matmul(head, s.xn.ptr, s.logits.ptr, None, n_out, false)?;
+                    }
+                    self.dev.read(&s.logits, logits)?;
+                }
+                self.dev.read(&s.xn, hidden)?;
+            }
+        }
+        self.dev.synchronize()
+    }
+
+    /// Logits of `rows` rows of the residual stream at `x` into `s.logits`.
+    unsafe fn head(&self, s: &GpuSeq, x: u64, rows: usize) -> Result<()> {
+        let d = &self.dims;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        if Device::matvec_fits(rows, d.dim) {
+            self.dev.matvec(&[(head, s.logits.ptr, None)], x, rows, Input::Norm { w: self.norm.ptr, eps: d.rms_eps }, false)
+        } else {
+            self.dev.rms_norm(x, self.norm.ptr, d.rms_eps, d.dim, rows, s.xn.ptr)?;
+            self.dev.matmul(head, s.xn.ptr, s.logits.ptr, None, rows, false)
+        }
+    }
+
+    /// Queue the blocks for the `n` tokens in `s.ids` at `s.meta`; the residual stream ends in
+    /// `s.x`. Launch shapes depend only on the arguments, so one decode step can be captured.
+    unsafe fn encode(&self, s: &GpuSeq, n: usize, masked: bool, n_layers: usize, nsplit: usize) -> Result<()> {
+        let d = &self.dims;
+        let dev = &self.dev;
+        let qd = d.n_head * d.head_dim;
+        let shape = [d.n_head, d.n_kv_head, d.head_dim];
+        dev.embed(&self.embed, s.ids.ptr, n, s.x.ptr)?;
+        for (l, w) in self.layers[..n_layers].iter().enumerate() {
+            let bias = |i: usize| w.bias[i].as_ref().map(|b| b.ptr);
+            let qkv = [(&w.wq, s.q.ptr, bias(0)), (&w.wk, s.k.ptr, bias(1)), (&w.wv, s.v.ptr, bias(2))];
+            self.project(s, &qkv, s.x.ptr, n, w.attn_norm.ptr)?;
+            dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.inv_freq.ptr, d.rope_interleaved)?;
+            let mask = masked.then_some(s.mask.ptr);
+            dev.attention(s.q.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, mask, nsplit, s.po.ptr, s.pml.ptr, s.att.ptr)?;
+            if Device::matvec_fits(n, qd) {
+                dev.matvec(&[(&w.wo, s.x.ptr, None)], s.att.ptr, n, Input::Plain, true)?;
+            } else {
+                dev.matmul(&w.wo, s.att.ptr, s.x.ptr, None, n, true)?;
+            }
+            self.project(s, &[(&w.w_gate, s.gate.ptr, None), (&w.w_up, s.up.ptr, None)], s.x.ptr, n, w.ffn_norm.ptr)?;
+            if Device::matvec_fits(n, d.hidden) {
+                dev.matvec(&[(&w.w_down, s.x.ptr, None)], s.gate.ptr, n, Input::SiluMul { up: s.up.ptr }, true)?;
+            } else {
+                dev.silu_mul(s.gate.ptr, s.up.ptr, n * d.hidden)?;
+                dev.matmul(&w.w_down, s.gate.ptr, s.x.ptr, None, n, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Projections of RMSNorm(x) with weight `norm`: fused into one matrix-vector launch per
+    /// run of same-typed matrices when the batch is small, else normalised once and tiled.
+    unsafe fn project(&self, s: &GpuSeq, segs: &[(&DevMat, u64, Option<u64>)], x: u64, n: usize, norm: u64) -> Result<()> {
+        let d = &self.dims;
+        if Device::matvec_fits(n, d.dim) {
+            let input = Input::Norm { w: norm, eps: d.rms_eps };
+            let mut start = 0;
+            while start < segs.len() {
+                let ty = segs[start].0.ty;
+                let end = (start..segs.len()).find(|&i| segs[i].0.ty != ty).unwrap_or(segs.len());
+                self.dev.matvec(&segs[start..end], x, n, input, false)?;
+                start = end;
+            }
+            return Ok(());
+        }
+        self.dev.rms_norm(x, norm, d.rms_eps, d.dim, n, s.xn.ptr)?;
+        for (m, y, b) in segs {
+            self.dev.matmul(m, s.xn.ptr, *y, *b, n, false)?;
+        }
+        Ok(())
+    }
+
+    /// Greedy decoding on the device: the prompt pass, then one captured decode step replayed
+    /// as a CUDA graph per token, the argmax on the device. `on_token` sees each id and returns
+    /// whether to go on; at most `max_new` tokens.
+    pub fn greedy(&self, s: &mut GpuSeq, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
+        let d = &self.dims;
+        if prompt.is_empty() || prompt.len() + max_new > d.context {
+            return Err(Error::Unsupported(format!("{} prompt tokens + {max_new} new do not fit a context of {}", prompt.len(), d.context)));
+        }
+        let dev = &self.dev;
+        let t0 = Instant::now();
+        let mut run = GreedyRun::default();
+        // The prompt, in chunks, all but its last token's logits skipped.
+        let split = prompt.len() - 1;
+        for start in (0..split).step_by(CHUNK) {
+            let toks = &prompt[start..(start + CHUNK).min(split)];
+            self.run(s, &Pass { tokens: toks, pos0: start, tree: None, n_layers: d.n_layer, out: Out::Last }, None)?;
+        }
+        self.fit(s, 1)?;
+        let mut pos = split;
+        let mut id = [prompt[split] as i32];
+        dev.write(&mut s.ids, &id)?;
+        let nsplit = self.nsplit_max();
+        while run.tokens.len() < max_new {
+            dev.write(&mut s.meta, &[pos as i32, pos as i32])?;
+            if s.graph.is_none() {
+                dev.stream.begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                // SAFETY: scratch fitted for one token, the caches for the whole context.
+                let queued = unsafe { self.step(s, nsplit) };
+                let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0));
+                queued?;
+                s.graph = graph?.map(Graph);
+            }
+            match &s.graph {
+                Some(g) => g.0.launch()?,
+                None => return Err(Error::Unsupported("the decode step could not be captured".into())),
+            }
+            dev.read(&s.ids, &mut id)?;
+            dev.synchronize()?;
+            if run.tokens.is_empty() {
+                run.prefill = t0.elapsed();
+            }
+            pos += 1;
+            let tok = id[0] as u32;
+            run.tokens.push(tok);
+            if !on_token(tok) {
+                break;
+            }
+        }
+        run.decode = t0.elapsed() - run.prefill;
+        Ok(run)
+    }
+
+    /// One decode step from the token in `s.ids[0]` to the argmax written back there.
+    unsafe fn step(&self, s: &GpuSeq, nsplit: usize) -> Result<()> {
+        self.encode(s, 1, false, self.dims.n_layer, nsplit)?;
+        self.head(s, s.x.ptr, 1)?;
+        self.dev.argmax(s.logits.ptr, 1, self.dims.vocab, s.ids.ptr)
+    }
+}
+
+impl GpuSeq {
+    /// The device this sequence lives on.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.dev
+    }
+
+    /// After a tree pass that appended nodes at `base..`, keep the nodes `keep` (in path order)
+    /// at `base..base + keep.len()`. A failure is reported by the next pass.
+    pub fn keep(&mut self, base: usize, keep: &[usize]) {
+        if let Err(e) = self.try_keep(base, keep) {
+            self.failed = Some(e.to_string());
+        }
+    }
+
+    fn try_keep(&mut self, base: usize, keep: &[usize]) -> Result<()> {
+        if keep.is_empty() {
+            return Ok(());
+        }
+        if self.keep.len() < keep.len() {
+            self.keep = self.dev.alloc(keep.len())?;
+        }
+        let idx: Vec<i32> = keep.iter().map(|&k| k as i32).collect();
+        self.dev.write(&mut self.keep, &idx)?;
+        for (kc, vc) in self.kc.iter().zip(&self.vc) {
+            // SAFETY: the caches hold the whole context; `keep` the indices just written.
+            unsafe { self.dev.keep_rows(kc.ptr, vc.ptr, self.keep.ptr, keep.len(), base, self.kvd)? };
+        }
+        self.dev.synchronize()
+    }
+}

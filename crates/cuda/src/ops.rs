@@ -1,0 +1,254 @@
+//! Launches of the kernels in `kernels.cu`, on raw device addresses.
+//!
+//! Every function here is `unsafe`: the kernels trust their addresses and sizes. The callers
+//! ([`crate::GpuModel`] and the conformance tests) own the buffers and size them.
+
+use augur_kernels::matmul::{Matrix, Weights};
+use augur_kernels::quant::QuantType;
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::device::{Buf, Device, MATVEC_SMEM};
+use crate::{Error, Result};
+
+/// Tokens one matrix-vector launch handles (`MAX_TOK` in the kernels); more take the tiled
+/// matrix-matrix kernel.
+pub(crate) const MAX_TOK: usize = 8;
+/// Keys per attention split.
+pub(crate) const ATT_SPAN: usize = 128;
+const ATT_WARPS: u32 = 4;
+
+/// A weight matrix on the device, in its own block layout.
+pub struct DevMat {
+    /// Index into [`crate::device::TYPE_NAMES`].
+    pub(crate) ty: usize,
+    /// Output features.
+    pub rows: usize,
+    /// Input features.
+    pub k: usize,
+    buf: Buf<u8>,
+}
+
+fn type_index(w: &Weights) -> usize {
+    match w {
+        Weights::F32(_) => 0,
+        Weights::F16(_) => 1,
+        Weights::BF16(_) => 2,
+        Weights::Quant(q, _) => match q {
+            QuantType::Q4_0 => 3,
+            QuantType::Q4_1 => 4,
+            QuantType::Q5_0 => 5,
+            QuantType::Q5_1 => 6,
+            QuantType::Q8_0 => 7,
+            QuantType::Q4_K => 8,
+            QuantType::Q5_K => 9,
+            QuantType::Q6_K => 10,
+        },
+    }
+}
+
+fn bytes_of<T>(v: &[T]) -> &[u8] {
+    // SAFETY: plain-old-data element types (f32, f16, bf16, u8), read as bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Kernel arguments for up to three matrices sharing one input (`Segs` in the kernels).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct Segs {
+    w: [u64; 3],
+    y: [u64; 3],
+    bias: [u64; 3],
+    rows: [i32; 3],
+    nseg: i32,
+}
+
+// SAFETY: `Segs` is `repr(C)` and matches the kernels' struct field for field.
+unsafe impl DeviceRepr for Segs {}
+
+/// What a matrix-vector launch multiplies: the input itself, or a transform of it computed in
+/// shared memory on the way in.
+#[derive(Clone, Copy)]
+pub(crate) enum Input {
+    Plain,
+    /// RMSNorm with weight `w` (device address).
+    Norm { w: u64, eps: f32 },
+    /// `silu(x) * up` (SwiGLU), `up` a device address.
+    SiluMul { up: u64 },
+}
+
+fn grid1(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
+}
+
+impl Device {
+    /// Copy `m` to the device as it is stored.
+    pub fn upload_matrix(&self, m: &Matrix) -> Result<DevMat> {
+        if !m.k.is_multiple_of(32) {
+            return Err(Error::Unsupported(format!("matrix rows of {} weights: the CUDA kernels need a multiple of 32", m.k)));
+        }
+        let bytes = match m.weights {
+            Weights::F32(w) => bytes_of(w),
+            Weights::F16(w) => bytes_of(w),
+            Weights::BF16(w) => bytes_of(w),
+            Weights::Quant(_, w) => w,
+        };
+        Ok(DevMat { ty: type_index(&m.weights), rows: m.rows, k: m.k, buf: self.upload(bytes)? })
+    }
+
+    /// Whether one matrix-vector launch can take `n` tokens of width `k`.
+    pub(crate) fn matvec_fits(n: usize, k: usize) -> bool {
+        n <= MAX_TOK && n * k * 4 <= MATVEC_SMEM
+    }
+
+    /// `y_i[t] (+)= W_i · input(x[t]) (+ bias_i)` for the matrices of `segs` (same type and
+    /// width), `n` tokens (see [`Device::matvec_fits`]).
+    ///
+    /// # Safety
+    /// `x` holds `n × k` f32 (and `up` too for [`Input::SiluMul`]); each `y` holds `n × rows`.
+    pub(crate) unsafe fn matvec(&self, segs: &[(&DevMat, u64, Option<u64>)], x: u64, n: usize, input: Input, acc: bool) -> Result<()> {
+        let (m0, k) = (segs[0].0, segs[0].0.k);
+        debug_assert!(segs.len() <= 3 && segs.iter().all(|s| s.0.ty == m0.ty && s.0.k == k));
+        let mut s = Segs { nseg: segs.len() as i32, ..Default::default() };
+        for (i, (m, y, b)) in segs.iter().enumerate() {
+            s.w[i] = m.buf.ptr;
+            s.y[i] = *y;
+            s.bias[i] = b.unwrap_or(0);
+            s.rows[i] = m.rows as i32;
+        }
+        let total: usize = segs.iter().map(|s| s.0.rows).sum();
+        let (mode, nw, eps, up) = match input {
+            Input::Plain => (0i32, 0u64, 0f32, 0u64),
+            Input::Norm { w, eps } => (1, w, eps, 0),
+            Input::SiluMul { up } => (2, 0, 0.0, up),
+        };
+        let rows_per_block = 8 * 4; // 8 warps of ROWS_PER_WARP rows
+        let cfg = grid1(total.div_ceil(rows_per_block), 256, n * k * 4);
+        let (n, k, acc) = (n as i32, k as i32, acc as i32);
+        let f = &self.k.matvec[m0.ty];
+        self.stream.launch_builder(f).arg(&s).arg(&x).arg(&n).arg(&k).arg(&mode).arg(&nw).arg(&eps).arg(&up).arg(&acc).launch(cfg)?;
+        Ok(())
+    }
+
+    /// `y[t] (+)= W · x[t] (+ bias)` for any `n`, tiled.
+    ///
+    /// # Safety
+    /// `x` holds `n × k` f32, `y` `n × rows`.
+    pub(crate) unsafe fn matmul(&self, w: &DevMat, x: u64, y: u64, bias: Option<u64>, n: usize, acc: bool) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: (w.rows.div_ceil(64) as u32, n.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (b, rows, k, n, acc) = (bias.unwrap_or(0), w.rows as i32, w.k as i32, n as i32, acc as i32);
+        self.stream.launch_builder(&self.k.matmul[w.ty]).arg(&w.buf.ptr).arg(&x).arg(&y).arg(&b).arg(&rows).arg(&k).arg(&n).arg(&acc).launch(cfg)?;
+        Ok(())
+    }
+
+    /// `out[t] = W[ids[t]]`.
+    ///
+    /// # Safety
+    /// `ids` holds `n` valid row indices, `out` `n × k` f32.
+    pub(crate) unsafe fn embed(&self, w: &DevMat, ids: u64, n: usize, out: u64) -> Result<()> {
+        let k = w.k as i32;
+        self.stream.launch_builder(&self.k.embed[w.ty]).arg(&w.buf.ptr).arg(&ids).arg(&k).arg(&out).launch(grid1(n, 128, 0))?;
+        Ok(())
+    }
+
+    /// `out[r] = RMSNorm(x[r]) * w` for `rows` rows of `k`.
+    ///
+    /// # Safety
+    /// `x` and `out` hold `rows × k` f32, `w` `k`.
+    pub(crate) unsafe fn rms_norm(&self, x: u64, w: u64, eps: f32, k: usize, rows: usize, out: u64) -> Result<()> {
+        let k = k as i32;
+        self.stream.launch_builder(&self.k.rms_norm).arg(&x).arg(&w).arg(&eps).arg(&k).arg(&out).launch(grid1(rows, 256, 0))?;
+        Ok(())
+    }
+
+    /// `g = silu(g) * u` over `len` elements.
+    ///
+    /// # Safety
+    /// `g` and `u` hold `len` f32.
+    pub(crate) unsafe fn silu_mul(&self, g: u64, u: u64, len: usize) -> Result<()> {
+        let l = len as i32;
+        self.stream.launch_builder(&self.k.silu_mul).arg(&g).arg(&u).arg(&l).launch(grid1(len.div_ceil(256), 256, 0))?;
+        Ok(())
+    }
+
+    /// Rotate `q` (`n × nh × hd`) and `k` by each token's position `meta[1 + t]`, and write `k`,
+    /// `v` to cache rows `meta[0] + t` of `kc`, `vc`.
+    ///
+    /// # Safety
+    /// Buffers sized for `n` tokens and the cache for `meta[0] + n` rows.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn rope_kv(&self, q: u64, k: u64, v: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], inv_freq: u64, interleaved: bool) -> Result<()> {
+        let [nh, nkv, hd] = shape.map(|v| v as i32);
+        let il = interleaved as i32;
+        self.stream
+            .launch_builder(&self.k.rope_kv)
+            .arg(&q)
+            .arg(&k)
+            .arg(&v)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&meta)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&inv_freq)
+            .arg(&il)
+            .launch(grid1(n, 128, 0))?;
+        Ok(())
+    }
+
+    /// Attention of `n` query tokens against the cache (`meta[0] + n` rows), causal or under a
+    /// `[n, meta[0] + n]` byte mask, in `nsplit` key splits of [`ATT_SPAN`]; `po`/`pml` hold
+    /// `n × nh × nsplit × (hd | 2)` partials.
+    ///
+    /// # Safety
+    /// Buffers sized as described; `nsplit × ATT_SPAN` covers `meta[0] + n`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn attention(&self, q: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], mask: Option<u64>, nsplit: usize, po: u64, pml: u64, out: u64) -> Result<()> {
+        let [nh, _, hd] = shape;
+        if !hd.is_multiple_of(32) || hd > 256 || !shape[0].is_multiple_of(shape[1]) {
+            return Err(Error::Unsupported(format!("attention with head_dim {hd} and {}/{} heads: the CUDA kernel needs a multiple of 32 up to 256", shape[0], shape[1])));
+        }
+        let [nh_i, nkv_i, hd_i] = shape.map(|v| v as i32);
+        let (n_i, scale, mask, span) = (n as i32, 1.0f32 / (hd as f32).sqrt(), mask.unwrap_or(0), ATT_SPAN as i32);
+        let cfg = LaunchConfig { grid_dim: ((n * nh) as u32, nsplit as u32, 1), block_dim: (32 * ATT_WARPS, 1, 1), shared_mem_bytes: 0 };
+        self.stream
+            .launch_builder(&self.k.attn_part)
+            .arg(&q)
+            .arg(&kc)
+            .arg(&vc)
+            .arg(&meta)
+            .arg(&n_i)
+            .arg(&nh_i)
+            .arg(&nkv_i)
+            .arg(&hd_i)
+            .arg(&scale)
+            .arg(&mask)
+            .arg(&span)
+            .arg(&po)
+            .arg(&pml)
+            .launch(cfg)?;
+        let ns = nsplit as i32;
+        self.stream.launch_builder(&self.k.attn_combine).arg(&po).arg(&pml).arg(&ns).arg(&hd_i).arg(&out).launch(grid1(n * nh, hd as u32, 0))?;
+        Ok(())
+    }
+
+    /// `out[r]` = index of the largest of row `r`'s `k` values (the first among ties).
+    ///
+    /// # Safety
+    /// `x` holds `rows × k` f32, `out` `rows` i32.
+    pub(crate) unsafe fn argmax(&self, x: u64, rows: usize, k: usize, out: u64) -> Result<()> {
+        let k = k as i32;
+        self.stream.launch_builder(&self.k.argmax).arg(&x).arg(&k).arg(&out).launch(grid1(rows, 1024, 0))?;
+        Ok(())
+    }
+
+    /// Move cache rows `base + keep[i]` to `base + i`, in order.
+    ///
+    /// # Safety
+    /// `keep` holds `nkeep` i32; the caches hold the rows named.
+    pub(crate) unsafe fn keep_rows(&self, kc: u64, vc: u64, keep: u64, nkeep: usize, base: usize, kvd: usize) -> Result<()> {
+        let (nk, b, d) = (nkeep as i32, base as i32, kvd as i32);
+        self.stream.launch_builder(&self.k.keep_rows).arg(&kc).arg(&vc).arg(&keep).arg(&nk).arg(&b).arg(&d).launch(grid1(1, 256, 0))?;
+        Ok(())
+    }
+}

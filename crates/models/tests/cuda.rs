@@ -1,0 +1,132 @@
+//! The CUDA backend against the CPU backend on augur-written tiny models: every pass kind
+//! (prefill, decode, tree verification with keep, early exit, hidden states) and the
+//! graph-replayed greedy decode. Without a device (or without the `cuda` feature) they skip,
+//! saying so.
+#![cfg(feature = "cuda")]
+
+use augur_core::QuantType;
+use augur_models::{tiny, Activations, Logits, Model, State};
+
+fn open(arch: &str, tied: bool, quant: Option<QuantType>) -> Option<(Model, Model)> {
+    let path = std::env::temp_dir().join(format!("augur-cuda-{arch}-{tied}-{quant:?}-{}.gguf", std::process::id()));
+    tiny::write_gguf_arch(&path, arch, tied, quant, 7).unwrap();
+    let cpu = Model::open(&path).unwrap();
+    let mut gpu = Model::open(&path).unwrap();
+    std::fs::remove_file(&path).ok();
+    match gpu.llama.to_device(0) {
+        Ok(()) => Some((cpu, gpu)),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+fn cpu_state(m: &Model) -> State {
+    let mut st = State::new(&m.llama.cfg);
+    st.activations = Activations::F32;
+    st
+}
+
+fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale
+}
+
+const PROMPT: [u32; 11] = [262, 40, 41, 42, 100, 7, 8, 9, 262, 13, 200];
+
+#[test]
+fn prefill_and_decode_match_the_cpu() {
+    for (arch, tied, quant) in [("llama", true, Some(QuantType::Q4_1)), ("llama", false, Some(QuantType::Q6_K)), ("qwen2", false, None), ("llama", true, Some(QuantType::Q8_0))] {
+        let Some((cpu, gpu)) = open(arch, tied, quant) else { return };
+        let (mut a, mut b) = (cpu_state(&cpu), State::new(&gpu.llama.cfg));
+        let want = cpu.llama.forward(&mut a, &PROMPT, Logits::All).unwrap().to_vec();
+        let got = gpu.llama.forward(&mut b, &PROMPT, Logits::All).unwrap().to_vec();
+        let e = max_rel(&got, &want);
+        assert!(e < 1e-4, "{arch} tied={tied} {quant:?}: prefill logits differ by {e}");
+        assert!(max_rel(b.hidden(), a.hidden()) < 1e-4, "hidden states");
+        for tok in [5u32, 300, 17] {
+            let want = cpu.llama.forward(&mut a, &[tok], Logits::Last).unwrap().to_vec();
+            let got = gpu.llama.forward(&mut b, &[tok], Logits::Last).unwrap().to_vec();
+            assert!(max_rel(&got, &want) < 1e-4, "{arch}: decode logits");
+        }
+        // Rolled back and recomputed: the cache rows are overwritten.
+        a.truncate(4);
+        b.truncate(4);
+        let want = cpu.llama.forward(&mut a, &PROMPT[..6], Logits::Last).unwrap().to_vec();
+        let got = gpu.llama.forward(&mut b, &PROMPT[..6], Logits::Last).unwrap().to_vec();
+        assert!(max_rel(&got, &want) < 1e-4, "{arch}: after truncate");
+    }
+}
+
+#[test]
+fn tree_pass_keep_and_early_exit_match_the_cpu() {
+    let Some((cpu, gpu)) = open("llama", false, Some(QuantType::Q4_0)) else { return };
+    let (mut a, mut b) = (cpu_state(&cpu), State::new(&gpu.llama.cfg));
+    cpu.llama.forward(&mut a, &PROMPT, Logits::Last).unwrap();
+    gpu.llama.forward(&mut b, &PROMPT, Logits::Last).unwrap();
+    // Root 0 with children 1, 2; node 3 under 1; node 4 under 3.
+    let parent = [usize::MAX, 0, 0, 1, 3];
+    let n = parent.len();
+    let mut depth = vec![0; n];
+    let mut anc = vec![false; n * n];
+    for i in 0..n {
+        let mut j = i;
+        loop {
+            anc[i * n + j] = true;
+            if parent[j] == usize::MAX {
+                break;
+            }
+            depth[i] += 1;
+            j = parent[j];
+        }
+    }
+    let toks = [10u32, 20, 30, 40, 50];
+    let want = cpu.llama.forward_tree(&mut a, &toks, &depth, &anc).unwrap().to_vec();
+    let got = gpu.llama.forward_tree(&mut b, &toks, &depth, &anc).unwrap().to_vec();
+    assert!(max_rel(&got, &want) < 1e-4, "tree logits");
+    let base = PROMPT.len();
+    a.keep(base, &[0, 1, 3]);
+    b.keep(base, &[0, 1, 3]);
+    let want = cpu.llama.forward(&mut a, &[60], Logits::Last).unwrap().to_vec();
+    let got = gpu.llama.forward(&mut b, &[60], Logits::Last).unwrap().to_vec();
+    assert!(max_rel(&got, &want) < 1e-4, "after keeping the accepted path");
+    let want = cpu.llama.forward_early_exit(&mut a, &[61], 1).unwrap().to_vec();
+    let got = gpu.llama.forward_early_exit(&mut b, &[61], 1).unwrap().to_vec();
+    assert!(max_rel(&got, &want) < 1e-4, "early exit");
+    let mut h = State::new(&gpu.llama.cfg);
+    gpu.llama.forward(&mut h, &PROMPT, Logits::Hidden).unwrap();
+    let mut hc = cpu_state(&cpu);
+    cpu.llama.forward(&mut hc, &PROMPT, Logits::Hidden).unwrap();
+    assert!(max_rel(h.hidden(), hc.hidden()) < 1e-4, "Logits::Hidden");
+}
+
+#[test]
+fn graph_replayed_greedy_equals_the_cpu_greedy() {
+    let Some((cpu, gpu)) = open("llama", true, Some(QuantType::Q4_1)) else { return };
+    let g = gpu.llama.gpu().unwrap();
+    let mut seq = g.new_seq().unwrap();
+    let run = g.greedy(&mut seq, &PROMPT, 40, |_| true).unwrap();
+    let mut st = cpu_state(&cpu);
+    let mut logits = cpu.llama.forward(&mut st, &PROMPT, Logits::Last).unwrap().to_vec();
+    let mut want = Vec::new();
+    for _ in 0..40 {
+        let next = logits.iter().enumerate().fold(0, |b, (i, &v)| if v > logits[b] { i } else { b }) as u32;
+        want.push(next);
+        logits = cpu.llama.forward(&mut st, &[next], Logits::Last).unwrap().to_vec();
+    }
+    assert_eq!(run.tokens, want);
+    // A second run on a fresh sequence replays a new capture and gives the same ids.
+    let mut seq = g.new_seq().unwrap();
+    assert_eq!(g.greedy(&mut seq, &PROMPT, 40, |_| true).unwrap().tokens, want);
+}
+
+#[test]
+fn a_host_state_is_refused_on_the_device() {
+    let Some((cpu, gpu)) = open("llama", true, None) else { return };
+    let mut st = cpu_state(&cpu);
+    cpu.llama.forward(&mut st, &PROMPT, Logits::Last).unwrap();
+    let e = gpu.llama.forward(&mut st, &[5], Logits::Last).unwrap_err().to_string();
+    assert!(e.contains("start a new State"), "{e}");
+}
