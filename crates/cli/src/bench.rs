@@ -41,6 +41,11 @@ pub struct Args {
     /// Also measure memory read bandwidth over a buffer the size of the weights (the decode bound).
     #[arg(long)]
     pub bandwidth: bool,
+    /// Time random weights of the default model's shape and block types (SmolLM2-135M: Q4_1
+    /// blocks, Q8_0 embedding), written to a temporary file, instead of a model: the same speed
+    /// with nothing to fetch (GPU machines without the model).
+    #[arg(long, conflicts_with = "model")]
+    pub synthetic: bool,
 }
 
 /// Benchmarks other than inference speed.
@@ -124,7 +129,18 @@ pub fn main(a: Args) -> Result<()> {
     ensure!(a.runs > 0, "--runs must be at least 1");
     ensure!(a.prompt_len > 0, "--prompt-len must be at least 1");
     ensure!(!a.batches.contains(&0), "--batches sizes must be at least 1");
-    let model = a.model.load()?;
+    let mut margs = a.model.clone();
+    if a.synthetic {
+        let path = std::env::temp_dir().join(format!("augur-synthetic-smollm2-135m-{}.gguf", std::process::id()));
+        let (q4, q8) = (Some(augur_core::QuantType::Q4_1), Some(augur_core::QuantType::Q8_0));
+        augur_models::tiny::write_gguf_config(&path, &augur_models::tiny::smollm2_135m_config(), q4, q8, 1)?;
+        margs.model = Some(path);
+    }
+    let model = margs.load();
+    if a.synthetic {
+        std::fs::remove_file(margs.model.as_ref().expect("set above")).ok();
+    }
+    let model = model?;
     let cfg = &model.llama.cfg;
     let max_batch = a.batches.iter().copied().max().unwrap_or(0);
     let need = a.depth + (a.prompt_len + a.gen_len).max(max_batch);

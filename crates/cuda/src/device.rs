@@ -65,6 +65,8 @@ pub struct Device {
     pub(crate) k: Kernels,
     _module: Arc<CudaModule>,
     name: String,
+    /// Streaming multiprocessors.
+    pub(crate) sm_count: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -114,7 +116,9 @@ impl Device {
             mv.set_attribute(MAX_SMEM, MATVEC_SMEM as i32)?;
         }
         let name = ctx.name()?;
-        Ok(Arc::new(Device { ctx, stream, k, _module: module, name }))
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
+        let sm_count = ctx.attribute(SMS)?.max(1) as usize;
+        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count }))
     }
 
     /// The device's name (`NVIDIA H200`).

@@ -11,7 +11,6 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 
 #define MAX_TOK 8      // tokens per launch of the matrix-vector kernel (decode, verification)
-#define ROWS_PER_WARP 4
 #define ATT_WARPS 4
 #define ATT_MAXD 8     // head_dim up to 32 * ATT_MAXD
 #define INFINITY __int_as_float(0x7f800000)
@@ -187,17 +186,19 @@ __device__ void prep_input(float* xs, const float* x, int n, int k, int mode, co
     __syncthreads();
 }
 
-// y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row.
+// y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row, `rpw` rows
+// per warp (large matrices take several, so fewer blocks repeat the input's preparation).
 template <int T>
-__device__ void matvec(Segs s, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up, int acc) {
+__device__ void matvec(Segs s, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up, int acc,
+                       int rpw) {
     extern __shared__ float xs[];
     prep_input(xs, x, n, k, mode, nw, eps, up);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int total = s.rows[0] + (s.nseg > 1 ? s.rows[1] : 0) + (s.nseg > 2 ? s.rows[2] : 0);
     size_t rb = row_bytes<T>(k);
     int chunks = k / 8;
-    for (int rr = 0; rr < ROWS_PER_WARP; rr++) {
-        int g = (blockIdx.x * nwarps + warp) * ROWS_PER_WARP + rr;
+    for (int rr = 0; rr < rpw; rr++) {
+        int g = (blockIdx.x * nwarps + warp) * rpw + rr;
         if (g >= total) return;
         // Constant indices only: a run-time index would copy `s` to local memory.
         int r0 = s.rows[0], r1 = s.rows[1];
@@ -211,6 +212,7 @@ __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const flo
         float a[MAX_TOK];
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) a[t] = 0.f;
+#pragma unroll 4
         for (int c = lane; c < chunks; c += 32) {
             float w[8];
             dq8<T>(row, c, w);
@@ -309,8 +311,8 @@ __device__ void embed(const u8* w, const int* ids, int k, float* out) {
 #define INSTANTIATE(T, name)                                                                                    \
     extern "C" __global__ void __launch_bounds__(256) matvec_##name(Segs s, const float* x, int n, int k, int mode, \
                                                                     const float* nw, float eps, const float* up,    \
-                                                                    int acc) {                                      \
-        matvec<T>(s, x, n, k, mode, nw, eps, up, acc);                                                              \
+                                                                    int acc, int rpw) {                             \
+        matvec<T>(s, x, n, k, mode, nw, eps, up, acc, rpw);                                                         \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* w, const float* x, float* y,          \
                                                                     const float* bias, int rows, int k, int n,      \
@@ -391,6 +393,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, cons
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int L = meta[0] + n, kvh = h / (nh / nkv), kvd = nkv * hd, nd = hd / 32;
     int j0 = s * span, j1 = min(L, j0 + span);
+    if (j0 >= L) return;  // past the keys: attn_combine reads only the splits before L
     if (!mask) j1 = min(j1, meta[0] + t + 1);
     float qv[ATT_MAXD], acc[ATT_MAXD];
 #pragma unroll
@@ -441,9 +444,12 @@ extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, cons
     }
 }
 
-extern "C" __global__ void attn_combine(const float* po, const float* pml, int nsplit, int hd, float* out) {
+extern "C" __global__ void attn_combine(const float* po, const float* pml, int nsplit, int hd, const int* meta, int n,
+                                        int span, float* out) {
     int qi = blockIdx.x;
     const float* ml = pml + (size_t)qi * nsplit * 2;
+    int stride = nsplit;
+    nsplit = min(nsplit, (meta[0] + n + span - 1) / span);  // the splits past the keys hold nothing
     float M = -INFINITY;
     for (int s = 0; s < nsplit; s++) M = fmaxf(M, ml[2 * s]);
     float sum = 0.f;
@@ -452,7 +458,7 @@ extern "C" __global__ void attn_combine(const float* po, const float* pml, int n
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
         for (int s = 0; s < nsplit; s++)
-            if (ml[2 * s] != -INFINITY) a += po[((size_t)qi * nsplit + s) * hd + d] * expf(ml[2 * s] - M);
+            if (ml[2 * s] != -INFINITY) a += po[((size_t)qi * stride + s) * hd + d] * expf(ml[2 * s] - M);
         out[(size_t)qi * hd + d] = sum > 0.f ? a / sum : 0.f;
     }
 }

@@ -121,11 +121,13 @@ impl Device {
             Input::Norm { w, eps } => (1, w, eps, 0),
             Input::SiluMul { up } => (2, 0, 0.0, up),
         };
-        let rows_per_block = 8 * 4; // 8 warps of ROWS_PER_WARP rows
-        let cfg = grid1(total.div_ceil(rows_per_block), 256, n * k * 4);
-        let (n, k, acc) = (n as i32, k as i32, acc as i32);
+        // One row per warp until there are enough warps to fill the device about four times
+        // over; then more rows per warp, so fewer blocks repeat the input's preparation.
+        let rpw = (total / (self.sm_count * 8 * 4)).max(1);
+        let cfg = grid1(total.div_ceil(8 * rpw), 256, n * k * 4);
+        let (n, k, acc, rpw) = (n as i32, k as i32, acc as i32, rpw as i32);
         let f = &self.k.matvec[m0.ty];
-        self.stream.launch_builder(f).arg(&s).arg(&x).arg(&n).arg(&k).arg(&mode).arg(&nw).arg(&eps).arg(&up).arg(&acc).launch(cfg)?;
+        self.stream.launch_builder(f).arg(&s).arg(&x).arg(&n).arg(&k).arg(&mode).arg(&nw).arg(&eps).arg(&up).arg(&acc).arg(&rpw).launch(cfg)?;
         Ok(())
     }
 
@@ -228,7 +230,17 @@ impl Device {
             .arg(&pml)
             .launch(cfg)?;
         let ns = nsplit as i32;
-        self.stream.launch_builder(&self.k.attn_combine).arg(&po).arg(&pml).arg(&ns).arg(&hd_i).arg(&out).launch(grid1(n * nh, hd as u32, 0))?;
+        self.stream
+            .launch_builder(&self.k.attn_combine)
+            .arg(&po)
+            .arg(&pml)
+            .arg(&ns)
+            .arg(&hd_i)
+            .arg(&meta)
+            .arg(&n_i)
+            .arg(&span)
+            .arg(&out)
+            .launch(grid1(n * nh, hd as u32, 0))?;
         Ok(())
     }
 

@@ -125,7 +125,36 @@ pub fn write_gguf(path: &Path, tied: bool, quant: Option<QuantType>, seed: u64) 
 
 /// [`write_gguf`] for `llama` or `qwen2`.
 pub fn write_gguf_arch(path: &Path, arch: &str, tied: bool, quant: Option<QuantType>, seed: u64) -> Result<()> {
-    let cfg = config_arch(arch, tied);
+    write_gguf_config(path, &config_arch(arch, tied), quant, quant, seed)
+}
+
+/// SmolLM2-135M's shape (30 blocks of width 576, 9 query and 3 key/value heads, vocabulary
+/// 49152, context 8192), for random-weight models that time like the default model.
+pub fn smollm2_135m_config() -> Config {
+    Config {
+        arch: "llama".into(),
+        vocab: 49152,
+        dim: 576,
+        hidden: 1536,
+        n_layer: 30,
+        n_head: 9,
+        n_kv_head: 3,
+        head_dim: 64,
+        rms_eps: 1e-5,
+        rope_theta: 100000.0,
+        rope_scaling: RopeScaling::None,
+        rope_interleaved: true,
+        context: 8192,
+        tied_embeddings: true,
+    }
+}
+
+/// Write random weights of shape `cfg` as GGUF, with the tiny tokenizer (its 263 tokens are ids
+/// of the larger vocabulary): block matrices in `quant`, the embedding (and head) in `embed`,
+/// f32 where `None`. Row lengths must suit the block types.
+pub fn write_gguf_config(path: &Path, cfg: &Config, quant: Option<QuantType>, embed: Option<QuantType>, seed: u64) -> Result<()> {
+    let cfg = cfg.clone();
+    let arch = cfg.arch.as_str();
     let mut wr = Writer::new();
     let s = |v: &str| Value::String(v.into());
     let u = |v: usize| Value::U32(v as u32);
@@ -160,7 +189,8 @@ pub fn write_gguf_arch(path: &Path, arch: &str, tied: bool, quant: Option<QuantT
         } else if name.ends_with("attn_k.weight") {
             data = permute_rows(&data, cfg.n_kv_head, cfg.dim);
         }
-        let t = match quant {
+        let q = if name.starts_with("blk.") { quant } else { embed };
+        let t = match q {
             Some(q) if shape.len() == 2 => {
                 let bytes: Vec<u8> = data.chunks(shape[1]).flat_map(|row| q.quantize_row(row)).collect();
                 Tensor::from_raw(DType::Quant(q), Bytes::from_vec(bytes), &shape)?

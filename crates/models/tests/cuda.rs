@@ -46,7 +46,7 @@ fn prefill_and_decode_match_the_cpu() {
         let e = max_rel(&got, &want);
         assert!(e < 1e-4, "{arch} tied={tied} {quant:?}: prefill logits differ by {e}");
         assert!(max_rel(b.hidden(), a.hidden()) < 1e-4, "hidden states");
-        for tok in [5u32, 300, 17] {
+        for tok in [5u32, 260, 17] {
             let want = cpu.llama.forward(&mut a, &[tok], Logits::Last).unwrap().to_vec();
             let got = gpu.llama.forward(&mut b, &[tok], Logits::Last).unwrap().to_vec();
             assert!(max_rel(&got, &want) < 1e-4, "{arch}: decode logits");
