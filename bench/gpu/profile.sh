@@ -11,8 +11,9 @@ ncu --clock-control none --launch-skip 213 --launch-count 426 \
     .gpu/bin/augur bench --device cuda --synthetic -p 8 -g 4 --runs 1 2>/dev/null > /tmp/ncu.csv
 python3 - <<'PY'
 import csv, collections
-rows = [r for r in csv.reader(open("/tmp/ncu.csv")) if len(r) > 10]
-hdr = rows[0]; rows = rows[1:]
+rows = [r for r in csv.reader(open("/tmp/ncu.csv"))]
+start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+hdr = rows[start]; rows = [r for r in rows[start + 1:] if len(r) == len(hdr)]
 ki, vi, ui = hdr.index("Kernel Name"), hdr.index("Metric Value"), hdr.index("Metric Unit")
 scale = {"nsecond": 1.0, "usecond": 1e3, "msecond": 1e6}
 tot = collections.defaultdict(float); cnt = collections.Counter()

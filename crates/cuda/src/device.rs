@@ -67,6 +67,9 @@ pub struct Device {
     name: String,
     /// Streaming multiprocessors.
     pub(crate) sm_count: usize,
+    /// Launch with programmatic dependent launch (compute capability 9.0 and up, unless
+    /// `AUGUR_CUDA_PDL=0`).
+    pub(crate) pdl: bool,
 }
 
 impl std::fmt::Debug for Device {
@@ -118,7 +121,8 @@ impl Device {
         let name = ctx.name()?;
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
         let sm_count = ctx.attribute(SMS)?.max(1) as usize;
-        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count }))
+        let pdl = major >= 9 && std::env::var("AUGUR_CUDA_PDL").map_or(true, |v| v != "0");
+        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count, pdl }))
     }
 
     /// The device's name (`NVIDIA H200`).

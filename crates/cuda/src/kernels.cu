@@ -15,6 +15,24 @@ typedef unsigned int u32;
 #define ATT_MAXD 8     // head_dim up to 32 * ATT_MAXD
 #define INFINITY __int_as_float(0x7f800000)
 
+// Programmatic dependent launch (Hopper): a kernel may start while the previous one finishes;
+// it loads only weights before GRID_WAIT, which returns once the previous kernel has completed
+// and its writes are visible. Without the launch attribute (or before sm_90) both are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" :::)
+#else
+#define GRID_WAIT()
+#define GRID_LAUNCH()
+#endif
+#define GRID_SYNC() \
+    do {            \
+        GRID_LAUNCH(); \
+        GRID_WAIT();   \
+    } while (0)
+
+#define PRE 4  // leading chunks of a warp's first row loaded before GRID_WAIT
+
 enum { T_F32 = 0, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K };
 
 __device__ __forceinline__ float f16f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
@@ -186,54 +204,88 @@ __device__ void prep_input(float* xs, const float* x, int n, int k, int mode, co
     __syncthreads();
 }
 
+// Row g of the concatenated segments: its segment's weights, output, bias and row count.
+struct SegRow {
+    const u8* w;
+    float* y;
+    const float* bias;
+    int r, rows;
+};
+
+// Constant indices only: a run-time index would copy `s` to local memory.
+__device__ __forceinline__ SegRow seg_row(const Segs& s, int g) {
+    int r0 = s.rows[0], r1 = s.rows[1];
+    int seg = g < r0 ? 0 : (g < r0 + r1 ? 1 : 2);
+    SegRow o;
+    o.r = g - (seg > 0 ? r0 : 0) - (seg > 1 ? r1 : 0);
+    o.rows = seg == 0 ? r0 : (seg == 1 ? r1 : s.rows[2]);
+    o.w = seg == 0 ? s.w[0] : (seg == 1 ? s.w[1] : s.w[2]);
+    o.y = seg == 0 ? s.y[0] : (seg == 1 ? s.y[1] : s.y[2]);
+    o.bias = seg == 0 ? s.bias[0] : (seg == 1 ? s.bias[1] : s.bias[2]);
+    return o;
+}
+
+__device__ __forceinline__ void dot_chunk(float* a, const float* w, const float* xs, int c, int n, int k) {
+#pragma unroll
+    for (int t = 0; t < MAX_TOK; t++) {
+        if (t < n) {
+            const float* xv = xs + t * k + c * 8;
+            float d = 0.f;
+#pragma unroll
+            for (int i = 0; i < 8; i++) d += w[i] * xv[i];
+            a[t] += d;
+        }
+    }
+}
+
 // y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row, `rpw` rows
 // per warp (large matrices take several, so fewer blocks repeat the input's preparation).
 template <int T>
 __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up, int acc,
                        int rpw) {
     extern __shared__ float xs[];
-    prep_input(xs, x, n, k, mode, nw, eps, up);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int total = s.rows[0] + (s.nseg > 1 ? s.rows[1] : 0) + (s.nseg > 2 ? s.rows[2] : 0);
     size_t rb = row_bytes<T>(k);
     int chunks = k / 8;
+    int g0 = (blockIdx.x * nwarps + warp) * rpw;
+    float pre[PRE][8];
+    if (g0 < total) {
+        const u8* row = seg_row(s, g0).w + (size_t)seg_row(s, g0).r * rb;
+#pragma unroll
+        for (int i = 0; i < PRE; i++)
+            if (lane + 32 * i < chunks) dq8<T>(row, lane + 32 * i, pre[i]);
+    }
+    GRID_SYNC();
+    prep_input(xs, x, n, k, mode, nw, eps, up);
     for (int rr = 0; rr < rpw; rr++) {
-        int g = (blockIdx.x * nwarps + warp) * rpw + rr;
+        int g = g0 + rr;
         if (g >= total) return;
-        // Constant indices only: a run-time index would copy `s` to local memory.
-        int r0 = s.rows[0], r1 = s.rows[1];
-        int seg = g < r0 ? 0 : (g < r0 + r1 ? 1 : 2);
-        int r = g - (seg > 0 ? r0 : 0) - (seg > 1 ? r1 : 0);
-        int rows = seg == 0 ? r0 : (seg == 1 ? r1 : s.rows[2]);
-        const u8* wseg = seg == 0 ? s.w[0] : (seg == 1 ? s.w[1] : s.w[2]);
-        float* yseg = seg == 0 ? s.y[0] : (seg == 1 ? s.y[1] : s.y[2]);
-        const float* bseg = seg == 0 ? s.bias[0] : (seg == 1 ? s.bias[1] : s.bias[2]);
-        const u8* row = wseg + (size_t)r * rb;
+        SegRow sr = seg_row(s, g);
+        const u8* row = sr.w + (size_t)sr.r * rb;
         float a[MAX_TOK];
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) a[t] = 0.f;
+        int c0 = lane;
+        if (rr == 0) {
+#pragma unroll
+            for (int i = 0; i < PRE; i++)
+                if (lane + 32 * i < chunks) dot_chunk(a, pre[i], xs, lane + 32 * i, n, k);
+            c0 = lane + 32 * PRE;
+        }
 #pragma unroll 4
-        for (int c = lane; c < chunks; c += 32) {
+        for (int c = c0; c < chunks; c += 32) {
             float w[8];
             dq8<T>(row, c, w);
-#pragma unroll
-            for (int t = 0; t < MAX_TOK; t++) {
-                if (t < n) {
-                    const float* xv = xs + t * k + c * 8;
-                    float d = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 8; i++) d += w[i] * xv[i];
-                    a[t] += d;
-                }
-            }
+            dot_chunk(a, w, xs, c, n, k);
         }
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) {
             if (t < n) {
                 float v = warp_sum(a[t]);
                 if (lane == 0) {
-                    if (bseg) v += bseg[r];
-                    float* y = yseg + (size_t)t * rows + r;
+                    if (sr.bias) v += sr.bias[sr.r];
+                    float* y = sr.y + (size_t)t * sr.rows + sr.r;
                     *y = acc ? *y + v : v;
                 }
             }
@@ -246,6 +298,7 @@ template <int T>
 __device__ void matmul(const u8* w, const float* x, float* y, const float* bias, int rows, int k, int n, int acc) {
     __shared__ float ws[64][33];
     __shared__ float xt[64][33];
+    GRID_SYNC();
     int tid = threadIdx.x, ty = tid >> 4, tx = tid & 15;
     int r0 = blockIdx.x * 64, t0 = blockIdx.y * 64;
     size_t rb = row_bytes<T>(k);
@@ -298,6 +351,7 @@ __device__ void matmul(const u8* w, const float* x, float* y, const float* bias,
 // out[t] = W[ids[t]] (embedding lookup), one block per token.
 template <int T>
 __device__ void embed(const u8* w, const int* ids, int k, float* out) {
+    GRID_SYNC();
     int t = blockIdx.x;
     const u8* row = w + (size_t)ids[t] * row_bytes<T>(k);
     for (int c = threadIdx.x; c < k / 8; c += blockDim.x) {
@@ -335,6 +389,7 @@ INSTANTIATE(T_Q6_K, q6_k)
 
 // out[t] = RMSNorm(x[t]) * w, one block per row.
 extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, int k, float* out) {
+    GRID_SYNC();
     const float* xr = x + (size_t)blockIdx.x * k;
     float ss = 0.f;
     for (int i = threadIdx.x; i < k; i += blockDim.x) ss += xr[i] * xr[i];
@@ -345,6 +400,7 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float eps, i
 
 // g = silu(g) * u over len elements.
 extern "C" __global__ void silu_mul(float* g, const float* u, int len) {
+    GRID_SYNC();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < len) {
         float a = g[i];
@@ -356,6 +412,7 @@ extern "C" __global__ void silu_mul(float* g, const float* u, int len) {
 // meta[0] + t. Angles as the CPU computes them: the f32 product, then cos/sin in f64.
 extern "C" __global__ void rope_kv(float* q, const float* k, const float* v, float* kc, float* vc, const int* meta,
                                    int nh, int nkv, int hd, const float* inv_freq, int interleaved) {
+    GRID_SYNC();
     int t = blockIdx.x, pos = meta[1 + t], half = hd / 2, kvd = nkv * hd;
     size_t slot = (size_t)(meta[0] + t) * kvd;
     for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
@@ -389,6 +446,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, cons
                                                             float* pml) {
     __shared__ float sm[ATT_WARPS][2];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXD];
+    GRID_SYNC();
     int qi = blockIdx.x, t = qi / nh, h = qi % nh, s = blockIdx.y, nsplit = gridDim.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int L = meta[0] + n, kvh = h / (nh / nkv), kvd = nkv * hd, nd = hd / 32;
@@ -446,6 +504,7 @@ extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, cons
 
 extern "C" __global__ void attn_combine(const float* po, const float* pml, int nsplit, int hd, const int* meta, int n,
                                         int span, float* out) {
+    GRID_SYNC();
     int qi = blockIdx.x;
     const float* ml = pml + (size_t)qi * nsplit * 2;
     int stride = nsplit;
@@ -467,6 +526,7 @@ extern "C" __global__ void attn_combine(const float* po, const float* pml, int n
 extern "C" __global__ void argmax(const float* x, int k, int* out) {
     __shared__ float bv[32];
     __shared__ int bi[32];
+    GRID_SYNC();
     const float* r = x + (size_t)blockIdx.x * k;
     float best = -INFINITY;
     int idx = 0x7fffffff;
@@ -492,6 +552,7 @@ extern "C" __global__ void argmax(const float* x, int k, int* out) {
 
 // Keep tree nodes: cache rows base + keep[i] move to base + i, in order (keep ascending).
 extern "C" __global__ void keep_rows(float* kc, float* vc, const int* keep, int nkeep, int base, int kvd) {
+    GRID_SYNC();
     for (int i = 0; i < nkeep; i++) {
         size_t d = (size_t)(base + i) * kvd, s = (size_t)(base + keep[i]) * kvd;
         if (d != s)

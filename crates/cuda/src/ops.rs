@@ -5,7 +5,10 @@
 
 use augur_kernels::matmul::{Matrix, Weights};
 use augur_kernels::quant::QuantType;
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, DeviceRepr, LaunchConfig};
 
 use crate::device::{Buf, Device, MATVEC_SMEM};
 use crate::{Error, Result};
@@ -76,11 +79,42 @@ pub(crate) enum Input {
     SiluMul { up: u64 },
 }
 
+/// Addresses of a kernel's arguments, in order (what `cuLaunchKernelEx` takes).
+macro_rules! args {
+    ($($a:expr),* $(,)?) => { [$((&$a) as *const _ as *mut c_void),*] };
+}
+
 fn grid1(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
 impl Device {
+    /// Launch `f` on the stream, with programmatic dependent launch where the device has it
+    /// (the kernels load only weights before `griddepcontrol.wait`).
+    ///
+    /// # Safety
+    /// `args` point at values of the kernel's parameter types, in order.
+    unsafe fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = self.pdl as i32;
+        let conf = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread()?;
+        sys::cuLaunchKernelEx(&conf, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
+        Ok(())
+    }
+
     /// Copy `m` to the device as it is stored.
     pub fn upload_matrix(&self, m: &Matrix) -> Result<DevMat> {
         if !m.k.is_multiple_of(32) {
@@ -127,7 +161,7 @@ impl Device {
         let cfg = grid1(total.div_ceil(8 * rpw), 256, n * k * 4);
         let (n, k, acc, rpw) = (n as i32, k as i32, acc as i32, rpw as i32);
         let f = &self.k.matvec[m0.ty];
-        self.stream.launch_builder(f).arg(&s).arg(&x).arg(&n).arg(&k).arg(&mode).arg(&nw).arg(&eps).arg(&up).arg(&acc).arg(&rpw).launch(cfg)?;
+        self.launch(f, cfg, &mut args![s, x, n, k, mode, nw, eps, up, acc, rpw])?;
         Ok(())
     }
 
@@ -138,7 +172,7 @@ impl Device {
     pub(crate) unsafe fn matmul(&self, w: &DevMat, x: u64, y: u64, bias: Option<u64>, n: usize, acc: bool) -> Result<()> {
         let cfg = LaunchConfig { grid_dim: (w.rows.div_ceil(64) as u32, n.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let (b, rows, k, n, acc) = (bias.unwrap_or(0), w.rows as i32, w.k as i32, n as i32, acc as i32);
-        self.stream.launch_builder(&self.k.matmul[w.ty]).arg(&w.buf.ptr).arg(&x).arg(&y).arg(&b).arg(&rows).arg(&k).arg(&n).arg(&acc).launch(cfg)?;
+        self.launch(&self.k.matmul[w.ty], cfg, &mut args![w.buf.ptr, x, y, b, rows, k, n, acc])?;
         Ok(())
     }
 
@@ -148,7 +182,7 @@ impl Device {
     /// `ids` holds `n` valid row indices, `out` `n × k` f32.
     pub(crate) unsafe fn embed(&self, w: &DevMat, ids: u64, n: usize, out: u64) -> Result<()> {
         let k = w.k as i32;
-        self.stream.launch_builder(&self.k.embed[w.ty]).arg(&w.buf.ptr).arg(&ids).arg(&k).arg(&out).launch(grid1(n, 128, 0))?;
+        self.launch(&self.k.embed[w.ty], grid1(n, 128, 0), &mut args![w.buf.ptr, ids, k, out])?;
         Ok(())
     }
 
@@ -158,7 +192,7 @@ impl Device {
     /// `x` and `out` hold `rows × k` f32, `w` `k`.
     pub(crate) unsafe fn rms_norm(&self, x: u64, w: u64, eps: f32, k: usize, rows: usize, out: u64) -> Result<()> {
         let k = k as i32;
-        self.stream.launch_builder(&self.k.rms_norm).arg(&x).arg(&w).arg(&eps).arg(&k).arg(&out).launch(grid1(rows, 256, 0))?;
+        self.launch(&self.k.rms_norm, grid1(rows, 256, 0), &mut args![x, w, eps, k, out])?;
         Ok(())
     }
 
@@ -168,7 +202,7 @@ impl Device {
     /// `g` and `u` hold `len` f32.
     pub(crate) unsafe fn silu_mul(&self, g: u64, u: u64, len: usize) -> Result<()> {
         let l = len as i32;
-        self.stream.launch_builder(&self.k.silu_mul).arg(&g).arg(&u).arg(&l).launch(grid1(len.div_ceil(256), 256, 0))?;
+        self.launch(&self.k.silu_mul, grid1(len.div_ceil(256), 256, 0), &mut args![g, u, l])?;
         Ok(())
     }
 
@@ -181,20 +215,7 @@ impl Device {
     pub(crate) unsafe fn rope_kv(&self, q: u64, k: u64, v: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], inv_freq: u64, interleaved: bool) -> Result<()> {
         let [nh, nkv, hd] = shape.map(|v| v as i32);
         let il = interleaved as i32;
-        self.stream
-            .launch_builder(&self.k.rope_kv)
-            .arg(&q)
-            .arg(&k)
-            .arg(&v)
-            .arg(&kc)
-            .arg(&vc)
-            .arg(&meta)
-            .arg(&nh)
-            .arg(&nkv)
-            .arg(&hd)
-            .arg(&inv_freq)
-            .arg(&il)
-            .launch(grid1(n, 128, 0))?;
+        self.launch(&self.k.rope_kv, grid1(n, 128, 0), &mut args![q, k, v, kc, vc, meta, nh, nkv, hd, inv_freq, il])?;
         Ok(())
     }
 
@@ -213,34 +234,9 @@ impl Device {
         let [nh_i, nkv_i, hd_i] = shape.map(|v| v as i32);
         let (n_i, scale, mask, span) = (n as i32, 1.0f32 / (hd as f32).sqrt(), mask.unwrap_or(0), ATT_SPAN as i32);
         let cfg = LaunchConfig { grid_dim: ((n * nh) as u32, nsplit as u32, 1), block_dim: (32 * ATT_WARPS, 1, 1), shared_mem_bytes: 0 };
-        self.stream
-            .launch_builder(&self.k.attn_part)
-            .arg(&q)
-            .arg(&kc)
-            .arg(&vc)
-            .arg(&meta)
-            .arg(&n_i)
-            .arg(&nh_i)
-            .arg(&nkv_i)
-            .arg(&hd_i)
-            .arg(&scale)
-            .arg(&mask)
-            .arg(&span)
-            .arg(&po)
-            .arg(&pml)
-            .launch(cfg)?;
+        self.launch(&self.k.attn_part, cfg, &mut args![q, kc, vc, meta, n_i, nh_i, nkv_i, hd_i, scale, mask, span, po, pml])?;
         let ns = nsplit as i32;
-        self.stream
-            .launch_builder(&self.k.attn_combine)
-            .arg(&po)
-            .arg(&pml)
-            .arg(&ns)
-            .arg(&hd_i)
-            .arg(&meta)
-            .arg(&n_i)
-            .arg(&span)
-            .arg(&out)
-            .launch(grid1(n * nh, hd as u32, 0))?;
+        self.launch(&self.k.attn_combine, grid1(n * nh, hd as u32, 0), &mut args![po, pml, ns, hd_i, meta, n_i, span, out])?;
         Ok(())
     }
 
@@ -250,7 +246,7 @@ impl Device {
     /// `x` holds `rows × k` f32, `out` `rows` i32.
     pub(crate) unsafe fn argmax(&self, x: u64, rows: usize, k: usize, out: u64) -> Result<()> {
         let k = k as i32;
-        self.stream.launch_builder(&self.k.argmax).arg(&x).arg(&k).arg(&out).launch(grid1(rows, 1024, 0))?;
+        self.launch(&self.k.argmax, grid1(rows, 1024, 0), &mut args![x, k, out])?;
         Ok(())
     }
 
@@ -260,7 +256,7 @@ impl Device {
     /// `keep` holds `nkeep` i32; the caches hold the rows named.
     pub(crate) unsafe fn keep_rows(&self, kc: u64, vc: u64, keep: u64, nkeep: usize, base: usize, kvd: usize) -> Result<()> {
         let (nk, b, d) = (nkeep as i32, base as i32, kvd as i32);
-        self.stream.launch_builder(&self.k.keep_rows).arg(&kc).arg(&vc).arg(&keep).arg(&nk).arg(&b).arg(&d).launch(grid1(1, 256, 0))?;
+        self.launch(&self.k.keep_rows, grid1(1, 256, 0), &mut args![kc, vc, keep, nk, b, d])?;
         Ok(())
     }
 }
