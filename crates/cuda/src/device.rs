@@ -52,8 +52,7 @@ pub(crate) struct Kernels {
     pub rms_norm: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope_kv: CudaFunction,
-    pub attn_part: CudaFunction,
-    pub attn_combine: CudaFunction,
+    pub attn: CudaFunction,
     pub argmax: CudaFunction,
     pub keep_rows: CudaFunction,
 }
@@ -109,8 +108,7 @@ impl Device {
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
             rope_kv: f("rope_kv")?,
-            attn_part: f("attn_part")?,
-            attn_combine: f("attn_combine")?,
+            attn: f("attn")?,
             argmax: f("argmax")?,
             keep_rows: f("keep_rows")?,
         };

@@ -82,15 +82,29 @@ template <int T> __device__ __forceinline__ void dq8(const u8* row, int c, float
         const int bb = T == T_Q4_0 ? 18 : 20;
         const u8* b = row + (size_t)(c >> 2) * bb;
         int p = c & 3, sh = (p >> 1) * 4;
-        float d = f16f(ld16(b));
-        const u8* q = b + (T == T_Q4_0 ? 2 : 4) + (p & 1) * 8;
-        if (T == T_Q4_0) {
-#pragma unroll
-            for (int i = 0; i < 8; i++) o[i] = (float)(((q[i] >> sh) & 0xF) - 8) * d;
+        // Eight quant bytes as 32-bit words (Q4_1 blocks are 4-byte aligned) or 16-bit ones
+        // (Q4_0's 18-byte blocks are 2-byte aligned).
+        u32 lo, hi;
+        float d, m = 0.f;
+        if (T == T_Q4_1) {
+            const u32* w = (const u32*)b;
+            u32 dm = w[0];
+            d = f16f((u16)dm);
+            m = f16f((u16)(dm >> 16));
+            lo = w[1 + (p & 1) * 2];
+            hi = w[2 + (p & 1) * 2];
         } else {
-            float m = f16f(ld16(b + 2));
+            const u16* h = (const u16*)b;
+            d = f16f(h[0]);
+            const u16* q = h + 1 + (p & 1) * 4;
+            lo = (u32)q[0] | ((u32)q[1] << 16);
+            hi = (u32)q[2] | ((u32)q[3] << 16);
+        }
 #pragma unroll
-            for (int i = 0; i < 8; i++) o[i] = (float)((q[i] >> sh) & 0xF) * d + m;
+        for (int i = 0; i < 8; i++) {
+            u32 byte = ((i < 4 ? lo : hi) >> (8 * (i & 3))) & 0xFF;
+            float v = (float)((byte >> sh) & 0xF);
+            o[i] = T == T_Q4_0 ? (v - 8.f) * d : v * d + m;
         }
     } else if constexpr (T == T_Q5_0 || T == T_Q5_1) {
         const int bb = T == T_Q5_0 ? 22 : 24;
@@ -113,11 +127,15 @@ template <int T> __device__ __forceinline__ void dq8(const u8* row, int c, float
             else o[i] = (float)(lo | hi) * d + f16f(ld16(b + 2));
         }
     } else if constexpr (T == T_Q8_0) {
-        const u8* b = row + (size_t)(c >> 2) * 34;
-        float d = f16f(ld16(b));
-        const signed char* q = (const signed char*)(b + 2 + (c & 3) * 8);
+        const u16* h = (const u16*)(row + (size_t)(c >> 2) * 34);  // 2-byte aligned blocks
+        float d = f16f(h[0]);
+        const u16* q = h + 1 + (c & 3) * 4;
 #pragma unroll
-        for (int i = 0; i < 8; i++) o[i] = (float)q[i] * d;
+        for (int i = 0; i < 4; i++) {
+            u16 two = q[i];
+            o[2 * i] = (float)(signed char)(two & 0xFF) * d;
+            o[2 * i + 1] = (float)(signed char)(two >> 8) * d;
+        }
     } else if constexpr (T == T_Q4_K || T == T_Q5_K) {
         const int bb = T == T_Q4_K ? 144 : 176;
         const u8* b = row + (size_t)(c >> 5) * bb;
@@ -409,16 +427,17 @@ extern "C" __global__ void silu_mul(float* g, const float* u, int len) {
 }
 
 // Rotate q and k of token blockIdx.x by its position, and write its k and v to cache row
-// meta[0] + t. Angles as the CPU computes them: the f32 product, then cos/sin in f64.
+// meta[0] + t. `cs` holds (cos, sin) for every position and frequency, computed on the host as
+// the CPU backend computes them.
 extern "C" __global__ void rope_kv(float* q, const float* k, const float* v, float* kc, float* vc, const int* meta,
-                                   int nh, int nkv, int hd, const float* inv_freq, int interleaved) {
+                                   int nh, int nkv, int hd, const float* cs, int interleaved) {
     GRID_SYNC();
     int t = blockIdx.x, pos = meta[1 + t], half = hd / 2, kvd = nkv * hd;
     size_t slot = (size_t)(meta[0] + t) * kvd;
+    const float* row = cs + (size_t)pos * half * 2;
     for (int i = threadIdx.x; i < (nh + nkv) * half; i += blockDim.x) {
         int h = i / half, j = i % half;
-        double a = (double)((float)pos * inv_freq[j]);
-        float c = (float)cos(a), s = (float)sin(a);
+        float c = row[2 * j], s = row[2 * j + 1];
         int i0 = interleaved ? 2 * j : j, i1 = interleaved ? 2 * j + 1 : j + half;
         if (h < nh) {
             float* qh = q + (size_t)t * nh * hd + h * hd;
@@ -438,20 +457,22 @@ extern "C" __global__ void rope_kv(float* q, const float* k, const float* v, flo
 
 // Attention, split over the keys (flash-decoding): block (query token t * nh + head, split s)
 // covers keys [s*span, (s+1)*span) with an online softmax and writes its partial output and
-// (max, sum); `attn_combine` merges the splits. Query t sees keys j <= meta[0] + t, or those
-// with mask[t * L + j] when a tree mask is given (L = meta[0] + n).
-extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, const float* kc, const float* vc,
-                                                            const int* meta, int n, int nh, int nkv, int hd,
-                                                            float scale, const u8* mask, int span, float* po,
-                                                            float* pml) {
+// (max, sum); the last block of a query to finish merges the splits into `out` (a counter per
+// query, left at zero). Query t sees keys j <= meta[0] + t, or those with mask[t * L + j] when
+// a tree mask is given (L = meta[0] + n). Splits past L return at once.
+extern "C" __global__ void __launch_bounds__(128) attn(const float* q, const float* kc, const float* vc, const int* meta,
+                                                       int n, int nh, int nkv, int hd, float scale, const u8* mask,
+                                                       int span, float* po, float* pml, int* counters, float* out) {
     __shared__ float sm[ATT_WARPS][2];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXD];
+    __shared__ int last;
     GRID_SYNC();
     int qi = blockIdx.x, t = qi / nh, h = qi % nh, s = blockIdx.y, nsplit = gridDim.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int L = meta[0] + n, kvh = h / (nh / nkv), kvd = nkv * hd, nd = hd / 32;
+    int live = min(nsplit, (L + span - 1) / span);
     int j0 = s * span, j1 = min(L, j0 + span);
-    if (j0 >= L) return;  // past the keys: attn_combine reads only the splits before L
+    if (j0 >= L) return;
     if (!mask) j1 = min(j1, meta[0] + t + 1);
     float qv[ATT_MAXD], acc[ATT_MAXD];
 #pragma unroll
@@ -500,26 +521,30 @@ extern "C" __global__ void __launch_bounds__(128) attn_part(const float* q, cons
         pml[part * 2] = M;
         pml[part * 2 + 1] = sum;
     }
-}
-
-extern "C" __global__ void attn_combine(const float* po, const float* pml, int nsplit, int hd, const int* meta, int n,
-                                        int span, float* out) {
-    GRID_SYNC();
-    int qi = blockIdx.x;
+    // The last of the query's live splits merges them.
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(&counters[qi], 1) == live - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
     const float* ml = pml + (size_t)qi * nsplit * 2;
-    int stride = nsplit;
-    nsplit = min(nsplit, (meta[0] + n + span - 1) / span);  // the splits past the keys hold nothing
-    float M = -INFINITY;
-    for (int s = 0; s < nsplit; s++) M = fmaxf(M, ml[2 * s]);
+    float MM = -INFINITY;
+    for (int p = 0; p < live; p++) MM = fmaxf(MM, __ldcg(ml + 2 * p));
     float sum = 0.f;
-    for (int s = 0; s < nsplit; s++)
-        if (ml[2 * s] != -INFINITY) sum += ml[2 * s + 1] * expf(ml[2 * s] - M);
+    for (int p = 0; p < live; p++) {
+        float mp = __ldcg(ml + 2 * p);
+        if (mp != -INFINITY) sum += __ldcg(ml + 2 * p + 1) * expf(mp - MM);
+    }
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;
-        for (int s = 0; s < nsplit; s++)
-            if (ml[2 * s] != -INFINITY) a += po[((size_t)qi * stride + s) * hd + d] * expf(ml[2 * s] - M);
+        for (int p = 0; p < live; p++) {
+            float mp = __ldcg(ml + 2 * p);
+            if (mp != -INFINITY) a += __ldcg(po + ((size_t)qi * nsplit + p) * hd + d) * expf(mp - MM);
+        }
         out[(size_t)qi * hd + d] = sum > 0.f ? a / sum : 0.f;
     }
+    if (threadIdx.x == 0) counters[qi] = 0;
 }
 
 // out[t] = argmax of row t (the lowest index among equal maxima), one block per row.

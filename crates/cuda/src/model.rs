@@ -84,7 +84,8 @@ pub struct GpuModel {
     norm: Buf<f32>,
     /// `None` when tied to the embedding.
     output: Option<DevMat>,
-    inv_freq: Buf<f32>,
+    /// RoPE `(cos, sin)` for every position and frequency, `[context, head_dim / 2, 2]`.
+    rope: Buf<f32>,
 }
 
 /// What a pass returns.
@@ -133,6 +134,8 @@ pub struct GpuSeq {
     logits: Buf<f32>,
     po: Buf<f32>,
     pml: Buf<f32>,
+    /// Per query and head: attention splits done (zero between passes).
+    counters: Buf<i32>,
     ids: Buf<i32>,
     meta: Buf<i32>,
     mask: Buf<u8>,
@@ -203,12 +206,20 @@ impl GpuModel {
             return Err(Error::Unsupported(format!("{} blocks given for a model of {}", gl.len(), dims.n_layer)));
         }
         let output = output.map(|m| dev.upload_matrix(&m)).transpose()?;
+        // The angles as the CPU backend takes them: the f32 product, then cos/sin in f64.
+        let mut table = Vec::with_capacity(dims.context * inv_freq.len() * 2);
+        for pos in 0..dims.context {
+            for &f in inv_freq {
+                let a = (pos as f32 * f) as f64;
+                table.extend([a.cos() as f32, a.sin() as f32]);
+            }
+        }
         Ok(GpuModel {
             embed: dev.upload_matrix(&embed)?,
             layers: gl,
             norm: dev.upload(norm)?,
             output,
-            inv_freq: dev.upload(inv_freq)?,
+            rope: dev.upload(&table)?,
             dev: dev.clone(),
             dims,
         })
@@ -245,6 +256,7 @@ impl GpuModel {
             logits: dev.alloc(1)?,
             po: dev.alloc(1)?,
             pml: dev.alloc(1)?,
+            counters: dev.alloc(1)?,
             ids: dev.alloc(1)?,
             meta: dev.alloc(1)?,
             mask: dev.alloc(1)?,
@@ -284,6 +296,7 @@ impl GpuModel {
         s.logits = dev.alloc(n * d.vocab)?;
         s.po = dev.alloc(n * d.n_head * self.nsplit_max() * d.head_dim)?;
         s.pml = dev.alloc(n * d.n_head * self.nsplit_max() * 2)?;
+        s.counters = dev.alloc(n * d.n_head)?;
         s.ids = dev.alloc(n)?;
         s.meta = dev.alloc(n + 1)?;
         s.keep = dev.alloc(n)?;
@@ -353,14 +366,10 @@ impl GpuModel {
             if let Some((logits, hidden)) = outs {
                 let n_out = hidden.len() / d.dim;
                 let xrow = s.x.at((n - n_out) * d.dim);
-                self.dev.rms_norm(xrow, self.norm.ptr, d.rms_eps, d.dim, n_out, s.xn.ptr)?;
-                if !logits.is_empty() {
-                    let head = self.output.as_ref().unwrap_or(&self.embed);
-                    if Device::matvec_fits(n_out, d.dim) {
-                        self.dev.matvec(&[(head, s.logits.ptr, None)], s.xn.ptr, n_out, Input::Plain, false)?;
-                    } else {
-                        self.dev.matmul(head, s.xn.ptr, s.logits.ptr, None, n_out, false)?;
-                    }
+                if logits.is_empty() {
+                    self.dev.rms_norm(xrow, self.norm.ptr, d.rms_eps, d.dim, n_out, s.xn.ptr)?;
+                } else {
+                    self.head(s, xrow, n_out)?;
                     self.dev.read(&s.logits, logits)?;
                 }
                 self.dev.read(&s.xn, hidden)?;
@@ -372,11 +381,12 @@ impl GpuModel {
     /// Logits of `rows` rows of the residual stream at `x` into `s.logits`.
     unsafe fn head(&self, s: &GpuSeq, x: u64, rows: usize) -> Result<()> {
         let d = &self.dims;
+        // Normalised once: the head's many blocks then only copy their input.
         let head = self.output.as_ref().unwrap_or(&self.embed);
+        self.dev.rms_norm(x, self.norm.ptr, d.rms_eps, d.dim, rows, s.xn.ptr)?;
         if Device::matvec_fits(rows, d.dim) {
-            self.dev.matvec(&[(head, s.logits.ptr, None)], x, rows, Input::Norm { w: self.norm.ptr, eps: d.rms_eps }, false)
+            self.dev.matvec(&[(head, s.logits.ptr, None)], s.xn.ptr, rows, Input::Plain, false)
         } else {
-            self.dev.rms_norm(x, self.norm.ptr, d.rms_eps, d.dim, rows, s.xn.ptr)?;
             self.dev.matmul(head, s.xn.ptr, s.logits.ptr, None, rows, false)
         }
     }
@@ -393,9 +403,9 @@ impl GpuModel {
             let bias = |i: usize| w.bias[i].as_ref().map(|b| b.ptr);
             let qkv = [(&w.wq, s.q.ptr, bias(0)), (&w.wk, s.k.ptr, bias(1)), (&w.wv, s.v.ptr, bias(2))];
             self.project(s, &qkv, s.x.ptr, n, w.attn_norm.ptr)?;
-            dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.inv_freq.ptr, d.rope_interleaved)?;
+            dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.rope.ptr, d.rope_interleaved)?;
             let mask = masked.then_some(s.mask.ptr);
-            dev.attention(s.q.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, mask, nsplit, s.po.ptr, s.pml.ptr, s.att.ptr)?;
+            dev.attention(s.q.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, mask, nsplit, s.po.ptr, s.pml.ptr, s.counters.ptr, s.att.ptr)?;
             if Device::matvec_fits(n, qd) {
                 dev.matvec(&[(&w.wo, s.x.ptr, None)], s.att.ptr, n, Input::Plain, true)?;
             } else {

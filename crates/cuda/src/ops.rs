@@ -157,7 +157,7 @@ impl Device {
         };
         // One row per warp until there are enough warps to fill the device about four times
         // over; then more rows per warp, so fewer blocks repeat the input's preparation.
-        let rpw = (total / (self.sm_count * 8 * 4)).max(1);
+        let rpw = (total / (self.sm_count * 8 * 16)).max(1);
         let cfg = grid1(total.div_ceil(8 * rpw), 256, n * k * 4);
         let (n, k, acc, rpw) = (n as i32, k as i32, acc as i32, rpw as i32);
         let f = &self.k.matvec[m0.ty];
@@ -206,27 +206,28 @@ impl Device {
         Ok(())
     }
 
-    /// Rotate `q` (`n × nh × hd`) and `k` by each token's position `meta[1 + t]`, and write `k`,
-    /// `v` to cache rows `meta[0] + t` of `kc`, `vc`.
+    /// Rotate `q` (`n × nh × hd`) and `k` by each token's position `meta[1 + t]`, with the
+    /// `[position, hd / 2, (cos, sin)]` table `cs`, and write `k`, `v` to cache rows
+    /// `meta[0] + t` of `kc`, `vc`.
     ///
     /// # Safety
     /// Buffers sized for `n` tokens and the cache for `meta[0] + n` rows.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn rope_kv(&self, q: u64, k: u64, v: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], inv_freq: u64, interleaved: bool) -> Result<()> {
+    pub(crate) unsafe fn rope_kv(&self, q: u64, k: u64, v: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], cs: u64, interleaved: bool) -> Result<()> {
         let [nh, nkv, hd] = shape.map(|v| v as i32);
         let il = interleaved as i32;
-        self.launch(&self.k.rope_kv, grid1(n, 128, 0), &mut args![q, k, v, kc, vc, meta, nh, nkv, hd, inv_freq, il])?;
+        self.launch(&self.k.rope_kv, grid1(n, 128, 0), &mut args![q, k, v, kc, vc, meta, nh, nkv, hd, cs, il])?;
         Ok(())
     }
 
     /// Attention of `n` query tokens against the cache (`meta[0] + n` rows), causal or under a
     /// `[n, meta[0] + n]` byte mask, in `nsplit` key splits of [`ATT_SPAN`]; `po`/`pml` hold
-    /// `n × nh × nsplit × (hd | 2)` partials.
+    /// `n × nh × nsplit × (hd | 2)` partials, `counters` `n × nh` zeros (left at zero).
     ///
     /// # Safety
     /// Buffers sized as described; `nsplit × ATT_SPAN` covers `meta[0] + n`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn attention(&self, q: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], mask: Option<u64>, nsplit: usize, po: u64, pml: u64, out: u64) -> Result<()> {
+    pub(crate) unsafe fn attention(&self, q: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], mask: Option<u64>, nsplit: usize, po: u64, pml: u64, counters: u64, out: u64) -> Result<()> {
         let [nh, _, hd] = shape;
         if !hd.is_multiple_of(32) || hd > 256 || !shape[0].is_multiple_of(shape[1]) {
             return Err(Error::Unsupported(format!("attention with head_dim {hd} and {}/{} heads: the CUDA kernel needs a multiple of 32 up to 256", shape[0], shape[1])));
@@ -234,9 +235,7 @@ impl Device {
         let [nh_i, nkv_i, hd_i] = shape.map(|v| v as i32);
         let (n_i, scale, mask, span) = (n as i32, 1.0f32 / (hd as f32).sqrt(), mask.unwrap_or(0), ATT_SPAN as i32);
         let cfg = LaunchConfig { grid_dim: ((n * nh) as u32, nsplit as u32, 1), block_dim: (32 * ATT_WARPS, 1, 1), shared_mem_bytes: 0 };
-        self.launch(&self.k.attn_part, cfg, &mut args![q, kc, vc, meta, n_i, nh_i, nkv_i, hd_i, scale, mask, span, po, pml])?;
-        let ns = nsplit as i32;
-        self.launch(&self.k.attn_combine, grid1(n * nh, hd as u32, 0), &mut args![po, pml, ns, hd_i, meta, n_i, span, out])?;
+        self.launch(&self.k.attn, cfg, &mut args![q, kc, vc, meta, n_i, nh_i, nkv_i, hd_i, scale, mask, span, po, pml, counters, out])?;
         Ok(())
     }
 
