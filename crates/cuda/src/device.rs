@@ -181,8 +181,9 @@ impl<T> Buf<T> {
 /// compiled before.
 fn compile(major: i32, minor: i32) -> Result<Ptx> {
     let arch = format!("sm_{major}{minor}");
+    let defines = std::env::var("AUGUR_CUDA_DEFINES").unwrap_or_default();
     let mut h = DefaultHasher::new();
-    (SOURCE, &arch, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    (SOURCE, &arch, &defines, env!("CARGO_PKG_VERSION")).hash(&mut h);
     let cached = cache_dir().map(|d| d.join(format!("kernels-{arch}-{:016x}.ptx", h.finish())));
     if let Some(src) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         return Ok(Ptx::from_src(src));
@@ -202,7 +203,10 @@ pub(crate) fn compile_uncached(arch: &str) -> Result<Ptx> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(Error::NoNvrtc);
     }
-    let opts = CompileOptions { options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()], ..Default::default() };
+    let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
+    // Tuning knobs of kernels.cu (`-DPRE=2 -DMV_MIN_BLOCKS=4`), for A/B runs.
+    options.extend(std::env::var("AUGUR_CUDA_DEFINES").unwrap_or_default().split_whitespace().map(str::to_owned));
+    let opts = CompileOptions { options, ..Default::default() };
     cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts).map_err(|e| Error::Compile(e.to_string()))
 }
 

@@ -31,7 +31,13 @@ typedef unsigned int u32;
         GRID_WAIT();   \
     } while (0)
 
+// Tuning knobs (NVRTC -D through AUGUR_CUDA_DEFINES, for A/B runs in one process):
+#ifndef PRE
 #define PRE 4  // leading chunks of a warp's first row loaded before GRID_WAIT
+#endif
+#ifndef MV_MIN_BLOCKS
+#define MV_MIN_BLOCKS 1  // matrix-vector blocks per SM the register budget must allow
+#endif
 
 enum { T_F32 = 0, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K };
 
@@ -381,7 +387,7 @@ __device__ void embed(const u8* w, const int* ids, int k, float* out) {
 }
 
 #define INSTANTIATE(T, name)                                                                                    \
-    extern "C" __global__ void __launch_bounds__(256) matvec_##name(Segs s, const float* x, int n, int k, int mode, \
+    extern "C" __global__ void __launch_bounds__(256, MV_MIN_BLOCKS) matvec_##name(Segs s, const float* x, int n, int k, int mode, \
                                                                     const float* nw, float eps, const float* up,    \
                                                                     int acc, int rpw) {                             \
         matvec<T>(s, x, n, k, mode, nw, eps, up, acc, rpw);                                                         \
