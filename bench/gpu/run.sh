@@ -22,8 +22,8 @@ if [ -f $model ]; then
   echo "== reference on cuda"
   AUGUR_MODEL=$model .gpu/bin/test-reference matches_hf_transformers_on_cuda --nocapture 2>&1 | tail -12
   echo "== augur bench"
-  for i in 1 2; do
-    .gpu/bin/augur bench --device cuda -m $model -p 128 -g 256 --runs 5 | tee -a "$out/augur.jsonl"
+  for d in 0 0 3968; do
+    .gpu/bin/augur bench --device cuda -m $model -p 128 -d $d -g 256 --runs 5 | tee -a "$out/augur.jsonl"
   done
   echo "== run"
   .gpu/bin/augur run --device cuda -m $model "Write one sentence about the sea." --max-tokens 40 2>&1 | tail -5

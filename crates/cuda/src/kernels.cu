@@ -33,10 +33,10 @@ typedef unsigned int u32;
 
 // Tuning knobs (NVRTC -D through AUGUR_CUDA_DEFINES, for A/B runs in one process):
 #ifndef PRE
-#define PRE 4  // leading chunks of a warp's first row loaded before GRID_WAIT
+#define PRE 2  // leading chunks of a warp's first row loaded before GRID_WAIT
 #endif
 #ifndef MV_MIN_BLOCKS
-#define MV_MIN_BLOCKS 1  // matrix-vector blocks per SM the register budget must allow
+#define MV_MIN_BLOCKS 2  // matrix-vector blocks per SM the register budget must allow
 #endif
 
 enum { T_F32 = 0, T_F16, T_BF16, T_Q4_0, T_Q4_1, T_Q5_0, T_Q5_1, T_Q8_0, T_Q4_K, T_Q5_K, T_Q6_K };
