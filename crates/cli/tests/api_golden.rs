@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-const CRATES: &[&str] = &["kernels", "core", "nn", "dist", "formats", "models", "decode", "distill", "server"];
+const CRATES: &[&str] = &["kernels", "cuda", "core", "nn", "dist", "formats", "models", "decode", "distill", "server"];
 const ITEMS: &[&str] = &["pub fn ", "pub struct ", "pub enum ", "pub trait ", "pub type ", "pub const ", "pub static ", "pub mod ", "pub use ", "pub unsafe fn "];
 
 fn root() -> PathBuf {

@@ -167,12 +167,12 @@ impl<T> Buf<T> {
         Ok(Buf { slice, ptr })
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.slice.len()
     }
 
     /// Address of element `i`.
-    pub fn at(&self, i: usize) -> u64 {
+    pub(crate) fn at(&self, i: usize) -> u64 {
         self.ptr + (i * std::mem::size_of::<T>()) as u64
     }
 }

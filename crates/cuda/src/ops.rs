@@ -117,7 +117,7 @@ impl Device {
 
     /// Copy `m` to the device as it is stored.
     pub fn upload_matrix(&self, m: &Matrix) -> Result<DevMat> {
-        if !m.k.is_multiple_of(32) {
+        if m.k % 32 != 0 {
             return Err(Error::Unsupported(format!("matrix rows of {} weights: the CUDA kernels need a multiple of 32", m.k)));
         }
         let bytes = match m.weights {
@@ -229,7 +229,7 @@ impl Device {
     #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn attention(&self, q: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], mask: Option<u64>, nsplit: usize, po: u64, pml: u64, counters: u64, out: u64) -> Result<()> {
         let [nh, _, hd] = shape;
-        if !hd.is_multiple_of(32) || hd > 256 || !shape[0].is_multiple_of(shape[1]) {
+        if hd % 32 != 0 || hd > 256 || shape[0] % shape[1] != 0 {
             return Err(Error::Unsupported(format!("attention with head_dim {hd} and {}/{} heads: the CUDA kernel needs a multiple of 32 up to 256", shape[0], shape[1])));
         }
         let [nh_i, nkv_i, hd_i] = shape.map(|v| v as i32);

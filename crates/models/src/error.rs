@@ -38,7 +38,7 @@ pub enum Error {
         msg: String,
     },
     #[cfg(feature = "cuda")]
-    #[error("CUDA: {0}")]
+    #[error(transparent)]
     /// The CUDA backend (no driver or device, a failed launch, an unsupported shape).
     Cuda(#[from] augur_cuda::Error),
 }
