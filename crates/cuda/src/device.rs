@@ -49,6 +49,7 @@ pub(crate) struct Kernels {
     pub matvec: Vec<CudaFunction>,
     pub matmul: Vec<CudaFunction>,
     pub embed: Vec<CudaFunction>,
+    pub qkv_rope: Vec<CudaFunction>,
     pub rms_norm: CudaFunction,
     pub silu_mul: CudaFunction,
     pub rope_kv: CudaFunction,
@@ -105,6 +106,7 @@ impl Device {
             matvec: per_type("matvec")?,
             matmul: per_type("matmul")?,
             embed: per_type("embed")?,
+            qkv_rope: per_type("qkv_rope")?,
             rms_norm: f("rms_norm")?,
             silu_mul: f("silu_mul")?,
             rope_kv: f("rope_kv")?,
@@ -113,7 +115,7 @@ impl Device {
             keep_rows: f("keep_rows")?,
         };
         use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
-        for mv in &k.matvec {
+        for mv in k.matvec.iter().chain(&k.qkv_rope) {
             mv.set_attribute(MAX_SMEM, MATVEC_SMEM as i32)?;
         }
         let name = ctx.name()?;

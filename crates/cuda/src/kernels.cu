@@ -262,6 +262,26 @@ __device__ __forceinline__ void dot_chunk(float* a, const float* w, const float*
     }
 }
 
+// The dot products of one weight row with the n prepared inputs in shared memory, added to a[t]
+// (the row's first PRE chunks already dequantized in `pre` when `have_pre`).
+template <int T>
+__device__ __forceinline__ void row_dot(const u8* row, const float (*pre)[8], bool have_pre, const float* xs, int n,
+                                        int k, float* a) {
+    int lane = threadIdx.x & 31, chunks = k / 8, c0 = lane;
+    if (have_pre) {
+#pragma unroll
+        for (int i = 0; i < PRE; i++)
+            if (lane + 32 * i < chunks) dot_chunk(a, pre[i], xs, lane + 32 * i, n, k);
+        c0 = lane + 32 * PRE;
+    }
+#pragma unroll 4
+    for (int c = c0; c < chunks; c += 32) {
+        float w[8];
+        dq8<T>(row, c, w);
+        dot_chunk(a, w, xs, c, n, k);
+    }
+}
+
 // y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row, `rpw` rows
 // per warp (large matrices take several, so fewer blocks repeat the input's preparation).
 template <int T>
@@ -290,19 +310,7 @@ __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const flo
         float a[MAX_TOK];
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) a[t] = 0.f;
-        int c0 = lane;
-        if (rr == 0) {
-#pragma unroll
-            for (int i = 0; i < PRE; i++)
-                if (lane + 32 * i < chunks) dot_chunk(a, pre[i], xs, lane + 32 * i, n, k);
-            c0 = lane + 32 * PRE;
-        }
-#pragma unroll 4
-        for (int c = c0; c < chunks; c += 32) {
-            float w[8];
-            dq8<T>(row, c, w);
-            dot_chunk(a, w, xs, c, n, k);
-        }
+        row_dot<T>(row, pre, rr == 0, xs, n, k, a);
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) {
             if (t < n) {
@@ -312,6 +320,70 @@ __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const flo
                     float* y = sr.y + (size_t)t * sr.rows + sr.r;
                     *y = acc ? *y + v : v;
                 }
+            }
+        }
+    }
+}
+
+// q, k and v of n <= MAX_TOK tokens from RMSNorm(x) in one launch, with RoPE and the cache write
+// fused: each warp computes a pair of rows that rotate together ((2j, 2j+1) interleaved, or
+// (j, j + hd/2)), rotates them by the token's position (table `cs`, as in rope_kv) and writes q
+// to `s.y[0]`, k and v to cache row meta[0] + t of `kc`, `vc`. v's rows pair up unrotated.
+template <int T>
+__device__ void qkv_rope(Segs s, const float* x, int n, int k, const float* nw, float eps, const int* meta,
+                         const float* cs, int hd, int interleaved, float* kc, float* vc) {
+    extern __shared__ float xs[];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    int half = hd / 2, pairs = (s.rows[0] + s.rows[1] + s.rows[2]) / 2;
+    int g = blockIdx.x * nwarps + warp;
+    size_t rb = row_bytes<T>(k);
+    // Pair g: its segment, and its two rows there.
+    int pq = s.rows[0] / 2, pk = s.rows[1] / 2;
+    int seg = g < pq ? 0 : (g < pq + pk ? 1 : 2);
+    int pr = g - (seg > 0 ? pq : 0) - (seg > 1 ? pk : 0), j = pr % half, r0, r1;
+    if (seg == 2) {
+        r0 = 2 * pr;
+        r1 = r0 + 1;
+    } else {
+        int base = (pr / half) * hd;
+        r0 = base + (interleaved ? 2 * j : j);
+        r1 = base + (interleaved ? 2 * j + 1 : j + half);
+    }
+    const u8* w = seg == 0 ? s.w[0] : (seg == 1 ? s.w[1] : s.w[2]);
+    const float* bias = seg == 0 ? s.bias[0] : (seg == 1 ? s.bias[1] : s.bias[2]);
+    float pre[PRE][8];
+    if (g < pairs) {
+#pragma unroll
+        for (int i = 0; i < PRE; i++)
+            if (lane + 32 * i < k / 8) dq8<T>(w + (size_t)r0 * rb, lane + 32 * i, pre[i]);
+    }
+    GRID_SYNC();
+    prep_input(xs, x, n, k, 1, nw, eps, nullptr);
+    if (g >= pairs) return;
+    float a0[MAX_TOK], a1[MAX_TOK];
+#pragma unroll
+    for (int t = 0; t < MAX_TOK; t++) a0[t] = a1[t] = 0.f;
+    row_dot<T>(w + (size_t)r0 * rb, pre, true, xs, n, k, a0);
+    row_dot<T>(w + (size_t)r1 * rb, pre, false, xs, n, k, a1);
+    int kvd = s.rows[1];
+#pragma unroll
+    for (int t = 0; t < MAX_TOK; t++) {
+        if (t < n) {
+            float v0 = warp_sum(a0[t]), v1 = warp_sum(a1[t]);
+            if (lane == 0) {
+                if (bias) {
+                    v0 += bias[r0];
+                    v1 += bias[r1];
+                }
+                if (seg < 2) {
+                    const float* c = cs + ((size_t)meta[1 + t] * half + j) * 2;
+                    float y0 = v0 * c[0] - v1 * c[1], y1 = v1 * c[0] + v0 * c[1];
+                    v0 = y0;
+                    v1 = y1;
+                }
+                float* y = seg == 0 ? s.y[0] + (size_t)t * s.rows[0] : (seg == 1 ? kc : vc) + (size_t)(meta[0] + t) * kvd;
+                y[r0] = v0;
+                y[r1] = v1;
             }
         }
     }
@@ -397,7 +469,12 @@ __device__ void embed(const u8* w, const int* ids, int k, float* out) {
                                                                     int acc) {                                      \
         matmul<T>(w, x, y, bias, rows, k, n, acc);                                                                  \
     }                                                                                                               \
-    extern "C" __global__ void embed_##name(const u8* w, const int* ids, int k, float* out) { embed<T>(w, ids, k, out); }
+    extern "C" __global__ void embed_##name(const u8* w, const int* ids, int k, float* out) { embed<T>(w, ids, k, out); } \
+    extern "C" __global__ void __launch_bounds__(256, MV_MIN_BLOCKS)                                                \
+        qkv_rope_##name(Segs s, const float* x, int n, int k, const float* nw, float eps, const int* meta,          \
+                        const float* cs, int hd, int interleaved, float* kc, float* vc) {                           \
+        qkv_rope<T>(s, x, n, k, nw, eps, meta, cs, hd, interleaved, kc, vc);                                        \
+    }
 
 INSTANTIATE(T_F32, f32)
 INSTANTIATE(T_F16, f16)
@@ -462,49 +539,62 @@ extern "C" __global__ void rope_kv(float* q, const float* k, const float* v, flo
 }
 
 // Attention, split over the keys (flash-decoding): block (query token t * nh + head, split s)
-// covers keys [s*span, (s+1)*span) with an online softmax and writes its partial output and
-// (max, sum); the last block of a query to finish merges the splits into `out` (a counter per
-// query, left at zero). Query t sees keys j <= meta[0] + t, or those with mask[t * L + j] when
-// a tree mask is given (L = meta[0] + n). Splits past L return at once.
+// covers keys [s*span, (s+1)*span), span = 32 * ATT_WARPS: each warp takes 32 keys, one per lane
+// (scores need no shuffles, and the key and value loads are all independent), then writes its
+// partial output and (max, sum); the last block of a query to finish merges the splits into
+// `out` (a counter per query, left at zero). Query t sees keys j <= meta[0] + t, or those with
+// mask[t * L + j] when a tree mask is given (L = meta[0] + n). Splits past L return at once.
 extern "C" __global__ void __launch_bounds__(128) attn(const float* q, const float* kc, const float* vc, const int* meta,
                                                        int n, int nh, int nkv, int hd, float scale, const u8* mask,
                                                        int span, float* po, float* pml, int* counters, float* out) {
     __shared__ float sm[ATT_WARPS][2];
     __shared__ float sacc[ATT_WARPS][32 * ATT_MAXD];
+    __shared__ __align__(16) float qs[32 * ATT_MAXD];
     __shared__ int last;
     GRID_SYNC();
     int qi = blockIdx.x, t = qi / nh, h = qi % nh, s = blockIdx.y, nsplit = gridDim.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int L = meta[0] + n, kvh = h / (nh / nkv), kvd = nkv * hd, nd = hd / 32;
     int live = min(nsplit, (L + span - 1) / span);
-    int j0 = s * span, j1 = min(L, j0 + span);
+    int j0 = s * span;
     if (j0 >= L) return;
+    int j1 = min(L, j0 + span);
     if (!mask) j1 = min(j1, meta[0] + t + 1);
-    float qv[ATT_MAXD], acc[ATT_MAXD];
-#pragma unroll
-    for (int i = 0; i < ATT_MAXD; i++) {
-        qv[i] = i < nd ? q[(size_t)t * nh * hd + h * hd + lane + 32 * i] : 0.f;
-        acc[i] = 0.f;
-    }
-    float m = -INFINITY, l = 0.f;
-    for (int j = j0 + warp; j < j1; j += ATT_WARPS) {
-        if (mask && !mask[(size_t)t * L + j]) continue;
-        const float* kr = kc + (size_t)j * kvd + kvh * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) qs[d] = q[(size_t)t * nh * hd + h * hd + d] * scale;
+    __syncthreads();
+    int jw = j0 + warp * 32, j = jw + lane;
+    bool ok = j < j1 && (!mask || mask[(size_t)t * L + j]);
+    float score = -INFINITY;
+    if (ok) {
+        const float4* kr = (const float4*)(kc + (size_t)j * kvd + kvh * hd);
+        const float4* q4 = (const float4*)qs;
         float d = 0.f;
+        for (int i = 0; i < hd / 4; i++) {
+            float4 a = kr[i], b = q4[i];
+            d += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+        }
+        score = d;
+    }
+    float m = score;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float p = ok ? expf(score - m) : 0.f;
+    float l = warp_sum(p);
+    float acc[ATT_MAXD];
+#pragma unroll
+    for (int i = 0; i < ATT_MAXD; i++) acc[i] = 0.f;
+    int nk = min(32, j1 - jw);  // keys of this warp inside the split (uniform across the warp)
+#pragma unroll 8
+    for (int jj = 0; jj < 32; jj++) {
+        if (jj >= nk) break;
+        float pj = __shfl_sync(0xffffffffu, p, jj);
+        const float* vr = vc + (size_t)(jw + jj) * kvd + kvh * hd;
 #pragma unroll
         for (int i = 0; i < ATT_MAXD; i++)
-            if (i < nd) d += qv[i] * kr[lane + 32 * i];
-        d = warp_sum(d) * scale;
-        float mn = fmaxf(m, d), corr = expf(m - mn), p = expf(d - mn);
-        l = l * corr + p;
-        const float* vr = vc + (size_t)j * kvd + kvh * hd;
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD; i++)
-            if (i < nd) acc[i] = acc[i] * corr + p * vr[lane + 32 * i];
-        m = mn;
+            if (i < nd) acc[i] += pj * vr[lane + 32 * i];
     }
     if (lane == 0) {
-        sm[warp][0] = m;
+        sm[warp][0] = nk > 0 ? m : -INFINITY;
         sm[warp][1] = l;
     }
 #pragma unroll

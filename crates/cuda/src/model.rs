@@ -401,9 +401,16 @@ impl GpuModel {
         dev.embed(&self.embed, s.ids.ptr, n, s.x.ptr)?;
         for (l, w) in self.layers[..n_layers].iter().enumerate() {
             let bias = |i: usize| w.bias[i].as_ref().map(|b| b.ptr);
-            let qkv = [(&w.wq, s.q.ptr, bias(0)), (&w.wk, s.k.ptr, bias(1)), (&w.wv, s.v.ptr, bias(2))];
-            self.project(s, &qkv, s.x.ptr, n, w.attn_norm.ptr)?;
-            dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.rope.ptr, d.rope_interleaved)?;
+            let same = w.wq.ty == w.wk.ty && w.wk.ty == w.wv.ty;
+            if same && Device::matvec_fits(n, d.dim) {
+                let segs = [(&w.wq, bias(0)), (&w.wk, bias(1)), (&w.wv, bias(2))];
+                let kv = (s.kc[l].ptr, s.vc[l].ptr);
+                dev.qkv_rope(segs, s.x.ptr, n, (w.attn_norm.ptr, d.rms_eps), s.q.ptr, kv, s.meta.ptr, self.rope.ptr, d.head_dim, d.rope_interleaved)?;
+            } else {
+                let qkv = [(&w.wq, s.q.ptr, bias(0)), (&w.wk, s.k.ptr, bias(1)), (&w.wv, s.v.ptr, bias(2))];
+                self.project(s, &qkv, s.x.ptr, n, w.attn_norm.ptr)?;
+                dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.rope.ptr, d.rope_interleaved)?;
+            }
             let mask = masked.then_some(s.mask.ptr);
             dev.attention(s.q.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, mask, nsplit, s.po.ptr, s.pml.ptr, s.counters.ptr, s.att.ptr)?;
             if Device::matvec_fits(n, qd) {

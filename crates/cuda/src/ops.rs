@@ -165,6 +165,32 @@ impl Device {
         Ok(())
     }
 
+    /// q, k, v of `n` tokens (see [`Device::matvec_fits`]) from RMSNorm(x) with weight `nw`, in
+    /// one launch: q rotated into `q`, k rotated and v written to cache rows `meta[0] + t` of
+    /// `kc`, `vc`; positions `meta[1 + t]`, RoPE table `cs` (as [`Device::rope_kv`]).
+    ///
+    /// # Safety
+    /// `x` holds `n × k` f32, `q` `n × rows(wq)`; the caches hold row `meta[0] + n - 1`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn qkv_rope(&self, w: [(&DevMat, Option<u64>); 3], x: u64, n: usize, norm: (u64, f32), q: u64, kv: (u64, u64), meta: u64, cs: u64, hd: usize, interleaved: bool) -> Result<()> {
+        let k = w[0].0.k;
+        debug_assert!(w.iter().all(|(m, _)| m.ty == w[0].0.ty && m.k == k && m.rows % 2 == 0));
+        let mut s = Segs { nseg: 3, ..Default::default() };
+        for (i, (m, b)) in w.iter().enumerate() {
+            s.w[i] = m.buf.ptr;
+            s.bias[i] = b.unwrap_or(0);
+            s.rows[i] = m.rows as i32;
+        }
+        s.y[0] = q;
+        let pairs: usize = w.iter().map(|(m, _)| m.rows / 2).sum();
+        let cfg = grid1(pairs.div_ceil(8), 256, n * k * 4);
+        let (n, k, hd, il) = (n as i32, k as i32, hd as i32, interleaved as i32);
+        let (nw, eps) = norm;
+        let (kc, vc) = kv;
+        self.launch(&self.k.qkv_rope[w[0].0.ty], cfg, &mut args![s, x, n, k, nw, eps, meta, cs, hd, il, kc, vc])?;
+        Ok(())
+    }
+
     /// `y[t] (+)= W · x[t] (+ bias)` for any `n`, tiled.
     ///
     /// # Safety

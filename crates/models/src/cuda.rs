@@ -102,3 +102,18 @@ pub(crate) fn run<'s>(
     st.hidden_rows = n_out;
     Ok(&st.logits[..n_out * vocab])
 }
+
+/// One decode step for several sequences ([`Llama::forward_many`]): on the device each sequence
+/// takes its own single-token pass (correct, not yet batched), the logits rows gathered into
+/// `scratch`.
+pub(crate) fn run_many<'s>(gpu: &GpuModel, scratch: &'s mut State, seqs: &mut [&mut State], tokens: &[u32], n_layers: usize) -> Result<&'s [f32]> {
+    let vocab = gpu.dims.vocab;
+    if scratch.logits.len() < tokens.len() * vocab {
+        scratch.logits.resize(tokens.len() * vocab, 0.0);
+    }
+    for (t, (s, &tok)) in seqs.iter_mut().zip(tokens).enumerate() {
+        let row = run(gpu, s, &[tok], None, n_layers, Logits::Last)?;
+        scratch.logits[t * vocab..(t + 1) * vocab].copy_from_slice(row);
+    }
+    Ok(&scratch.logits[..tokens.len() * vocab])
+}

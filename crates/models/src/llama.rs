@@ -236,10 +236,10 @@ impl Llama {
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
-            if seqs.is_some() {
-                return Err(Error::Config("one decode step over several sequences (forward_many) runs on the CPU only; serve with --parallel 1 on a CUDA device".into()));
-            }
-            return crate::cuda::run(gpu, st, tokens, tree, n_layers, which);
+            return match seqs {
+                Some(seqs) => crate::cuda::run_many(gpu, st, seqs, tokens, n_layers),
+                None => crate::cuda::run(gpu, st, tokens, tree, n_layers, which),
+            };
         }
         let n_logits = match which {
             Logits::Last => 1,

@@ -130,3 +130,24 @@ fn a_host_state_is_refused_on_the_device() {
     let e = gpu.llama.forward(&mut st, &[5], Logits::Last).unwrap_err().to_string();
     assert!(e.contains("start a new State"), "{e}");
 }
+
+#[test]
+fn several_sequences_step_together_as_on_the_cpu() {
+    let Some((cpu, gpu)) = open("llama", false, Some(QuantType::Q8_0)) else { return };
+    let prompts: [&[u32]; 3] = [&PROMPT[..3], &PROMPT[..7], &PROMPT];
+    let (mut cs, mut gs): (Vec<State>, Vec<State>) = (Vec::new(), Vec::new());
+    for p in prompts {
+        let (mut a, mut b) = (cpu_state(&cpu), State::new(&gpu.llama.cfg));
+        cpu.llama.forward(&mut a, p, Logits::Last).unwrap();
+        gpu.llama.forward(&mut b, p, Logits::Last).unwrap();
+        cs.push(a);
+        gs.push(b);
+    }
+    let toks = [9u32, 70, 200];
+    let mut sc = cpu_state(&cpu);
+    let want = cpu.llama.forward_many(&mut sc, &mut cs.iter_mut().collect::<Vec<_>>(), &toks).unwrap().to_vec();
+    let mut sg = State::new(&gpu.llama.cfg);
+    let got = gpu.llama.forward_many(&mut sg, &mut gs.iter_mut().collect::<Vec<_>>(), &toks).unwrap().to_vec();
+    assert!(max_rel(&got, &want) < 1e-4, "forward_many on the device");
+    assert!(gs.iter().zip(prompts).all(|(s, p)| s.len() == p.len() + 1));
+}
