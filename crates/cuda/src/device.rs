@@ -70,8 +70,6 @@ pub struct Device {
     /// Launch with programmatic dependent launch (compute capability 9.0 and up, unless
     /// `AUGUR_CUDA_PDL=0`).
     pub(crate) pdl: bool,
-    /// Most warps one matrix row is split over (`AUGUR_CUDA_KSPLIT`, default 4).
-    pub(crate) max_ksplit: usize,
 }
 
 impl std::fmt::Debug for Device {
@@ -124,8 +122,7 @@ impl Device {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
         let sm_count = ctx.attribute(SMS)?.max(1) as usize;
         let pdl = major >= 9 && std::env::var("AUGUR_CUDA_PDL").map_or(true, |v| v != "0");
-        let max_ksplit = std::env::var("AUGUR_CUDA_KSPLIT").ok().and_then(|v| v.parse().ok()).unwrap_or(4);
-        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count, pdl, max_ksplit }))
+        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count, pdl }))
     }
 
     /// The device's name (`NVIDIA H200`).

@@ -266,76 +266,56 @@ __device__ __forceinline__ void dot_chunk(float* a, const float* w, const float*
 // (the row's first PRE chunks already dequantized in `pre` when `have_pre`).
 template <int T>
 __device__ __forceinline__ void row_dot(const u8* row, const float (*pre)[8], bool have_pre, const float* xs, int n,
-                                        int k, float* a, int cb = 0, int ce = -1) {
-    int lane = threadIdx.x & 31, c0 = cb + lane;
-    if (ce < 0) ce = k / 8;
+                                        int k, float* a) {
+    int lane = threadIdx.x & 31, chunks = k / 8, c0 = lane;
     if (have_pre) {
 #pragma unroll
         for (int i = 0; i < PRE; i++)
-            if (cb + lane + 32 * i < ce) dot_chunk(a, pre[i], xs, cb + lane + 32 * i, n, k);
-        c0 = cb + lane + 32 * PRE;
+            if (lane + 32 * i < chunks) dot_chunk(a, pre[i], xs, lane + 32 * i, n, k);
+        c0 = lane + 32 * PRE;
     }
 #pragma unroll 4
-    for (int c = c0; c < ce; c += 32) {
+    for (int c = c0; c < chunks; c += 32) {
         float w[8];
         dq8<T>(row, c, w);
         dot_chunk(a, w, xs, c, n, k);
     }
 }
 
-// y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; `ksplit` warps of one block
-// per row (each a share of the row's chunks, summed through shared memory: more warps in flight
-// for small matrices), `rpw` rows per warp group (large matrices take several, so fewer blocks
-// repeat the input's preparation).
+// y[t, r] (+)= W[r] · x'[t] (+ bias[r]) for n <= MAX_TOK tokens; one warp per row, `rpw` rows
+// per warp (large matrices take several, so fewer blocks repeat the input's preparation).
 template <int T>
 __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const float* nw, float eps, const float* up, int acc,
-                       int rpw, int ksplit) {
+                       int rpw) {
     extern __shared__ float xs[];
-    __shared__ float part[8][MAX_TOK];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     int total = s.rows[0] + (s.nseg > 1 ? s.rows[1] : 0) + (s.nseg > 2 ? s.rows[2] : 0);
     size_t rb = row_bytes<T>(k);
-    int chunks = k / 8, share = (chunks + ksplit - 1) / ksplit;
-    int gw = blockIdx.x * nwarps + warp, kp = gw % ksplit;
-    int cb = min(chunks, kp * share), ce = min(chunks, cb + share);
-    int g0 = (gw / ksplit) * rpw;
+    int chunks = k / 8;
+    int g0 = (blockIdx.x * nwarps + warp) * rpw;
     float pre[PRE][8];
     if (g0 < total) {
         const u8* row = seg_row(s, g0).w + (size_t)seg_row(s, g0).r * rb;
 #pragma unroll
         for (int i = 0; i < PRE; i++)
-            if (cb + lane + 32 * i < ce) dq8<T>(row, cb + lane + 32 * i, pre[i]);
+            if (lane + 32 * i < chunks) dq8<T>(row, lane + 32 * i, pre[i]);
     }
     GRID_SYNC();
     prep_input(xs, x, n, k, mode, nw, eps, up);
     for (int rr = 0; rr < rpw; rr++) {
         int g = g0 + rr;
-        bool live = g < total;  // no early return: the split warps meet at a barrier below
-        SegRow sr = seg_row(s, live ? g : 0);
+        if (g >= total) return;
+        SegRow sr = seg_row(s, g);
+        const u8* row = sr.w + (size_t)sr.r * rb;
         float a[MAX_TOK];
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) a[t] = 0.f;
-        if (live) row_dot<T>(sr.w + (size_t)sr.r * rb, pre, rr == 0, xs, n, k, a, cb, ce);
+        row_dot<T>(row, pre, rr == 0, xs, n, k, a);
 #pragma unroll
         for (int t = 0; t < MAX_TOK; t++) {
-            if (t < n) a[t] = warp_sum(a[t]);
-        }
-        if (ksplit > 1) {
-            if (lane == 0)
-#pragma unroll
-                for (int t = 0; t < MAX_TOK; t++) part[warp][t] = a[t];
-            __syncthreads();
-            if (kp == 0)
-                for (int p = 1; p < ksplit; p++)
-#pragma unroll
-                    for (int t = 0; t < MAX_TOK; t++) a[t] += part[warp + p][t];
-            __syncthreads();
-        }
-        if (live && kp == 0 && lane == 0) {
-#pragma unroll
-            for (int t = 0; t < MAX_TOK; t++) {
-                if (t < n) {
-                    float v = a[t];
+            if (t < n) {
+                float v = warp_sum(a[t]);
+                if (lane == 0) {
                     if (sr.bias) v += sr.bias[sr.r];
                     float* y = sr.y + (size_t)t * sr.rows + sr.r;
                     *y = acc ? *y + v : v;
@@ -481,8 +461,8 @@ __device__ void embed(const u8* w, const int* ids, int k, float* out) {
 #define INSTANTIATE(T, name)                                                                                    \
     extern "C" __global__ void __launch_bounds__(256, MV_MIN_BLOCKS) matvec_##name(Segs s, const float* x, int n, int k, int mode, \
                                                                     const float* nw, float eps, const float* up,    \
-                                                                    int acc, int rpw, int ksplit) {                 \
-        matvec<T>(s, x, n, k, mode, nw, eps, up, acc, rpw, ksplit);                                                 \
+                                                                    int acc, int rpw) {                             \
+        matvec<T>(s, x, n, k, mode, nw, eps, up, acc, rpw);                                                         \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(256) matmul_##name(const u8* w, const float* x, float* y,          \
                                                                     const float* bias, int rows, int k, int n,      \
@@ -623,19 +603,6 @@ extern "C" __global__ void __launch_bounds__(128) attn(const float* q, const flo
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm[w][0]);
-    if (live == 1) {
-        // One split (every decode step up to `span` keys): no partials, no merge.
-        float sum = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++)
-            if (sm[w][0] != -INFINITY) sum += sm[w][1] * expf(sm[w][0] - M);
-        for (int d = threadIdx.x; d < hd; d += blockDim.x) {
-            float a = 0.f;
-            for (int w = 0; w < ATT_WARPS; w++)
-                if (sm[w][0] != -INFINITY) a += sacc[w][d] * expf(sm[w][0] - M);
-            out[(size_t)qi * hd + d] = sum > 0.f ? a / sum : 0.f;
-        }
-        return;
-    }
     size_t part = (size_t)qi * nsplit + s;
     for (int d = threadIdx.x; d < hd; d += blockDim.x) {
         float a = 0.f;

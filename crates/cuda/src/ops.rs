@@ -158,14 +158,10 @@ impl Device {
         // One row per warp until there are enough warps to fill the device about four times
         // over; then more rows per warp, so fewer blocks repeat the input's preparation.
         let rpw = (total / (self.sm_count * 8 * 16)).max(1);
-        // Small matrices: split each row's chunks over up to 4 warps (at least 32 chunks each),
-        // so that about 16 warps per multiprocessor are in flight.
-        let want = (self.sm_count * 16).div_ceil(total.div_ceil(rpw));
-        let ksplit = [4usize, 2, 1].into_iter().find(|&p| p <= want && p <= (k / 8 / 32).max(1) && p <= self.max_ksplit).unwrap_or(1);
-        let cfg = grid1((total.div_ceil(rpw) * ksplit).div_ceil(8), 256, n * k * 4);
-        let (n, k, acc, rpw, ksplit) = (n as i32, k as i32, acc as i32, rpw as i32, ksplit as i32);
+        let cfg = grid1(total.div_ceil(8 * rpw), 256, n * k * 4);
+        let (n, k, acc, rpw) = (n as i32, k as i32, acc as i32, rpw as i32);
         let f = &self.k.matvec[m0.ty];
-        self.launch(f, cfg, &mut args![s, x, n, k, mode, nw, eps, up, acc, rpw, ksplit])?;
+        self.launch(f, cfg, &mut args![s, x, n, k, mode, nw, eps, up, acc, rpw])?;
         Ok(())
     }
 
