@@ -1,11 +1,13 @@
 //! `augur distill-data` (the target's own responses to a prompt set, optionally with its hidden
-//! states) and `augur train-medusa` (Medusa heads trained on them).
+//! states), `augur train-medusa` (Medusa heads trained on them) and `augur distill` (a draft
+//! model distilled on them).
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use augur_distill::data::{self, DistillSet};
+use augur_distill::draft::{self, DraftConfig};
 use augur_distill::medusa::{self, MedusaConfig};
 
 use crate::common::{progress_bar, ModelArgs, SampleArgs};
@@ -114,6 +116,60 @@ pub fn medusa_main(a: MedusaArgs) -> Result<()> {
             "vocab_coverage": trained.coverage,
             "held_out_top1": top1,
             "held_out_top5": top5,
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct DraftArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data directory from `augur distill-data`.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output file (GGUF, with the model's tokenizer).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Blocks the draft keeps (the model's first ones).
+    #[arg(long, default_value_t = 4)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Tokens of each sample used.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Samples per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub accumulate: usize,
+}
+
+pub fn draft_main(a: DraftArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let set = DistillSet::open(&a.data)?;
+    let cfg = DraftConfig { layers: a.layers, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
+    let t0 = Instant::now();
+    let b = progress_bar(0, "distil");
+    let mut trained = draft::train(&model, &set, &cfg, |p| {
+        b.set_length(p.steps as u64);
+        b.set_position(p.step as u64);
+        b.set_message(format!("KL {:.3}", p.loss));
+    })?;
+    b.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    draft::write_gguf(&model, &mut trained.gpt, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let eval = |e: &draft::Evaluation| serde_json::json!({"kl": e.kl, "top1_agreement": e.agreement, "positions": e.positions});
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out.display().to_string(),
+            "layers": a.layers,
+            "train_seconds": secs,
+            "train_positions_per_epoch": trained.train_positions,
+            "held_out_before": eval(&trained.before),
+            "held_out_after": eval(&trained.after),
         })
     );
     Ok(())

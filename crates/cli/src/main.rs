@@ -42,6 +42,9 @@ enum Cmd {
     DistillData(distill::DataArgs),
     /// Train Medusa heads for a model on `distill-data` output (use with `--spec medusa:FILE`).
     TrainMedusa(distill::MedusaArgs),
+    /// Distil a draft model from the model's first blocks on `distill-data` output (use with
+    /// `--spec draft:FILE`).
+    Distill(distill::DraftArgs),
     /// Research experiments built on `augur train` (e.g. pos-extrapolation).
     #[command(subcommand)]
     Experiment(experiment::Experiment),
@@ -63,6 +66,7 @@ fn main() {
         Cmd::Train(a) => train::main(a),
         Cmd::DistillData(a) => distill::data_main(a),
         Cmd::TrainMedusa(a) => distill::medusa_main(a),
+        Cmd::Distill(a) => distill::draft_main(a),
         Cmd::Experiment(e) => experiment::main(e),
         Cmd::Ops => {
             for o in augur_core::registry::OPS {

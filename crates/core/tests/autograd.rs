@@ -102,3 +102,14 @@ fn optimizer_style_update_keeps_identity() {
     w.zero_grad();
     assert!(alias.grad().is_none());
 }
+
+#[test]
+fn log_softmax_stays_finite_far_below_the_maximum() {
+    // exp(-200) underflows f32; log-softmax must still be the exact shift, not ln(0).
+    let x = Tensor::from_vec(vec![0.0, -200.0, 3.0, 1.0], &[2, 2]).unwrap();
+    let y = x.log_softmax_last().unwrap().to_vec_f32().unwrap();
+    assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
+    assert!((y[0] - 0.0).abs() < 1e-6 && (y[1] + 200.0).abs() < 1e-4, "{y:?}");
+    let want = [3.0 - (3f32.exp() + 1f32.exp()).ln(), 1.0 - (3f32.exp() + 1f32.exp()).ln()];
+    assert!((y[2] - want[0]).abs() < 1e-5 && (y[3] - want[1]).abs() < 1e-5, "{y:?}");
+}

@@ -4,13 +4,27 @@
 //!   its final hidden states, so heads train without re-running the base model.
 //! - [`medusa`]: Medusa-1 heads on the frozen target (Cai et al. 2024), trained on that data, with
 //!   the held-out accuracy table that shapes their candidate tree.
+//! - [`draft`]: a draft model distilled from the target (its first blocks, trained against its
+//!   distribution), written as a GGUF with the target's tokenizer.
 //!
-//! The heads decode through `augur_decode::speculative` (`--spec medusa:FILE`).
+//! They decode through `augur_decode::speculative` (`--spec medusa:FILE`, `--spec draft:FILE`).
 
 #![warn(missing_docs)]
 
 pub mod data;
+pub mod draft;
 mod error;
 pub mod medusa;
 
 pub use error::{Error, Result};
+
+/// Where training is, for a progress display.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    /// Steps done.
+    pub step: usize,
+    /// Steps in all.
+    pub steps: usize,
+    /// Loss of the last step.
+    pub loss: f64,
+}

@@ -17,6 +17,7 @@ use augur_nn::optim::{AdamW, LrSchedule, Optimizer};
 use augur_nn::{Module, Rng};
 
 use crate::data::{DistillSet, Sample};
+pub use crate::Progress;
 use crate::{Error, Result};
 
 /// How to train the heads.
@@ -46,17 +47,6 @@ impl Default for MedusaConfig {
     fn default() -> Self {
         MedusaConfig { heads: 3, layers: 1, vocab: 8192, epochs: 2, batch: 256, lr: 1e-3, decay: 0.8, ranks: 8, seed: 1 }
     }
-}
-
-/// Where training is, for a progress display.
-#[derive(Debug, Clone, Copy)]
-pub struct Progress {
-    /// Steps done.
-    pub step: usize,
-    /// Steps in all.
-    pub steps: usize,
-    /// Weighted loss of the last step.
-    pub loss: f64,
 }
 
 /// Trained heads and what was measured about them.

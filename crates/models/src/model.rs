@@ -106,6 +106,12 @@ fn check_vocab(llama: &Llama, tok: &Tokenizer) -> Result<()> {
 /// Write the first `n_layers` blocks of a GGUF model (with its embeddings, final norm, head and
 /// tokenizer) as a new GGUF: a draft model that shares the target's vocabulary exactly.
 pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<()> {
+    write_truncated_gguf_with(src, dst, n_layers, &|_| None)
+}
+
+/// [`write_truncated_gguf`] with tensors replaced: `replace(name)` returns what to write under a
+/// kept GGUF name instead of the source's tensor (a trained draft model's blocks).
+pub fn write_truncated_gguf_with(src: &Path, dst: &Path, n_layers: usize, replace: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
     use augur_formats::gguf::{Value, Writer};
     let g = Gguf::open(src)?;
     let cfg = Config::from_gguf(&g)?;
@@ -127,16 +133,57 @@ pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<(
             None => true,
         };
         if keep {
-            w.tensor(t.name.clone(), &g.tensor(&t.name)?)?;
+            let tensor = match replace(&t.name) {
+                Some(r) => r,
+                None => g.tensor(&t.name)?,
+            };
+            w.tensor(t.name.clone(), &tensor)?;
         }
     }
     w.write(dst)?;
     Ok(())
 }
 
+/// GGUF llama files store q/k rows permuted for interleaved RoPE (llama.cpp's `permute`): HF row
+/// `h*hd + j*hd/2 + i` is GGUF row `h*hd + 2i + j`. HF order to GGUF order, for `[n_head * hd,
+/// cols]` rows.
+pub fn qk_rows_to_gguf(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    permute_qk(w, n_head, cols, true)
+}
+
+/// The inverse of [`qk_rows_to_gguf`]: GGUF q/k row order back to HF's rotate-half order.
+pub fn qk_rows_from_gguf(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
+    permute_qk(w, n_head, cols, false)
+}
+
+fn permute_qk(w: &[f32], n_head: usize, cols: usize, to_gguf: bool) -> Vec<f32> {
+    let hd = w.len() / cols / n_head;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..hd / 2 {
+            for j in 0..2 {
+                let (hf, gg) = (h * hd + j * (hd / 2) + i, h * hd + 2 * i + j);
+                let (src, dst) = if to_gguf { (hf, gg) } else { (gg, hf) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::hf_name;
+
+    #[test]
+    fn qk_permutation_round_trips() {
+        let w: Vec<f32> = (0..2 * 8 * 3).map(|i| i as f32).collect();
+        let g = super::qk_rows_to_gguf(&w, 2, 3);
+        assert_ne!(g, w);
+        assert_eq!(super::qk_rows_from_gguf(&g, 2, 3), w);
+        // HF row 4 (head 0, second half, i = 0) is GGUF row 1.
+        assert_eq!(&g[3..6], &w[12..15]);
+    }
 
     #[test]
     fn maps_gguf_names_to_hf() {

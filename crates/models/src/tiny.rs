@@ -69,22 +69,6 @@ impl Rand {
     }
 }
 
-/// llama.cpp's `permute`: HF row `h*hd + j*hd/2 + i` goes to GGUF row `h*hd + 2i + j`.
-fn permute_rows(w: &[f32], n_head: usize, cols: usize) -> Vec<f32> {
-    let hd = w.len() / cols / n_head;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..hd / 2 {
-            for j in 0..2 {
-                let src = h * hd + j * (hd / 2) + i;
-                let dst = h * hd + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
-}
-
 /// The tiny model's weights in HF layout, by GGUF name.
 fn weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut r = Rand(seed);
@@ -185,9 +169,9 @@ pub fn write_gguf_config(path: &Path, cfg: &Config, quant: Option<QuantType>, em
         if !cfg.rope_interleaved {
             // qwen2 GGUF files keep HF's q/k row order (llama.cpp uses NEOX RoPE for them).
         } else if name.ends_with("attn_q.weight") {
-            data = permute_rows(&data, cfg.n_head, cfg.dim);
+            data = crate::model::qk_rows_to_gguf(&data, cfg.n_head, cfg.dim);
         } else if name.ends_with("attn_k.weight") {
-            data = permute_rows(&data, cfg.n_kv_head, cfg.dim);
+            data = crate::model::qk_rows_to_gguf(&data, cfg.n_kv_head, cfg.dim);
         }
         let q = if name.starts_with("blk.") { quant } else { embed };
         let t = match q {

@@ -19,14 +19,19 @@ pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
             let mx = r.iter().copied().fold(T::NEG_INFINITY, T::max);
             let mx = if mx == T::NEG_INFINITY { T::ZERO } else { mx };
             let mut z = T::ZERO;
-            for e in r.iter_mut() {
-                *e = (*e - mx).fast_exp();
-                z += *e;
-            }
             if log {
+                // (x - max) - ln Σ exp(x - max): finite even where exp(x - max) underflows.
+                for e in r.iter_mut() {
+                    *e -= mx;
+                    z += e.fast_exp();
+                }
                 let lz = z.ln();
-                r.iter_mut().for_each(|e| *e = e.ln() - lz);
+                r.iter_mut().for_each(|e| *e -= lz);
             } else {
+                for e in r.iter_mut() {
+                    *e = (*e - mx).fast_exp();
+                    z += *e;
+                }
                 let inv = T::ONE / z;
                 r.iter_mut().for_each(|e| *e *= inv);
             }

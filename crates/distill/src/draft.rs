@@ -1,0 +1,286 @@
+//! A distilled draft model: the target's first `layers` blocks, with its embedding and output
+//! head shared and frozen, trained to match the target's next-token distribution on the
+//! self-distillation data (the loss is the cross-entropy against the target's own softmax, i.e.
+//! KL(target ‖ draft) plus the target's entropy; the target's logits are computed as training
+//! goes). Starting from the target's own blocks, the draft begins as early-exit self-speculation
+//! and learns to predict what the whole model would say. It is written as a GGUF that carries
+//! the target's tokenizer, so `--spec draft:FILE` uses it like any draft model.
+//!
+//! Every 20th sample is held out: the KL divergence and the top-1 agreement with the target on
+//! it are measured before and after training.
+
+use std::path::Path;
+
+use augur_core::{no_grad, QuantType, Tensor};
+use augur_formats::gguf::Gguf;
+use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, RopeScaling, State};
+use augur_nn::gpt::{Gpt, GptConfig, MlpKind, NormKind};
+use augur_nn::optim::{AdamW, LrSchedule, Optimizer};
+use augur_nn::posenc::{PosKind, RopeScaling as NnRopeScaling};
+use augur_nn::{Module, ModuleExt, Rng};
+
+use crate::data::DistillSet;
+use crate::{Error, Progress, Result};
+
+/// How to distil the draft model.
+#[derive(Debug, Clone)]
+pub struct DraftConfig {
+    /// Blocks the draft keeps (the target's first ones).
+    pub layers: usize,
+    /// Passes over the training samples.
+    pub epochs: usize,
+    /// Peak AdamW learning rate (linear warm-up, cosine decay).
+    pub lr: f64,
+    /// Tokens of each sample used (longer samples are cut).
+    pub max_len: usize,
+    /// Samples per optimizer step.
+    pub accumulate: usize,
+    /// Seed of the shuffling.
+    pub seed: u64,
+}
+
+impl Default for DraftConfig {
+    fn default() -> Self {
+        DraftConfig { layers: 4, epochs: 1, lr: 2e-4, max_len: 256, accumulate: 4, seed: 1 }
+    }
+}
+
+/// Held-out agreement between draft and target.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Evaluation {
+    /// Mean KL(target ‖ draft) per position, in nats.
+    pub kl: f64,
+    /// Share of positions where the draft's most likely token is the target's.
+    pub agreement: f64,
+    /// Positions measured.
+    pub positions: usize,
+}
+
+/// The trained draft and what was measured.
+pub struct Trained {
+    /// The draft model (the target's embedding, final norm as trained, `layers` blocks).
+    pub gpt: Gpt,
+    /// Held out, before training (the target's first blocks as they are).
+    pub before: Evaluation,
+    /// Held out, after training.
+    pub after: Evaluation,
+    /// Positions trained on per epoch.
+    pub train_positions: usize,
+}
+
+/// GGUF name of a draft parameter, and the heads to un-permute for (q/k rows).
+fn gguf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
+    match name {
+        "tok_emb.weight" => return Some(("token_embd.weight".into(), None)),
+        "norm_f.weight" => return Some(("output_norm.weight".into(), None)),
+        "head.weight" => return Some(("output.weight".into(), None)),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blocks.")?;
+    let (i, part) = rest.split_once('.')?;
+    let (g, heads) = match part {
+        "norm1.weight" => ("attn_norm", None),
+        "attn.wq.weight" => ("attn_q", Some(n_head)),
+        "attn.wk.weight" => ("attn_k", Some(n_kv_head)),
+        "attn.wv.weight" => ("attn_v", None),
+        "attn.wo.weight" => ("attn_output", None),
+        "norm2.weight" => ("ffn_norm", None),
+        "mlp.gate.weight" => ("ffn_gate", None),
+        "mlp.up.weight" => ("ffn_up", None),
+        "mlp.down.weight" => ("ffn_down", None),
+        _ => return None,
+    };
+    Some((format!("blk.{i}.{g}.weight"), heads))
+}
+
+/// The draft before training: the target's first `layers` blocks as f32, its embedding (and
+/// head) frozen.
+pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
+    let c = &target.llama.cfg;
+    if c.arch == "qwen2" {
+        return Err(Error::Invalid("draft distillation covers llama-family targets without attention biases; qwen2 is not supported yet".into()));
+    }
+    if layers == 0 || layers > c.n_layer {
+        return Err(Error::Invalid(format!("a draft of {layers} blocks from a target of {}", c.n_layer)));
+    }
+    let rope_scaling = match c.rope_scaling {
+        RopeScaling::None => NnRopeScaling::None,
+        RopeScaling::Linear { factor } => NnRopeScaling::Linear { factor: factor as f64 },
+        RopeScaling::Llama3 { .. } => return Err(Error::Invalid("draft distillation does not support Llama-3 RoPE scaling yet".into())),
+    };
+    let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("draft distillation reads the target's GGUF file: {e}")))?;
+    let gc = GptConfig {
+        vocab: c.vocab,
+        dim: c.dim,
+        n_layer: layers,
+        n_head: c.n_head,
+        n_kv_head: c.n_kv_head,
+        hidden: c.hidden,
+        max_seq: c.context,
+        pos: PosKind::Rope,
+        rope_theta: c.rope_theta as f64,
+        rope_scaling,
+        norm: NormKind::Rms,
+        mlp: MlpKind::Swiglu,
+        bias: false,
+        tied: c.tied_embeddings,
+        dropout: 0.0,
+        norm_eps: c.rms_eps as f64,
+        init_std: 0.02,
+        seed: 0,
+    };
+    if gc.head_dim() != c.head_dim {
+        return Err(Error::Invalid(format!("head width {} is not width / heads ({})", c.head_dim, gc.head_dim())));
+    }
+    let mut gpt = Gpt::new(gc)?;
+    let mut failure: Option<Error> = None;
+    let interleaved = c.rope_interleaved;
+    gpt.visit("", &mut |name, t| {
+        if failure.is_some() {
+            return;
+        }
+        let load = || -> Result<Tensor> {
+            let (gname, heads) = gguf_name(name, c.n_head, c.n_kv_head).ok_or_else(|| Error::Invalid(format!("no target tensor for draft parameter `{name}`")))?;
+            let src = g.tensor(&gname)?;
+            let shape = src.shape().to_vec();
+            let mut v = src.to_vec_f32()?;
+            if let (Some(h), true) = (heads, interleaved) {
+                v = qk_rows_from_gguf(&v, h, c.dim);
+            }
+            let frozen = matches!(name, "tok_emb.weight" | "head.weight");
+            Ok(Tensor::from_vec(v, &shape)?.requires_grad(!frozen))
+        };
+        match load() {
+            Ok(new) if new.shape() == t.shape() => *t = new,
+            Ok(new) => failure = Some(Error::Invalid(format!("`{name}`: the target has {:?}, the draft {:?}", new.shape(), t.shape()))),
+            Err(e) => failure = Some(e),
+        }
+    });
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(gpt),
+    }
+}
+
+/// Cross-entropy of the draft against the target's softmax on `ids` (soft labels), with the
+/// target's entropy and the positions where their argmaxes agree.
+fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, ids: &[u32]) -> Result<(Tensor, f64, usize)> {
+    let v = target.llama.cfg.vocab;
+    st.truncate(0);
+    let mut p = target.llama.forward(st, ids, Logits::All)?.to_vec();
+    let (mut entropy, mut agree) = (0f64, 0usize);
+    let z = gpt.forward(ids, 1, None)?.reshape(&[ids.len(), v])?;
+    let zs = z.detach().to_vec_f32()?;
+    for (row, zr) in p.chunks_exact_mut(v).zip(zs.chunks_exact(v)) {
+        let top = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
+        agree += (top(row) == top(zr)) as usize;
+        let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+        let sum: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
+        for x in row.iter_mut() {
+            let q = ((*x - m) as f64).exp() / sum;
+            if q > 0.0 {
+                entropy -= q * q.ln();
+            }
+            *x = q as f32;
+        }
+    }
+    let pt = Tensor::from_vec(p, &[ids.len(), v])?;
+    let loss = z.log_softmax_last()?.mul(&pt)?.sum_all()?.scale(-1.0 / ids.len() as f64)?;
+    Ok((loss, entropy / ids.len() as f64, agree))
+}
+
+fn evaluate(gpt: &Gpt, target: &Model, st: &mut State, samples: &[&[u32]]) -> Result<Evaluation> {
+    let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
+    for ids in samples {
+        let (loss, entropy, a) = no_grad(|| soft_loss(gpt, target, st, ids))?;
+        kl += (loss.item()? as f64 - entropy) * ids.len() as f64;
+        agree += a;
+        n += ids.len();
+    }
+    Ok(Evaluation { kl: kl / n.max(1) as f64, agreement: agree as f64 / n.max(1) as f64, positions: n })
+}
+
+/// Distil a draft of `cfg.layers` blocks for `target` on `set` (responses only; hidden states
+/// are not needed). `progress` is called after every optimizer step.
+pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: impl FnMut(Progress)) -> Result<Trained> {
+    if cfg.epochs == 0 || cfg.accumulate == 0 || cfg.max_len < 2 {
+        return Err(Error::Invalid("epochs and accumulate must be at least 1, max_len at least 2".into()));
+    }
+    let cut = |ids: &[u32]| ids[..ids.len().min(cfg.max_len).min(target.llama.cfg.context)].to_vec();
+    let held_out = |i: usize| i % 20 == 19 && set.samples.len() >= 20;
+    let mut train_set: Vec<Vec<u32>> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).map(|(_, s)| cut(&s.ids)).collect();
+    let eval_set: Vec<Vec<u32>> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).map(|(_, s)| cut(&s.ids)).collect();
+    if train_set.is_empty() {
+        return Err(Error::Invalid("no samples to train on".into()));
+    }
+    let mut gpt = from_target(target, cfg.layers)?;
+    let mut st = State::new(&target.llama.cfg);
+    st.activations = Activations::F32;
+    let eval_refs: Vec<&[u32]> = eval_set.iter().map(|v| v.as_slice()).collect();
+    let before = evaluate(&gpt, target, &mut st, &eval_refs)?;
+
+    let mut rng = Rng::new(cfg.seed);
+    let mut opt = AdamW::new(cfg.lr, (0.9, 0.95), 1e-8, 0.0);
+    let steps = train_set.len().div_ceil(cfg.accumulate) * cfg.epochs;
+    let sched = LrSchedule { base_lr: cfg.lr, min_lr: cfg.lr * 0.1, warmup: (steps / 20).max(1), total: steps };
+    let mut step = 0;
+    for _ in 0..cfg.epochs {
+        for i in (1..train_set.len()).rev() {
+            train_set.swap(i, rng.below(i + 1));
+        }
+        for group in train_set.chunks(cfg.accumulate) {
+            let mut total = 0f64;
+            for ids in group {
+                let (loss, entropy, _) = soft_loss(&gpt, target, &mut st, ids)?;
+                total += loss.item()? as f64 - entropy;
+                loss.scale(1.0 / group.len() as f64)?.backward()?;
+            }
+            opt.set_lr(sched.at(step));
+            opt.step(&mut gpt)?;
+            gpt.zero_grad();
+            step += 1;
+            progress(Progress { step, steps, loss: total / group.len() as f64 });
+        }
+    }
+    let after = evaluate(&gpt, target, &mut st, &eval_refs)?;
+    Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(Vec::len).sum() })
+}
+
+/// Write the draft as a GGUF beside the target's tokenizer and metadata: the target's
+/// embedding (and head), the trained blocks and final norm in Q8_0 (q/k rows back in the GGUF
+/// order).
+pub fn write_gguf(target: &Model, gpt: &mut Gpt, out: &Path) -> Result<()> {
+    let c = &target.llama.cfg;
+    let mut tensors = std::collections::HashMap::new();
+    let mut failure: Option<Error> = None;
+    gpt.visit("", &mut |name, t| {
+        if failure.is_some() || matches!(name, "tok_emb.weight" | "head.weight") {
+            return;
+        }
+        let Some((gname, heads)) = gguf_name(name, c.n_head, c.n_kv_head) else { return };
+        let write = || -> Result<Tensor> {
+            let mut v = t.to_vec_f32()?;
+            if let (Some(h), true) = (heads, c.rope_interleaved) {
+                v = qk_rows_to_gguf(&v, h, c.dim);
+            }
+            let shape = t.shape().to_vec();
+            if shape.len() == 2 && shape[1] % 32 == 0 {
+                let bytes: Vec<u8> = v.chunks(shape[1]).flat_map(|r| QuantType::Q8_0.quantize_row(r)).collect();
+                return Ok(Tensor::from_raw(augur_core::DType::Quant(QuantType::Q8_0), augur_core::Bytes::from_vec(bytes), &shape)?);
+            }
+            Ok(Tensor::from_vec(v, &shape)?)
+        };
+        match write() {
+            Ok(w) => {
+                tensors.insert(gname, w);
+            }
+            Err(e) => failure = Some(e),
+        }
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    let layers = gpt.config.n_layer;
+    write_truncated_gguf_with(&target.path, out, layers, &|name| tensors.get(name).cloned())?;
+    Ok(())
+}
