@@ -106,7 +106,12 @@ pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
     let rope_scaling = match c.rope_scaling {
         RopeScaling::None => NnRopeScaling::None,
         RopeScaling::Linear { factor } => NnRopeScaling::Linear { factor: factor as f64 },
-        RopeScaling::Llama3 { .. } => return Err(Error::Invalid("draft distillation does not support Llama-3 RoPE scaling yet".into())),
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => NnRopeScaling::Llama3 {
+            factor: factor as f64,
+            low_freq_factor: low_freq_factor as f64,
+            high_freq_factor: high_freq_factor as f64,
+            original_len: original_context as usize,
+        },
     };
     let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("draft distillation reads the target's GGUF file: {e}")))?;
     let gc = GptConfig {

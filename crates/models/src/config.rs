@@ -11,12 +11,10 @@ pub enum RopeScaling {
     /// Plain RoPE.
     None,
     /// Positions divided by `factor` (linear interpolation).
-    /// Positions divided by `factor` (linear interpolation).
     Linear {
         /// Context extension factor.
         factor: f32,
     },
-    /// Llama 3's per-frequency scaling.
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         /// Overall extension factor.

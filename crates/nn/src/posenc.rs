@@ -43,14 +43,12 @@ pub enum RopeScaling {
     #[default]
     /// Plain RoPE.
     None,
-    /// Position interpolation: every frequency divided by `factor`.
     /// Position interpolation: positions divided by `factor`.
     Linear {
         /// Context extension factor.
         factor: f64,
     },
     /// NTK-aware: the base grows to `theta × factor^(d / (d − 2))`, stretching low frequencies most.
-    /// NTK-aware: the base frequency raised so low frequencies stretch by `factor`.
     Ntk {
         /// Context extension factor.
         factor: f64,
@@ -67,8 +65,7 @@ pub enum RopeScaling {
         /// Rotations per context below which a dimension is interpolated.
         beta_slow: f64,
     },
-    /// Llama 3.1's wavelength bands.
-    /// Llama 3.1's frequency-dependent scaling.
+    /// Llama 3.1's frequency-dependent scaling (wavelength bands).
     Llama3 {
         /// Overall extension factor.
         factor: f64,
