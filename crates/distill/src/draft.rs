@@ -6,8 +6,9 @@
 //! and learns to predict what the whole model would say. It is written as a GGUF that carries
 //! the target's tokenizer, so `--spec draft:FILE` uses it like any draft model.
 //!
-//! Every 20th sample is held out: the KL divergence and the top-1 agreement with the target on
-//! it are measured before and after training.
+//! Only response positions train and count (drafting happens there; the prompt, a shared
+//! system prompt included, is context). Every 20th sample is held out: the KL divergence and the
+//! top-1 agreement with the target on it are measured before and after training.
 
 use std::path::Path;
 
@@ -31,7 +32,8 @@ pub struct DraftConfig {
     pub epochs: usize,
     /// Peak AdamW learning rate (linear warm-up, cosine decay).
     pub lr: f64,
-    /// Tokens of each sample used (longer samples are cut).
+    /// Tokens of each sample used (longer samples are cut; those whose response starts past it
+    /// are skipped).
     pub max_len: usize,
     /// Samples per optimizer step.
     pub accumulate: usize,
@@ -64,7 +66,7 @@ pub struct Trained {
     pub before: Evaluation,
     /// Held out, after training.
     pub after: Evaluation,
-    /// Positions trained on per epoch.
+    /// Response positions trained on per epoch.
     pub train_positions: usize,
 }
 
@@ -167,16 +169,25 @@ pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
     }
 }
 
-/// Cross-entropy of the draft against the target's softmax on `ids` (soft labels), with the
-/// target's entropy and the positions where their argmaxes agree.
-fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, ids: &[u32]) -> Result<(Tensor, f64, usize)> {
-    let v = target.llama.cfg.vocab;
+/// A sample cut to the training length, and the first position whose next token is part of
+/// the response (where drafting happens; earlier rows are context only).
+struct Cut {
+    ids: Vec<u32>,
+    from: usize,
+}
+
+/// Cross-entropy of the draft against the target's softmax on the response rows of `s` (soft
+/// labels), with the target's entropy and the rows where their argmaxes agree, all per row.
+fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, s: &Cut) -> Result<(Tensor, f64, usize)> {
+    let (v, ids) = (target.llama.cfg.vocab, &s.ids);
+    let rows = ids.len() - s.from;
     st.truncate(0);
     let mut p = target.llama.forward(st, ids, Logits::All)?.to_vec();
+    p[..s.from * v].fill(0.0);
     let (mut entropy, mut agree) = (0f64, 0usize);
     let z = gpt.forward(ids, 1, None)?.reshape(&[ids.len(), v])?;
     let zs = z.detach().to_vec_f32()?;
-    for (row, zr) in p.chunks_exact_mut(v).zip(zs.chunks_exact(v)) {
+    for (row, zr) in p.chunks_exact_mut(v).zip(zs.chunks_exact(v)).skip(s.from) {
         let top = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
         agree += (top(row) == top(zr)) as usize;
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
@@ -190,17 +201,18 @@ fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, ids: &[u32]) -> Result<(
         }
     }
     let pt = Tensor::from_vec(p, &[ids.len(), v])?;
-    let loss = z.log_softmax_last()?.mul(&pt)?.sum_all()?.scale(-1.0 / ids.len() as f64)?;
-    Ok((loss, entropy / ids.len() as f64, agree))
+    let loss = z.log_softmax_last()?.mul(&pt)?.sum_all()?.scale(-1.0 / rows as f64)?;
+    Ok((loss, entropy / rows as f64, agree))
 }
 
-fn evaluate(gpt: &Gpt, target: &Model, st: &mut State, samples: &[&[u32]]) -> Result<Evaluation> {
+fn evaluate(gpt: &Gpt, target: &Model, st: &mut State, samples: &[Cut]) -> Result<Evaluation> {
     let (mut kl, mut agree, mut n) = (0f64, 0usize, 0usize);
-    for ids in samples {
-        let (loss, entropy, a) = no_grad(|| soft_loss(gpt, target, st, ids))?;
-        kl += (loss.item()? as f64 - entropy) * ids.len() as f64;
+    for s in samples {
+        let rows = s.ids.len() - s.from;
+        let (loss, entropy, a) = no_grad(|| soft_loss(gpt, target, st, s))?;
+        kl += (loss.item()? as f64 - entropy) * rows as f64;
         agree += a;
-        n += ids.len();
+        n += rows;
     }
     Ok(Evaluation { kl: kl / n.max(1) as f64, agreement: agree as f64 / n.max(1) as f64, positions: n })
 }
@@ -211,18 +223,22 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
     if cfg.epochs == 0 || cfg.accumulate == 0 || cfg.max_len < 2 {
         return Err(Error::Invalid("epochs and accumulate must be at least 1, max_len at least 2".into()));
     }
-    let cut = |ids: &[u32]| ids[..ids.len().min(cfg.max_len).min(target.llama.cfg.context)].to_vec();
+    // Each sample up to max_len tokens; only those whose response starts inside that train.
+    let cut = |s: &crate::data::Sample| {
+        let ids = s.ids[..s.ids.len().min(cfg.max_len).min(target.llama.cfg.context)].to_vec();
+        let from = s.prompt_len.saturating_sub(1);
+        (from < ids.len()).then_some(Cut { ids, from })
+    };
     let held_out = |i: usize| i % 20 == 19 && set.samples.len() >= 20;
-    let mut train_set: Vec<Vec<u32>> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).map(|(_, s)| cut(&s.ids)).collect();
-    let eval_set: Vec<Vec<u32>> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).map(|(_, s)| cut(&s.ids)).collect();
+    let mut train_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
+    let eval_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
     if train_set.is_empty() {
-        return Err(Error::Invalid("no samples to train on".into()));
+        return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
     let mut gpt = from_target(target, cfg.layers)?;
     let mut st = State::new(&target.llama.cfg);
     st.activations = Activations::F32;
-    let eval_refs: Vec<&[u32]> = eval_set.iter().map(|v| v.as_slice()).collect();
-    let before = evaluate(&gpt, target, &mut st, &eval_refs)?;
+    let before = evaluate(&gpt, target, &mut st, &eval_set)?;
 
     let mut rng = Rng::new(cfg.seed);
     let mut opt = AdamW::new(cfg.lr, (0.9, 0.95), 1e-8, 0.0);
@@ -235,8 +251,8 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
         }
         for group in train_set.chunks(cfg.accumulate) {
             let mut total = 0f64;
-            for ids in group {
-                let (loss, entropy, _) = soft_loss(&gpt, target, &mut st, ids)?;
+            for sample in group {
+                let (loss, entropy, _) = soft_loss(&gpt, target, &mut st, sample)?;
                 total += loss.item()? as f64 - entropy;
                 loss.scale(1.0 / group.len() as f64)?.backward()?;
             }
@@ -247,8 +263,8 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
             progress(Progress { step, steps, loss: total / group.len() as f64 });
         }
     }
-    let after = evaluate(&gpt, target, &mut st, &eval_refs)?;
-    Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(Vec::len).sum() })
+    let after = evaluate(&gpt, target, &mut st, &eval_set)?;
+    Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(|s| s.ids.len() - s.from).sum() })
 }
 
 /// Write the draft as a GGUF beside the target's tokenizer and metadata: the target's
