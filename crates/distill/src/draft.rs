@@ -16,7 +16,7 @@ use augur_core::{no_grad, QuantType, Tensor};
 use augur_formats::gguf::Gguf;
 use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, RopeScaling, State};
 use augur_nn::gpt::{Gpt, GptConfig, MlpKind, NormKind};
-use augur_nn::optim::{AdamW, LrSchedule, Optimizer};
+use augur_nn::optim::{AdamW, Optimizer};
 use augur_nn::posenc::{PosKind, RopeScaling as NnRopeScaling};
 use augur_nn::{Module, ModuleExt, Rng};
 
@@ -243,12 +243,10 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
     let mut rng = Rng::new(cfg.seed);
     let mut opt = AdamW::new(cfg.lr, (0.9, 0.95), 1e-8, 0.0);
     let steps = train_set.len().div_ceil(cfg.accumulate) * cfg.epochs;
-    let sched = LrSchedule { base_lr: cfg.lr, min_lr: cfg.lr * 0.1, warmup: (steps / 20).max(1), total: steps };
+    let sched = crate::schedule(cfg.lr, steps);
     let mut step = 0;
     for _ in 0..cfg.epochs {
-        for i in (1..train_set.len()).rev() {
-            train_set.swap(i, rng.below(i + 1));
-        }
+        rng.shuffle(&mut train_set);
         for group in train_set.chunks(cfg.accumulate) {
             let mut total = 0f64;
             for sample in group {

@@ -18,6 +18,12 @@ pub mod medusa;
 
 pub use error::{Error, Result};
 
+/// The learning-rate schedule both speculators train with: linear warm-up over the first 5% of
+/// `steps`, then cosine decay to a tenth of `lr`.
+pub(crate) fn schedule(lr: f64, steps: usize) -> augur_nn::optim::LrSchedule {
+    augur_nn::optim::LrSchedule { base_lr: lr, min_lr: lr * 0.1, warmup: (steps / 20).max(1), total: steps }
+}
+
 /// Where training is, for a progress display.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {

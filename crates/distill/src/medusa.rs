@@ -13,7 +13,7 @@ use augur_decode::speculative::medusa::ResBlock;
 use augur_models::Llama;
 use augur_nn::layers::Linear;
 use augur_nn::module::join;
-use augur_nn::optim::{AdamW, LrSchedule, Optimizer};
+use augur_nn::optim::{AdamW, Optimizer};
 use augur_nn::{Module, Rng};
 
 use crate::data::{DistillSet, Sample};
@@ -186,12 +186,10 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
     let mut opt = AdamW::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0);
     let per_epoch = train_pos.len().div_ceil(cfg.batch);
     let steps = per_epoch * cfg.epochs;
-    let sched = LrSchedule { base_lr: cfg.lr, min_lr: cfg.lr * 0.1, warmup: (steps / 20).max(1), total: steps };
+    let sched = crate::schedule(cfg.lr, steps);
     let mut step = 0;
     for _ in 0..cfg.epochs {
-        for i in (1..train_pos.len()).rev() {
-            train_pos.swap(i, rng.below(i + 1));
-        }
+        rng.shuffle(&mut train_pos);
         for chunk in train_pos.chunks(cfg.batch) {
             let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
             let logits = heads.forward(&b.h, &head_w)?;
