@@ -95,27 +95,38 @@ pub(crate) fn peak_rss_mib() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// On a CUDA device: decode rates of greedy decoding with the captured step replayed as a graph
-/// (argmax on the device), one per run after a warm-up, on a fresh cache holding `prompt`.
+/// Decode rates of on-device greedy decoding (`[graph, persistent]`), one per run after a
+/// warm-up, each on a fresh cache holding `prompt`.
+type DeviceRates = [Vec<f64>; 2];
+
+/// On a CUDA device: greedy decoding with the argmax on the device, by each decoder (the
+/// captured step replayed as a graph; the persistent one-launch step), runs alternating.
 #[cfg(feature = "cuda")]
-fn graph_decode(model: &augur_models::Model, prompt: &[u32], gen_len: usize, runs: usize) -> Result<Option<Vec<f64>>> {
+fn device_decode(model: &augur_models::Model, prompt: &[u32], gen_len: usize, runs: usize) -> Result<Option<DeviceRates>> {
+    use augur_cuda::Decoder;
     let Some(gpu) = model.llama.gpu() else { return Ok(None) };
     if gen_len < 2 {
         return Ok(None);
     }
-    let mut rates = Vec::new();
+    let mut rates: DeviceRates = Default::default();
+    let decoders = [Decoder::Graph, Decoder::Persistent];
     for run in 0..=runs {
-        let mut seq = gpu.new_seq()?;
-        let out = gpu.greedy(&mut seq, prompt, gen_len, |_| true)?;
-        if run > 0 {
-            rates.push((out.tokens.len() - 1) as f64 / out.decode.as_secs_f64());
+        for (i, &decoder) in decoders.iter().enumerate() {
+            if decoder == Decoder::Persistent && gpu.decoder() != Decoder::Persistent {
+                continue;
+            }
+            let mut seq = gpu.new_seq()?;
+            let out = gpu.greedy_with(decoder, &mut seq, prompt, gen_len, |_| true)?;
+            if run > 0 {
+                rates[i].push((out.tokens.len() - 1) as f64 / out.decode.as_secs_f64());
+            }
         }
     }
     Ok(Some(rates))
 }
 
 #[cfg(not(feature = "cuda"))]
-fn graph_decode(_: &augur_models::Model, _: &[u32], _: usize, _: usize) -> Result<Option<Vec<f64>>> {
+fn device_decode(_: &augur_models::Model, _: &[u32], _: usize, _: usize) -> Result<Option<DeviceRates>> {
     Ok(None)
 }
 
@@ -182,7 +193,7 @@ pub fn main(a: Args) -> Result<()> {
             }
         }
     }
-    let graph = graph_decode(&model, &tokens[..a.depth + a.prompt_len], a.gen_len, a.runs)?;
+    let device = device_decode(&model, &tokens[..a.depth + a.prompt_len], a.gen_len, a.runs)?;
     let weight_bytes: usize = std::fs::metadata(&model.path).map(|m| m.len() as usize).unwrap_or(0);
     let bw = (a.bandwidth && weight_bytes > 0).then(|| read_bandwidth(weight_bytes));
     let r = |v: &[f64]| v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>();
@@ -208,8 +219,10 @@ pub fn main(a: Args) -> Result<()> {
             "model_bytes": weight_bytes,
             "decode_bound_tok_per_s": bw.map(|b| b * 1e9 / weight_bytes as f64),
             "device": model.llama.device_name(),
-            "decode_graph_tok_per_s": graph.as_ref().map(|v| median(v.clone())),
-            "decode_graph_runs": graph.as_deref().map(r),
+            "decode_graph_tok_per_s": device.as_ref().map(|[g, _]| median(g.clone())),
+            "decode_graph_runs": device.as_ref().map(|[g, _]| r(g)),
+            "decode_persistent_tok_per_s": device.as_ref().filter(|[_, p]| !p.is_empty()).map(|[_, p]| median(p.clone())),
+            "decode_persistent_runs": device.as_ref().map(|[_, p]| r(p)),
         })
     );
     Ok(())

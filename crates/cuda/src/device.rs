@@ -56,6 +56,7 @@ pub(crate) struct Kernels {
     pub attn: CudaFunction,
     pub argmax: CudaFunction,
     pub keep_rows: CudaFunction,
+    pub decode_step: CudaFunction,
 }
 
 /// One CUDA device: context, the stream every launch goes to, and the compiled kernels.
@@ -78,7 +79,8 @@ impl std::fmt::Debug for Device {
     }
 }
 
-const SOURCE: &str = include_str!("kernels.cu");
+/// One NVRTC program: the kernels, then the persistent decode step that reuses their helpers.
+const SOURCE: &str = concat!(include_str!("kernels.cu"), include_str!("decode.cu"));
 
 impl Device {
     /// Open device `ordinal` and compile (or load from the cache) the kernels for it.
@@ -113,9 +115,10 @@ impl Device {
             attn: f("attn")?,
             argmax: f("argmax")?,
             keep_rows: f("keep_rows")?,
+            decode_step: f("decode_step")?,
         };
         use cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
-        for mv in k.matvec.iter().chain(&k.qkv_rope) {
+        for mv in k.matvec.iter().chain(&k.qkv_rope).chain([&k.decode_step]) {
             mv.set_attribute(MAX_SMEM, MATVEC_SMEM as i32)?;
         }
         let name = ctx.name()?;
@@ -128,6 +131,12 @@ impl Device {
     /// The device's name (`NVIDIA H200`).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The SM clock in kHz, as the device reports it.
+    pub(crate) fn clock_khz(&self) -> Result<f64> {
+        use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE;
+        Ok(self.ctx.attribute(CU_DEVICE_ATTRIBUTE_CLOCK_RATE)? as f64)
     }
 
     /// Wait for all queued work.
@@ -152,7 +161,12 @@ impl Device {
     }
 
     pub(crate) fn read<T: DeviceRepr>(&self, src: &Buf<T>, dst: &mut [T]) -> Result<()> {
-        let view = src.slice.slice(..dst.len());
+        self.read_at(src, 0, dst)
+    }
+
+    /// Copy `dst.len()` elements from element `at` of `src`.
+    pub(crate) fn read_at<T: DeviceRepr>(&self, src: &Buf<T>, at: usize, dst: &mut [T]) -> Result<()> {
+        let view = src.slice.slice(at..at + dst.len());
         Ok(self.stream.memcpy_dtoh(&view, dst)?)
     }
 }

@@ -8,7 +8,9 @@ use cudarc::driver::sys::CUgraphInstantiate_flags;
 use cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL;
 use cudarc::driver::CudaGraph;
 
-use crate::device::{Buf, Device};
+use crate::device::{Buf, Device, MATVEC_SMEM};
+use crate::mega::{DLayer, DModel, Persistent};
+
 use crate::ops::{DevMat, Input, ATT_SPAN};
 use crate::{Error, Result};
 
@@ -144,6 +146,8 @@ pub struct GpuSeq {
     /// A failed [`GpuSeq::keep`], reported by the next pass.
     failed: Option<String>,
     graph: Option<Graph>,
+    /// State of the persistent decode step, made at its first use.
+    persistent: Option<Persistent>,
     /// Host staging for `meta` and the mask.
     meta_host: Vec<i32>,
     mask_host: Vec<u8>,
@@ -161,6 +165,20 @@ struct Graph(CudaGraph);
 // SAFETY: CUDA graphs may be used from any thread as long as calls on one graph are serialized;
 // a `Graph` is owned by one `GpuSeq` and used only through `&mut GpuSeq`.
 unsafe impl Send for Graph {}
+
+/// How [`GpuModel::greedy`] runs its decode steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decoder {
+    /// One captured step (about 150 launches) replayed as a CUDA graph.
+    Graph,
+    /// One persistent launch per step (`decode.cu`): every block resident, the phases separated
+    /// by grid-wide barriers; several steps queued before the host reads their ids.
+    Persistent,
+}
+
+/// Steps the persistent decoder queues before reading their ids back (the steps past a stop
+/// are computed and discarded).
+const QUEUED_STEPS: usize = 8;
 
 /// Timings of [`GpuModel::greedy`].
 #[derive(Debug, Clone, Default)]
@@ -264,6 +282,7 @@ impl GpuModel {
             kvd,
             failed: None,
             graph: None,
+            persistent: None,
             meta_host: Vec::new(),
             mask_host: Vec::new(),
         };
@@ -451,15 +470,45 @@ impl GpuModel {
         Ok(())
     }
 
-    /// Greedy decoding on the device: the prompt pass, then one captured decode step replayed
-    /// as a CUDA graph per token, the argmax on the device. `on_token` sees each id and returns
+    /// The decoder [`GpuModel::greedy`] uses: the persistent step where the model fits it
+    /// (`AUGUR_CUDA_DECODER=graph` asks for the graph).
+    pub fn decoder(&self) -> Decoder {
+        if self.persistent_fits() && std::env::var("AUGUR_CUDA_DECODER").map_or(true, |v| v != "graph") {
+            Decoder::Persistent
+        } else {
+            Decoder::Graph
+        }
+    }
+
+    /// Whether the persistent step handles this model's shapes (its attention takes head_dim a
+    /// multiple of 32 up to 256; its inputs and a norm's weights live in shared memory).
+    fn persistent_fits(&self) -> bool {
+        let d = &self.dims;
+        d.head_dim % 32 == 0 && d.head_dim <= 256 && d.n_head % d.n_kv_head == 0 && (self.width() + d.dim) * 4 <= MATVEC_SMEM
+    }
+
+    /// The widest input of a block's projections.
+    fn width(&self) -> usize {
+        let d = &self.dims;
+        d.dim.max(d.hidden).max(d.n_head * d.head_dim)
+    }
+
+    /// Greedy decoding on the device with [`GpuModel::decoder`]'s decoder.
+    pub fn greedy(&self, s: &mut GpuSeq, prompt: &[u32], max_new: usize, on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
+        self.greedy_with(self.decoder(), s, prompt, max_new, on_token)
+    }
+
+    /// Greedy decoding on the device: the prompt pass, then decode steps that keep the argmax
+    /// on the device, so only token ids cross to the host. `on_token` sees each id and returns
     /// whether to go on; at most `max_new` tokens.
-    pub fn greedy(&self, s: &mut GpuSeq, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
+    pub fn greedy_with(&self, decoder: Decoder, s: &mut GpuSeq, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
         let d = &self.dims;
         if prompt.is_empty() || prompt.len() + max_new > d.context {
             return Err(Error::Unsupported(format!("{} prompt tokens + {max_new} new do not fit a context of {}", prompt.len(), d.context)));
         }
-        let dev = &self.dev;
+        if decoder == Decoder::Persistent && !self.persistent_fits() {
+            return Err(Error::Unsupported(format!("the persistent decode step takes head_dim a multiple of 32 up to 256 and inputs of at most {} floats", MATVEC_SMEM / 4)));
+        }
         let t0 = Instant::now();
         let mut run = GreedyRun::default();
         // The prompt, in chunks, all but its last token's logits skipped.
@@ -469,11 +518,31 @@ impl GpuModel {
             self.run(s, &Pass { tokens: toks, pos0: start, tree: None, n_layers: d.n_layer, out: Out::Last }, None)?;
         }
         self.fit(s, 1)?;
-        let mut pos = split;
-        let mut id = [prompt[split] as i32];
+        let mut emit = |tok: i32| -> Result<bool> {
+            if tok < 0 || tok as usize >= d.vocab {
+                return Err(Error::Unsupported(format!("the device's argmax gave token {tok} (non-finite logits?)")));
+            }
+            if run.tokens.is_empty() {
+                run.prefill = t0.elapsed();
+            }
+            run.tokens.push(tok as u32);
+            Ok(on_token(tok as u32))
+        };
+        match decoder {
+            Decoder::Graph => self.decode_graph(s, prompt[split], split, max_new, &mut emit)?,
+            Decoder::Persistent => self.decode_persistent(s, prompt[split], split, max_new, &mut emit)?,
+        }
+        run.decode = t0.elapsed() - run.prefill;
+        Ok(run)
+    }
+
+    /// Decode steps from token `first` at position `pos`, one captured step replayed per token.
+    fn decode_graph(&self, s: &mut GpuSeq, first: u32, mut pos: usize, max_new: usize, emit: &mut dyn FnMut(i32) -> Result<bool>) -> Result<()> {
+        let dev = &self.dev;
+        let mut id = [first as i32];
         dev.write(&mut s.ids, &id)?;
         let nsplit = self.nsplit_max();
-        while run.tokens.len() < max_new {
+        for _ in 0..max_new {
             dev.write(&mut s.meta, &[pos as i32, pos as i32])?;
             if s.graph.is_none() {
                 dev.stream.begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
@@ -489,18 +558,108 @@ impl GpuModel {
             }
             dev.read(&s.ids, &mut id)?;
             dev.synchronize()?;
-            if run.tokens.is_empty() {
-                run.prefill = t0.elapsed();
-            }
             pos += 1;
-            let tok = id[0] as u32;
-            run.tokens.push(tok);
-            if !on_token(tok) {
+            if !emit(id[0])? {
                 break;
             }
         }
-        run.decode = t0.elapsed() - run.prefill;
-        Ok(run)
+        Ok(())
+    }
+
+    /// Decode steps from token `first` at position `pos`, one persistent launch per token,
+    /// [`QUEUED_STEPS`] queued at a time (the first alone, so its latency is measured).
+    fn decode_persistent(&self, s: &mut GpuSeq, first: u32, pos: usize, max_new: usize, emit: &mut dyn FnMut(i32) -> Result<bool>) -> Result<()> {
+        let d = &self.dims;
+        let dev = &self.dev;
+        if s.persistent.is_none() {
+            s.persistent = Some(Persistent::new(dev, &self.block_table(s), self.width() + d.dim, d.n_head, d.head_dim, d.context)?);
+        }
+        let Some(p) = s.persistent.as_mut() else { unreachable!() };
+        if p.tokens.len() < max_new {
+            p.tokens = dev.alloc(max_new)?;
+        }
+        dev.write(&mut s.ids, &[first as i32])?;
+        dev.write(&mut s.meta, &[pos as i32, 0])?;
+        let head = self.output.as_ref().unwrap_or(&self.embed);
+        let m = DModel {
+            layers: p.layers.ptr,
+            embed: self.embed.ptr(),
+            out: head.ptr(),
+            norm: self.norm.ptr,
+            rope: self.rope.ptr,
+            x: s.x.ptr,
+            q: s.q.ptr,
+            att: s.att.ptr,
+            h: s.gate.ptr,
+            logits: 0,
+            po: p.po.ptr,
+            pml: p.pml.ptr,
+            counters: s.counters.ptr,
+            best_v: p.best_v.ptr,
+            best_i: p.best_i.ptr,
+            ids: s.ids.ptr,
+            meta: s.meta.ptr,
+            tokens: p.tokens.ptr,
+            bar: p.bar.ptr,
+            dim: d.dim as i32,
+            hidden: d.hidden as i32,
+            nh: d.n_head as i32,
+            nkv: d.n_kv_head as i32,
+            hd: d.head_dim as i32,
+            vocab: d.vocab as i32,
+            n_layer: d.n_layer as i32,
+            interleaved: d.rope_interleaved as i32,
+            t_embed: self.embed.ty as i32,
+            t_out: head.ty as i32,
+            timing: p.timing.as_ref().map_or(0, |t| t.ptr),
+            eps: d.rms_eps,
+            scale: 1.0 / (d.head_dim as f32).sqrt(),
+        };
+        let mut ids = [0i32; QUEUED_STEPS];
+        let mut done = 0;
+        while done < max_new {
+            let b = if done == 0 { 1 } else { QUEUED_STEPS.min(max_new - done) };
+            for _ in 0..b {
+                // SAFETY: scratch fitted for one token (`h` is `gate`, `hidden` wide), the caches
+                // for the whole context (`pos + max_new` checked by the caller), the partials
+                // for its splits, `tokens` for `max_new` ids.
+                unsafe { dev.decode_step(&m, p)? };
+            }
+            dev.read_at(&p.tokens, done, &mut ids[..b])?;
+            dev.synchronize()?;
+            let stop = ids[..b].iter().map(|&t| emit(t)).find(|go| !matches!(go, Ok(true)));
+            if let Some(stop) = stop {
+                stop?;
+                break;
+            }
+            done += b;
+        }
+        if let Some(t) = &p.timing {
+            let mut stamps = vec![0i64; t.len()];
+            dev.read(t, &mut stamps)?;
+            eprintln!("{}", crate::mega::timing_report(&stamps, d.n_layer, dev.clock_khz()?));
+        }
+        Ok(())
+    }
+
+    /// The persistent step's table of blocks, with `s`'s caches.
+    fn block_table(&self, s: &GpuSeq) -> Vec<DLayer> {
+        let layers = self.layers.iter().zip(s.kc.iter().zip(&s.vc));
+        layers
+            .map(|(w, (kc, vc))| {
+                let mats = [&w.wq, &w.wk, &w.wv, &w.wo, &w.w_gate, &w.w_up, &w.w_down];
+                DLayer {
+                    attn_norm: w.attn_norm.ptr,
+                    ffn_norm: w.ffn_norm.ptr,
+                    w: mats.map(DevMat::ptr),
+                    bias: [0, 1, 2].map(|i| w.bias[i].as_ref().map_or(0, |b| b.ptr)),
+                    kc: kc.ptr,
+                    vc: vc.ptr,
+                    ty: mats.map(|m| m.ty as i32),
+                    pad: 0,
+                }
+            })
+            .collect()
     }
 
     /// One decode step from the token in `s.ids[0]` to the argmax written back there.

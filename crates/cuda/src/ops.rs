@@ -31,6 +31,13 @@ pub struct DevMat {
     buf: Buf<u8>,
 }
 
+impl DevMat {
+    /// Device address of the first row.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.buf.ptr
+    }
+}
+
 fn type_index(w: &Weights) -> usize {
     match w {
         Weights::F32(_) => 0,

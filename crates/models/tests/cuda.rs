@@ -5,11 +5,17 @@
 #![cfg(feature = "cuda")]
 
 use augur_core::QuantType;
+use augur_cuda::Decoder;
 use augur_models::{tiny, Activations, Logits, Model, State};
 
 fn open(arch: &str, tied: bool, quant: Option<QuantType>) -> Option<(Model, Model)> {
-    let path = std::env::temp_dir().join(format!("augur-cuda-{arch}-{tied}-{quant:?}-{}.gguf", std::process::id()));
-    tiny::write_gguf_arch(&path, arch, tied, quant, 7).unwrap();
+    open_config(&tiny::config_arch(arch, tied), quant, quant)
+}
+
+fn open_config(cfg: &augur_models::Config, quant: Option<QuantType>, embed: Option<QuantType>) -> Option<(Model, Model)> {
+    let name = format!("augur-cuda-{}-{}-{}-{quant:?}-{embed:?}-{}.gguf", cfg.arch, cfg.tied_embeddings, cfg.context, std::process::id());
+    let path = std::env::temp_dir().join(name);
+    tiny::write_gguf_config(&path, cfg, quant, embed, 7).unwrap();
     let cpu = Model::open(&path).unwrap();
     let mut gpu = Model::open(&path).unwrap();
     std::fs::remove_file(&path).ok();
@@ -102,24 +108,55 @@ fn tree_pass_keep_and_early_exit_match_the_cpu() {
     assert!(max_rel(h.hidden(), hc.hidden()) < 1e-4, "Logits::Hidden");
 }
 
-#[test]
-fn graph_replayed_greedy_equals_the_cpu_greedy() {
-    let Some((cpu, gpu)) = open("llama", true, Some(QuantType::Q4_1)) else { return };
-    let g = gpu.llama.gpu().unwrap();
-    let mut seq = g.new_seq().unwrap();
-    let run = g.greedy(&mut seq, &PROMPT, 40, |_| true).unwrap();
-    let mut st = cpu_state(&cpu);
-    let mut logits = cpu.llama.forward(&mut st, &PROMPT, Logits::Last).unwrap().to_vec();
+/// The CPU's greedy continuation of `prompt` (first maximum on ties, as the device's argmax).
+fn cpu_greedy(cpu: &Model, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut st = cpu_state(cpu);
+    let mut logits = cpu.llama.forward(&mut st, prompt, Logits::Last).unwrap().to_vec();
     let mut want = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..n {
         let next = logits.iter().enumerate().fold(0, |b, (i, &v)| if v > logits[b] { i } else { b }) as u32;
         want.push(next);
         logits = cpu.llama.forward(&mut st, &[next], Logits::Last).unwrap().to_vec();
     }
-    assert_eq!(run.tokens, want);
-    // A second run on a fresh sequence replays a new capture and gives the same ids.
+    want
+}
+
+#[test]
+fn graph_and_persistent_greedy_equal_the_cpu_greedy() {
+    let Some((cpu, gpu)) = open("llama", true, Some(QuantType::Q4_1)) else { return };
+    let g = gpu.llama.gpu().unwrap();
+    assert_eq!(g.decoder(), Decoder::Persistent, "the default decoder for a model that fits it");
+    let want = cpu_greedy(&cpu, &PROMPT, 40);
+    for decoder in [Decoder::Graph, Decoder::Persistent] {
+        let mut seq = g.new_seq().unwrap();
+        let run = g.greedy_with(decoder, &mut seq, &PROMPT, 40, |_| true).unwrap();
+        assert_eq!(run.tokens, want, "{decoder:?}");
+        // Again on the same sequence (a new capture or block table is not needed) and on a
+        // fresh one: the same ids.
+        assert_eq!(g.greedy_with(decoder, &mut seq, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} again");
+        let mut fresh = g.new_seq().unwrap();
+        assert_eq!(g.greedy_with(decoder, &mut fresh, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} fresh");
+        // A stop after 5 tokens returns exactly those.
+        let mut seen = 0;
+        let run = g.greedy_with(decoder, &mut fresh, &PROMPT, 40, |_| { seen += 1; seen < 5 }).unwrap();
+        assert_eq!(run.tokens, want[..5], "{decoder:?} stopped");
+    }
+}
+
+#[test]
+fn persistent_greedy_handles_biases_mixed_types_and_split_attention() {
+    // Qwen2 (q/k/v biases, rotate-half RoPE), an untied Q8_0 head over Q4_K blocks, and a
+    // context long enough that attention runs in several key splits (256 keys each).
+    let mut cfg = tiny::config_arch("qwen2", false);
+    cfg.context = 1024;
+    let Some((cpu, gpu)) = open_config(&cfg, Some(QuantType::Q4_K), Some(QuantType::Q8_0)) else { return };
+    let g = gpu.llama.gpu().unwrap();
+    let prompt: Vec<u32> = (0..600).map(|i| ((i * 37 + 11) % 260) as u32).collect();
+    let want = cpu_greedy(&cpu, &prompt, 24);
     let mut seq = g.new_seq().unwrap();
-    assert_eq!(g.greedy(&mut seq, &PROMPT, 40, |_| true).unwrap().tokens, want);
+    assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, &prompt, 24, |_| true).unwrap().tokens, want);
+    let mut seq = g.new_seq().unwrap();
+    assert_eq!(g.greedy_with(Decoder::Graph, &mut seq, &prompt, 24, |_| true).unwrap().tokens, want);
 }
 
 #[test]

@@ -1,0 +1,533 @@
+// One greedy decode step of a whole Llama-family model in one persistent launch.
+//
+// At batch 1 a step is ~150 matrix-vector products of a few hundred KB each: launched one by one
+// they are latency-bound (about 8 µs each on an H200, where the weights of a whole step stream
+// in 18 µs). Here one cooperative launch keeps every block resident and runs the phases back to
+// back, separated by a grid-wide barrier:
+//   per block: q/k/v + RoPE + cache write | attention | o-proj + residual
+//              | gate/up + SwiGLU | down + residual
+//   then the output head with the argmax, the next token id left on the device.
+// Each phase spreads its rows over every warp of the grid; every block recomputes the normalised
+// input in its own shared memory (a few KB), so no phase needs a barrier of its own. Attention
+// spreads 32-key chunks of every head over all SMs (on a few SMs it was bound by their share of
+// the bandwidth: 21 µs a block instead of 3.5). The next block's weights and cache are
+// prefetched into L2 while the current one runs. Activations written inside
+// the launch are read with ld.global.cg (from L2, never from a block's stale L1).
+//
+// Appended to kernels.cu by the build (one NVRTC program): it reuses dq8, warp_sum, block_sum.
+
+// Weights of one decoder block (`DLayer` in mega.rs, field for field).
+struct DLayer {
+    const float* attn_norm;
+    const float* ffn_norm;
+    const u8* w[7];  // q, k, v, o, gate, up, down
+    const float* bias[3];
+    float* kc;
+    float* vc;
+    int ty[7];
+    int pad;
+};
+
+// The model, the sequence's scratch and the step's state (`DModel` in mega.rs).
+struct DModel {
+    const DLayer* layers;
+    const u8* embed;
+    const u8* out;
+    const float* norm;
+    const float* rope;
+    float* x;        // [dim] residual stream
+    float* q;        // [nh * hd]
+    float* att;      // [nh * hd]
+    float* h;        // [hidden] SwiGLU output
+    float* logits;   // [vocab], or null
+    float* po;       // attention partials [nh][chunks of 32 keys][hd]
+    float* pml;      // [nh][chunks][2]: (max, sum)
+    int* counters;   // [nh] zeros, left at zero
+    float* best_v;   // [gridDim.x] per-block maxima of the head
+    int* best_i;
+    int* ids;        // [0]: the step's input token, replaced by its argmax
+    int* meta;       // [0]: cached positions (the token's position), [1]: steps taken
+    int* tokens;     // tokens[meta[1]] = the argmax
+    unsigned* bar;   // [0]: barrier arrivals, [1]: blocks done (both left at zero)
+    int dim, hidden, nh, nkv, hd, vocab, n_layer, interleaved;
+    int t_embed, t_out;
+    long long* timing;  // null, or block 0's clock at each phase boundary (AUGUR_CUDA_TIMING)
+    float eps, scale;
+};
+
+// Block 0's clock at the next phase boundary, when timing is asked for.
+#define STAMP()                                                                           \
+    do {                                                                                  \
+        if (m.timing && blockIdx.x == 0 && threadIdx.x == 0) m.timing[stamp] = clock64(); \
+        stamp++;                                                                          \
+    } while (0)
+
+#ifndef DK_SPIN_NS
+#define DK_SPIN_NS 0  // sleep between polls of a grid barrier (tuning knob)
+#endif
+#ifndef DK_MIN_BLOCKS
+#define DK_MIN_BLOCKS 1  // blocks per SM the register budget must allow (tuning knob)
+#endif
+#ifndef DK_KB_MAX
+#define DK_KB_MAX 16  // most keys whose values the attention loads at once (tuning knob)
+#endif
+#ifndef DK_UNROLL_ROWS
+#define DK_UNROLL_ROWS 2  // rows' worth of weight chunks a warp loads at once (tuning knob)
+#endif
+#ifndef DK_PREFETCH
+#define DK_PREFETCH 1  // prefetch the next block's weights and cache into L2 (tuning knob)
+#endif
+#define DK_THREADS 256
+#define DK_WARPS (DK_THREADS / 32)
+
+__device__ __forceinline__ size_t rb_any(int ty, int k) {
+    switch (ty) {
+        case T_F32: return row_bytes<T_F32>(k);
+        case T_F16: return row_bytes<T_F16>(k);
+        case T_BF16: return row_bytes<T_BF16>(k);
+        case T_Q4_0: return row_bytes<T_Q4_0>(k);
+        case T_Q4_1: return row_bytes<T_Q4_1>(k);
+        case T_Q5_0: return row_bytes<T_Q5_0>(k);
+        case T_Q5_1: return row_bytes<T_Q5_1>(k);
+        case T_Q8_0: return row_bytes<T_Q8_0>(k);
+        case T_Q4_K: return row_bytes<T_Q4_K>(k);
+        case T_Q5_K: return row_bytes<T_Q5_K>(k);
+        default: return row_bytes<T_Q6_K>(k);
+    }
+}
+
+// out[i] = W_i[row_i] · xs for R rows (same block type), k inputs in shared memory, summed over
+// the warp (every lane gets them). The R rows' loads are issued together, so a warp waits for
+// one memory round trip per chunk step rather than R. Per lane, chunk sums are added up in
+// order (as dot_chunk).
+template <int T, int R>
+__device__ __forceinline__ void wdot(const u8* const* w, const int* row, const float* xs, int k, float* out) {
+    size_t rb = row_bytes<T>(k);
+    float a[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) a[r] = 0.f;
+    // U chunks per row in flight: about four rows' worth of loads at a time.
+    constexpr int U = R >= DK_UNROLL_ROWS ? 1 : DK_UNROLL_ROWS / R;
+    int chunks = k / 8;
+    for (int c0 = threadIdx.x & 31; c0 < chunks; c0 += 32 * U) {
+        float v[U][R][8];
+#pragma unroll
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                if (c0 + 32 * u < chunks) dq8<T>(w[r] + (size_t)row[r] * rb, c0 + 32 * u, v[u][r]);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int c = c0 + 32 * u;
+            if (c >= chunks) break;
+            float4 x0 = *(const float4*)(xs + c * 8), x1 = *(const float4*)(xs + c * 8 + 4);
+#pragma unroll
+            for (int r = 0; r < R; r++)
+                a[r] += v[u][r][0] * x0.x + v[u][r][1] * x0.y + v[u][r][2] * x0.z + v[u][r][3] * x0.w + v[u][r][4] * x1.x +
+                        v[u][r][5] * x1.y + v[u][r][6] * x1.z + v[u][r][7] * x1.w;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] = warp_sum(a[r]);
+}
+
+template <int R> __device__ void wdot_any(int ty, const u8* const* w, const int* row, const float* xs, int k, float* out) {
+    switch (ty) {
+        case T_F32: wdot<T_F32, R>(w, row, xs, k, out); break;
+        case T_F16: wdot<T_F16, R>(w, row, xs, k, out); break;
+        case T_BF16: wdot<T_BF16, R>(w, row, xs, k, out); break;
+        case T_Q4_0: wdot<T_Q4_0, R>(w, row, xs, k, out); break;
+        case T_Q4_1: wdot<T_Q4_1, R>(w, row, xs, k, out); break;
+        case T_Q5_0: wdot<T_Q5_0, R>(w, row, xs, k, out); break;
+        case T_Q5_1: wdot<T_Q5_1, R>(w, row, xs, k, out); break;
+        case T_Q8_0: wdot<T_Q8_0, R>(w, row, xs, k, out); break;
+        case T_Q4_K: wdot<T_Q4_K, R>(w, row, xs, k, out); break;
+        case T_Q5_K: wdot<T_Q5_K, R>(w, row, xs, k, out); break;
+        default: wdot<T_Q6_K, R>(w, row, xs, k, out); break;
+    }
+}
+
+// One row.
+__device__ __forceinline__ float wdot1(int ty, const u8* w, int row, const float* xs, int k) {
+    float o;
+    wdot_any<1>(ty, &w, &row, xs, k, &o);
+    return o;
+}
+
+// Two rows, of two matrices that may differ in type.
+__device__ __forceinline__ void wdot2(const int* ty, const u8* const* w, const int* row, const float* xs, int k, float* out) {
+    if (ty[0] == ty[1]) {
+        wdot_any<2>(ty[0], w, row, xs, k, out);
+    } else {
+        out[0] = wdot1(ty[0], w[0], row[0], xs, k);
+        out[1] = wdot1(ty[1], w[1], row[1], xs, k);
+    }
+}
+
+__device__ void dq8_any(int ty, const u8* row, int c, float* o) {
+    switch (ty) {
+        case T_F32: dq8<T_F32>(row, c, o); break;
+        case T_F16: dq8<T_F16>(row, c, o); break;
+        case T_BF16: dq8<T_BF16>(row, c, o); break;
+        case T_Q4_0: dq8<T_Q4_0>(row, c, o); break;
+        case T_Q4_1: dq8<T_Q4_1>(row, c, o); break;
+        case T_Q5_0: dq8<T_Q5_0>(row, c, o); break;
+        case T_Q5_1: dq8<T_Q5_1>(row, c, o); break;
+        case T_Q8_0: dq8<T_Q8_0>(row, c, o); break;
+        case T_Q4_K: dq8<T_Q4_K>(row, c, o); break;
+        case T_Q5_K: dq8<T_Q5_K>(row, c, o); break;
+        default: dq8<T_Q6_K>(row, c, o); break;
+    }
+}
+
+// The next grid-wide barrier of this launch (`arrivals` counts the arrivals it waits for):
+// returns once every block has arrived, with the writes made before it visible. The block's
+// writes are ordered before thread 0's release-add by the CTA barrier (release is cumulative);
+// thread 0's acquire-load orders what follows.
+__device__ __forceinline__ void grid_barrier(unsigned* ctr, unsigned& arrivals) {
+    __syncthreads();
+    arrivals += gridDim.x;
+    if (threadIdx.x == 0) {
+        asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(ctr) : "memory");
+        unsigned v;
+        do {
+#if DK_SPIN_NS > 0
+            __nanosleep(DK_SPIN_NS);
+#endif
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
+        } while (v < arrivals);
+    }
+    __syncthreads();
+}
+
+// Pull `bytes` at `p` into L2, spread over every thread of the grid.
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+    if (!DK_PREFETCH) return;
+    size_t stride = (size_t)gridDim.x * blockDim.x * 128;
+    for (size_t off = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += stride)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"((const u8*)p + off));
+}
+
+__device__ void prefetch_layer(const DModel& m, const DLayer* L) {
+    int qd = m.nh * m.hd, kvd = m.nkv * m.hd;
+    const int rows[7] = {qd, kvd, kvd, m.dim, m.hidden, m.hidden, m.dim};
+    const int ks[7] = {m.dim, m.dim, m.dim, qd, m.dim, m.dim, m.hidden};
+#pragma unroll
+    for (int i = 0; i < 7; i++) prefetch_l2(L->w[i], (size_t)rows[i] * rb_any(L->ty[i], ks[i]));
+}
+
+// xs = src (k floats written earlier in this launch), then RMSNorm(xs) * nw unless nw is null.
+// The norm weights go to `wn` (shared) in the same pass, so their loads overlap the input's.
+__device__ void stage_input(float* xs, float* wn, const float* src, int k, const float* nw, float eps) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < k; i += blockDim.x) {
+        float v = __ldcg(src + i);
+        if (nw) wn[i] = nw[i];
+        xs[i] = v;
+        ss += v * v;
+    }
+    if (nw) {
+        ss = block_sum(ss);
+        float r = 1.0f / sqrtf(ss / (float)k + eps);
+        for (int i = threadIdx.x; i < k; i += blockDim.x) xs[i] = xs[i] * r * wn[i];
+    }
+    __syncthreads();
+}
+
+// acc[i] += sum over the warp's nk keys (at most 32) of p_j * V[j][lane + 32 i], key j's weight
+// p in lane j; KB keys' loads issued together.
+template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int stride, int nk, float p, float* acc) {
+    constexpr int KB = 32 / ND > DK_KB_MAX ? DK_KB_MAX : 32 / ND;
+    int lane = threadIdx.x & 31;
+    for (int j0 = 0; j0 < nk; j0 += KB) {
+        float vv[KB][ND], pj[KB];
+#pragma unroll
+        for (int u = 0; u < KB; u++) {
+            int jj = min(j0 + u, nk - 1);  // past the warp's keys: a valid row, weight 0
+            float pu = __shfl_sync(0xffffffffu, p, jj);
+            pj[u] = j0 + u < nk ? pu : 0.f;
+#pragma unroll
+            for (int i = 0; i < ND; i++) vv[u][i] = __ldcg(v + (size_t)jj * stride + lane + 32 * i);
+        }
+#pragma unroll
+        for (int u = 0; u < KB; u++)
+#pragma unroll
+            for (int i = 0; i < ND; i++) acc[i] += pj[u] * vv[u][i];
+    }
+}
+
+// Attention of the step's query (m.q) against cache rows 0..pos in chunks of 32 keys, one key
+// per lane. Chunk c of head h is item h * nchunk + c, taken by warp item / gridDim.x of block
+// item % gridDim.x: the chunks spread over every SM, so the cache streams at the device's
+// bandwidth rather than a few SMs'. Each warp writes its partial (max, sum, unnormalised
+// output); the last warp of a head to finish merges them (a counter per head, left at zero).
+__device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nkeys = pos + 1, nchunk = (nkeys + 31) / 32;
+    int hd = m.hd, nd = hd / 32, kvd = m.nkv * hd, group = m.nh / m.nkv;
+    for (int it = blockIdx.x + warp * gridDim.x; it < m.nh * nchunk; it += gridDim.x * DK_WARPS) {
+        int h = it / nchunk, c = it % nchunk, kvh = h / group;
+        int j = c * 32 + lane;
+        bool ok = j < nkeys;
+        // q · k of this lane's key, q scaled first (as `attn`), eight 16-byte loads of each in
+        // flight at a time (hd is a multiple of 32).
+        const float4* kr = (const float4*)(L->kc + (size_t)(ok ? j : nkeys - 1) * kvd + kvh * hd);
+        const float4* qr = (const float4*)(m.q + h * hd);
+        float d = 0.f;
+        for (int i0 = 0; i0 < hd / 4; i0 += 8) {
+            float4 a[8], b[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+                a[e] = __ldcg(kr + i0 + e);
+                b[e] = __ldcg(qr + i0 + e);
+            }
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                d += a[e].x * (b[e].x * m.scale) + a[e].y * (b[e].y * m.scale) + a[e].z * (b[e].z * m.scale) +
+                     a[e].w * (b[e].w * m.scale);
+        }
+        float score = ok ? d : -INFINITY, mx = score;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float p = ok ? expf(score - mx) : 0.f;
+        float l = warp_sum(p);
+        float acc[ATT_MAXD];
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) acc[i] = 0.f;
+        int nk = min(32, nkeys - c * 32);
+        const float* vbase = L->vc + (size_t)(c * 32) * kvd + kvh * hd;
+        switch (nd) {
+            case 1: attn_pv<1>(vbase, kvd, nk, p, acc); break;
+            case 2: attn_pv<2>(vbase, kvd, nk, p, acc); break;
+            case 3: attn_pv<3>(vbase, kvd, nk, p, acc); break;
+            case 4: attn_pv<4>(vbase, kvd, nk, p, acc); break;
+            case 5: attn_pv<5>(vbase, kvd, nk, p, acc); break;
+            case 6: attn_pv<6>(vbase, kvd, nk, p, acc); break;
+            case 7: attn_pv<7>(vbase, kvd, nk, p, acc); break;
+            default: attn_pv<8>(vbase, kvd, nk, p, acc); break;
+        }
+        if (nchunk == 1) {
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; i++)
+                if (i < nd) m.att[h * hd + lane + 32 * i] = acc[i] / l;
+            continue;
+        }
+        size_t part = (size_t)h * nchunk + c;
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++)
+            if (i < nd) m.po[part * hd + lane + 32 * i] = acc[i];
+        if (lane == 0) {
+            m.pml[part * 2] = mx;
+            m.pml[part * 2 + 1] = l;
+        }
+        __threadfence();
+        __syncwarp();
+        int last = 0;
+        if (lane == 0) last = atomicAdd(&m.counters[h], 1) == nchunk - 1;
+        if (!__shfl_sync(0xffffffffu, last, 0)) continue;
+        __threadfence();
+        const float* ml = m.pml + (size_t)h * nchunk * 2;
+        const float* po = m.po + (size_t)h * nchunk * hd;
+        float MM = -INFINITY, tot = 0.f;
+        for (int q = lane; q < nchunk; q += 32) MM = fmaxf(MM, __ldcg(ml + 2 * q));
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) MM = fmaxf(MM, __shfl_xor_sync(0xffffffffu, MM, o));
+        for (int q = lane; q < nchunk; q += 32) tot += __ldcg(ml + 2 * q + 1) * expf(__ldcg(ml + 2 * q) - MM);
+        tot = warp_sum(tot);
+        float out[ATT_MAXD];
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++) out[i] = 0.f;
+#pragma unroll 4
+        for (int q = 0; q < nchunk; q++) {
+            float w = expf(__ldcg(ml + 2 * q) - MM);
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; i++)
+                if (i < nd) out[i] += __ldcg(po + (size_t)q * hd + lane + 32 * i) * w;
+        }
+#pragma unroll
+        for (int i = 0; i < ATT_MAXD; i++)
+            if (i < nd) m.att[h * hd + lane + 32 * i] = out[i] / tot;
+        if (lane == 0) m.counters[h] = 0;
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_step(DModel m) {
+    extern __shared__ __align__(16) float xs[];  // [width] the phase's input, then [dim] norm weights
+    float* wn = xs + max(m.dim, max(m.hidden, m.nh * m.hd));
+    __shared__ float bv[DK_WARPS];
+    __shared__ int bi[DK_WARPS];
+    __shared__ int last;
+    GRID_WAIT();
+    unsigned arrivals = 0;
+    int stamp = 0;
+    STAMP();
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int gw = blockIdx.x * DK_WARPS + warp, W = gridDim.x * DK_WARPS;
+    int pos = m.meta[0], half = m.hd / 2, qd = m.nh * m.hd, kvd = m.nkv * m.hd;
+    prefetch_layer(m, m.layers);
+    prefetch_l2(m.layers[0].kc, (size_t)pos * kvd * 4);
+    prefetch_l2(m.layers[0].vc, (size_t)pos * kvd * 4);
+    for (int l = 0; l < m.n_layer; l++) {
+        const DLayer* L = m.layers + l;
+        if (l + 1 < m.n_layer) {
+            prefetch_layer(m, L + 1);
+            prefetch_l2(L[1].kc, (size_t)pos * kvd * 4);
+            prefetch_l2(L[1].vc, (size_t)pos * kvd * 4);
+        }
+        else prefetch_l2(m.out, (size_t)m.vocab * rb_any(m.t_out, m.dim));
+        // q/k/v of RMSNorm(x), RoPE, cache write. Layer 0 builds x from the embedding itself.
+        if (l == 0) {
+            int id = m.ids[0];
+            if (id < 0 || id >= m.vocab) id = 0;  // a non-finite step before; the host reports it
+            const u8* row = m.embed + (size_t)id * rb_any(m.t_embed, m.dim);
+            for (int c = threadIdx.x; c < m.dim / 8; c += blockDim.x) {
+                float v[8];
+                dq8_any(m.t_embed, row, c, v);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    xs[c * 8 + i] = v[i];
+                    if (blockIdx.x == 0) m.x[c * 8 + i] = v[i];
+                }
+            }
+            __syncthreads();
+            float ss = 0.f;
+            for (int i = threadIdx.x; i < m.dim; i += blockDim.x) ss += xs[i] * xs[i];
+            ss = block_sum(ss);
+            float r = 1.0f / sqrtf(ss / (float)m.dim + m.eps);
+            for (int i = threadIdx.x; i < m.dim; i += blockDim.x) xs[i] = xs[i] * r * L->attn_norm[i];
+            __syncthreads();
+        } else {
+            stage_input(xs, wn, m.x, m.dim, L->attn_norm, m.eps);
+        }
+        int pq = qd / 2, pk = kvd / 2;
+        for (int g = gw; g < pq + 2 * pk; g += W) {
+            int seg = g < pq ? 0 : (g < pq + pk ? 1 : 2);
+            int pr = g - (seg > 0 ? pq : 0) - (seg > 1 ? pk : 0), j = pr % half, r0, r1;
+            if (seg == 2) {
+                r0 = 2 * pr;
+                r1 = r0 + 1;
+            } else {
+                int base = (pr / half) * m.hd;
+                r0 = base + (m.interleaved ? 2 * j : j);
+                r1 = base + (m.interleaved ? 2 * j + 1 : j + half);
+            }
+            // The bias and the rotation, loaded before the dot products need them.
+            const float* b = L->bias[seg];
+            float b0 = b ? b[r0] : 0.f, b1 = b ? b[r1] : 0.f;
+            float2 cs = seg < 2 ? *(const float2*)(m.rope + ((size_t)pos * half + j) * 2) : make_float2(1.f, 0.f);
+            const u8* ws[2] = {L->w[seg], L->w[seg]};
+            int rs[2] = {r0, r1};
+            float v[2];
+            wdot_any<2>(L->ty[seg], ws, rs, xs, m.dim, v);
+            float v0 = v[0], v1 = v[1];
+            if (lane == 0) {
+                if (b) {
+                    v0 += b0;
+                    v1 += b1;
+                }
+                if (seg < 2) {
+                    float y0 = v0 * cs.x - v1 * cs.y, y1 = v1 * cs.x + v0 * cs.y;
+                    v0 = y0;
+                    v1 = y1;
+                }
+                float* y = seg == 0 ? m.q : (seg == 1 ? L->kc : L->vc) + (size_t)pos * kvd;
+                y[r0] = v0;
+                y[r1] = v1;
+            }
+        }
+        STAMP();
+        grid_barrier(m.bar, arrivals);
+        STAMP();
+        attn_phase(m, L, pos);
+        STAMP();
+        grid_barrier(m.bar, arrivals);
+        STAMP();
+        // x += Wo · att
+        stage_input(xs, wn, m.att, qd, nullptr, 0.f);
+        for (int r = gw; r < m.dim; r += W) {
+            float v = wdot1(L->ty[3], L->w[3], r, xs, qd);
+            if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
+        }
+        STAMP();
+        grid_barrier(m.bar, arrivals);
+        STAMP();
+        // h = silu(gate · RMSNorm(x)) * (up · RMSNorm(x))
+        stage_input(xs, wn, m.x, m.dim, L->ffn_norm, m.eps);
+        for (int r = gw; r < m.hidden; r += W) {
+            int rs[2] = {r, r};
+            float gu[2];
+            wdot2(L->ty + 4, L->w + 4, rs, xs, m.dim, gu);
+            float g = gu[0], u = gu[1];
+            if (lane == 0) m.h[r] = g / (1.0f + expf(-g)) * u;
+        }
+        STAMP();
+        grid_barrier(m.bar, arrivals);
+        STAMP();
+        // x += Wdown · h
+        stage_input(xs, wn, m.h, m.hidden, nullptr, 0.f);
+        for (int r = gw; r < m.dim; r += W) {
+            float v = wdot1(L->ty[6], L->w[6], r, xs, m.hidden);
+            if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
+        }
+        STAMP();
+        grid_barrier(m.bar, arrivals);
+        STAMP();
+    }
+    // The head and the argmax (the first maximum): per warp, per block, then the last block.
+    stage_input(xs, wn, m.x, m.dim, m.norm, m.eps);
+    float best = -INFINITY;
+    int idx = 0x7fffffff;
+    // Four rows at a time (r, r + W, r + 2W, r + 3W; past the end: row r again, ignored).
+    for (int r = gw; r < m.vocab; r += 4 * W) {
+        const u8* ws[4] = {m.out, m.out, m.out, m.out};
+        int rs[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) rs[i] = r + i * W < m.vocab ? r + i * W : r;
+        float v[4];
+        wdot_any<4>(m.t_out, ws, rs, xs, m.dim, v);
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            if (r + i * W >= m.vocab) break;
+            if (lane == 0 && m.logits) m.logits[r + i * W] = v[i];
+            if (v[i] > best || (v[i] == best && r + i * W < idx)) {
+                best = v[i];
+                idx = r + i * W;
+            }
+        }
+    }
+    if (lane == 0) {
+        bv[warp] = best;
+        bi[warp] = idx;
+    }
+    __syncthreads();
+    STAMP();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < DK_WARPS; w++)
+            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) {
+                best = bv[w];
+                idx = bi[w];
+            }
+        m.best_v[blockIdx.x] = best;
+        m.best_i[blockIdx.x] = idx;
+        __threadfence();
+        last = atomicAdd(&m.bar[1], 1u) == gridDim.x - 1;
+    }
+    __syncthreads();
+    if (!last || threadIdx.x != 0) return;
+    // Every block is past its last barrier: the counters can be reset for the next launch.
+    __threadfence();
+    for (int b = 0; b < (int)gridDim.x; b++) {
+        float v = __ldcg(m.best_v + b);
+        int i = __ldcg(m.best_i + b);
+        if (v > best || (v == best && i < idx)) {
+            best = v;
+            idx = i;
+        }
+    }
+    m.ids[0] = idx;
+    m.tokens[m.meta[1]] = idx;
+    m.meta[0] = pos + 1;
+    m.meta[1] += 1;
+    m.bar[0] = 0;
+    m.bar[1] = 0;
+}

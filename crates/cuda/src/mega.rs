@@ -1,0 +1,173 @@
+//! The persistent decode step (`decode.cu`): one cooperative launch per greedy token.
+
+use std::ffi::c_void;
+
+use cudarc::driver::sys;
+use cudarc::driver::DeviceRepr;
+
+use crate::device::{Buf, Device};
+use crate::{Error, Result};
+
+/// Threads per block of `decode_step` (`DK_THREADS`).
+const THREADS: u32 = 256;
+
+/// One decoder block for the kernel (`DLayer` in `decode.cu`, field for field): device
+/// addresses of the norms, the seven matrices (q, k, v, o, gate, up, down), the q/k/v biases
+/// (0 for none) and this sequence's caches; the matrices' block types.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DLayer {
+    pub attn_norm: u64,
+    pub ffn_norm: u64,
+    pub w: [u64; 7],
+    pub bias: [u64; 3],
+    pub kc: u64,
+    pub vc: u64,
+    pub ty: [i32; 7],
+    pub pad: i32,
+}
+
+/// The kernel's one argument (`DModel` in `decode.cu`, field for field).
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+pub(crate) struct DModel {
+    pub layers: u64,
+    pub embed: u64,
+    pub out: u64,
+    pub norm: u64,
+    pub rope: u64,
+    pub x: u64,
+    pub q: u64,
+    pub att: u64,
+    pub h: u64,
+    pub logits: u64,
+    pub po: u64,
+    pub pml: u64,
+    pub counters: u64,
+    pub best_v: u64,
+    pub best_i: u64,
+    pub ids: u64,
+    pub meta: u64,
+    pub tokens: u64,
+    pub bar: u64,
+    pub dim: i32,
+    pub hidden: i32,
+    pub nh: i32,
+    pub nkv: i32,
+    pub hd: i32,
+    pub vocab: i32,
+    pub n_layer: i32,
+    pub interleaved: i32,
+    pub t_embed: i32,
+    pub t_out: i32,
+    pub timing: u64,
+    pub eps: f32,
+    pub scale: f32,
+}
+
+// SAFETY: `DModel` is `repr(C)` plain data matching the kernel's parameter.
+unsafe impl DeviceRepr for DModel {}
+
+/// A sequence's state for the persistent step: the block table (with its cache addresses), the
+/// per-block argmax partials, the barrier counters and the generated ids.
+pub(crate) struct Persistent {
+    pub layers: Buf<u8>,
+    pub best_v: Buf<f32>,
+    pub best_i: Buf<i32>,
+    pub bar: Buf<u32>,
+    pub tokens: Buf<i32>,
+    /// Attention partials per head and 32-key chunk: outputs `[head][chunk][hd]`, (max, sum).
+    pub po: Buf<f32>,
+    pub pml: Buf<f32>,
+    /// Block 0's clock at each phase boundary of the last step (`AUGUR_CUDA_TIMING=1`).
+    pub timing: Option<Buf<i64>>,
+    pub grid: u32,
+    pub smem: usize,
+}
+
+/// Clock stamps of one step: the start, ten per block, the head's end.
+pub(crate) fn stamps(n_layer: usize) -> usize {
+    2 + 10 * n_layer
+}
+
+/// Mean time of each phase over the blocks, from one step's stamps, as one line.
+pub(crate) fn timing_report(t: &[i64], n_layer: usize, clock_khz: f64) -> String {
+    const NAMES: [&str; 10] = ["qkv", "wait", "attn", "wait", "o", "wait", "gate/up", "wait", "down", "wait"];
+    let us = |c: i64| c as f64 / clock_khz * 1e3;
+    let mut sums = [0i64; 10];
+    for l in 0..n_layer {
+        for (p, s) in sums.iter_mut().enumerate() {
+            let i = 1 + 10 * l + p;
+            *s += t[i] - t[i - 1];
+        }
+    }
+    let phases: Vec<String> = NAMES.iter().zip(sums).map(|(n, s)| format!("{n} {:.2}", us(s) / n_layer as f64)).collect();
+    let last = t.len() - 1;
+    format!("persistent step (block 0, µs at {:.0} MHz): per block: {}; head {:.2}; total {:.1}", clock_khz / 1e3, phases.join(", "), us(t[last] - t[last - 1]), us(t[last] - t[0]))
+}
+
+impl Persistent {
+    /// State for `layers` on `dev`, with `floats` of shared memory per block, for `heads`
+    /// query heads of width `hd` over `context` positions.
+    pub(crate) fn new(dev: &Device, layers: &[DLayer], floats: usize, heads: usize, hd: usize, context: usize) -> Result<Self> {
+        let chunks = heads * context.div_ceil(32);
+        let n_layer = layers.len();
+        let smem = floats * 4;
+        let f = &dev.k.decode_step;
+        let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+        if per_sm == 0 {
+            return Err(Error::Unsupported(format!("the persistent decode step does not fit an SM with {smem} bytes of shared memory")));
+        }
+        // AUGUR_CUDA_GRID=B: B blocks per SM (at most what fits), for A/B runs.
+        let want = std::env::var("AUGUR_CUDA_GRID").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(per_sm);
+        let grid = want.clamp(1, per_sm) * dev.sm_count as u32;
+        let timing = match std::env::var("AUGUR_CUDA_TIMING") {
+            Ok(v) if v == "1" => Some(dev.alloc(stamps(n_layer))?),
+            _ => None,
+        };
+        // SAFETY: `DLayer` is plain `repr(C)` data, read as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(layers.as_ptr().cast::<u8>(), std::mem::size_of_val(layers)) };
+        Ok(Persistent {
+            layers: dev.upload(bytes)?,
+            best_v: dev.alloc(grid as usize)?,
+            best_i: dev.alloc(grid as usize)?,
+            bar: dev.alloc(2)?,
+            tokens: dev.alloc(1)?,
+            po: dev.alloc(chunks * hd)?,
+            pml: dev.alloc(chunks * 2)?,
+            timing,
+            grid,
+            smem,
+        })
+    }
+}
+
+impl Device {
+    /// Queue one persistent decode step. Every block must be resident at once (the kernel's
+    /// barriers wait for all of them), so the launch is cooperative: the driver refuses a grid
+    /// that does not fit rather than letting it hang.
+    ///
+    /// # Safety
+    /// Every address in `m` is sized for the model it describes (see `decode.cu`).
+    pub(crate) unsafe fn decode_step(&self, m: &DModel, p: &Persistent) -> Result<()> {
+        let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
+        attr.value.cooperative = 1;
+        let conf = sys::CUlaunchConfig {
+            gridDimX: p.grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: THREADS,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: p.smem as u32,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        let mut args = [m as *const DModel as *mut c_void];
+        self.ctx.bind_to_thread()?;
+        sys::cuLaunchKernelEx(&conf, self.k.decode_step.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
+        Ok(())
+    }
+}
