@@ -171,3 +171,37 @@ impl Device {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_argument_layouts_match_decode_cu() {
+        // decode.cu: DLayer is 14 pointers and 8 ints; DModel 19 pointers, 10 ints, the timing
+        // pointer and 2 floats (NVRTC reports its parameter as 208 bytes).
+        assert_eq!(std::mem::size_of::<DLayer>(), 14 * 8 + 8 * 4);
+        assert_eq!(std::mem::size_of::<DModel>(), 208);
+        assert_eq!(std::mem::offset_of!(DModel, dim), 19 * 8);
+        assert_eq!(std::mem::offset_of!(DModel, timing), 19 * 8 + 10 * 4);
+        assert_eq!(std::mem::offset_of!(DLayer, ty), 14 * 8);
+    }
+
+    #[test]
+    fn timing_report_averages_each_phase_over_the_blocks() {
+        // Two blocks; every phase of block 0 takes 1000 cycles, of block 1 3000; the head 500.
+        let mut t = vec![0i64];
+        for l in 0..2 {
+            for _ in 0..10 {
+                let last = *t.last().unwrap();
+                t.push(last + if l == 0 { 1000 } else { 3000 });
+            }
+        }
+        t.push(t.last().unwrap() + 500);
+        assert_eq!(t.len(), stamps(2));
+        // At 1 GHz (1e6 kHz) a cycle is a nanosecond: each phase averages 2 µs.
+        let r = timing_report(&t, 2, 1e6);
+        assert!(r.contains("qkv 2.00, wait 2.00, attn 2.00"), "{r}");
+        assert!(r.contains("head 0.50; total 40.5"), "{r}");
+    }
+}
