@@ -286,9 +286,7 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
                 d += a[e].x * (b[e].x * m.scale) + a[e].y * (b[e].y * m.scale) + a[e].z * (b[e].z * m.scale) +
                      a[e].w * (b[e].w * m.scale);
         }
-        float score = ok ? d : -INFINITY, mx = score;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+        float score = ok ? d : -INFINITY, mx = warp_max(score);
         float p = ok ? expf(score - mx) : 0.f;
         float l = warp_sum(p);
         float acc[ATT_MAXD];
@@ -330,8 +328,7 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
         const float* po = m.po + (size_t)h * nchunk * hd;
         float MM = -INFINITY, tot = 0.f;
         for (int q = lane; q < nchunk; q += 32) MM = fmaxf(MM, __ldcg(ml + 2 * q));
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) MM = fmaxf(MM, __shfl_xor_sync(0xffffffffu, MM, o));
+        MM = warp_max(MM);
         for (int q = lane; q < nchunk; q += 32) tot += __ldcg(ml + 2 * q + 1) * expf(__ldcg(ml + 2 * q) - MM);
         tot = warp_sum(tot);
         float out[ATT_MAXD];

@@ -182,6 +182,12 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
 // Sum over the block (blockDim.x a multiple of 32, at most 1024). Every thread gets the sum.
 __device__ float block_sum(float v) {
     __shared__ float red[32];
@@ -575,9 +581,7 @@ extern "C" __global__ void __launch_bounds__(128) attn(const float* q, const flo
         }
         score = d;
     }
-    float m = score;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float m = warp_max(score);
     float p = ok ? expf(score - m) : 0.f;
     float l = warp_sum(p);
     float acc[ATT_MAXD];
