@@ -1,6 +1,6 @@
 //! `augur distill-data` (the target's own responses to a prompt set, optionally with its hidden
-//! states), `augur train-medusa` (Medusa heads trained on them) and `augur distill` (a draft
-//! model distilled on them).
+//! states), `augur train-medusa` (Medusa heads trained on them), `augur train-mtp` (MTP
+//! modules) and `augur distill` (a draft model distilled on them).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -9,6 +9,7 @@ use anyhow::{Context, Result};
 use augur_distill::data::{self, DistillSet};
 use augur_distill::draft::{self, DraftConfig};
 use augur_distill::medusa::{self, MedusaConfig};
+use augur_distill::mtp::{self, MtpConfig};
 
 use crate::common::{progress_bar, ModelArgs, SampleArgs};
 
@@ -170,6 +171,66 @@ pub fn draft_main(a: DraftArgs) -> Result<()> {
             "train_positions_per_epoch": trained.train_positions,
             "held_out_before": eval(&trained.before),
             "held_out_after": eval(&trained.after),
+        })
+    );
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct MtpArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data directory from `augur distill-data` (hidden states are computed if not cached).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output file (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Modules (draft depth).
+    #[arg(long, default_value_t = 1)]
+    pub depth: usize,
+    /// Tokens the head scores (the most frequent of the data).
+    #[arg(long, default_value_t = 8192)]
+    pub vocab: usize,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 5e-4)]
+    pub lr: f64,
+    /// Tokens of each sample used.
+    #[arg(long, default_value_t = 256)]
+    pub max_len: usize,
+    /// Samples per optimizer step.
+    #[arg(long, default_value_t = 4)]
+    pub accumulate: usize,
+}
+
+pub fn mtp_main(a: MtpArgs) -> Result<()> {
+    let model = a.model.load()?;
+    let mut set = DistillSet::open(&a.data)?;
+    if set.hidden.is_none() {
+        set.hidden = Some(hidden_states(&model, &set.samples)?);
+        set.dim = model.llama.cfg.dim;
+    }
+    let cfg = MtpConfig { depth: a.depth, vocab: a.vocab, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
+    let t0 = Instant::now();
+    let b = progress_bar(0, "train");
+    let mut trained = mtp::train(&model, &set, &cfg, |p| {
+        b.set_length(p.steps as u64);
+        b.set_position(p.step as u64);
+        b.set_message(format!("loss {:.3}", p.loss));
+    })?;
+    b.finish();
+    let secs = t0.elapsed().as_secs_f64();
+    trained.modules.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "out": a.out.display().to_string(),
+            "depth": a.depth,
+            "train_seconds": secs,
+            "samples": {"train": trained.samples.0, "held_out": trained.samples.1},
+            "held_out_top1_before": trained.before,
+            "held_out_top1_after": trained.after,
         })
     );
     Ok(())

@@ -42,6 +42,9 @@ enum Cmd {
     DistillData(distill::DataArgs),
     /// Train Medusa heads for a model on `distill-data` output (use with `--spec medusa:FILE`).
     TrainMedusa(distill::MedusaArgs),
+    /// Train DeepSeek-style MTP modules for a model on `distill-data` output (use with
+    /// `--spec mtp:FILE`).
+    TrainMtp(distill::MtpArgs),
     /// Distil a draft model from the model's first blocks on `distill-data` output (use with
     /// `--spec draft:FILE`).
     Distill(distill::DraftArgs),
@@ -66,6 +69,7 @@ fn main() {
         Cmd::Train(a) => train::main(a),
         Cmd::DistillData(a) => distill::data_main(a),
         Cmd::TrainMedusa(a) => distill::medusa_main(a),
+        Cmd::TrainMtp(a) => distill::mtp_main(a),
         Cmd::Distill(a) => distill::draft_main(a),
         Cmd::Experiment(e) => experiment::main(e),
         Cmd::Ops => {

@@ -47,8 +47,8 @@ pub struct Args {
     #[arg(long)]
     pub stats: bool,
     /// Speculative decoding: `prompt-lookup`, `draft:PATH` (a smaller model with the same
-    /// tokenizer), `early-exit:L` (the model's first L layers) or `medusa:PATH` (heads from
-    /// `augur train-medusa`). Output is unchanged.
+    /// tokenizer), `early-exit:L` (the model's first L layers), `medusa:PATH` (heads from
+    /// `augur train-medusa`) or `mtp:PATH` (modules from `augur train-mtp`). Output is unchanged.
     #[arg(long)]
     pub spec: Option<String>,
     /// Most draft tokens per round (at most 15).

@@ -13,6 +13,12 @@ pub enum Error {
     #[error("invalid sampling setting: {0}")]
     /// Invalid sampling settings or inputs.
     Sampling(String),
+    #[error(transparent)]
+    /// A tensor operation (trained drafters).
+    Tensor(#[from] augur_core::Error),
+    #[error(transparent)]
+    /// A neural-network module (trained drafters).
+    Nn(#[from] augur_nn::Error),
     #[error("speculative decoding: {0}")]
     /// Invalid speculative-decoding settings or drafter files.
     Spec(String),

@@ -14,10 +14,9 @@ use std::path::Path;
 
 use augur_core::{no_grad, QuantType, Tensor};
 use augur_formats::gguf::Gguf;
-use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, RopeScaling, State};
-use augur_nn::gpt::{Gpt, GptConfig, MlpKind, NormKind};
+use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, State};
+use augur_nn::gpt::Gpt;
 use augur_nn::optim::{AdamW, Optimizer};
-use augur_nn::posenc::{PosKind, RopeScaling as NnRopeScaling};
 use augur_nn::{Module, ModuleExt, Rng};
 
 use crate::data::DistillSet;
@@ -71,7 +70,7 @@ pub struct Trained {
 }
 
 /// GGUF name of a draft parameter, and the heads to un-permute for (q/k rows).
-fn gguf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
+pub(crate) fn gguf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
     match name {
         "tok_emb.weight" => return Some(("token_embd.weight".into(), None)),
         "norm_f.weight" => return Some(("output_norm.weight".into(), None)),
@@ -99,46 +98,11 @@ fn gguf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Opt
 /// head) frozen.
 pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
     let c = &target.llama.cfg;
-    if c.arch == "qwen2" {
-        return Err(Error::Invalid("draft distillation covers llama-family targets without attention biases; qwen2 is not supported yet".into()));
-    }
     if layers == 0 || layers > c.n_layer {
         return Err(Error::Invalid(format!("a draft of {layers} blocks from a target of {}", c.n_layer)));
     }
-    let rope_scaling = match c.rope_scaling {
-        RopeScaling::None => NnRopeScaling::None,
-        RopeScaling::Linear { factor } => NnRopeScaling::Linear { factor: factor as f64 },
-        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => NnRopeScaling::Llama3 {
-            factor: factor as f64,
-            low_freq_factor: low_freq_factor as f64,
-            high_freq_factor: high_freq_factor as f64,
-            original_len: original_context as usize,
-        },
-    };
+    let gc = augur_decode::speculative::mtp::gpt_config(c, layers)?;
     let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("draft distillation reads the target's GGUF file: {e}")))?;
-    let gc = GptConfig {
-        vocab: c.vocab,
-        dim: c.dim,
-        n_layer: layers,
-        n_head: c.n_head,
-        n_kv_head: c.n_kv_head,
-        hidden: c.hidden,
-        max_seq: c.context,
-        pos: PosKind::Rope,
-        rope_theta: c.rope_theta as f64,
-        rope_scaling,
-        norm: NormKind::Rms,
-        mlp: MlpKind::Swiglu,
-        bias: false,
-        tied: c.tied_embeddings,
-        dropout: 0.0,
-        norm_eps: c.rms_eps as f64,
-        init_std: 0.02,
-        seed: 0,
-    };
-    if gc.head_dim() != c.head_dim {
-        return Err(Error::Invalid(format!("head width {} is not width / heads ({})", c.head_dim, gc.head_dim())));
-    }
     let mut gpt = Gpt::new(gc)?;
     let mut failure: Option<Error> = None;
     let interleaved = c.rope_interleaved;

@@ -6,8 +6,10 @@
 //!   the held-out accuracy table that shapes their candidate tree.
 //! - [`draft`]: a draft model distilled from the target (its first blocks, trained against its
 //!   distribution), written as a GGUF with the target's tokenizer.
+//! - [`mtp`]: DeepSeek-V3-style multi-token prediction modules on the frozen target.
 //!
-//! They decode through `augur_decode::speculative` (`--spec medusa:FILE`, `--spec draft:FILE`).
+//! They decode through `augur_decode::speculative` (`--spec medusa:FILE`, `--spec draft:FILE`,
+//! `--spec mtp:FILE`).
 
 #![warn(missing_docs)]
 
@@ -15,6 +17,7 @@ pub mod data;
 pub mod draft;
 mod error;
 pub mod medusa;
+pub mod mtp;
 
 pub use error::{Error, Result};
 

@@ -164,7 +164,22 @@ impl Llama {
     /// The output head's rows `ids` (the logit weights of those tokens), as f32 `[ids.len(), dim]`:
     /// a drafter's reduced-vocabulary head, or a frozen head for training.
     pub fn output_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
-        let (m, dim) = (self.output.matrix()?, self.cfg.dim);
+        self.rows_of(&self.output, ids)
+    }
+
+    /// The token embedding's rows `ids`, as f32 `[ids.len(), dim]` (a drafter's input, or a
+    /// frozen embedding for training).
+    pub fn embedding_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.rows_of(&self.embed, ids)
+    }
+
+    /// The final RMSNorm's weight, `[dim]`.
+    pub fn output_norm(&self) -> &[f32] {
+        &self.norm
+    }
+
+    fn rows_of(&self, t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
+        let (m, dim) = (t.matrix()?, self.cfg.dim);
         let mut out = vec![0.0; ids.len() * dim];
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim)) {
             if id as usize >= self.cfg.vocab {

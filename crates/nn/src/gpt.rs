@@ -194,7 +194,8 @@ pub struct Block {
 }
 
 impl Block {
-    fn new(c: &GptConfig, layer: usize, rng: &mut Rng) -> Self {
+    /// Block `layer` of a model described by `c`, initialised as [`Gpt::new`] does.
+    pub fn new(c: &GptConfig, layer: usize, rng: &mut Rng) -> Self {
         let out_std = c.init_std / (2.0 * c.n_layer as f64).sqrt();
         Block {
             norm1: Norm::new(c.norm, c.dim, c.norm_eps),
@@ -208,7 +209,9 @@ impl Block {
         }
     }
 
-    fn forward(&self, x: &Tensor, pos: &PositionalEncoding, bias: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+    /// `x + attn(norm1(x)) → + mlp(norm2(·))` over `x: [batch, seq, dim]`; positions continue
+    /// after the cache's, which grows.
+    pub fn forward(&self, x: &Tensor, pos: &PositionalEncoding, bias: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
         let a = self.attn.forward(&self.norm1.forward(x)?, pos, bias, cache)?;
         let x = x.add(&self.drop.forward(&a)?)?;
         let h = self.norm2.forward(&x)?;

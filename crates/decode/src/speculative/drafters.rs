@@ -22,6 +22,10 @@ pub struct Ctx<'a> {
     /// The target's final-norm hidden state at the row whose logits chose the pending token
     /// (`None` on the first round, whose pending token is the prompt's last).
     pub hidden: Option<&'a [f32]>,
+    /// The target's final-norm hidden states of the positions it cached since the last
+    /// proposal (the prompt's on the first), `[positions, dim]`, for drafters that ask for them
+    /// ([`Drafter::wants_context_hidden`]; empty otherwise).
+    pub context_hidden: &'a [f32],
     /// Most nodes wanted.
     pub k: usize,
     /// The sampler, whose filtered distribution sampled drafts must use.
@@ -38,11 +42,18 @@ pub trait Drafter {
     fn adaptive(&self) -> bool {
         true
     }
+
+    /// Whether to be given the hidden state of every position the target caches
+    /// ([`Ctx::context_hidden`]), which costs the loop a copy per kept row.
+    fn wants_context_hidden(&self) -> bool {
+        false
+    }
 }
 
 /// The drafter a `--spec` value names: `prompt-lookup` (n-grams up to `ngram` tokens, `width`
 /// branches), `draft:PATH` (a model with `target`'s vocabulary), `early-exit:L` or
-/// `medusa:PATH` (heads from `augur train-medusa`, a tree of at most `k` nodes).
+/// `medusa:PATH` (heads from `augur train-medusa`, a tree of at most `k` nodes) or `mtp:PATH`
+/// (modules from `augur train-mtp`, a chain).
 pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize, k: usize) -> Result<Box<dyn Drafter + Send>> {
     let n_layer = target.llama.cfg.n_layer;
     Ok(match spec.split_once(':') {
@@ -55,11 +66,15 @@ pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize, k: usiz
             let heads = super::medusa::MedusaHeads::open(std::path::Path::new(path), &target.llama)?;
             Box::new(super::medusa::Medusa::new(heads, k))
         }
+        Some(("mtp", path)) => {
+            let modules = super::mtp::MtpModules::open(std::path::Path::new(path), &target.llama)?;
+            Box::new(super::mtp::Mtp::new(modules))
+        }
         Some(("early-exit", l)) => match l.parse::<usize>() {
             Ok(layers) if layers >= 1 && layers < n_layer => Box::new(EarlyExit { layers }),
             _ => return Err(Error::Spec(format!("early-exit:{l}: the layer count must be a number in 1..{} (the model has {n_layer} layers)", n_layer - 1))),
         },
-        _ => return Err(Error::Spec(format!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH, early-exit:L or medusa:PATH"))),
+        _ => return Err(Error::Spec(format!("unknown --spec `{spec}`: use prompt-lookup, draft:PATH, early-exit:L, medusa:PATH or mtp:PATH"))),
     })
 }
 

@@ -5,6 +5,7 @@
 mod accept;
 mod drafters;
 pub mod medusa;
+pub mod mtp;
 mod throttle;
 mod tree;
 
@@ -159,11 +160,19 @@ pub fn generate(
     let dim = llama.cfg.dim;
     // The hidden state of the row that chose the pending token (for drafters that read it).
     let mut hidden: Vec<f32> = Vec::with_capacity(dim);
+    // The hidden states of the positions cached since the last proposal, for drafters that
+    // read them all (MTP).
+    let context_hidden = drafter.wants_context_hidden();
+    let mut fresh: Vec<f32> = Vec::new();
 
     // Prefill all but the last prompt token; it becomes the first pending token.
     let t0 = Instant::now();
     if prompt.len() > 1 {
-        llama.forward(&mut st, &prompt[..prompt.len() - 1], Logits::Last)?;
+        let which = if context_hidden { Logits::Hidden } else { Logits::Last };
+        llama.forward(&mut st, &prompt[..prompt.len() - 1], which)?;
+        if context_hidden {
+            fresh.extend_from_slice(st.hidden());
+        }
     }
     let prefill = t0.elapsed();
     let t1 = Instant::now();
@@ -182,7 +191,10 @@ pub fn generate(
             Tree::default()
         } else {
             let hidden = (!hidden.is_empty()).then_some(&hidden[..]);
-            drafter.propose(Ctx { tokens: &tokens, target: llama, state: &mut st, hidden, k: want, sampler: &mut sampler })?
+            let ctx = Ctx { tokens: &tokens, target: llama, state: &mut st, hidden, context_hidden: &fresh, k: want, sampler: &mut sampler };
+            let tree = drafter.propose(ctx)?;
+            fresh.clear();
+            tree
         };
         stats.draft_time += td.elapsed();
         let compiled = tree.compile(*tokens.last().unwrap());
@@ -208,6 +220,11 @@ pub fn generate(
         let last = *rows.last().expect("row 0");
         hidden.clear();
         hidden.extend_from_slice(&st.hidden()[last * dim..(last + 1) * dim]);
+        if context_hidden {
+            for &r in &keep {
+                fresh.extend_from_slice(&st.hidden()[r * dim..(r + 1) * dim]);
+            }
+        }
         st.keep(base, &keep);
         throttle.record(emitted.len(), td.elapsed().as_secs_f64());
         for (tok, row_logits) in emitted.into_iter().zip(&logits_rows) {
