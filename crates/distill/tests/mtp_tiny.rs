@@ -84,11 +84,12 @@ fn mtp_modules_train_save_draft_incrementally_and_decode_losslessly() {
         assert_eq!(got, drafts_from_scratch(&loaded, &model, tokens), "drafts after {end} tokens");
     }
 
-    // Lossless: greedy speculative output equals plain greedy output.
+    // Lossless: greedy speculative output equals plain greedy output (one drafter reused across
+    // sequences, as a server would).
     let gen = GenerateConfig { max_tokens: 30, ignore_eos: true, ..Default::default() };
+    let mut drafter = Mtp::new(MtpModules::open(&file, &model.llama).unwrap());
     for p in prompts.iter().step_by(9) {
         let plain = generate(&model, &p.ids, &gen, |_| ControlFlow::Continue(())).unwrap();
-        let mut drafter = Mtp::new(MtpModules::open(&file, &model.llama).unwrap());
         let (s, stats) = speculative::generate(&model, &p.ids, &gen, &SpecConfig { throttle: false, ..SpecConfig::new(2) }, &mut drafter, |_| ControlFlow::Continue(())).unwrap();
         assert_eq!(s.generated, plain.generated, "MTP greedy output must equal plain greedy");
         assert!(stats.drafted > 0, "the modules drafted");

@@ -294,10 +294,16 @@ impl Drafter for Mtp {
 impl Mtp {
     fn propose_chain(&mut self, ctx: Ctx) -> Result<Tree> {
         let dim = self.dim();
-        self.h0.extend_from_slice(ctx.context_hidden);
         // Positions 0..n are cached by the target; token n is pending.
         let t = ctx.tokens;
         let n = t.len() - 1;
+        if ctx.context_hidden.len() == n * dim {
+            // Every cached position is new: a new sequence (the drafter may be reused).
+            self.h0.clear();
+            self.caches.iter_mut().for_each(KvCache::clear);
+            self.outs.iter_mut().for_each(Vec::clear);
+        }
+        self.h0.extend_from_slice(ctx.context_hidden);
         if self.h0.len() != n * dim {
             return Err(Error::Spec(format!("MTP: {} hidden states for {n} cached positions", self.h0.len() / dim)));
         }
