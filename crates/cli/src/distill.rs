@@ -87,21 +87,32 @@ pub struct MedusaArgs {
     pub lr: f64,
 }
 
-pub fn medusa_main(a: MedusaArgs) -> Result<()> {
-    let model = a.model.load()?;
-    let mut set = DistillSet::open(&a.data)?;
+/// The model and its distillation data, with hidden states (computed when not cached).
+fn model_and_states(model: &ModelArgs, data: &std::path::Path) -> Result<(augur_models::Model, DistillSet)> {
+    let model = model.load()?;
+    let mut set = DistillSet::open(data)?;
     if set.hidden.is_none() {
         set.hidden = Some(hidden_states(&model, &set.samples)?);
         set.dim = model.llama.cfg.dim;
     }
+    Ok((model, set))
+}
+
+/// A progress callback for training that shows the step and `what` of the last step's loss.
+fn show<'a>(b: &'a indicatif::ProgressBar, what: &'static str) -> impl FnMut(augur_distill::Progress) + 'a {
+    move |p| {
+        b.set_length(p.steps as u64);
+        b.set_position(p.step as u64);
+        b.set_message(format!("{what} {:.3}", p.loss));
+    }
+}
+
+pub fn medusa_main(a: MedusaArgs) -> Result<()> {
+    let (model, set) = model_and_states(&a.model, &a.data)?;
     let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
-    let trained = medusa::train(&model.llama, &set, &cfg, |p| {
-        b.set_length(p.steps as u64);
-        b.set_position(p.step as u64);
-        b.set_message(format!("loss {:.3}", p.loss));
-    })?;
+    let trained = medusa::train(&model.llama, &set, &cfg, show(&b, "loss"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
     let dim = model.llama.cfg.dim;
@@ -153,11 +164,7 @@ pub fn draft_main(a: DraftArgs) -> Result<()> {
     let cfg = DraftConfig { layers: a.layers, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "distil");
-    let mut trained = draft::train(&model, &set, &cfg, |p| {
-        b.set_length(p.steps as u64);
-        b.set_position(p.step as u64);
-        b.set_message(format!("KL {:.3}", p.loss));
-    })?;
+    let mut trained = draft::train(&model, &set, &cfg, show(&b, "KL"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
     draft::write_gguf(&model, &mut trained.gpt, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
@@ -205,20 +212,11 @@ pub struct MtpArgs {
 }
 
 pub fn mtp_main(a: MtpArgs) -> Result<()> {
-    let model = a.model.load()?;
-    let mut set = DistillSet::open(&a.data)?;
-    if set.hidden.is_none() {
-        set.hidden = Some(hidden_states(&model, &set.samples)?);
-        set.dim = model.llama.cfg.dim;
-    }
+    let (model, set) = model_and_states(&a.model, &a.data)?;
     let cfg = MtpConfig { depth: a.depth, vocab: a.vocab, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
-    let mut trained = mtp::train(&model, &set, &cfg, |p| {
-        b.set_length(p.steps as u64);
-        b.set_position(p.step as u64);
-        b.set_message(format!("loss {:.3}", p.loss));
-    })?;
+    let mut trained = mtp::train(&model, &set, &cfg, show(&b, "loss"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
     trained.modules.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;

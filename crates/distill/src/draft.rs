@@ -193,7 +193,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
         let from = s.prompt_len.saturating_sub(1);
         (from < ids.len()).then_some(Cut { ids, from })
     };
-    let held_out = |i: usize| i % 20 == 19 && set.samples.len() >= 20;
+    let held_out = |i: usize| crate::held_out(i, set.samples.len());
     let mut train_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
     let eval_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
     if train_set.is_empty() {

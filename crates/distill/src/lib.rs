@@ -27,6 +27,11 @@ pub(crate) fn schedule(lr: f64, steps: usize) -> augur_nn::optim::LrSchedule {
     augur_nn::optim::LrSchedule { base_lr: lr, min_lr: lr * 0.1, warmup: (steps / 20).max(1), total: steps }
 }
 
+/// Whether sample `i` of `n` is held out for evaluation: every 20th, when there are at least 20.
+pub(crate) fn held_out(i: usize, n: usize) -> bool {
+    i % 20 == 19 && n >= 20
+}
+
 /// Where training is, for a progress display.
 #[derive(Debug, Clone, Copy)]
 pub struct Progress {

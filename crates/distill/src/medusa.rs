@@ -164,9 +164,9 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
     }
     let head_w = Tensor::from_vec(target.output_rows(&vocab)?, &[vocab.len(), dim])?;
     let offsets = set.offsets();
-    let held_out = |i: usize| i % 20 == 19;
-    let mut train_pos = positions(set, |i| !held_out(i) || set.samples.len() < 20);
-    let eval_pos = positions(set, |i| held_out(i) && set.samples.len() >= 20);
+    let held_out = |i: usize| crate::held_out(i, set.samples.len());
+    let mut train_pos = positions(set, |i| !held_out(i));
+    let eval_pos = positions(set, held_out);
     if train_pos.is_empty() {
         return Err(Error::Invalid("no response tokens to train on".into()));
     }

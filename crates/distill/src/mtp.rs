@@ -157,7 +157,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
             Item { ids: s.ids[..t].to_vec(), h0, prompt_len: s.prompt_len }
         })
     };
-    let held_out = |i: usize| i % 20 == 19 && set.samples.len() >= 20;
+    let held_out = |i: usize| crate::held_out(i, set.samples.len());
     let mut train_set: Vec<Item> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).filter_map(item).collect();
     let eval_set: Vec<Item> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).filter_map(item).collect();
     if train_set.is_empty() {
