@@ -4,8 +4,8 @@
 //! final-norm state for `d = 1`) and the embedding of token `i + d`, runs one block over the
 //! sample's positions, and is trained with the cross-entropy of token `i + d + 1` through the
 //! target's final norm and head (frozen, restricted to the data's most frequent tokens); the
-//! loss is the mean over depths. Each block starts as the target's last block (see
-//! [`MtpModules::init`]). Only response targets count; every 20th sample is held out to
+//! loss is the mean over depths. Each block starts as the target's last block with its residual
+//! branches zeroed (see [`MtpModules::init`]). Only response targets count; every 20th sample is held out to
 //! measure each depth's top-1 accuracy with the true tokens as inputs, before and after training.
 
 use augur_core::{no_grad, Tensor};

@@ -134,7 +134,9 @@ impl Module for MtpModules {
 impl MtpModules {
     /// `depth` fresh modules for `target` over the reduced vocabulary `vocab`: the projection
     /// passes the hidden state through (`W_h = I`, `W_e = 0`) and each block starts as the
-    /// target's last block, so an untrained module begins as "one more block" of the target.
+    /// target's last block with its two residual branches' output projections (`wo`, `down`)
+    /// zeroed, so an untrained module passes its input through and the branches learn from zero
+    /// (on SmolLM2, 3 epochs: held-out top-1 0.40 this way, 0.30 with the block as it is).
     pub fn init(target: &Llama, depth: usize, vocab: Vec<u32>, last_block: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
         let mut m = Self::empty(target, depth, vocab)?;
         let dim = target.cfg.dim;
@@ -144,6 +146,10 @@ impl MtpModules {
             module.proj_e.weight = Tensor::zeros(&[dim, dim]);
             let mut failure = None;
             module.block.visit("", &mut |name, t| {
+                if matches!(name, "attn.wo.weight" | "mlp.down.weight") {
+                    *t = Tensor::zeros(t.shape());
+                    return;
+                }
                 if failure.is_none() {
                     match last_block(name) {
                         Ok(v) if v.shape() == t.shape() => *t = v,
