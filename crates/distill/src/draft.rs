@@ -16,8 +16,8 @@ use augur_core::{no_grad, QuantType, Tensor};
 use augur_formats::gguf::Gguf;
 use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, State};
 use augur_nn::gpt::Gpt;
-use augur_nn::optim::{AdamW, Optimizer};
-use augur_nn::{Module, ModuleExt, Rng};
+use augur_decode::sampler::argmax;
+use augur_nn::{Module, Rng};
 
 use crate::data::DistillSet;
 use crate::{Error, Progress, Result};
@@ -152,8 +152,7 @@ fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, s: &Cut) -> Result<(Tens
     let z = gpt.forward(ids, 1, None)?.reshape(&[ids.len(), v])?;
     let zs = z.detach().to_vec_f32()?;
     for (row, zr) in p.chunks_exact_mut(v).zip(zs.chunks_exact(v)).skip(s.from) {
-        let top = |r: &[f32]| r.iter().enumerate().fold(0, |b, (i, &x)| if x > r[b] { i } else { b });
-        agree += (top(row) == top(zr)) as usize;
+        agree += (argmax(row) == argmax(zr)) as usize;
         let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
         let sum: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
         for x in row.iter_mut() {
@@ -193,9 +192,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
         let from = s.prompt_len.saturating_sub(1);
         (from < ids.len()).then_some(Cut { ids, from })
     };
-    let held_out = |i: usize| crate::held_out(i, set.samples.len());
-    let mut train_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
-    let eval_set: Vec<Cut> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).filter_map(|(_, s)| cut(s)).collect();
+    let (mut train_set, eval_set) = crate::split(&set.samples, |_, s| cut(s));
     if train_set.is_empty() {
         return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
@@ -204,27 +201,16 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
     st.activations = Activations::F32;
     let before = evaluate(&gpt, target, &mut st, &eval_set)?;
 
-    let mut rng = Rng::new(cfg.seed);
-    let mut opt = AdamW::new(cfg.lr, (0.9, 0.95), 1e-8, 0.0);
-    let steps = train_set.len().div_ceil(cfg.accumulate) * cfg.epochs;
-    let sched = crate::schedule(cfg.lr, steps);
-    let mut step = 0;
-    for _ in 0..cfg.epochs {
-        rng.shuffle(&mut train_set);
-        for group in train_set.chunks(cfg.accumulate) {
-            let mut total = 0f64;
-            for sample in group {
-                let (loss, entropy, _) = soft_loss(&gpt, target, &mut st, sample)?;
-                total += loss.item()? as f64 - entropy;
-                loss.scale(1.0 / group.len() as f64)?.backward()?;
-            }
-            opt.set_lr(sched.at(step));
-            opt.step(&mut gpt)?;
-            gpt.zero_grad();
-            step += 1;
-            progress(Progress { step, steps, loss: total / group.len() as f64 });
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.accumulate, lr: cfg.lr, betas: (0.9, 0.95) };
+    crate::train_loop(&mut train_set, &mut gpt, &mut Rng::new(cfg.seed), l, |gpt, group| {
+        let mut total = 0f64;
+        for sample in group {
+            let (loss, entropy, _) = soft_loss(gpt, target, &mut st, sample)?;
+            total += loss.item()? as f64 - entropy;
+            loss.scale(1.0 / group.len() as f64)?.backward()?;
         }
-    }
+        Ok(total / group.len() as f64)
+    }, &mut progress)?;
     let after = evaluate(&gpt, target, &mut st, &eval_set)?;
     Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(|s| s.ids.len() - s.from).sum() })
 }

@@ -13,7 +13,6 @@ use augur_decode::speculative::medusa::ResBlock;
 use augur_models::Llama;
 use augur_nn::layers::Linear;
 use augur_nn::module::join;
-use augur_nn::optim::{AdamW, Optimizer};
 use augur_nn::{Module, Rng};
 
 use crate::data::{DistillSet, Sample};
@@ -112,7 +111,16 @@ impl Heads {
 }
 
 /// Marks a target the heads cannot score (outside the reduced vocabulary or past the sample).
-const IGNORE: u32 = u32::MAX;
+pub(crate) const IGNORE: u32 = u32::MAX;
+
+/// Each of `vocab` token ids' position in the reduced vocabulary `ids`, or [`IGNORE`].
+pub(crate) fn vocab_index(ids: &[u32], vocab: usize) -> Vec<u32> {
+    let mut index = vec![IGNORE; vocab];
+    for (i, &id) in ids.iter().enumerate() {
+        index[id as usize] = i as u32;
+    }
+    index
+}
 
 /// Positions `t` that train (response positions whose next token exists) as global token indices,
 /// with their sample.
@@ -158,10 +166,7 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
         return Err(Error::Invalid("heads, layers, vocab, batch and ranks must all be at least 1".into()));
     }
     let vocab = draft_vocab(&set.samples, target.cfg.vocab, cfg.vocab);
-    let mut index = vec![IGNORE; target.cfg.vocab];
-    for (i, &id) in vocab.iter().enumerate() {
-        index[id as usize] = i as u32;
-    }
+    let index = vocab_index(&vocab, target.cfg.vocab);
     let head_w = Tensor::from_vec(target.output_rows(&vocab)?, &[vocab.len(), dim])?;
     let offsets = set.offsets();
     let held_out = |i: usize| crate::held_out(i, set.samples.len());
@@ -183,33 +188,22 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
 
     let mut rng = Rng::new(cfg.seed);
     let mut heads = Heads { blocks: (0..cfg.heads).map(|_| (0..cfg.layers).map(|_| Linear::new(dim, dim, true, 0.0, &mut rng)).collect()).collect() };
-    let mut opt = AdamW::new(cfg.lr, (0.9, 0.999), 1e-8, 0.0);
-    let per_epoch = train_pos.len().div_ceil(cfg.batch);
-    let steps = per_epoch * cfg.epochs;
-    let sched = crate::schedule(cfg.lr, steps);
-    let mut step = 0;
-    for _ in 0..cfg.epochs {
-        rng.shuffle(&mut train_pos);
-        for chunk in train_pos.chunks(cfg.batch) {
-            let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
-            let logits = heads.forward(&b.h, &head_w)?;
-            let mut loss: Option<Tensor> = None;
-            for (k, (l, t)) in logits.iter().zip(&b.targets).enumerate() {
-                let lk = l.cross_entropy(t, Some(IGNORE))?.scale(cfg.decay.powi(k as i32))?;
-                loss = Some(match loss {
-                    None => lk,
-                    Some(acc) => acc.add(&lk)?,
-                });
-            }
-            let loss = loss.expect("at least one head");
-            loss.backward()?;
-            opt.set_lr(sched.at(step));
-            opt.step(&mut heads)?;
-            augur_nn::ModuleExt::zero_grad(&mut heads);
-            step += 1;
-            progress(Progress { step, steps, loss: loss.item()? as f64 });
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.batch, lr: cfg.lr, betas: (0.9, 0.999) };
+    crate::train_loop(&mut train_pos, &mut heads, &mut rng, l, |heads, chunk| {
+        let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
+        let logits = heads.forward(&b.h, &head_w)?;
+        let mut loss: Option<Tensor> = None;
+        for (k, (l, t)) in logits.iter().zip(&b.targets).enumerate() {
+            let lk = l.cross_entropy(t, Some(IGNORE))?.scale(cfg.decay.powi(k as i32))?;
+            loss = Some(match loss {
+                None => lk,
+                Some(acc) => acc.add(&lk)?,
+            });
         }
-    }
+        let loss = loss.expect("at least one head");
+        loss.backward()?;
+        Ok(loss.item()? as f64)
+    }, &mut progress)?;
 
     let accuracy = no_grad(|| accuracy(&heads, &head_w, set, &offsets, &index, &eval_pos, cfg))?;
     let heads_out = heads

@@ -9,15 +9,15 @@
 //! measure each depth's top-1 accuracy with the true tokens as inputs, before and after training.
 
 use augur_core::{no_grad, Tensor};
+use augur_decode::sampler::argmax;
 use augur_decode::speculative::mtp::MtpModules;
 use augur_formats::gguf::Gguf;
 use augur_models::{qk_rows_from_gguf, Model};
-use augur_nn::optim::{AdamW, Optimizer};
-use augur_nn::{Module, ModuleExt, Rng};
+use augur_nn::{Module, Rng};
 
 use crate::data::{DistillSet, Sample};
 use crate::draft::gguf_name;
-use crate::medusa::draft_vocab;
+use crate::medusa::{draft_vocab, vocab_index, IGNORE};
 use crate::{Error, Progress, Result};
 
 /// How to train the modules.
@@ -57,9 +57,6 @@ pub struct Trained {
     pub samples: (usize, usize),
 }
 
-/// Marks a position without a target the head can score.
-const IGNORE: u32 = u32::MAX;
-
 /// One sample's inputs: ids cut to the training length, its target hidden states, and where
 /// its response starts.
 struct Item {
@@ -97,7 +94,7 @@ fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item) -> Result<V
         let hits = v
             .chunks_exact(width)
             .zip(&targets)
-            .filter(|(row, &tg)| tg != IGNORE && row.iter().enumerate().fold(0, |b, (i, &x)| if x > row[b] { i } else { b }) == tg as usize)
+            .filter(|(row, &tg)| tg != IGNORE && argmax(row) == tg)
             .count();
         out.push((logits.cross_entropy(&targets, Some(IGNORE))?, hits, scored));
     }
@@ -128,10 +125,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
         return Err(Error::Invalid("depth, epochs, accumulate and vocab must be at least 1, max_len at least depth + 2".into()));
     }
     let vocab = draft_vocab(&set.samples, c.vocab, cfg.vocab);
-    let mut index = vec![IGNORE; c.vocab];
-    for (i, &id) in vocab.iter().enumerate() {
-        index[id as usize] = i as u32;
-    }
+    let index = vocab_index(&vocab, c.vocab);
     // Each block starts as the target's last one.
     let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("MTP training reads the target's GGUF file: {e}")))?;
     let last = c.n_layer - 1;
@@ -150,53 +144,40 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
     modules.visit("", &mut |_, t| *t = t.detach().requires_grad(true));
 
     let offsets = set.offsets();
-    let item = |(i, s): (usize, &Sample)| {
+    let item = |i: usize, s: &Sample| {
         let t = s.ids.len().min(cfg.max_len).min(c.context);
         (t > cfg.depth + 1 && s.prompt_len < t).then(|| {
             let h0 = hidden[offsets[i] * dim..(offsets[i] + t) * dim].iter().map(|v| v.to_f32()).collect();
             Item { ids: s.ids[..t].to_vec(), h0, prompt_len: s.prompt_len }
         })
     };
-    let held_out = |i: usize| crate::held_out(i, set.samples.len());
-    let mut train_set: Vec<Item> = set.samples.iter().enumerate().filter(|(i, _)| !held_out(*i)).filter_map(item).collect();
-    let eval_set: Vec<Item> = set.samples.iter().enumerate().filter(|(i, _)| held_out(*i)).filter_map(item).collect();
+    let (mut train_set, eval_set) = crate::split(&set.samples, item);
     if train_set.is_empty() {
         return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
     let before = accuracy(&modules, target, &index, &eval_set)?;
 
-    let mut rng = Rng::new(cfg.seed);
-    let mut opt = AdamW::new(cfg.lr, (0.9, 0.95), 1e-8, 0.0);
-    let steps = train_set.len().div_ceil(cfg.accumulate) * cfg.epochs;
-    let sched = crate::schedule(cfg.lr, steps);
-    let mut step = 0;
-    for _ in 0..cfg.epochs {
-        rng.shuffle(&mut train_set);
-        for group in train_set.chunks(cfg.accumulate) {
-            let mut total = 0f64;
-            for it in group {
-                let per_depth = forward(&modules, target, &index, it)?;
-                let n = per_depth.len().max(1) as f64;
-                let mut loss: Option<Tensor> = None;
-                for (l, _, _) in per_depth {
-                    total += l.item()? as f64 / n;
-                    let l = l.scale(1.0 / (n * group.len() as f64))?;
-                    loss = Some(match loss {
-                        None => l,
-                        Some(acc) => acc.add(&l)?,
-                    });
-                }
-                if let Some(loss) = loss {
-                    loss.backward()?;
-                }
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.accumulate, lr: cfg.lr, betas: (0.9, 0.95) };
+    crate::train_loop(&mut train_set, &mut modules, &mut Rng::new(cfg.seed), l, |modules, group| {
+        let mut total = 0f64;
+        for it in group {
+            let per_depth = forward(modules, target, &index, it)?;
+            let n = per_depth.len().max(1) as f64;
+            let mut loss: Option<Tensor> = None;
+            for (l, _, _) in per_depth {
+                total += l.item()? as f64 / n;
+                let l = l.scale(1.0 / (n * group.len() as f64))?;
+                loss = Some(match loss {
+                    None => l,
+                    Some(acc) => acc.add(&l)?,
+                });
             }
-            opt.set_lr(sched.at(step));
-            opt.step(&mut modules)?;
-            modules.zero_grad();
-            step += 1;
-            progress(Progress { step, steps, loss: total / group.len() as f64 });
+            if let Some(loss) = loss {
+                loss.backward()?;
+            }
         }
-    }
+        Ok(total / group.len() as f64)
+    }, &mut progress)?;
     let after = accuracy(&modules, target, &index, &eval_set)?;
     let samples = (train_set.len(), eval_set.len());
     Ok(Trained { modules, before, after, samples })

@@ -9,6 +9,7 @@ use std::ops::ControlFlow;
 use augur_core::{no_grad, Tensor};
 use augur_decode::speculative::mtp::{Mtp, MtpModules};
 use augur_decode::speculative::{self, Ctx, Drafter, SpecConfig};
+use augur_decode::sampler::argmax;
 use augur_decode::{generate, GenerateConfig, Sampler, SamplerConfig};
 use augur_distill::data::{self, DistillSet, Prompt};
 use augur_distill::mtp::{self, MtpConfig};
@@ -30,9 +31,9 @@ fn drafts_from_scratch(m: &MtpModules, model: &Model, tokens: &[u32]) -> Vec<u32
         h = no_grad(|| module.forward(&h, &e, &m.pos, None)).unwrap();
         let last = h.to_vec_f32().unwrap()[(n - 1) * dim..].to_vec();
         let l = no_grad(|| m.logits(&Tensor::from_vec(last, &[1, dim]).unwrap())).unwrap().to_vec_f32().unwrap();
-        let best = l.iter().enumerate().fold(0, |b, (i, &v)| if v > l[b] { i } else { b });
-        out.push(m.vocab[best]);
-        seq.push(m.vocab[best]);
+        let best = m.vocab[argmax(&l) as usize];
+        out.push(best);
+        seq.push(best);
     }
     out
 }

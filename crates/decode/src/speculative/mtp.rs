@@ -29,6 +29,7 @@ use augur_nn::{Module, Rng};
 
 use super::drafters::{Ctx, Drafter};
 use super::tree::Tree;
+use crate::sampler::argmax;
 use crate::{Error, Result};
 
 /// The `augur_nn` description of `layers` blocks shaped like `cfg`'s (Llama blocks: RMSNorm,
@@ -282,8 +283,7 @@ impl Mtp {
 
     fn draft(&self, state: &[f32]) -> Result<u32> {
         let l = self.m.logits(&Tensor::from_vec(state.to_vec(), &[1, self.dim()])?)?.to_vec_f32()?;
-        let best = l.iter().enumerate().fold(0, |b, (i, &v)| if v > l[b] { i } else { b });
-        Ok(self.m.vocab[best])
+        Ok(self.m.vocab[argmax(&l) as usize])
     }
 }
 
@@ -323,31 +323,29 @@ impl Mtp {
                 break;
             }
             let token = |i: usize| if i + depth <= n { t[i + depth] } else { drafts[i + depth - n - 1] };
-            let prev_state = |this: &Self, i: usize, spec_prev: &[f32]| -> Vec<f32> {
-                let committed = if d == 0 { &this.h0 } else { &this.outs[d - 1] };
-                let c = committed.len() / dim;
-                if i < c {
-                    committed[i * dim..(i + 1) * dim].to_vec()
-                } else {
-                    spec_prev[(i - c) * dim..(i - c + 1) * dim].to_vec()
+            // Module d's inputs at positions `rows`: the previous depth's states (settled, or
+            // from the module before's draft-reading positions) and the next tokens.
+            let inputs = |this: &Self, rows: std::ops::Range<usize>| -> (Vec<f32>, Vec<u32>) {
+                let settled = if d == 0 { &this.h0 } else { &this.outs[d - 1] };
+                let c = settled.len() / dim;
+                let mut h = Vec::with_capacity(rows.len() * dim);
+                for i in rows.clone() {
+                    h.extend_from_slice(if i < c { &settled[i * dim..(i + 1) * dim] } else { &spec_prev[(i - c) * dim..(i - c + 1) * dim] });
                 }
+                (h, rows.map(token).collect())
             };
             // Catch up on the positions whose inputs are all accepted: up to n - depth.
             let from = self.outs[d].len() / dim;
             if from < n + 1 - depth {
-                let rows: Vec<usize> = (from..=n - depth).collect();
-                let h: Vec<f32> = rows.iter().flat_map(|&i| prev_state(self, i, &spec_prev)).collect();
-                let toks: Vec<u32> = rows.iter().map(|&i| token(i)).collect();
+                let (h, toks) = inputs(self, from..n + 1 - depth);
                 let out = self.run(ctx.target, d, h, &toks, false)?;
                 self.outs[d].extend_from_slice(&out);
             }
             // Then the positions that read a draft token, on a copy of the cache.
-            let rows: Vec<usize> = (n + 1 - depth..n).collect();
-            let spec = if rows.is_empty() {
+            let spec = if depth == 1 {
                 Vec::new()
             } else {
-                let h: Vec<f32> = rows.iter().flat_map(|&i| prev_state(self, i, &spec_prev)).collect();
-                let toks: Vec<u32> = rows.iter().map(|&i| token(i)).collect();
+                let (h, toks) = inputs(self, n + 1 - depth..n);
                 self.run(ctx.target, d, h, &toks, true)?
             };
             let last = if spec.is_empty() { &self.outs[d][(n - 1) * dim..n * dim] } else { &spec[spec.len() - dim..] };
