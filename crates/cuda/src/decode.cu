@@ -398,16 +398,8 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         }
         int pq = qd / 2, pk = kvd / 2;
         for (int g = gw; g < pq + 2 * pk; g += W) {
-            int seg = g < pq ? 0 : (g < pq + pk ? 1 : 2);
-            int pr = g - (seg > 0 ? pq : 0) - (seg > 1 ? pk : 0), j = pr % half, r0, r1;
-            if (seg == 2) {
-                r0 = 2 * pr;
-                r1 = r0 + 1;
-            } else {
-                int base = (pr / half) * m.hd;
-                r0 = base + (m.interleaved ? 2 * j : j);
-                r1 = base + (m.interleaved ? 2 * j + 1 : j + half);
-            }
+            QkvPair pair = qkv_pair(g, pq, pk, m.hd, m.interleaved);
+            int seg = pair.seg, r0 = pair.r0, r1 = pair.r1, j = pair.j;
             // The bias and the rotation, loaded before the dot products need them.
             const float* b = L->bias[seg];
             float b0 = b ? b[r0] : 0.f, b1 = b ? b[r1] : 0.f;
@@ -486,10 +478,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         for (int i = 0; i < 4; i++) {
             if (r + i * W >= m.vocab) break;
             if (lane == 0 && m.logits) m.logits[r + i * W] = v[i];
-            if (v[i] > best || (v[i] == best && r + i * W < idx)) {
-                best = v[i];
-                idx = r + i * W;
-            }
+            take_max(v[i], r + i * W, best, idx);
         }
     }
     if (lane == 0) {
@@ -499,11 +488,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     __syncthreads();
     STAMP();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < DK_WARPS; w++)
-            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) {
-                best = bv[w];
-                idx = bi[w];
-            }
+        for (int w = 1; w < DK_WARPS; w++) take_max(bv[w], bi[w], best, idx);
         m.best_v[blockIdx.x] = best;
         m.best_i[blockIdx.x] = idx;
         __threadfence();
@@ -513,14 +498,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     if (!last || threadIdx.x != 0) return;
     // Every block is past its last barrier: the counters can be reset for the next launch.
     __threadfence();
-    for (int b = 0; b < (int)gridDim.x; b++) {
-        float v = __ldcg(m.best_v + b);
-        int i = __ldcg(m.best_i + b);
-        if (v > best || (v == best && i < idx)) {
-            best = v;
-            idx = i;
-        }
-    }
+    for (int b = 0; b < (int)gridDim.x; b++) take_max(__ldcg(m.best_v + b), __ldcg(m.best_i + b), best, idx);
     m.ids[0] = idx;
     m.tokens[m.meta[1]] = idx;
     m.meta[0] = pos + 1;

@@ -331,6 +331,39 @@ __device__ void matvec(Segs s, const float* x, int n, int k, int mode, const flo
     }
 }
 
+// q/k/v pair g (of pq query pairs, then pk key pairs, then the value pairs): its segment
+// (0 q, 1 k, 2 v), its two rows there, and its frequency index j. q and k rows pair as RoPE
+// rotates them ((2j, 2j+1) interleaved, or (j, j + hd/2) within a head); v rows pair in order.
+struct QkvPair {
+    int seg, r0, r1, j;
+};
+
+__device__ __forceinline__ QkvPair qkv_pair(int g, int pq, int pk, int hd, int interleaved) {
+    int half = hd / 2;
+    QkvPair p;
+    p.seg = g < pq ? 0 : (g < pq + pk ? 1 : 2);
+    int pr = g - (p.seg > 0 ? pq : 0) - (p.seg > 1 ? pk : 0);
+    p.j = pr % half;
+    if (p.seg == 2) {
+        p.r0 = 2 * pr;
+        p.r1 = p.r0 + 1;
+    } else {
+        int base = (pr / half) * hd;
+        p.r0 = base + (interleaved ? 2 * p.j : p.j);
+        p.r1 = base + (interleaved ? 2 * p.j + 1 : p.j + half);
+    }
+    return p;
+}
+
+// Keep (v, i) in (best, idx) when it is larger, or equal at a lower index (argmax's first
+// maximum).
+__device__ __forceinline__ void take_max(float v, int i, float& best, int& idx) {
+    if (v > best || (v == best && i < idx)) {
+        best = v;
+        idx = i;
+    }
+}
+
 // q, k and v of n <= MAX_TOK tokens from RMSNorm(x) in one launch, with RoPE and the cache write
 // fused: each warp computes a pair of rows that rotate together ((2j, 2j+1) interleaved, or
 // (j, j + hd/2)), rotates them by the token's position (table `cs`, as in rope_kv) and writes q
@@ -343,18 +376,8 @@ __device__ void qkv_rope(Segs s, const float* x, int n, int k, const float* nw, 
     int half = hd / 2, pairs = (s.rows[0] + s.rows[1] + s.rows[2]) / 2;
     int g = blockIdx.x * nwarps + warp;
     size_t rb = row_bytes<T>(k);
-    // Pair g: its segment, and its two rows there.
-    int pq = s.rows[0] / 2, pk = s.rows[1] / 2;
-    int seg = g < pq ? 0 : (g < pq + pk ? 1 : 2);
-    int pr = g - (seg > 0 ? pq : 0) - (seg > 1 ? pk : 0), j = pr % half, r0, r1;
-    if (seg == 2) {
-        r0 = 2 * pr;
-        r1 = r0 + 1;
-    } else {
-        int base = (pr / half) * hd;
-        r0 = base + (interleaved ? 2 * j : j);
-        r1 = base + (interleaved ? 2 * j + 1 : j + half);
-    }
+    QkvPair pair = qkv_pair(g, s.rows[0] / 2, s.rows[1] / 2, hd, interleaved);
+    int seg = pair.seg, r0 = pair.r0, r1 = pair.r1, j = pair.j;
     const u8* w = seg == 0 ? s.w[0] : (seg == 1 ? s.w[1] : s.w[2]);
     const float* bias = seg == 0 ? s.bias[0] : (seg == 1 ? s.bias[1] : s.bias[2]);
     float pre[PRE][8];
@@ -663,14 +686,14 @@ extern "C" __global__ void argmax(const float* x, int k, int* out) {
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_xor_sync(0xffffffffu, best, o);
         int oi = __shfl_xor_sync(0xffffffffu, idx, o);
-        if (ov > best || (ov == best && oi < idx)) { best = ov; idx = oi; }
+        take_max(ov, oi, best, idx);
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     if (lane == 0) { bv[warp] = best; bi[warp] = idx; }
     __syncthreads();
     if (threadIdx.x == 0) {
         for (int w = 1; w < (int)(blockDim.x >> 5); w++)
-            if (bv[w] > best || (bv[w] == best && bi[w] < idx)) { best = bv[w]; idx = bi[w]; }
+            take_max(bv[w], bi[w], best, idx);
         out[blockIdx.x] = idx;
     }
 }

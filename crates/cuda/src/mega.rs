@@ -6,6 +6,7 @@ use cudarc::driver::sys;
 use cudarc::driver::DeviceRepr;
 
 use crate::device::{Buf, Device};
+use crate::ops::{bytes_of, grid1};
 use crate::{Error, Result};
 
 /// Threads per block of `decode_step` (`DK_THREADS`).
@@ -125,10 +126,8 @@ impl Persistent {
             Ok(v) if v == "1" => Some(dev.alloc(stamps(n_layer))?),
             _ => None,
         };
-        // SAFETY: `DLayer` is plain `repr(C)` data, read as bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(layers.as_ptr().cast::<u8>(), std::mem::size_of_val(layers)) };
         Ok(Persistent {
-            layers: dev.upload(bytes)?,
+            layers: dev.upload(bytes_of(layers))?,
             best_v: dev.alloc(grid as usize)?,
             best_i: dev.alloc(grid as usize)?,
             bar: dev.alloc(2)?,
@@ -153,22 +152,8 @@ impl Device {
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
         attr.value.cooperative = 1;
-        let conf = sys::CUlaunchConfig {
-            gridDimX: p.grid,
-            gridDimY: 1,
-            gridDimZ: 1,
-            blockDimX: THREADS,
-            blockDimY: 1,
-            blockDimZ: 1,
-            sharedMemBytes: p.smem as u32,
-            hStream: self.stream.cu_stream(),
-            attrs: &mut attr,
-            numAttrs: 1,
-        };
         let mut args = [m as *const DModel as *mut c_void];
-        self.ctx.bind_to_thread()?;
-        sys::cuLaunchKernelEx(&conf, self.k.decode_step.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
-        Ok(())
+        self.launch_with(&self.k.decode_step, grid1(p.grid as usize, THREADS, p.smem), &mut args, attr)
     }
 }
 

@@ -10,7 +10,6 @@ use cudarc::driver::CudaGraph;
 
 use crate::device::{Buf, Device, MATVEC_SMEM};
 use crate::mega::{DLayer, DModel, Persistent};
-
 use crate::ops::{DevMat, Input, ATT_SPAN};
 use crate::{Error, Result};
 

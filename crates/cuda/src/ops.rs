@@ -56,8 +56,9 @@ fn type_index(w: &Weights) -> usize {
     }
 }
 
-fn bytes_of<T>(v: &[T]) -> &[u8] {
-    // SAFETY: plain-old-data element types (f32, f16, bf16, u8), read as bytes.
+pub(crate) fn bytes_of<T>(v: &[T]) -> &[u8] {
+    // SAFETY: plain-old-data element types without padding (f32, f16, bf16, u8, `DLayer`), read
+    // as bytes.
     unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
 }
 
@@ -91,7 +92,7 @@ macro_rules! args {
     ($($a:expr),* $(,)?) => { [$((&$a) as *const _ as *mut c_void),*] };
 }
 
-fn grid1(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
+pub(crate) fn grid1(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
@@ -105,6 +106,14 @@ impl Device {
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = self.pdl as i32;
+        self.launch_with(f, cfg, args, attr)
+    }
+
+    /// Launch `f` on the stream with one launch attribute.
+    ///
+    /// # Safety
+    /// `args` point at values of the kernel's parameter types, in order.
+    pub(crate) unsafe fn launch_with(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut c_void], mut attr: sys::CUlaunchAttribute) -> Result<()> {
         let conf = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
