@@ -43,4 +43,3 @@ impl DType {
         matches!(self, DType::Quant(_))
     }
 }
-

@@ -1,0 +1,483 @@
+// FlashAttention on tensor cores: the forward pass (tiled, online softmax) and the
+// FlashAttention-2 backward pass, bf16 or f16 in, f32 accumulation, `mma.sync` m16n8k16.
+// Its own NVRTC program (compiled at the first attention call, see `flash.rs`); no headers.
+//
+// Layouts: q, o, do, dq `[batch, heads, q_len, D]`; k, v, dk, dv `[batch, kv_heads, k_len, D]`;
+// lse, delta `[batch, heads, q_len]` f32; `allow` (optional) `[q_len, k_len]` bytes, nonzero
+// where the query may attend. Query head h reads key/value head h / (heads / kv_heads). Causal:
+// query i sees keys 0..=i + k_len - q_len (bottom-right aligned, as in augur_kernels::flash).
+//
+// Fragments (PTX ISA, mma.m16n8k16): lane = 4 * g + t. A (16x16, row): {a0,a1} row g, cols
+// 2t, 2t+1; {a2,a3} row g+8; {a4,a5} row g, cols 2t+8, 2t+9; {a6,a7} row g+8, cols 2t+8.. .
+// B (16x8, col): {b0,b1} k = 2t, 2t+1, n = g; {b2,b3} k = 2t+8, 2t+9. C (16x8): {c0,c1} row g,
+// cols 2t, 2t+1; {c2,c3} row g+8. `ldmatrix.x4` loads four 8x8 tiles, lanes 8i..8i+7 giving
+// the row addresses of tile i. Shared-memory rows are padded by 16 bytes, so the eight rows
+// of one 8x8 tile fall in different banks.
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define FA_INF __int_as_float(0x7f800000)
+#define FA_THREADS 256  // 8 warps
+#define FA_BR 128       // forward: query rows per block (16 per warp)
+#define FA_BC 64        // forward: keys per tile
+#define BW_BC 64        // backward: keys per block
+#define BW_BR 64        // backward: query rows per step
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+// The one kernel argument of every attention kernel (`FaArgs` in flash.rs, field for field).
+struct FaArgs {
+    u64 q, k, v, o, lse, allow;
+    u64 dout, delta, dq_acc, dq, dk, dv;
+    int batch, heads, kv_heads, q_len, k_len, causal;
+    float scale;
+    float pad;
+};
+
+__device__ __forceinline__ u32 smem_u32(const void* p) {
+    u32 r;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void ldm4(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+
+__device__ __forceinline__ void ldm4t(u32* r, const u16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+
+template <bool BF> __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
+    if constexpr (BF) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+}
+
+// Two floats as one register of two 16-bit values, `lo` in the low half.
+template <bool BF> __device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if constexpr (BF) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+template <bool BF> __device__ __forceinline__ float to_f32(u16 h) {
+    if constexpr (BF) return __uint_as_float(((u32)h) << 16);
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// Copy `ROWS` rows of D 16-bit values (global row stride D) into shared memory (row stride
+// D + 8), asynchronously; rows at or past `valid` are zero-filled.
+template <int D, int ROWS> __device__ __forceinline__ void load_rows(u16* s, const u16* g, int valid) {
+    constexpr int CH = D / 8;
+    for (int i = threadIdx.x; i < ROWS * CH; i += FA_THREADS) {
+        int r = i / CH, c = i % CH;
+        int src_row = r < valid ? r : 0;
+        u32 bytes = r < valid ? 16 : 0;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_u32(s + r * (D + 8) + c * 8)),
+                     "l"(g + (size_t)src_row * D + c * 8), "r"(bytes)
+                     : "memory");
+    }
+}
+
+// Is key j visible to query i (both inside their lengths)?
+__device__ __forceinline__ bool visible(const FaArgs& a, int i, int j) {
+    if (i >= a.q_len || j >= a.k_len) return false;
+    if (a.causal && j > i + a.k_len - a.q_len) return false;
+    if (a.allow && !((const u8*)a.allow)[(size_t)i * a.k_len + j]) return false;
+    return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward: block (query tile, head, batch); each warp owns 16 query rows, its q fragments stay in
+// registers, K/V tiles stream through double-buffered shared memory.
+
+template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArgs& a) {
+    constexpr int LD = D + 8;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sq = smem;
+    u16* sk = sq + FA_BR * LD;       // 2 buffers
+    u16* sv = sk + 2 * FA_BC * LD;   // 2 buffers
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int nqb = (a.q_len + FA_BR - 1) / FA_BR;
+    const int q0 = (nqb - 1 - (int)blockIdx.x) * FA_BR;  // the longest causal rows start first
+    const int h = blockIdx.y, b = blockIdx.z, hk = h / (a.heads / a.kv_heads);
+    const size_t qrow = (size_t)(b * a.heads + h) * a.q_len;
+    const u16* Q = (const u16*)a.q + qrow * D;
+    const u16* K = (const u16*)a.k + (size_t)(b * a.kv_heads + hk) * a.k_len * D;
+    const u16* V = (const u16*)a.v + (size_t)(b * a.kv_heads + hk) * a.k_len * D;
+    const int off = a.k_len - a.q_len;
+    const int kend = a.causal ? min(a.k_len, q0 + FA_BR + off) : a.k_len;
+    const int ntiles = (kend + FA_BC - 1) / FA_BC;
+    const float sl = a.scale * LOG2E;
+
+    load_rows<D, FA_BR>(sq, Q + (size_t)q0 * D, a.q_len - q0);
+    load_rows<D, FA_BC>(sk, K, a.k_len);
+    load_rows<D, FA_BC>(sv, V, a.k_len);
+    cp_commit();
+
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f};
+    u32 qf[D / 16][4];
+    const int r0 = warp * 16;
+
+    for (int j = 0; j < ntiles; j++) {
+        const int buf = j & 1, k0 = j * FA_BC;
+        if (j + 1 < ntiles) {
+            load_rows<D, FA_BC>(sk + (buf ^ 1) * FA_BC * LD, K + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
+            load_rows<D, FA_BC>(sv + (buf ^ 1) * FA_BC * LD, V + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        if (j == 0) {
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                ldm4(qf[kk], sq + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+        }
+        const u16* ks = sk + buf * FA_BC * LD;
+        const u16* vs = sv + buf * FA_BC * LD;
+
+        // s = q k^T over this tile: 16 rows x 64 keys per warp.
+        float s[FA_BC / 8][4];
+#pragma unroll
+        for (int i = 0; i < FA_BC / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+#pragma unroll
+            for (int np = 0; np < FA_BC / 16; np++) {
+                u32 bf[4];
+                ldm4(bf, ks + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                mma<BF>(s[2 * np], qf[kk], bf);
+                mma<BF>(s[2 * np + 1], qf[kk], bf + 2);
+            }
+        }
+        // Masks only where the tile crosses the end, the diagonal, or an explicit mask.
+        const bool edge = k0 + FA_BC > a.k_len || (a.causal && k0 + FA_BC - 1 > q0 + off) || a.allow;
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int qi = q0 + r0 + g + 8 * hr;
+            float mx = m[hr];
+#pragma unroll
+            for (int nt = 0; nt < FA_BC / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float x = s[nt][2 * hr + e] * sl;
+                    if (edge && !visible(a, qi, k0 + nt * 8 + 2 * t + e)) x = -FA_INF;
+                    s[nt][2 * hr + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+            const float base = mx == -FA_INF ? 0.f : mx;
+            const float alpha = ex2(m[hr] - base);
+            m[hr] = mx;
+            float rs = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < FA_BC / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const float p = ex2(s[nt][2 * hr + e] - base);
+                    s[nt][2 * hr + e] = p;
+                    rs += p;
+                }
+            }
+            l[hr] = l[hr] * alpha + rs;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                o[dt][2 * hr] *= alpha;
+                o[dt][2 * hr + 1] *= alpha;
+            }
+        }
+        // o += p v: p's accumulator layout is the A layout of the next product.
+#pragma unroll
+        for (int kk = 0; kk < FA_BC / 16; kk++) {
+            u32 pa[4] = {pack2<BF>(s[2 * kk][0], s[2 * kk][1]), pack2<BF>(s[2 * kk][2], s[2 * kk][3]),
+                         pack2<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int dp = 0; dp < D / 16; dp++) {
+                u32 bf[4];
+                ldm4t(bf, vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+                mma<BF>(o[2 * dp], pa, bf);
+                mma<BF>(o[2 * dp + 1], pa, bf + 2);
+            }
+        }
+        __syncthreads();
+    }
+
+    u16* O = (u16*)a.o + qrow * D;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float sum = l[hr];
+        sum += __shfl_xor_sync(0xffffffff, sum, 1);
+        sum += __shfl_xor_sync(0xffffffff, sum, 2);
+        const int qi = q0 + r0 + g + 8 * hr;
+        if (qi >= a.q_len) continue;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++)
+            *(u32*)(O + (size_t)qi * D + dt * 8 + 2 * t) = pack2<BF>(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
+        if (t == 0) ((float*)a.lse)[qrow + qi] = sum > 0.f ? (m[hr] + __log2f(sum)) * LN2 : -FA_INF;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward (FlashAttention-2): block (key tile, kv head, batch) owns dk/dv of its 64 keys and
+// walks every query tile of every query head that reads them, recomputing p from lse:
+//   s = q k^T, p = exp(s * scale - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta),
+//   dk += scale ds^T q, dq += scale ds k (added to the f32 dq_acc with atomics).
+
+// delta[row] = sum_d do[row, d] * o[row, d], one warp per row.
+template <int D, bool BF> __device__ __forceinline__ void fa_delta(const FaArgs& a) {
+    const int rows = a.batch * a.heads * a.q_len;
+    const int row = blockIdx.x * (FA_THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= rows) return;
+    const u16* o = (const u16*)a.o + (size_t)row * D;
+    const u16* d = (const u16*)a.dout + (size_t)row * D;
+    float acc = 0.f;
+    for (int i = lane; i < D; i += 32) acc += to_f32<BF>(o[i]) * to_f32<BF>(d[i]);
+    for (int s = 16; s > 0; s /= 2) acc += __shfl_xor_sync(0xffffffff, acc, s);
+    if (lane == 0) ((float*)a.delta)[row] = acc;
+}
+
+// dq = dq_acc, rounded to 16 bits.
+template <bool BF> __device__ __forceinline__ void fa_dq_cast(const FaArgs& a, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * FA_THREADS + threadIdx.x; i < n; i += (size_t)gridDim.x * FA_THREADS) {
+        const u32 p = pack2<BF>(((const float*)a.dq_acc)[i], 0.f);
+        ((u16*)a.dq)[i] = (u16)(p & 0xffff);
+    }
+}
+
+template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaArgs& a) {
+    constexpr int LD = D + 8, LP = BW_BC + 8, T = BW_BR * LD;
+    extern __shared__ __align__(16) u16 smem[];
+    u16* sk = smem;
+    u16* sv = sk + BW_BC * LD;
+    u16* sq = sv + BW_BC * LD;   // 2 buffers
+    u16* sdo = sq + 2 * T;       // 2 buffers
+    u16* sp = sdo + 2 * T;       // p, [query][key]
+    u16* sds = sp + BW_BR * LP;  // ds, [query][key]
+    float* sl = (float*)(sds + BW_BR * LP);  // lse * log2(e), 2 buffers
+    float* sd = sl + 2 * BW_BR;              // delta, 2 buffers
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int wr = warp & 3, wc = warp >> 2;  // row group of 16, column half
+    const int k0 = blockIdx.x * BW_BC, hk = blockIdx.y, b = blockIdx.z;
+    const int group = a.heads / a.kv_heads, off = a.k_len - a.q_len;
+    const size_t kvrow = (size_t)(b * a.kv_heads + hk) * a.k_len + k0;
+    const float slog = a.scale * LOG2E;
+
+    // Query tiles that can see this key tile.
+    const int qstart = a.causal ? max(0, k0 - off) / BW_BR : 0;
+    const int nqt = (a.q_len + BW_BR - 1) / BW_BR;
+    const int steps = group * (nqt - qstart);
+    if (steps <= 0) return;
+
+    // Queue step i's query tile, its do tile, and its lse/delta rows into buffer `buf`.
+    auto fetch = [&](int i, int buf) {
+        const int h = hk * group + i / (nqt - qstart), q0 = (qstart + i % (nqt - qstart)) * BW_BR;
+        const size_t row = (size_t)(b * a.heads + h) * a.q_len + q0;
+        load_rows<D, BW_BR>(sq + buf * T, (const u16*)a.q + row * D, a.q_len - q0);
+        load_rows<D, BW_BR>(sdo + buf * T, (const u16*)a.dout + row * D, a.q_len - q0);
+        if (threadIdx.x < BW_BR) {
+            const bool in = q0 + (int)threadIdx.x < a.q_len;
+            const float lse = in ? ((const float*)a.lse)[row + threadIdx.x] : -FA_INF;
+            sl[buf * BW_BR + threadIdx.x] = lse * LOG2E;
+            sd[buf * BW_BR + threadIdx.x] = in ? ((const float*)a.delta)[row + threadIdx.x] : 0.f;
+        }
+    };
+    load_rows<D, BW_BC>(sk, (const u16*)a.k + kvrow * D, a.k_len - k0);
+    load_rows<D, BW_BC>(sv, (const u16*)a.v + kvrow * D, a.k_len - k0);
+    fetch(0, 0);
+    cp_commit();
+
+    float dk[D / 16][4], dv[D / 16][4];  // 16 keys x D/2 columns per warp
+#pragma unroll
+    for (int i = 0; i < D / 16; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+
+    for (int it = 0; it < steps; it++) {
+        const int buf = it & 1;
+        if (it + 1 < steps) {
+            fetch(it + 1, buf ^ 1);
+            cp_commit();
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        const int h = hk * group + it / (nqt - qstart), q0 = (qstart + it % (nqt - qstart)) * BW_BR;
+        const u16* qs = sq + buf * T;
+        const u16* dos = sdo + buf * T;
+
+        // s = q k^T and dp = do v^T: rows 16 wr.., keys 32 wc.. per warp.
+        float s[4][4], dp[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 qa[4], da[4];
+            const int arow = (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
+            ldm4(qa, qs + arow);
+            ldm4(da, dos + arow);
+#pragma unroll
+            for (int np = 0; np < 2; np++) {
+                const int brow = (wc * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                u32 kb[4], vb[4];
+                ldm4(kb, sk + brow);
+                ldm4(vb, sv + brow);
+                mma<BF>(s[2 * np], qa, kb);
+                mma<BF>(s[2 * np + 1], qa, kb + 2);
+                mma<BF>(dp[2 * np], da, vb);
+                mma<BF>(dp[2 * np + 1], da, vb + 2);
+            }
+        }
+        // p and ds into shared memory as 16-bit [query][key].
+        const bool edge = k0 + BW_BC > a.k_len || q0 + BW_BR > a.q_len || (a.causal && k0 + BW_BC - 1 > q0 + off) || a.allow;
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int r = wr * 16 + g + 8 * hr;
+            const float lse = sl[buf * BW_BR + r], delta = sd[buf * BW_BR + r];
+#pragma unroll
+            for (int nt = 0; nt < 4; nt++) {
+                const int c = wc * 32 + nt * 8 + 2 * t;
+                float p[2], ds[2];
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const bool on = lse != -FA_INF && (!edge || visible(a, q0 + r, k0 + c + e));
+                    p[e] = on ? ex2(s[nt][2 * hr + e] * slog - lse) : 0.f;
+                    ds[e] = p[e] * (dp[nt][2 * hr + e] - delta);
+                }
+                *(u32*)(sp + r * LP + c) = pack2<BF>(p[0], p[1]);
+                *(u32*)(sds + r * LP + c) = pack2<BF>(ds[0], ds[1]);
+            }
+        }
+        __syncthreads();
+
+        // dv += p^T do and dk += ds^T q: keys 16 wr.., columns (D/2) wc.. per warp.
+#pragma unroll
+        for (int kk = 0; kk < BW_BR / 16; kk++) {
+            u32 pa[4], sa[4];
+            const int at = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LP + wr * 16 + ((lane >> 3) & 1) * 8;
+            ldm4t(pa, sp + at);
+            ldm4t(sa, sds + at);
+#pragma unroll
+            for (int dp2 = 0; dp2 < D / 32; dp2++) {
+                const int bt = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wc * (D / 2) + dp2 * 16 + (lane >> 4) * 8;
+                u32 ob[4], qb[4];
+                ldm4t(ob, dos + bt);
+                ldm4t(qb, qs + bt);
+                mma<BF>(dv[2 * dp2], pa, ob);
+                mma<BF>(dv[2 * dp2 + 1], pa, ob + 2);
+                mma<BF>(dk[2 * dp2], sa, qb);
+                mma<BF>(dk[2 * dp2 + 1], sa, qb + 2);
+            }
+        }
+        // dq += scale ds k: query rows 16 wr.., columns (D/2) wc.. per warp.
+        {
+            float dq[D / 16][4];
+#pragma unroll
+            for (int i = 0; i < D / 16; i++) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.f;
+#pragma unroll
+            for (int kk = 0; kk < BW_BC / 16; kk++) {
+                u32 sa[4];
+                ldm4(sa, sds + (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LP + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                for (int dp2 = 0; dp2 < D / 32; dp2++) {
+                    u32 kb[4];
+                    ldm4t(kb, sk + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wc * (D / 2) + dp2 * 16 + (lane >> 4) * 8);
+                    mma<BF>(dq[2 * dp2], sa, kb);
+                    mma<BF>(dq[2 * dp2 + 1], sa, kb + 2);
+                }
+            }
+            float* acc = (float*)a.dq_acc + ((size_t)(b * a.heads + h) * a.q_len + q0) * D;
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int r = wr * 16 + g + 8 * hr;
+                if (q0 + r >= a.q_len) continue;
+#pragma unroll
+                for (int nt = 0; nt < D / 16; nt++) {
+                    float* p = acc + (size_t)r * D + wc * (D / 2) + nt * 8 + 2 * t;
+                    atomicAdd(p, dq[nt][2 * hr] * a.scale);
+                    atomicAdd(p + 1, dq[nt][2 * hr + 1] * a.scale);
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    u16* DK = (u16*)a.dk + kvrow * D;
+    u16* DV = (u16*)a.dv + kvrow * D;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int r = wr * 16 + g + 8 * hr;
+        if (k0 + r >= a.k_len) continue;
+#pragma unroll
+        for (int nt = 0; nt < D / 16; nt++) {
+            const int c = wc * (D / 2) + nt * 8 + 2 * t;
+            *(u32*)(DK + (size_t)r * D + c) = pack2<BF>(dk[nt][2 * hr] * a.scale, dk[nt][2 * hr + 1] * a.scale);
+            *(u32*)(DV + (size_t)r * D + c) = pack2<BF>(dv[nt][2 * hr], dv[nt][2 * hr + 1]);
+        }
+    }
+}
+
+// Entry points, one per head width and element type: `fa_fwd_d128_bf16`, ...
+#define FA_ENTRIES(D, BF, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) fa_fwd_##NAME(const FaArgs a) {  \
+        fa_forward<D, BF>(a);                                                                    \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) fa_bwd_##NAME(const FaArgs a) {  \
+        fa_backward<D, BF>(a);                                                                   \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_delta_##NAME(const FaArgs a) {   \
+        fa_delta<D, BF>(a);                                                                      \
+    }
+FA_ENTRIES(64, true, d64_bf16)
+FA_ENTRIES(128, true, d128_bf16)
+FA_ENTRIES(64, false, d64_f16)
+FA_ENTRIES(128, false, d128_f16)
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_dq_cast_bf16(const FaArgs a, u64 n) { fa_dq_cast<true>(a, n); }
+extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_dq_cast_f16(const FaArgs a, u64 n) { fa_dq_cast<false>(a, n); }
+
+// Fill `n` 16-bit values with uniform numbers in [-1, 1) from a counter hash (benchmarks).
+extern "C" __global__ void fa_fill(u16* x, u64 n, u32 seed, int bf) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        u32 h = (u32)i * 0x9e3779b9u ^ seed;
+        h ^= h >> 16; h *= 0x7feb352du; h ^= h >> 15; h *= 0x846ca68bu; h ^= h >> 16;
+        const float f = (float)(h >> 8) * (2.f / 16777216.f) - 1.f;
+        const u32 p = bf ? pack2<true>(f, 0.f) : pack2<false>(f, 0.f);
+        x[i] = (u16)(p & 0xffff);
+    }
+}
