@@ -20,11 +20,14 @@ typedef unsigned int u32;
 typedef unsigned long long u64;
 
 #define FA_INF __int_as_float(0x7f800000)
-#define FA_THREADS 256  // 8 warps
-#define FA_BR 128       // forward: query rows per block (16 per warp)
-#define FA_BC 64        // forward: keys per tile
-#define BW_BC 64        // backward: keys per block
-#define BW_BR 64        // backward: query rows per step
+// Tile shapes (mirrored in flash.rs).
+#define FA_NW 4                       // forward: warps per block
+#define FA_MT 2                       // forward: 16-row query tiles per warp
+#define FA_BR (16 * FA_MT * FA_NW)    // forward: query rows per block
+#define FA_BC 64                      // forward: keys per tile
+#define BW_THREADS 256                // backward: 8 warps
+#define BW_BC 128                     // backward: keys per block
+#define BW_BR 64                      // backward: query rows per step
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
@@ -91,9 +94,10 @@ template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.as
 
 // Copy `ROWS` rows of D 16-bit values (global row stride D) into shared memory (row stride
 // D + 8), asynchronously; rows at or past `valid` are zero-filled.
-template <int D, int ROWS> __device__ __forceinline__ void load_rows(u16* s, const u16* g, int valid) {
+template <int D, int ROWS, int NT> __device__ __forceinline__ void load_rows(u16* s, const u16* g, int valid) {
     constexpr int CH = D / 8;
-    for (int i = threadIdx.x; i < ROWS * CH; i += FA_THREADS) {
+#pragma unroll 1
+    for (int i = threadIdx.x; i < ROWS * CH; i += NT) {
         int r = i / CH, c = i % CH;
         int src_row = r < valid ? r : 0;
         u32 bytes = r < valid ? 16 : 0;
@@ -112,11 +116,12 @@ __device__ __forceinline__ bool visible(const FaArgs& a, int i, int j) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward: block (query tile, head, batch); each warp owns 16 query rows, its q fragments stay in
-// registers, K/V tiles stream through double-buffered shared memory.
+// Forward: block (query tile, head, batch) of FA_NW warps, each owning FA_MT tiles of 16 query
+// rows (two tiles share every k and v fragment loaded from shared memory); K/V tiles stream
+// through double-buffered shared memory.
 
 template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArgs& a) {
-    constexpr int LD = D + 8;
+    constexpr int LD = D + 8, NT = 32 * FA_NW, MT = FA_MT;
     extern __shared__ __align__(16) u16 smem[];
     u16* sq = smem;
     u16* sk = sq + FA_BR * LD;       // 2 buffers
@@ -134,100 +139,125 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
     const int ntiles = (kend + FA_BC - 1) / FA_BC;
     const float sl = a.scale * LOG2E;
 
-    load_rows<D, FA_BR>(sq, Q + (size_t)q0 * D, a.q_len - q0);
-    load_rows<D, FA_BC>(sk, K, a.k_len);
-    load_rows<D, FA_BC>(sv, V, a.k_len);
+    load_rows<D, FA_BR, NT>(sq, Q + (size_t)q0 * D, a.q_len - q0);
+    load_rows<D, FA_BC, NT>(sk, K, a.k_len);
+    load_rows<D, FA_BC, NT>(sv, V, a.k_len);
     cp_commit();
 
-    float o[D / 8][4];
+    float o[MT][D / 8][4];
 #pragma unroll
-    for (int i = 0; i < D / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-    float m[2] = {-FA_INF, -FA_INF}, l[2] = {0.f, 0.f};
-    u32 qf[D / 16][4];
-    const int r0 = warp * 16;
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int i = 0; i < D / 8; i++) o[mt][i][0] = o[mt][i][1] = o[mt][i][2] = o[mt][i][3] = 0.f;
+    float m[MT][2], l[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -FA_INF, l[mt][0] = l[mt][1] = 0.f;
+    const int r0 = warp * 16 * MT;
 
     for (int j = 0; j < ntiles; j++) {
         const int buf = j & 1, k0 = j * FA_BC;
         if (j + 1 < ntiles) {
-            load_rows<D, FA_BC>(sk + (buf ^ 1) * FA_BC * LD, K + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
-            load_rows<D, FA_BC>(sv + (buf ^ 1) * FA_BC * LD, V + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
+            load_rows<D, FA_BC, NT>(sk + (buf ^ 1) * FA_BC * LD, K + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
+            load_rows<D, FA_BC, NT>(sv + (buf ^ 1) * FA_BC * LD, V + (size_t)(k0 + FA_BC) * D, a.k_len - k0 - FA_BC);
             cp_commit();
             cp_wait<1>();
         } else {
             cp_wait<0>();
         }
         __syncthreads();
-        if (j == 0) {
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)
-                ldm4(qf[kk], sq + (r0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
-        }
         const u16* ks = sk + buf * FA_BC * LD;
         const u16* vs = sv + buf * FA_BC * LD;
 
-        // s = q k^T over this tile: 16 rows x 64 keys per warp.
-        float s[FA_BC / 8][4];
+        // s = q k^T over this tile: 16 MT rows x 64 keys per warp.
+        float s[MT][FA_BC / 8][4];
 #pragma unroll
-        for (int i = 0; i < FA_BC / 8; i++) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.f;
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int i = 0; i < FA_BC / 8; i++) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
+            u32 qf[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+                ldm4(qf[mt], sq + (r0 + 16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
 #pragma unroll
             for (int np = 0; np < FA_BC / 16; np++) {
                 u32 bf[4];
                 ldm4(bf, ks + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
-                mma<BF>(s[2 * np], qf[kk], bf);
-                mma<BF>(s[2 * np + 1], qf[kk], bf + 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma<BF>(s[mt][2 * np], qf[mt], bf);
+                    mma<BF>(s[mt][2 * np + 1], qf[mt], bf + 2);
+                }
             }
         }
         // Masks only where the tile crosses the end, the diagonal, or an explicit mask.
-        const bool edge = k0 + FA_BC > a.k_len || (a.causal && k0 + FA_BC - 1 > q0 + off) || a.allow;
+        if (k0 + FA_BC > a.k_len || (a.causal && k0 + FA_BC - 1 > q0 + off) || a.allow) {
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < FA_BC / 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (!visible(a, q0 + r0 + 16 * mt + g + 8 * (e / 2), k0 + nt * 8 + 2 * t + e % 2)) s[mt][nt][e] = -FA_INF;
+        }
+        // Online softmax in base 2: p = 2^(s scale log2(e) - m).
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
-            const int qi = q0 + r0 + g + 8 * hr;
-            float mx = m[hr];
+            float mx = m[mt][hr];
 #pragma unroll
             for (int nt = 0; nt < FA_BC / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    float x = s[nt][2 * hr + e] * sl;
-                    if (edge && !visible(a, qi, k0 + nt * 8 + 2 * t + e)) x = -FA_INF;
-                    s[nt][2 * hr + e] = x;
+                    const float x = s[mt][nt][2 * hr + e] * sl;
+                    s[mt][nt][2 * hr + e] = x;
                     mx = fmaxf(mx, x);
                 }
             }
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
             const float base = mx == -FA_INF ? 0.f : mx;
-            const float alpha = ex2(m[hr] - base);
-            m[hr] = mx;
+            const float alpha = ex2(m[mt][hr] - base);
+            m[mt][hr] = mx;
             float rs = 0.f;
 #pragma unroll
             for (int nt = 0; nt < FA_BC / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    const float p = ex2(s[nt][2 * hr + e] - base);
-                    s[nt][2 * hr + e] = p;
+                    const float p = ex2(s[mt][nt][2 * hr + e] - base);
+                    s[mt][nt][2 * hr + e] = p;
                     rs += p;
                 }
             }
-            l[hr] = l[hr] * alpha + rs;
+            l[mt][hr] = l[mt][hr] * alpha + rs;
 #pragma unroll
             for (int dt = 0; dt < D / 8; dt++) {
-                o[dt][2 * hr] *= alpha;
-                o[dt][2 * hr + 1] *= alpha;
+                o[mt][dt][2 * hr] *= alpha;
+                o[mt][dt][2 * hr + 1] *= alpha;
             }
         }
         // o += p v: p's accumulator layout is the A layout of the next product.
 #pragma unroll
         for (int kk = 0; kk < FA_BC / 16; kk++) {
-            u32 pa[4] = {pack2<BF>(s[2 * kk][0], s[2 * kk][1]), pack2<BF>(s[2 * kk][2], s[2 * kk][3]),
-                         pack2<BF>(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack2<BF>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            u32 pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                pa[mt][0] = pack2<BF>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack2<BF>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack2<BF>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2<BF>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
                 u32 bf[4];
                 ldm4t(bf, vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
-                mma<BF>(o[2 * dp], pa, bf);
-                mma<BF>(o[2 * dp + 1], pa, bf + 2);
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    mma<BF>(o[mt][2 * dp], pa[mt], bf);
+                    mma<BF>(o[mt][2 * dp + 1], pa[mt], bf + 2);
+                }
             }
         }
         __syncthreads();
@@ -235,17 +265,19 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
 
     u16* O = (u16*)a.o + qrow * D;
 #pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
     for (int hr = 0; hr < 2; hr++) {
-        float sum = l[hr];
+        float sum = l[mt][hr];
         sum += __shfl_xor_sync(0xffffffff, sum, 1);
         sum += __shfl_xor_sync(0xffffffff, sum, 2);
-        const int qi = q0 + r0 + g + 8 * hr;
+        const int qi = q0 + r0 + 16 * mt + g + 8 * hr;
         if (qi >= a.q_len) continue;
         const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++)
-            *(u32*)(O + (size_t)qi * D + dt * 8 + 2 * t) = pack2<BF>(o[dt][2 * hr] * inv, o[dt][2 * hr + 1] * inv);
-        if (t == 0) ((float*)a.lse)[qrow + qi] = sum > 0.f ? (m[hr] + __log2f(sum)) * LN2 : -FA_INF;
+            *(u32*)(O + (size_t)qi * D + dt * 8 + 2 * t) = pack2<BF>(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
+        if (t == 0) ((float*)a.lse)[qrow + qi] = sum > 0.f ? (m[mt][hr] + __log2f(sum)) * LN2 : -FA_INF;
     }
 }
 
@@ -258,7 +290,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
 // delta[row] = sum_d do[row, d] * o[row, d], one warp per row.
 template <int D, bool BF> __device__ __forceinline__ void fa_delta(const FaArgs& a) {
     const int rows = a.batch * a.heads * a.q_len;
-    const int row = blockIdx.x * (FA_THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int row = blockIdx.x * (BW_THREADS / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= rows) return;
     const u16* o = (const u16*)a.o + (size_t)row * D;
     const u16* d = (const u16*)a.dout + (size_t)row * D;
@@ -270,14 +302,16 @@ template <int D, bool BF> __device__ __forceinline__ void fa_delta(const FaArgs&
 
 // dq = dq_acc, rounded to 16 bits.
 template <bool BF> __device__ __forceinline__ void fa_dq_cast(const FaArgs& a, size_t n) {
-    for (size_t i = (size_t)blockIdx.x * FA_THREADS + threadIdx.x; i < n; i += (size_t)gridDim.x * FA_THREADS) {
+    for (size_t i = (size_t)blockIdx.x * BW_THREADS + threadIdx.x; i < n; i += (size_t)gridDim.x * BW_THREADS) {
         const u32 p = pack2<BF>(((const float*)a.dq_acc)[i], 0.f);
         ((u16*)a.dq)[i] = (u16)(p & 0xffff);
     }
 }
 
 template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaArgs& a) {
-    constexpr int LD = D + 8, LP = BW_BC + 8, T = BW_BR * LD;
+    // Per warp: s and dp over 16 query rows x BW_BC/2 keys (NS tiles of 8); dk and dv over
+    // MK tiles of 16 keys x D/2 columns; dq over 16 query rows x D/2 columns.
+    constexpr int LD = D + 8, LP = BW_BC + 8, T = BW_BR * LD, NS = BW_BC / 16, MK = BW_BC / 64;
     extern __shared__ __align__(16) u16 smem[];
     u16* sk = smem;
     u16* sv = sk + BW_BC * LD;
@@ -289,7 +323,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
     float* sd = sl + 2 * BW_BR;              // delta, 2 buffers
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int wr = warp & 3, wc = warp >> 2;  // row group of 16, column half
+    const int wr = warp & 3, wc = warp >> 2;  // row group of 16 (keys of BW_BC/4 for dk/dv), column half
     const int k0 = blockIdx.x * BW_BC, hk = blockIdx.y, b = blockIdx.z;
     const int group = a.heads / a.kv_heads, off = a.k_len - a.q_len;
     const size_t kvrow = (size_t)(b * a.kv_heads + hk) * a.k_len + k0;
@@ -305,8 +339,8 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
     auto fetch = [&](int i, int buf) {
         const int h = hk * group + i / (nqt - qstart), q0 = (qstart + i % (nqt - qstart)) * BW_BR;
         const size_t row = (size_t)(b * a.heads + h) * a.q_len + q0;
-        load_rows<D, BW_BR>(sq + buf * T, (const u16*)a.q + row * D, a.q_len - q0);
-        load_rows<D, BW_BR>(sdo + buf * T, (const u16*)a.dout + row * D, a.q_len - q0);
+        load_rows<D, BW_BR, BW_THREADS>(sq + buf * T, (const u16*)a.q + row * D, a.q_len - q0);
+        load_rows<D, BW_BR, BW_THREADS>(sdo + buf * T, (const u16*)a.dout + row * D, a.q_len - q0);
         if (threadIdx.x < BW_BR) {
             const bool in = q0 + (int)threadIdx.x < a.q_len;
             const float lse = in ? ((const float*)a.lse)[row + threadIdx.x] : -FA_INF;
@@ -314,16 +348,18 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
             sd[buf * BW_BR + threadIdx.x] = in ? ((const float*)a.delta)[row + threadIdx.x] : 0.f;
         }
     };
-    load_rows<D, BW_BC>(sk, (const u16*)a.k + kvrow * D, a.k_len - k0);
-    load_rows<D, BW_BC>(sv, (const u16*)a.v + kvrow * D, a.k_len - k0);
+    load_rows<D, BW_BC, BW_THREADS>(sk, (const u16*)a.k + kvrow * D, a.k_len - k0);
+    load_rows<D, BW_BC, BW_THREADS>(sv, (const u16*)a.v + kvrow * D, a.k_len - k0);
     fetch(0, 0);
     cp_commit();
 
-    float dk[D / 16][4], dv[D / 16][4];  // 16 keys x D/2 columns per warp
+    float dk[MK][D / 16][4], dv[MK][D / 16][4];
 #pragma unroll
-    for (int i = 0; i < D / 16; i++)
+    for (int mt = 0; mt < MK; mt++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) dk[i][e] = dv[i][e] = 0.f;
+        for (int i = 0; i < D / 16; i++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) dk[mt][i][e] = dv[mt][i][e] = 0.f;
 
     for (int it = 0; it < steps; it++) {
         const int buf = it & 1;
@@ -339,69 +375,88 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
         const u16* qs = sq + buf * T;
         const u16* dos = sdo + buf * T;
 
-        // s = q k^T and dp = do v^T: rows 16 wr.., keys 32 wc.. per warp.
-        float s[4][4], dp[4][4];
+        // s = q k^T and dp = do v^T.
+        {
+            float s[NS][4], dp[NS][4];
 #pragma unroll
-        for (int i = 0; i < 4; i++)
+            for (int i = 0; i < NS; i++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
+                for (int e = 0; e < 4; e++) s[i][e] = dp[i][e] = 0.f;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            u32 qa[4], da[4];
-            const int arow = (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
-            ldm4(qa, qs + arow);
-            ldm4(da, dos + arow);
+            for (int kk = 0; kk < D / 16; kk++) {
+                u32 qa[4], da[4];
+                const int arow = (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
+                ldm4(qa, qs + arow);
+                ldm4(da, dos + arow);
 #pragma unroll
-            for (int np = 0; np < 2; np++) {
-                const int brow = (wc * 32 + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
-                u32 kb[4], vb[4];
-                ldm4(kb, sk + brow);
-                ldm4(vb, sv + brow);
-                mma<BF>(s[2 * np], qa, kb);
-                mma<BF>(s[2 * np + 1], qa, kb + 2);
-                mma<BF>(dp[2 * np], da, vb);
-                mma<BF>(dp[2 * np + 1], da, vb + 2);
-            }
-        }
-        // p and ds into shared memory as 16-bit [query][key].
-        const bool edge = k0 + BW_BC > a.k_len || q0 + BW_BR > a.q_len || (a.causal && k0 + BW_BC - 1 > q0 + off) || a.allow;
-#pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            const int r = wr * 16 + g + 8 * hr;
-            const float lse = sl[buf * BW_BR + r], delta = sd[buf * BW_BR + r];
-#pragma unroll
-            for (int nt = 0; nt < 4; nt++) {
-                const int c = wc * 32 + nt * 8 + 2 * t;
-                float p[2], ds[2];
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const bool on = lse != -FA_INF && (!edge || visible(a, q0 + r, k0 + c + e));
-                    p[e] = on ? ex2(s[nt][2 * hr + e] * slog - lse) : 0.f;
-                    ds[e] = p[e] * (dp[nt][2 * hr + e] - delta);
+                for (int np = 0; np < NS / 2; np++) {
+                    const int brow = (wc * (BW_BC / 2) + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                    u32 kb[4], vb[4];
+                    ldm4(kb, sk + brow);
+                    ldm4(vb, sv + brow);
+                    mma<BF>(s[2 * np], qa, kb);
+                    mma<BF>(s[2 * np + 1], qa, kb + 2);
+                    mma<BF>(dp[2 * np], da, vb);
+                    mma<BF>(dp[2 * np + 1], da, vb + 2);
                 }
-                *(u32*)(sp + r * LP + c) = pack2<BF>(p[0], p[1]);
-                *(u32*)(sds + r * LP + c) = pack2<BF>(ds[0], ds[1]);
+            }
+            // p and ds into shared memory as 16-bit [query][key]; a row that sees no key has
+            // lse = -inf and p = 0.
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int r = wr * 16 + g + 8 * hr;
+                const float lse = sl[buf * BW_BR + r];
+                const float base = lse == -FA_INF ? FA_INF : lse;
+#pragma unroll
+                for (int nt = 0; nt < NS; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) s[nt][2 * hr + e] = ex2(fmaf(s[nt][2 * hr + e], slog, -base));
+            }
+            if (k0 + BW_BC > a.k_len || q0 + BW_BR > a.q_len || (a.causal && k0 + BW_BC - 1 > q0 + off) || a.allow) {
+#pragma unroll
+                for (int nt = 0; nt < NS; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++)
+                        if (!visible(a, q0 + wr * 16 + g + 8 * (e / 2), k0 + wc * (BW_BC / 2) + nt * 8 + 2 * t + e % 2)) s[nt][e] = 0.f;
+            }
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                const int r = wr * 16 + g + 8 * hr;
+                const float delta = sd[buf * BW_BR + r];
+#pragma unroll
+                for (int nt = 0; nt < NS; nt++) {
+                    const int c = wc * (BW_BC / 2) + nt * 8 + 2 * t;
+                    const float p0 = s[nt][2 * hr], p1 = s[nt][2 * hr + 1];
+                    *(u32*)(sp + r * LP + c) = pack2<BF>(p0, p1);
+                    *(u32*)(sds + r * LP + c) = pack2<BF>(p0 * (dp[nt][2 * hr] - delta), p1 * (dp[nt][2 * hr + 1] - delta));
+                }
             }
         }
         __syncthreads();
 
-        // dv += p^T do and dk += ds^T q: keys 16 wr.., columns (D/2) wc.. per warp.
+        // dv += p^T do and dk += ds^T q.
 #pragma unroll
         for (int kk = 0; kk < BW_BR / 16; kk++) {
-            u32 pa[4], sa[4];
-            const int at = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LP + wr * 16 + ((lane >> 3) & 1) * 8;
-            ldm4t(pa, sp + at);
-            ldm4t(sa, sds + at);
+            u32 pa[MK][4], sa[MK][4];
+#pragma unroll
+            for (int mt = 0; mt < MK; mt++) {
+                const int at = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LP + wr * (BW_BC / 4) + mt * 16 + ((lane >> 3) & 1) * 8;
+                ldm4t(pa[mt], sp + at);
+                ldm4t(sa[mt], sds + at);
+            }
 #pragma unroll
             for (int dp2 = 0; dp2 < D / 32; dp2++) {
                 const int bt = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wc * (D / 2) + dp2 * 16 + (lane >> 4) * 8;
                 u32 ob[4], qb[4];
                 ldm4t(ob, dos + bt);
                 ldm4t(qb, qs + bt);
-                mma<BF>(dv[2 * dp2], pa, ob);
-                mma<BF>(dv[2 * dp2 + 1], pa, ob + 2);
-                mma<BF>(dk[2 * dp2], sa, qb);
-                mma<BF>(dk[2 * dp2 + 1], sa, qb + 2);
+#pragma unroll
+                for (int mt = 0; mt < MK; mt++) {
+                    mma<BF>(dv[mt][2 * dp2], pa[mt], ob);
+                    mma<BF>(dv[mt][2 * dp2 + 1], pa[mt], ob + 2);
+                    mma<BF>(dk[mt][2 * dp2], sa[mt], qb);
+                    mma<BF>(dk[mt][2 * dp2 + 1], sa[mt], qb + 2);
+                }
             }
         }
         // dq += scale ds k: query rows 16 wr.., columns (D/2) wc.. per warp.
@@ -421,17 +476,26 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
                     mma<BF>(dq[2 * dp2 + 1], sa, kb + 2);
                 }
             }
+            // Lanes t and t^1 swap halves so that each holds four consecutive columns of one
+            // row (even t: row g, odd t: row g + 8), added with one 16-byte reduction.
             float* acc = (float*)a.dq_acc + ((size_t)(b * a.heads + h) * a.q_len + q0) * D;
+            const bool odd = t & 1;
+            const int r = wr * 16 + g + (odd ? 8 : 0);
 #pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                const int r = wr * 16 + g + 8 * hr;
+            for (int nt = 0; nt < D / 16; nt++) {
+                const float s0 = odd ? dq[nt][0] : dq[nt][2], s1 = odd ? dq[nt][1] : dq[nt][3];
+                const float x0 = __shfl_xor_sync(0xffffffff, s0, 1), x1 = __shfl_xor_sync(0xffffffff, s1, 1);
                 if (q0 + r >= a.q_len) continue;
+                float v[4] = {odd ? x0 : dq[nt][0], odd ? x1 : dq[nt][1], odd ? dq[nt][2] : x0, odd ? dq[nt][3] : x1};
+                float* p = acc + (size_t)r * D + wc * (D / 2) + nt * 8 + 2 * (t & ~1);
+#if __CUDA_ARCH__ >= 900
+                asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(p), "f"(v[0] * a.scale), "f"(v[1] * a.scale),
+                             "f"(v[2] * a.scale), "f"(v[3] * a.scale)
+                             : "memory");
+#else
 #pragma unroll
-                for (int nt = 0; nt < D / 16; nt++) {
-                    float* p = acc + (size_t)r * D + wc * (D / 2) + nt * 8 + 2 * t;
-                    atomicAdd(p, dq[nt][2 * hr] * a.scale);
-                    atomicAdd(p + 1, dq[nt][2 * hr + 1] * a.scale);
-                }
+                for (int e = 0; e < 4; e++) atomicAdd(p + e, v[e] * a.scale);
+#endif
             }
         }
         __syncthreads();
@@ -440,27 +504,29 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
     u16* DK = (u16*)a.dk + kvrow * D;
     u16* DV = (u16*)a.dv + kvrow * D;
 #pragma unroll
+    for (int mt = 0; mt < MK; mt++)
+#pragma unroll
     for (int hr = 0; hr < 2; hr++) {
-        const int r = wr * 16 + g + 8 * hr;
+        const int r = wr * (BW_BC / 4) + mt * 16 + g + 8 * hr;
         if (k0 + r >= a.k_len) continue;
 #pragma unroll
         for (int nt = 0; nt < D / 16; nt++) {
             const int c = wc * (D / 2) + nt * 8 + 2 * t;
-            *(u32*)(DK + (size_t)r * D + c) = pack2<BF>(dk[nt][2 * hr] * a.scale, dk[nt][2 * hr + 1] * a.scale);
-            *(u32*)(DV + (size_t)r * D + c) = pack2<BF>(dv[nt][2 * hr], dv[nt][2 * hr + 1]);
+            *(u32*)(DK + (size_t)r * D + c) = pack2<BF>(dk[mt][nt][2 * hr] * a.scale, dk[mt][nt][2 * hr + 1] * a.scale);
+            *(u32*)(DV + (size_t)r * D + c) = pack2<BF>(dv[mt][nt][2 * hr], dv[mt][nt][2 * hr + 1]);
         }
     }
 }
 
 // Entry points, one per head width and element type: `fa_fwd_d128_bf16`, ...
 #define FA_ENTRIES(D, BF, NAME)                                                                  \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) fa_fwd_##NAME(const FaArgs a) {  \
+    extern "C" __global__ void __launch_bounds__(32 * FA_NW, 2) fa_fwd_##NAME(const FaArgs a) {  \
         fa_forward<D, BF>(a);                                                                    \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS, 1) fa_bwd_##NAME(const FaArgs a) {  \
+    extern "C" __global__ void __launch_bounds__(BW_THREADS, 1) fa_bwd_##NAME(const FaArgs a) {  \
         fa_backward<D, BF>(a);                                                                   \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_delta_##NAME(const FaArgs a) {   \
+    extern "C" __global__ void __launch_bounds__(BW_THREADS) fa_delta_##NAME(const FaArgs a) {   \
         fa_delta<D, BF>(a);                                                                      \
     }
 FA_ENTRIES(64, true, d64_bf16)
@@ -468,8 +534,8 @@ FA_ENTRIES(128, true, d128_bf16)
 FA_ENTRIES(64, false, d64_f16)
 FA_ENTRIES(128, false, d128_f16)
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_dq_cast_bf16(const FaArgs a, u64 n) { fa_dq_cast<true>(a, n); }
-extern "C" __global__ void __launch_bounds__(FA_THREADS) fa_dq_cast_f16(const FaArgs a, u64 n) { fa_dq_cast<false>(a, n); }
+extern "C" __global__ void __launch_bounds__(BW_THREADS) fa_dq_cast_bf16(const FaArgs a, u64 n) { fa_dq_cast<true>(a, n); }
+extern "C" __global__ void __launch_bounds__(BW_THREADS) fa_dq_cast_f16(const FaArgs a, u64 n) { fa_dq_cast<false>(a, n); }
 
 // Fill `n` 16-bit values with uniform numbers in [-1, 1) from a counter hash (benchmarks).
 extern "C" __global__ void fa_fill(u16* x, u64 n, u32 seed, int bf) {

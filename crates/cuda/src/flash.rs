@@ -18,12 +18,14 @@ const FLASH: Program = Program {
     name: "flash",
     source: include_str!("flash.cu"),
 };
+/// Threads of a forward block (`32 * FA_NW`) and of every other kernel's (`BW_THREADS`).
+const FWD_THREADS: u32 = 128;
 const THREADS: u32 = 256;
 /// Query rows per forward block, keys per forward tile; keys per backward block, query rows
 /// per backward step (`FA_BR`, `FA_BC`, `BW_BC`, `BW_BR`).
 const FWD_ROWS: usize = 128;
 const FWD_KEYS: usize = 64;
-const BWD_KEYS: usize = 64;
+const BWD_KEYS: usize = 128;
 const BWD_ROWS: usize = 64;
 
 /// Element type of the inputs, outputs and gradients (accumulation is f32 either way).
@@ -164,13 +166,13 @@ impl Flash {
     unsafe fn launch(
         &self,
         f: &CudaFunction,
-        grid: (u32, u32, u32),
+        (grid, threads): ((u32, u32, u32), u32),
         smem: usize,
         args: &mut [*mut c_void],
     ) -> Result<()> {
         let cfg = LaunchConfig {
             grid_dim: grid,
-            block_dim: (THREADS, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: smem as u32,
         };
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
@@ -318,7 +320,14 @@ impl Attention {
             &mut bf as *mut i32 as *mut c_void,
         ];
         // SAFETY: `fa_fill(u16*, u64, u32, int)` over the `n` values of `b`.
-        unsafe { f.launch(&f.fill, (f.dev.sm_count as u32 * 8, 1, 1), 0, &mut args) }
+        unsafe {
+            f.launch(
+                &f.fill,
+                ((f.dev.sm_count as u32 * 8, 1, 1), THREADS),
+                0,
+                &mut args,
+            )
+        }
     }
 
     /// Restrict attention to the pairs where `allow[i * k_len + j]` is true (on top of the
@@ -399,7 +408,7 @@ impl Attention {
         unsafe {
             f.launch(
                 &f.variant(s.dim, self.ty).fwd,
-                grid,
+                (grid, FWD_THREADS),
                 fwd_smem(s.dim),
                 &mut args,
             )
@@ -418,13 +427,21 @@ impl Attention {
         let warps = THREADS as usize / 32;
         // SAFETY: the buffers of `a` are sized for `s`; `delta` and `dq_acc` hold every row.
         unsafe {
-            f.launch(&v.delta, (rows.div_ceil(warps) as u32, 1, 1), 0, &mut args)?;
+            f.launch(
+                &v.delta,
+                ((rows.div_ceil(warps) as u32, 1, 1), THREADS),
+                0,
+                &mut args,
+            )?;
             f.launch(
                 &v.bwd,
                 (
-                    s.k_len.div_ceil(BWD_KEYS) as u32,
-                    s.kv_heads as u32,
-                    s.batch as u32,
+                    (
+                        s.k_len.div_ceil(BWD_KEYS) as u32,
+                        s.kv_heads as u32,
+                        s.batch as u32,
+                    ),
+                    THREADS,
                 ),
                 bwd_smem(s.dim),
                 &mut args,
@@ -436,7 +453,7 @@ impl Attention {
             ];
             f.launch(
                 &f.dq_cast[self.ty.index()],
-                (f.dev.sm_count as u32 * 8, 1, 1),
+                ((f.dev.sm_count as u32 * 8, 1, 1), THREADS),
                 0,
                 &mut cast_args,
             )
