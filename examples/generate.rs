@@ -16,24 +16,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(p) if p.ends_with(".gguf") => PathBuf::from(args.remove(0)),
         _ => hub::ensure_default_model()?,
     };
-    let prompt = args
-        .pop()
-        .unwrap_or_else(|| "Write a haiku about the ocean.".into());
+    let prompt = args.pop().unwrap_or_else(|| "Write a haiku about the ocean.".into());
     let model = Model::open(&path)?;
     let text = ChatTemplate::for_model(&model)?.render(&[Message::new("user", &prompt)], true)?;
     let ids = model.tokenizer.encode(&text)?;
-    let cfg = GenerateConfig {
-        max_tokens: 64,
-        ..Default::default()
-    };
+    let cfg = GenerateConfig { max_tokens: 64, ..Default::default() };
     let summary = generate(&model, &ids, &cfg, |ev| {
         print!("{}", ev.text);
         ControlFlow::Continue(())
     })?;
-    println!(
-        "\n[{} tokens, {:.1} tok/s]",
-        summary.generated.len(),
-        summary.decode_tok_per_s()
-    );
+    println!("\n[{} tokens, {:.1} tok/s]", summary.generated.len(), summary.decode_tok_per_s());
     Ok(())
 }

@@ -34,15 +34,8 @@ pub fn max_area_brute(heights: &[u32]) -> u64 {
 }
 
 fn main() {
-    let args: Vec<u32> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
-    let heights = if args.is_empty() {
-        vec![1, 8, 6, 2, 5, 4, 8, 3, 7]
-    } else {
-        args
-    };
+    let args: Vec<u32> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let heights = if args.is_empty() { vec![1, 8, 6, 2, 5, 4, 8, 3, 7] } else { args };
     println!("{}", max_area(&heights));
 }
 

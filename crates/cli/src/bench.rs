@@ -94,13 +94,7 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 /// Peak resident set size of this process in MiB (Linux), if known.
 pub(crate) fn peak_rss_mib() -> Option<f64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
+    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
 }
 
@@ -111,16 +105,9 @@ type DeviceRates = [Vec<f64>; 2];
 /// On a CUDA device: greedy decoding with the argmax on the device, by each decoder (the
 /// captured step replayed as a graph; the persistent one-launch step), runs alternating.
 #[cfg(feature = "cuda")]
-fn device_decode(
-    model: &augur_models::Model,
-    prompt: &[u32],
-    gen_len: usize,
-    runs: usize,
-) -> Result<Option<DeviceRates>> {
+fn device_decode(model: &augur_models::Model, prompt: &[u32], gen_len: usize, runs: usize) -> Result<Option<DeviceRates>> {
     use augur_cuda::Decoder;
-    let Some(gpu) = model.llama.gpu() else {
-        return Ok(None);
-    };
+    let Some(gpu) = model.llama.gpu() else { return Ok(None) };
     if gen_len < 2 {
         return Ok(None);
     }
@@ -142,12 +129,7 @@ fn device_decode(
 }
 
 #[cfg(not(feature = "cuda"))]
-fn device_decode(
-    _: &augur_models::Model,
-    _: &[u32],
-    _: usize,
-    _: usize,
-) -> Result<Option<DeviceRates>> {
+fn device_decode(_: &augur_models::Model, _: &[u32], _: usize, _: usize) -> Result<Option<DeviceRates>> {
     Ok(None)
 }
 
@@ -161,27 +143,12 @@ pub fn main(a: Args) -> Result<()> {
     }
     ensure!(a.runs > 0, "--runs must be at least 1");
     ensure!(a.prompt_len > 0, "--prompt-len must be at least 1");
-    ensure!(
-        !a.batches.contains(&0),
-        "--batches sizes must be at least 1"
-    );
+    ensure!(!a.batches.contains(&0), "--batches sizes must be at least 1");
     let mut margs = a.model.clone();
     if a.synthetic {
-        let path = std::env::temp_dir().join(format!(
-            "augur-synthetic-smollm2-135m-{}.gguf",
-            std::process::id()
-        ));
-        let (q4, q8) = (
-            Some(augur_core::QuantType::Q4_1),
-            Some(augur_core::QuantType::Q8_0),
-        );
-        augur_models::tiny::write_gguf_config(
-            &path,
-            &augur_models::tiny::smollm2_135m_config(),
-            q4,
-            q8,
-            1,
-        )?;
+        let path = std::env::temp_dir().join(format!("augur-synthetic-smollm2-135m-{}.gguf", std::process::id()));
+        let (q4, q8) = (Some(augur_core::QuantType::Q4_1), Some(augur_core::QuantType::Q8_0));
+        augur_models::tiny::write_gguf_config(&path, &augur_models::tiny::smollm2_135m_config(), q4, q8, 1)?;
         margs.model = Some(path);
     }
     let model = margs.load();
@@ -192,11 +159,7 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = &model.llama.cfg;
     let max_batch = a.batches.iter().copied().max().unwrap_or(0);
     let need = a.depth + (a.prompt_len + a.gen_len).max(max_batch);
-    ensure!(
-        need <= cfg.context,
-        "depth + prompt-len + gen-len = {need} exceeds the context of {}",
-        cfg.context
-    );
+    ensure!(need <= cfg.context, "depth + prompt-len + gen-len = {need} exceeds the context of {}", cfg.context);
     // A deterministic prompt of ordinary tokens (a tokenized sentence repeated to length).
     let text = model.tokenizer.encode("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg built a machine that changed how knowledge spread across Europe. ")?;
     let tokens: Vec<u32> = text.iter().copied().cycle().take(need).collect();
@@ -222,9 +185,7 @@ pub fn main(a: Args) -> Result<()> {
         for (i, &b) in a.batches.iter().enumerate() {
             st.truncate(a.depth);
             let t = Instant::now();
-            model
-                .llama
-                .forward(&mut st, &tokens[a.depth..a.depth + b], Logits::All)?;
+            model.llama.forward(&mut st, &tokens[a.depth..a.depth + b], Logits::All)?;
             if run > 0 {
                 batch[i].push(b as f64 / t.elapsed().as_secs_f64());
             }
@@ -237,21 +198,11 @@ pub fn main(a: Args) -> Result<()> {
         }
     }
     let device = device_decode(&model, &tokens[..a.depth + a.prompt_len], a.gen_len, a.runs)?;
-    let weight_bytes: usize = std::fs::metadata(&model.path)
-        .map(|m| m.len() as usize)
-        .unwrap_or(0);
+    let weight_bytes: usize = std::fs::metadata(&model.path).map(|m| m.len() as usize).unwrap_or(0);
     let bw = (a.bandwidth && weight_bytes > 0).then(|| read_bandwidth(weight_bytes));
-    let r = |v: &[f64]| {
-        v.iter()
-            .map(|x| (x * 10.0).round() / 10.0)
-            .collect::<Vec<_>>()
-    };
-    let batches: serde_json::Map<String, serde_json::Value> = a
-        .batches
-        .iter()
-        .zip(&batch)
-        .map(|(b, v)| (b.to_string(), json!(median(v.clone()))))
-        .collect();
+    let r = |v: &[f64]| v.iter().map(|x| (x * 10.0).round() / 10.0).collect::<Vec<_>>();
+    let batches: serde_json::Map<String, serde_json::Value> =
+        a.batches.iter().zip(&batch).map(|(b, v)| (b.to_string(), json!(median(v.clone())))).collect();
     println!(
         "{}",
         json!({

@@ -6,11 +6,7 @@ use anyhow::Result;
 #[derive(clap::Args, Debug)]
 pub struct FlashArgs {
     /// Sequence lengths (queries = keys); the batch is `--tokens / seq`.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "1024,2048,4096,8192,16384"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "1024,2048,4096,8192,16384")]
     pub seq: Vec<usize>,
     /// Tokens per call (batch × sequence length), FlashAttention's benchmark convention.
     #[arg(long, default_value_t = 16384)]
@@ -50,19 +46,8 @@ pub fn flash(a: FlashArgs) -> Result<()> {
     let flash = Flash::new(&dev)?;
     let causal = !a.full;
     for &seq in &a.seq {
-        ensure!(
-            seq > 0 && a.tokens >= seq,
-            "--tokens {} must be at least the sequence length {seq}",
-            a.tokens
-        );
-        let shape = FlashShape {
-            batch: a.tokens / seq,
-            heads: a.heads,
-            kv_heads: a.heads,
-            q_len: seq,
-            k_len: seq,
-            dim: a.head_dim,
-        };
+        ensure!(seq > 0 && a.tokens >= seq, "--tokens {} must be at least the sequence length {seq}", a.tokens);
+        let shape = FlashShape { batch: a.tokens / seq, heads: a.heads, kv_heads: a.heads, q_len: seq, k_len: seq, dim: a.head_dim };
         let mut att = Attention::new(&flash, shape, causal, ty, 1.0 / (a.head_dim as f32).sqrt())?;
         for (i, io) in [Io::Q, Io::K, Io::V, Io::DOut].into_iter().enumerate() {
             att.fill(&flash, io, 1 + i as u32)?;

@@ -55,19 +55,13 @@ pub fn set_train_threads(threads: Option<usize>) -> Result<usize> {
     }
     if let Some(t) = threads {
         ensure!(t > 0, "--threads must be at least 1");
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("the thread pool is already running")?;
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("the thread pool is already running")?;
     }
     Ok(rayon::current_num_threads())
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    ensure!(
-        a.steps > 0 && a.batch > 0 && a.seq_len > 0,
-        "--steps, --batch and --seq-len must be positive"
-    );
+    ensure!(a.steps > 0 && a.batch > 0 && a.seq_len > 0, "--steps, --batch and --seq-len must be positive");
     let threads = set_train_threads(a.threads)?;
     let precision = parse_precision(&a.precision)?;
     let cfg = GptConfig::from_arg(&a.config)?;
@@ -132,25 +126,12 @@ pub fn attention(a: AttentionArgs) -> Result<()> {
     let mut rng = Rng::new(1);
     let mut mk = || -> Result<Tensor> {
         let n = a.heads * a.seq_len * a.head_dim;
-        Ok(Tensor::from_vec(
-            (0..n).map(|_| rng.normal() as f32).collect(),
-            &[1, a.heads, a.seq_len, a.head_dim],
-        )?
-        .requires_grad(true))
+        Ok(Tensor::from_vec((0..n).map(|_| rng.normal() as f32).collect(), &[1, a.heads, a.seq_len, a.head_dim])?.requires_grad(true))
     };
     let (q, k, v) = (mk()?, mk()?, mk()?);
     let inputs_mib = peak_rss_mib();
     let t = Instant::now();
-    let out = Tensor::attention(
-        &q,
-        &k,
-        &v,
-        None,
-        &AttentionMask {
-            causal: true,
-            ..Default::default()
-        },
-    )?;
+    let out = Tensor::attention(&q, &k, &v, None, &AttentionMask { causal: true, ..Default::default() })?;
     let fwd = t.elapsed().as_secs_f64();
     out.sum_all()?.backward()?;
     let total = t.elapsed().as_secs_f64();
@@ -200,11 +181,8 @@ pub fn allreduce(a: AllReduceArgs) -> Result<()> {
         let w = group.world() as f64;
         let t = median(times);
         let bytes = (n * 4) as f64;
-        println!(
-            "{}",
-            json!({ "bench": "allreduce", "ranks": group.world(), "bytes": bytes, "median_ms": t * 1e3,
-            "algorithm_gb_s": bytes / t / 1e9, "bus_gb_s": 2.0 * (w - 1.0) / w * bytes / t / 1e9 })
-        );
+        println!("{}", json!({ "bench": "allreduce", "ranks": group.world(), "bytes": bytes, "median_ms": t * 1e3,
+            "algorithm_gb_s": bytes / t / 1e9, "bus_gb_s": 2.0 * (w - 1.0) / w * bytes / t / 1e9 }));
     }
     Ok(())
 }

@@ -54,21 +54,13 @@ pub fn main(a: Args) -> Result<()> {
         }
         msgs.push(Message::new("user", line));
         let ids = model.tokenizer.encode(&tpl.render(&msgs, true)?)?;
-        let max_tokens = a
-            .max_tokens
-            .min(model.llama.cfg.context.saturating_sub(ids.len()));
+        let max_tokens = a.max_tokens.min(model.llama.cfg.context.saturating_sub(ids.len()));
         if max_tokens == 0 {
             eprintln!("augur: the conversation fills the model's context; /reset to start over");
             msgs.pop();
             continue;
         }
-        let cfg = GenerateConfig {
-            max_tokens,
-            sampler: a.sample.config(),
-            stop: vec![],
-            ignore_eos: false,
-            activations: a.precision.get(),
-        };
+        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, activations: a.precision.get() };
         let s = generate_in(&mut session, &model, &ids, &cfg, |ev| {
             let _ = write!(out, "{}", ev.text).and_then(|_| out.flush());
             ControlFlow::Continue(())

@@ -46,10 +46,7 @@ impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {
             anyhow::ensure!(t > 0, "--threads must be at least 1");
-            anyhow::ensure!(
-                augur_kernels::pool::set_threads(t),
-                "the thread pool is already running"
-            );
+            anyhow::ensure!(augur_kernels::pool::set_threads(t), "the thread pool is already running");
         }
         let path = match &self.model {
             Some(p) => p.clone(),
@@ -59,10 +56,7 @@ impl ModelArgs {
         let mut model = Model::open(&path).context("loading the model")?;
         if let DeviceArg::Cuda(n) = self.device {
             #[cfg(feature = "cuda")]
-            model
-                .llama
-                .to_device(n)
-                .with_context(|| format!("moving the model to cuda:{n}"))?;
+            model.llama.to_device(n).with_context(|| format!("moving the model to cuda:{n}"))?;
             #[cfg(not(feature = "cuda"))]
             anyhow::bail!("--device cuda:{n}: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`");
         }

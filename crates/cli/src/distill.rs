@@ -50,28 +50,12 @@ pub fn data_main(a: DataArgs) -> Result<()> {
     anyhow::ensure!(!prompts.is_empty(), "{}: no prompts", a.prompts.display());
     let t0 = Instant::now();
     let b = progress_bar(prompts.len(), "responses");
-    let samples = data::respond(&model, &prompts, a.max_tokens, a.sample.config(), |i, _| {
-        b.set_position(i as u64)
-    })?;
+    let samples = data::respond(&model, &prompts, a.max_tokens, a.sample.config(), |i, _| b.set_position(i as u64))?;
     b.finish();
     let tokens: usize = samples.iter().map(|s| s.ids.len() - s.prompt_len).sum();
-    eprintln!(
-        "{} responses, {tokens} tokens in {:.0} s",
-        samples.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    let (hidden, dim) = if a.hidden {
-        (Some(hidden_states(&model, &samples)?), model.llama.cfg.dim)
-    } else {
-        (None, 0)
-    };
-    DistillSet {
-        samples,
-        hidden,
-        dim,
-    }
-    .save(&a.out)
-    .with_context(|| format!("writing {}", a.out.display()))?;
+    eprintln!("{} responses, {tokens} tokens in {:.0} s", samples.len(), t0.elapsed().as_secs_f64());
+    let (hidden, dim) = if a.hidden { (Some(hidden_states(&model, &samples)?), model.llama.cfg.dim) } else { (None, 0) };
+    DistillSet { samples, hidden, dim }.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     println!("{}", a.out.display());
     Ok(())
 }
@@ -104,10 +88,7 @@ pub struct MedusaArgs {
 }
 
 /// The model and its distillation data, with hidden states (computed when not cached).
-fn model_and_states(
-    model: &ModelArgs,
-    data: &std::path::Path,
-) -> Result<(augur_models::Model, DistillSet)> {
+fn model_and_states(model: &ModelArgs, data: &std::path::Path) -> Result<(augur_models::Model, DistillSet)> {
     let model = model.load()?;
     let mut set = DistillSet::open(data)?;
     if set.hidden.is_none() {
@@ -118,10 +99,7 @@ fn model_and_states(
 }
 
 /// A progress callback for training that shows the step and `what` of the last step's loss.
-fn show<'a>(
-    b: &'a indicatif::ProgressBar,
-    what: &'static str,
-) -> impl FnMut(augur_distill::Progress) + 'a {
+fn show<'a>(b: &'a indicatif::ProgressBar, what: &'static str) -> impl FnMut(augur_distill::Progress) + 'a {
     move |p| {
         b.set_length(p.steps as u64);
         b.set_position(p.step as u64);
@@ -131,39 +109,16 @@ fn show<'a>(
 
 pub fn medusa_main(a: MedusaArgs) -> Result<()> {
     let (model, set) = model_and_states(&a.model, &a.data)?;
-    let cfg = MedusaConfig {
-        heads: a.heads,
-        layers: a.layers,
-        vocab: a.vocab,
-        epochs: a.epochs,
-        batch: a.batch,
-        lr: a.lr,
-        ..Default::default()
-    };
+    let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
     let trained = medusa::train(&model.llama, &set, &cfg, show(&b, "loss"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
     let dim = model.llama.cfg.dim;
-    augur_decode::speculative::medusa::save_heads(
-        &a.out,
-        &trained.heads,
-        dim,
-        &trained.vocab,
-        &trained.accuracy,
-    )
-    .with_context(|| format!("writing {}", a.out.display()))?;
-    let top1: Vec<String> = trained
-        .accuracy
-        .iter()
-        .map(|r| format!("{:.3}", r[0]))
-        .collect();
-    let top5: Vec<String> = trained
-        .accuracy
-        .iter()
-        .map(|r| format!("{:.3}", r.iter().take(5).sum::<f32>()))
-        .collect();
+    augur_decode::speculative::medusa::save_heads(&a.out, &trained.heads, dim, &trained.vocab, &trained.accuracy).with_context(|| format!("writing {}", a.out.display()))?;
+    let top1: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r[0])).collect();
+    let top5: Vec<String> = trained.accuracy.iter().map(|r| format!("{:.3}", r.iter().take(5).sum::<f32>())).collect();
     println!(
         "{}",
         serde_json::json!({
@@ -206,21 +161,13 @@ pub struct DraftArgs {
 pub fn draft_main(a: DraftArgs) -> Result<()> {
     let model = a.model.load()?;
     let set = DistillSet::open(&a.data)?;
-    let cfg = DraftConfig {
-        layers: a.layers,
-        epochs: a.epochs,
-        lr: a.lr,
-        max_len: a.max_len,
-        accumulate: a.accumulate,
-        ..Default::default()
-    };
+    let cfg = DraftConfig { layers: a.layers, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "distil");
     let mut trained = draft::train(&model, &set, &cfg, show(&b, "KL"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
-    draft::write_gguf(&model, &mut trained.gpt, &a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    draft::write_gguf(&model, &mut trained.gpt, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     let eval = |e: &draft::Evaluation| serde_json::json!({"kl": e.kl, "top1_agreement": e.agreement, "positions": e.positions});
     println!(
         "{}",
@@ -266,24 +213,13 @@ pub struct MtpArgs {
 
 pub fn mtp_main(a: MtpArgs) -> Result<()> {
     let (model, set) = model_and_states(&a.model, &a.data)?;
-    let cfg = MtpConfig {
-        depth: a.depth,
-        vocab: a.vocab,
-        epochs: a.epochs,
-        lr: a.lr,
-        max_len: a.max_len,
-        accumulate: a.accumulate,
-        ..Default::default()
-    };
+    let cfg = MtpConfig { depth: a.depth, vocab: a.vocab, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
     let mut trained = mtp::train(&model, &set, &cfg, show(&b, "loss"))?;
     b.finish();
     let secs = t0.elapsed().as_secs_f64();
-    trained
-        .modules
-        .save(&a.out)
-        .with_context(|| format!("writing {}", a.out.display()))?;
+    trained.modules.save(&a.out).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "{}",
         serde_json::json!({

@@ -13,13 +13,7 @@ pub struct Args {
 
 pub fn main(a: Args) -> Result<()> {
     let g = Gguf::open(&a.file)?;
-    println!(
-        "GGUF v{}  {} metadata keys  {} tensors  alignment {}",
-        g.version,
-        g.metadata().len(),
-        g.tensors().len(),
-        g.alignment
-    );
+    println!("GGUF v{}  {} metadata keys  {} tensors  alignment {}", g.version, g.metadata().len(), g.tensors().len(), g.alignment);
     println!("\nmetadata:");
     for (k, v) in g.metadata() {
         println!("  {k} = {v}");
@@ -30,10 +24,6 @@ pub fn main(a: Args) -> Result<()> {
         total += t.size.unwrap_or(0);
         println!("  {:<32} {:<6} {:?}", t.name, t.type_name(), t.shape);
     }
-    println!(
-        "\n{} tensors, {:.1} MiB of data",
-        g.tensors().len(),
-        total as f64 / (1 << 20) as f64
-    );
+    println!("\n{} tensors, {:.1} MiB of data", g.tensors().len(), total as f64 / (1 << 20) as f64);
     Ok(())
 }

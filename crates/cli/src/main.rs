@@ -17,11 +17,7 @@ mod train;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "augur",
-    version,
-    about = "Run large language models fast, on the CPU first"
-)]
+#[command(name = "augur", version, about = "Run large language models fast, on the CPU first")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -79,36 +75,17 @@ fn main() {
         Cmd::Experiment(e) => experiment::main(e),
         Cmd::Ops => {
             for o in augur_core::registry::OPS {
-                let aliases = if o.aliases.is_empty() {
-                    String::new()
-                } else {
-                    format!(" (also {})", o.aliases.join(", "))
-                };
-                println!(
-                    "{:<28} {:<9} {}{aliases}\n{:<38} {}",
-                    o.name,
-                    if o.differentiable { "grad" } else { "no-grad" },
-                    o.args,
-                    "",
-                    o.doc
-                );
+                let aliases = if o.aliases.is_empty() { String::new() } else { format!(" (also {})", o.aliases.join(", ")) };
+                println!("{:<28} {:<9} {}{aliases}\n{:<38} {}", o.name, if o.differentiable { "grad" } else { "no-grad" }, o.args, "", o.doc);
             }
-            println!(
-                "dtypes: {}; devices: {}",
-                augur_core::registry::DTYPES.join(", "),
-                augur_core::registry::DEVICES.join(", ")
-            );
+            println!("dtypes: {}; devices: {}", augur_core::registry::DTYPES.join(", "), augur_core::registry::DEVICES.join(", "));
             Ok(())
         }
-        Cmd::Fetch => augur_models::hub::ensure_default_model()
-            .map(|p| println!("{}", p.display()))
-            .map_err(Into::into),
+        Cmd::Fetch => augur_models::hub::ensure_default_model().map(|p| println!("{}", p.display())).map_err(Into::into),
     };
     if let Err(e) = result {
         // A closed stdout (e.g. piped into `head`) is not an error worth reporting.
-        if e.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-        {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) {
             std::process::exit(0);
         }
         eprintln!("augur: error: {e:#}");

@@ -78,11 +78,7 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
     if k == 0 {
         return vec![];
     }
-    let cmp = |a: &u32, b: &u32| {
-        logits[*b as usize]
-            .total_cmp(&logits[*a as usize])
-            .then(a.cmp(b))
-    };
+    let cmp = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]).then(a.cmp(b));
     idx.select_nth_unstable_by(k - 1, cmp);
     idx.truncate(k);
     idx.sort_by(cmp);
@@ -90,12 +86,7 @@ fn top_k(logits: &[f32], k: usize) -> Vec<(u32, f32)> {
 }
 
 pub fn main(a: Args) -> Result<()> {
-    if let Some(dir) = a
-        .model
-        .model
-        .as_deref()
-        .filter(|d| crate::run_gpt::is_checkpoint(d))
-    {
+    if let Some(dir) = a.model.model.as_deref().filter(|d| crate::run_gpt::is_checkpoint(d)) {
         return crate::run_gpt::main(dir, &a);
     }
     let model = a.model.load()?;
@@ -119,37 +110,18 @@ pub fn main(a: Args) -> Result<()> {
     };
     let room = model.llama.cfg.context.saturating_sub(prompt.len());
     let max_tokens = a.max_tokens.unwrap_or(256.min(room));
-    let cfg = GenerateConfig {
-        max_tokens,
-        sampler: a.sample.config(),
-        stop: a.stop.clone(),
-        ignore_eos: a.ignore_eos,
-        activations: a.precision.get(),
-    };
+    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let mut drafter = match a.spec.as_deref() {
         None => None,
-        Some(s) => Some(speculative::from_spec(
-            s,
-            &model,
-            a.spec_ngram,
-            a.spec_tree,
-            a.spec_k,
-        )?),
+        Some(s) => Some(speculative::from_spec(s, &model, a.spec_ngram, a.spec_tree, a.spec_k)?),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let mut io_err = None;
     let on_token = |ev: &TokenEvent| {
         let r = if a.json {
-            let top: Vec<_> = top_k(ev.logits, a.top_logits)
-                .into_iter()
-                .map(|(i, l)| json!([i, l]))
-                .collect();
-            writeln!(
-                out,
-                "{}",
-                json!({"pos": ev.pos, "token": ev.id, "text": ev.text, "top": top})
-            )
+            let top: Vec<_> = top_k(ev.logits, a.top_logits).into_iter().map(|(i, l)| json!([i, l])).collect();
+            writeln!(out, "{}", json!({"pos": ev.pos, "token": ev.id, "text": ev.text, "top": top}))
         } else {
             write!(out, "{}", ev.text).and_then(|_| out.flush())
         };
@@ -164,11 +136,7 @@ pub fn main(a: Args) -> Result<()> {
     let (summary, spec) = match drafter.as_deref_mut() {
         None => (generate(&model, &prompt, &cfg, on_token)?, None),
         Some(d) => {
-            let spec = SpecConfig {
-                typical: a.typical,
-                throttle: !a.no_throttle,
-                ..SpecConfig::new(a.spec_k)
-            };
+            let spec = SpecConfig { typical: a.typical, throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) };
             let (s, st) = speculative::generate(&model, &prompt, &cfg, &spec, d, on_token)?;
             (s, Some(st))
         }
@@ -239,10 +207,7 @@ mod tests {
 
     #[test]
     fn top_k_orders_by_logit_then_id() {
-        assert_eq!(
-            top_k(&[1.0, 3.0, 3.0, 2.0], 3),
-            vec![(1, 3.0), (2, 3.0), (3, 2.0)]
-        );
+        assert_eq!(top_k(&[1.0, 3.0, 3.0, 2.0], 3), vec![(1, 3.0), (2, 3.0), (3, 2.0)]);
         assert_eq!(top_k(&[1.0], 5).len(), 1);
         assert!(top_k(&[1.0], 0).is_empty());
     }

@@ -18,10 +18,7 @@ pub fn is_checkpoint(dir: &Path) -> bool {
 pub fn main(dir: &Path, a: &Args) -> Result<()> {
     let model = augur_nn::train::load_model(dir)?;
     let tok = dir.join("tokenizer.json");
-    let tokenizer = tok
-        .is_file()
-        .then(|| Tokenizer::from_file(&tok))
-        .transpose()?;
+    let tokenizer = tok.is_file().then(|| Tokenizer::from_file(&tok)).transpose()?;
     let prompt: Vec<u32> = match (&a.prompt_ids, &a.prompt, &tokenizer) {
         (Some(ids), _, _) => ids.clone(),
         (None, Some(t), Some(tk)) => tk.encode(t)?,
@@ -30,10 +27,7 @@ pub fn main(dir: &Path, a: &Args) -> Result<()> {
     };
     ensure!(!prompt.is_empty(), "the prompt is empty");
     let vocab = model.config.vocab;
-    ensure!(
-        prompt.iter().all(|&i| (i as usize) < vocab),
-        "a prompt token is outside this model's vocabulary of {vocab}"
-    );
+    ensure!(prompt.iter().all(|&i| (i as usize) < vocab), "a prompt token is outside this model's vocabulary of {vocab}");
     let mut sampler = Sampler::new(a.sample.config())?;
     let mut caches = model.new_caches();
     let mut history = prompt.clone();

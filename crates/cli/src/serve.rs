@@ -42,11 +42,7 @@ pub struct Args {
 pub fn main(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let name = a.model_name.clone().unwrap_or_else(|| {
-        model
-            .path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "augur".into())
+        model.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "augur".into())
     });
     let cfg = ServerConfig {
         host: a.host,
@@ -60,10 +56,7 @@ pub fn main(a: Args) -> Result<()> {
         activations: a.precision.get(),
     };
     let app = App::new(model, cfg).map_err(|e| anyhow!(e))?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(serve(app, std::time::Duration::from_secs(a.drain)))?;
     Ok(())
 }

@@ -10,9 +10,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use augur_distill::data::{load_prompts, Prompt};
 use augur_decode::speculative::{self, SpecConfig};
 use augur_decode::{generate, GenerateConfig};
-use augur_distill::data::{load_prompts, Prompt};
 use augur_models::{Logits, State};
 use serde_json::json;
 
@@ -76,20 +76,14 @@ fn load_tasks(a: &Args, model: &augur_models::Model) -> Result<Vec<Prompt>> {
 pub fn main(a: Args) -> Result<()> {
     let model = a.model.load()?;
     let tasks = load_tasks(&a, &model)?;
-    let cfg = GenerateConfig {
-        max_tokens: a.max_tokens,
-        activations: a.precision.get(),
-        ..Default::default()
-    };
+    let cfg = GenerateConfig { max_tokens: a.max_tokens, activations: a.precision.get(), ..Default::default() };
     let groups: Vec<String> = tasks.iter().fold(Vec::new(), |mut g, t| {
         if !g.contains(&t.group) {
             g.push(t.group.clone());
         }
         g
     });
-    let names: Vec<String> = std::iter::once("plain".to_string())
-        .chain(a.drafters.iter().cloned())
-        .collect();
+    let names: Vec<String> = std::iter::once("plain".to_string()).chain(a.drafters.iter().cloned()).collect();
     // tally[group][method]
     let mut tally = vec![vec![Tally::default(); names.len()]; groups.len()];
     for (ti, task) in tasks.iter().enumerate() {
@@ -104,17 +98,7 @@ pub fn main(a: Args) -> Result<()> {
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
             let mut d = speculative::from_spec(spec, &model, 3, 1, a.spec_k)?;
-            let (s, stats) = speculative::generate(
-                &model,
-                &task.ids,
-                &cfg,
-                &SpecConfig {
-                    throttle: !a.no_throttle,
-                    ..SpecConfig::new(a.spec_k)
-                },
-                d.as_mut(),
-                |_| ControlFlow::Continue(()),
-            )?;
+            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) }, d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();
             e.secs += s.decode.as_secs_f64();
@@ -137,10 +121,7 @@ pub fn main(a: Args) -> Result<()> {
         }
     }
     if a.json {
-        println!(
-            "{}",
-            json!({"results": out, "verify_cost": cost, "threads": augur_kernels::pool::global().threads()})
-        );
+        println!("{}", json!({"results": out, "verify_cost": cost, "threads": augur_kernels::pool::global().threads()}));
         return Ok(());
     }
     println!("| group | method | tau | tok/s | speedup | outputs ≠ plain |");
@@ -156,10 +137,7 @@ pub fn main(a: Args) -> Result<()> {
             r["outputs_differing_from_plain"]
         );
     }
-    println!(
-        "\nCost of one forward pass over b tokens at depth 256, in decode steps: {}",
-        cost
-    );
+    println!("\nCost of one forward pass over b tokens at depth 256, in decode steps: {}", cost);
     Ok(())
 }
 
@@ -185,10 +163,7 @@ fn verify_cost(model: &augur_models::Model, cfg: &GenerateConfig) -> Result<serd
     let one = time(1)?;
     let mut m = serde_json::Map::new();
     for b in [1, 2, 4, 8, 16] {
-        m.insert(
-            b.to_string(),
-            json!((time(b)? / one * 100.0).round() / 100.0),
-        );
+        m.insert(b.to_string(), json!((time(b)? / one * 100.0).round() / 100.0));
     }
     Ok(serde_json::Value::Object(m))
 }

@@ -68,8 +68,7 @@ pub fn process_group(ddp: bool) -> Result<Box<dyn augur_dist::ProcessGroup>> {
     }
     #[cfg(feature = "mpi")]
     {
-        let g = augur_dist::mpi_group::MpiGroup::init()
-            .context("MPI could not be initialised with serialized threading")?;
+        let g = augur_dist::mpi_group::MpiGroup::init().context("MPI could not be initialised with serialized threading")?;
         Ok(Box::new(g))
     }
     #[cfg(not(feature = "mpi"))]
@@ -83,11 +82,7 @@ pub fn default_corpus() -> Result<PathBuf> {
         .output()
         .context("the default corpus is the Python standard library, but python3 could not be run; pass --data FILE")?;
     let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    ensure!(
-        p.is_dir(),
-        "python3 reported {} as its standard library, which is not a directory; pass --data FILE",
-        p.display()
-    );
+    ensure!(p.is_dir(), "python3 reported {} as its standard library, which is not a directory; pass --data FILE", p.display());
     Ok(p)
 }
 
@@ -96,10 +91,7 @@ pub fn read_text(paths: &[PathBuf], max: usize, py_only: bool) -> Result<String>
     let mut files = vec![];
     fn walk(p: &Path, out: &mut Vec<PathBuf>, py_only: bool) -> Result<()> {
         if p.is_dir() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(p).with_context(|| format!("reading {}", p.display()))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
             entries.sort();
             for e in entries {
                 walk(&e, out, py_only)?;
@@ -141,11 +133,7 @@ pub fn main(a: Args) -> Result<()> {
     set_train_threads(a.threads)?;
     let group = process_group(a.ddp)?;
     let lead = group.rank() == 0;
-    let (paths, py_only) = if a.data.is_empty() {
-        (vec![default_corpus()?], true)
-    } else {
-        (a.data.clone(), false)
-    };
+    let (paths, py_only) = if a.data.is_empty() { (vec![default_corpus()?], true) } else { (a.data.clone(), false) };
     let text = read_text(&paths, a.max_bytes, py_only)?;
     let tokenizer = a.tokenizer.as_deref().map(load_tokenizer).transpose()?;
     let tokens: Vec<u32> = match &tokenizer {
@@ -154,17 +142,10 @@ pub fn main(a: Args) -> Result<()> {
     };
     let corpus = Corpus::split(tokens, 0.05)?;
     if lead {
-        eprintln!(
-            "corpus: {} bytes of text from {} path(s), {} training and {} held-out tokens",
-            text.len(),
-            paths.len(),
-            corpus.train.len(),
-            corpus.valid.len()
-        );
+        eprintln!("corpus: {} bytes of text from {} path(s), {} training and {} held-out tokens", text.len(), paths.len(), corpus.train.len(), corpus.valid.len());
     }
     let mut trainer = match &a.resume {
-        Some(dir) => Trainer::resume(dir, Some(a.steps))
-            .with_context(|| format!("resuming from {}", dir.display()))?,
+        Some(dir) => Trainer::resume(dir, Some(a.steps)).with_context(|| format!("resuming from {}", dir.display()))?,
         None => {
             let mut cfg = GptConfig::from_arg(&a.config)?;
             if let Some(p) = a.pos {
@@ -173,28 +154,13 @@ pub fn main(a: Args) -> Result<()> {
             cfg.vocab = tokenizer.as_ref().map_or(256, Tokenizer::vocab_size);
             cfg.max_seq = cfg.max_seq.max(a.seq_len);
             cfg.seed = a.seed;
-            let settings = TrainSettings {
-                batch: a.batch,
-                seq_len: a.seq_len,
-                steps: a.steps,
-                lr: a.lr,
-                min_lr: a.lr / 10.0,
-                warmup: (a.steps / 20).clamp(1, 200),
-                precision: Some(a.precision.clone()),
-                eval_every: a.eval_every,
-                seed: a.seed,
-                ..TrainSettings::default()
-            };
+            let settings = TrainSettings { batch: a.batch, seq_len: a.seq_len, steps: a.steps, lr: a.lr, min_lr: a.lr / 10.0, warmup: (a.steps / 20).clamp(1, 200), precision: Some(a.precision.clone()), eval_every: a.eval_every, seed: a.seed, ..TrainSettings::default() };
             Trainer::new(cfg, settings)?
         }
     };
     augur_dist::Ddp::new(group.as_ref()).broadcast_parameters(&mut trainer.model)?;
     if trainer.step >= trainer.settings.steps {
-        bail!(
-            "the run is already at step {} of {}; pass a larger --steps to continue",
-            trainer.step,
-            trainer.settings.steps
-        );
+        bail!("the run is already at step {} of {}; pass a larger --steps to continue", trainer.step, trainer.settings.steps);
     }
     let out = a.resume.clone().unwrap_or(a.out.clone());
     if let Some(t) = tokenizer.as_ref().filter(|_| lead) {
@@ -202,33 +168,15 @@ pub fn main(a: Args) -> Result<()> {
         std::fs::write(out.join("tokenizer.json"), t.to_json()?)?;
     }
     let s = trainer.settings.clone();
-    let bar = if lead {
-        crate::common::progress_bar(s.steps, "")
-    } else {
-        ProgressBar::hidden()
-    }
-    .with_position(trainer.step as u64);
+    let bar = if lead { crate::common::progress_bar(s.steps, "") } else { ProgressBar::hidden() }.with_position(trainer.step as u64);
     let t0 = Instant::now();
     let start = trainer.step;
     while trainer.step < s.steps {
         let r = trainer.step_parallel(&corpus, group.as_ref())?;
-        let tps = ((trainer.step - start) * s.batch * s.seq_len * group.world()) as f64
-            / t0.elapsed().as_secs_f64();
-        bar.set_message(format!(
-            "loss {:.4} lr {:.2e} {:.0} tok/s{}",
-            r.loss,
-            r.lr,
-            tps,
-            if r.skipped {
-                " (skipped: overflow)"
-            } else {
-                ""
-            }
-        ));
+        let tps = ((trainer.step - start) * s.batch * s.seq_len * group.world()) as f64 / t0.elapsed().as_secs_f64();
+        bar.set_message(format!("loss {:.4} lr {:.2e} {:.0} tok/s{}", r.loss, r.lr, tps, if r.skipped { " (skipped: overflow)" } else { "" }));
         bar.inc(1);
-        if (s.eval_every > 0 && trainer.step.is_multiple_of(s.eval_every))
-            || trainer.step == s.steps
-        {
+        if (s.eval_every > 0 && trainer.step.is_multiple_of(s.eval_every)) || trainer.step == s.steps {
             let l = trainer.evaluate(&corpus, s.seq_len)?;
             if lead {
                 let line = format!("step {}: train loss {:.4}, held-out loss {:.4}, perplexity {:.2}, {tps:.0} tok/s over {} rank(s)", trainer.step, r.loss, l, l.exp(), group.world());
@@ -244,11 +192,7 @@ pub fn main(a: Args) -> Result<()> {
     }
     bar.finish();
     if lead {
-        eprintln!(
-            "checkpoint: {} (generate with `augur run -m {} \"PROMPT\"`)",
-            out.display(),
-            out.display()
-        );
+        eprintln!("checkpoint: {} (generate with `augur run -m {} \"PROMPT\"`)", out.display(), out.display());
     }
     Ok(())
 }

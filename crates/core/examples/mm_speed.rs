@@ -7,10 +7,7 @@ fn main() {
     let a = Tensor::from_vec((0..m * k).map(|i| (i % 7) as f32 * 0.1).collect(), &[m, k]).unwrap();
     let b = Tensor::from_vec((0..k * n).map(|i| (i % 5) as f32 * 0.1).collect(), &[k, n]).unwrap();
     let bt = Tensor::from_vec((0..k * n).map(|i| (i % 5) as f32 * 0.1).collect(), &[n, k]).unwrap();
-    for (name, rhs) in [
-        ("a·b", b.clone()),
-        ("a·wᵀ (linear)", bt.transpose(0, 1).unwrap()),
-    ] {
+    for (name, rhs) in [("a·b", b.clone()), ("a·wᵀ (linear)", bt.transpose(0, 1).unwrap())] {
         for _ in 0..3 {
             a.matmul(&rhs).unwrap();
         }

@@ -24,10 +24,7 @@ pub fn autocast_dtype() -> Option<DType> {
 pub fn autocast<R>(dtype: Option<DType>, f: impl FnOnce() -> R) -> Result<R> {
     if let Some(d) = dtype {
         if !matches!(d, DType::BF16 | DType::F16) {
-            return invalid(
-                "autocast",
-                format!("autocast runs in bf16 or f16, not {}", d.name()),
-            );
+            return invalid("autocast", format!("autocast runs in bf16 or f16, not {}", d.name()));
         }
     }
     let prev = AUTOCAST.with(|a| a.replace(dtype));

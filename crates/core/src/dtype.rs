@@ -43,3 +43,4 @@ impl DType {
         matches!(self, DType::Quant(_))
     }
 }
+

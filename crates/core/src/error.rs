@@ -49,8 +49,5 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn invalid<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
-    Err(Error::Invalid {
-        op,
-        msg: msg.into(),
-    })
+    Err(Error::Invalid { op, msg: msg.into() })
 }

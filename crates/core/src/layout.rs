@@ -19,11 +19,7 @@ impl Layout {
             *st = s;
             s *= d;
         }
-        Layout {
-            shape: shape.to_vec(),
-            strides,
-            offset: 0,
-        }
+        Layout { shape: shape.to_vec(), strides, offset: 0 }
     }
 
     /// Size of each dimension.
@@ -60,12 +56,7 @@ impl Layout {
 
     /// Storage index of a multi-index.
     pub fn index(&self, idx: &[usize]) -> usize {
-        self.offset
-            + idx
-                .iter()
-                .zip(&self.strides)
-                .map(|(i, s)| i * s)
-                .sum::<usize>()
+        self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>()
     }
 
     /// Storage offsets of the first element of every innermost row, in row-major order (one
@@ -87,28 +78,19 @@ impl Layout {
                 }
             }
             first = false;
-            self.offset
-                + idx
-                    .iter()
-                    .zip(&self.strides)
-                    .map(|(i, s)| i * s)
-                    .sum::<usize>()
+            self.offset + idx.iter().zip(&self.strides).map(|(i, s)| i * s).sum::<usize>()
         })
     }
 
     /// Length and stride of the innermost rows (one element for a 0-d layout).
     fn row(&self) -> (usize, usize) {
-        (
-            self.shape.last().copied().unwrap_or(1),
-            self.strides.last().copied().unwrap_or(0),
-        )
+        (self.shape.last().copied().unwrap_or(1), self.strides.last().copied().unwrap_or(0))
     }
 
     /// Storage indices of all elements in row-major order.
     pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
         let (n, st) = self.row();
-        self.row_starts()
-            .flat_map(move |r| (0..n).map(move |j| r + j * st))
+        self.row_starts().flat_map(move |r| (0..n).map(move |j| r + j * st))
     }
 
     /// The elements of `data` this layout selects, in row-major order, mapped through `f`.
@@ -128,32 +110,19 @@ impl Layout {
     /// Same elements, new shape; contiguous layouts only.
     pub fn reshape(&self, shape: &[usize]) -> Result<Layout> {
         if shape.iter().product::<usize>() != self.numel() {
-            return Err(Error::ShapeMismatch {
-                op: "reshape",
-                lhs: self.shape.clone(),
-                rhs: shape.to_vec(),
-            });
+            return Err(Error::ShapeMismatch { op: "reshape", lhs: self.shape.clone(), rhs: shape.to_vec() });
         }
         if !self.is_contiguous() {
-            return invalid(
-                "reshape",
-                "layout is not contiguous; call contiguous() first",
-            );
+            return invalid("reshape", "layout is not contiguous; call contiguous() first");
         }
-        Ok(Layout {
-            offset: self.offset,
-            ..Layout::contiguous(shape)
-        })
+        Ok(Layout { offset: self.offset, ..Layout::contiguous(shape) })
     }
 
     /// Swap two dimensions.
     pub fn transpose(&self, a: usize, b: usize) -> Result<Layout> {
         let r = self.shape.len();
         if a >= r || b >= r {
-            return invalid(
-                "transpose",
-                format!("dims ({a}, {b}) out of range for rank {r}"),
-            );
+            return invalid("transpose", format!("dims ({a}, {b}) out of range for rank {r}"));
         }
         let mut l = self.clone();
         l.shape.swap(a, b);
@@ -164,20 +133,10 @@ impl Layout {
     /// Elements `start..start+len` along `dim`.
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Layout> {
         if dim >= self.shape.len() {
-            return invalid(
-                "narrow",
-                format!("dim {dim} out of range for rank {}", self.shape.len()),
-            );
+            return invalid("narrow", format!("dim {dim} out of range for rank {}", self.shape.len()));
         }
         if start.checked_add(len).is_none_or(|e| e > self.shape[dim]) {
-            return invalid(
-                "narrow",
-                format!(
-                    "range {start}..{} exceeds size {} of dim {dim}",
-                    start + len,
-                    self.shape[dim]
-                ),
-            );
+            return invalid("narrow", format!("range {start}..{} exceeds size {} of dim {dim}", start + len, self.shape[dim]));
         }
         let mut l = self.clone();
         l.offset += start * self.strides[dim];
@@ -188,11 +147,7 @@ impl Layout {
     /// Broadcast to `shape` (numpy rules: align right, size-1 dims stretch with stride 0).
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Layout> {
         if shape.len() < self.shape.len() {
-            return Err(Error::ShapeMismatch {
-                op: "broadcast",
-                lhs: self.shape.clone(),
-                rhs: shape.to_vec(),
-            });
+            return Err(Error::ShapeMismatch { op: "broadcast", lhs: self.shape.clone(), rhs: shape.to_vec() });
         }
         let pad = shape.len() - self.shape.len();
         let mut strides = vec![0; shape.len()];
@@ -204,41 +159,23 @@ impl Layout {
             if sd == d {
                 strides[i] = ss;
             } else if sd != 1 {
-                return Err(Error::ShapeMismatch {
-                    op: "broadcast",
-                    lhs: self.shape.clone(),
-                    rhs: shape.to_vec(),
-                });
+                return Err(Error::ShapeMismatch { op: "broadcast", lhs: self.shape.clone(), rhs: shape.to_vec() });
             }
         }
-        Ok(Layout {
-            shape: shape.to_vec(),
-            strides,
-            offset: self.offset,
-        })
+        Ok(Layout { shape: shape.to_vec(), strides, offset: self.offset })
     }
 }
 
 /// The broadcast shape of two shapes.
 pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
     let n = a.len().max(b.len());
-    let get = |s: &[usize], i: usize| {
-        if i + s.len() >= n {
-            s[i + s.len() - n]
-        } else {
-            1
-        }
-    };
+    let get = |s: &[usize], i: usize| if i + s.len() >= n { s[i + s.len() - n] } else { 1 };
     (0..n)
         .map(|i| match (get(a, i), get(b, i)) {
             (x, y) if x == y => Ok(x),
             (1, y) => Ok(y),
             (x, 1) => Ok(x),
-            _ => Err(Error::ShapeMismatch {
-                op,
-                lhs: a.to_vec(),
-                rhs: b.to_vec(),
-            }),
+            _ => Err(Error::ShapeMismatch { op, lhs: a.to_vec(), rhs: b.to_vec() }),
         })
         .collect()
 }
@@ -292,16 +229,7 @@ mod tests {
     fn multi(s: &[usize]) -> Vec<Vec<usize>> {
         let mut out = vec![vec![]];
         for &d in s {
-            out = out
-                .into_iter()
-                .flat_map(|p| {
-                    (0..d).map(move |i| {
-                        let mut q = p.clone();
-                        q.push(i);
-                        q
-                    })
-                })
-                .collect();
+            out = out.into_iter().flat_map(|p| (0..d).map(move |i| { let mut q = p.clone(); q.push(i); q })).collect();
         }
         out
     }
@@ -310,9 +238,7 @@ mod tests {
     fn broadcasting() {
         assert_eq!(broadcast_shape("t", &[3, 1], &[4]).unwrap(), vec![3, 4]);
         assert!(broadcast_shape("t", &[3, 2], &[4]).is_err());
-        let l = Layout::contiguous(&[3, 1])
-            .broadcast_to(&[2, 3, 4])
-            .unwrap();
+        let l = Layout::contiguous(&[3, 1]).broadcast_to(&[2, 3, 4]).unwrap();
         assert_eq!(l.index(&[1, 2, 3]), 2);
     }
 }

@@ -20,15 +20,15 @@ mod error;
 mod float;
 mod layout;
 mod ops;
-pub mod registry;
 mod storage;
+pub mod registry;
 mod tensor;
 
 pub use autograd::{no_grad, NoGradGuard};
 pub use dtype::DType;
+pub use ops::{AttentionMask, BinaryOp, UnaryOp};
 pub use error::{Error, Result};
 pub use layout::Layout;
-pub use ops::{AttentionMask, BinaryOp, UnaryOp};
 pub use storage::{Bytes, Storage};
 pub use tensor::Tensor;
 

@@ -16,19 +16,11 @@ impl Bytes {
     /// Own `v`.
     pub fn from_vec(v: Vec<u8>) -> Self {
         let len = v.len();
-        Bytes {
-            owner: Arc::new(v),
-            start: 0,
-            len,
-        }
+        Bytes { owner: Arc::new(v), start: 0, len }
     }
 
     /// A sub-range of `owner`; `None` if it is out of bounds.
-    pub fn from_owner(
-        owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
-        start: usize,
-        len: usize,
-    ) -> Option<Self> {
+    pub fn from_owner(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, start: usize, len: usize) -> Option<Self> {
         let end = start.checked_add(len)?;
         (end <= (*owner).as_ref().len()).then_some(Bytes { owner, start, len })
     }

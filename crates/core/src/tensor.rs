@@ -30,22 +30,13 @@ fn cast_slice<T>(b: &[u8]) -> Option<&[T]> {
 
 impl Tensor {
     fn new(storage: Storage, shape: &[usize]) -> Self {
-        Tensor {
-            storage: Arc::new(storage),
-            layout: Layout::contiguous(shape),
-            autograd: None,
-        }
+        Tensor { storage: Arc::new(storage), layout: Layout::contiguous(shape), autograd: None }
     }
 
     fn check_len(len: usize, shape: &[usize], dtype: DType) -> Result<()> {
         let want: usize = shape.iter().product();
         if len != want {
-            return Err(Error::SizeMismatch {
-                shape: shape.to_vec(),
-                dtype,
-                got: len,
-                want,
-            });
+            return Err(Error::SizeMismatch { shape: shape.to_vec(), dtype, got: len, want });
         }
         Ok(())
     }
@@ -109,40 +100,20 @@ impl Tensor {
         let want = dtype
             .bytes_for(inner)
             .and_then(|r| r.checked_mul(outer))
-            .ok_or_else(|| Error::Invalid {
-                op: "from_raw",
-                msg: format!("shape {shape:?} is not valid for {}", dtype.name()),
-            })?;
+            .ok_or_else(|| Error::Invalid { op: "from_raw", msg: format!("shape {shape:?} is not valid for {}", dtype.name()) })?;
         let b = bytes.as_slice();
         if b.len() != want {
-            return Err(Error::SizeMismatch {
-                shape: shape.to_vec(),
-                dtype,
-                got: b.len(),
-                want,
-            });
+            return Err(Error::SizeMismatch { shape: shape.to_vec(), dtype, got: b.len(), want });
         }
         let storage = match dtype {
-            DType::F32 => Storage::F32(
-                b.chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect(),
-            ),
-            DType::F64 => Storage::F64(
-                b.chunks_exact(8)
-                    .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
-                    .collect(),
-            ),
-            DType::F16 if cast_slice::<f16>(b).is_none() => Storage::F16(
-                b.chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
-            DType::BF16 if cast_slice::<bf16>(b).is_none() => Storage::BF16(
-                b.chunks_exact(2)
-                    .map(|c| bf16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
+            DType::F32 => Storage::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            DType::F64 => Storage::F64(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes"))).collect()),
+            DType::F16 if cast_slice::<f16>(b).is_none() => {
+                Storage::F16(b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]])).collect())
+            }
+            DType::BF16 if cast_slice::<bf16>(b).is_none() => {
+                Storage::BF16(b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]])).collect())
+            }
             _ => Storage::Raw { dtype, bytes },
         };
         Ok(Self::new(storage, shape))
@@ -189,30 +160,19 @@ impl Tensor {
     /// The same data under another layout, outside the autograd graph (the differentiable views
     /// in `autograd::rules` record themselves).
     pub(crate) fn with_layout(&self, layout: Layout) -> Tensor {
-        Tensor {
-            storage: self.storage.clone(),
-            layout,
-            autograd: None,
-        }
+        Tensor { storage: self.storage.clone(), layout, autograd: None }
     }
 
     fn require_unquantized(&self, op: &'static str) -> Result<()> {
         if self.dtype().is_quantized() {
-            return Err(Error::UnsupportedDType {
-                op,
-                dtype: self.dtype(),
-                hint: " (dequantize with to_f32() first)",
-            });
+            return Err(Error::UnsupportedDType { op, dtype: self.dtype(), hint: " (dequantize with to_f32() first)" });
         }
         Ok(())
     }
 
     pub(crate) fn reshape_raw(&self, shape: &[usize]) -> Result<Tensor> {
         if self.dtype().is_quantized() && shape.last() != self.shape().last() {
-            return invalid(
-                "reshape",
-                "a quantized tensor keeps its innermost (block) dimension",
-            );
+            return invalid("reshape", "a quantized tensor keeps its innermost (block) dimension");
         }
         Ok(self.with_layout(self.layout.reshape(shape)?))
     }
@@ -238,9 +198,7 @@ impl Tensor {
     pub(crate) fn values<T: Float>(&self) -> Result<Cow<'_, [T]>> {
         if self.layout.is_contiguous() {
             if let Some(v) = T::slice(&self.storage) {
-                return Ok(Cow::Borrowed(
-                    &v[self.layout.offset()..self.layout.offset() + self.numel()],
-                ));
+                return Ok(Cow::Borrowed(&v[self.layout.offset()..self.layout.offset() + self.numel()]));
             }
         }
         Ok(Cow::Owned(match &*self.storage {
@@ -258,14 +216,7 @@ impl Tensor {
     /// The value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
         if self.numel() != 1 {
-            return invalid(
-                "item",
-                format!(
-                    "tensor of shape {:?} has {} elements, not one",
-                    self.shape(),
-                    self.numel()
-                ),
-            );
+            return invalid("item", format!("tensor of shape {:?} has {} elements, not one", self.shape(), self.numel()));
         }
         Ok(self.values::<f32>()?[0])
     }
@@ -273,9 +224,7 @@ impl Tensor {
     /// Contiguous f32 data, borrowed when the tensor already is exactly that.
     pub fn as_f32_slice(&self) -> Option<&[f32]> {
         match &*self.storage {
-            Storage::F32(v) if self.layout.is_contiguous() => {
-                Some(&v[self.layout.offset()..self.layout.offset() + self.numel()])
-            }
+            Storage::F32(v) if self.layout.is_contiguous() => Some(&v[self.layout.offset()..self.layout.offset() + self.numel()]),
             _ => None,
         }
     }
@@ -298,10 +247,7 @@ impl Tensor {
                     DType::BF16 => l.gather(cast_slice::<bf16>(b).expect("aligned"), bf16::to_f32),
                     DType::Quant(_) | DType::F32 | DType::F64 => {
                         // Quantized tensors are always contiguous rows (views cannot split blocks).
-                        let (rows, k) = (
-                            self.numel() / self.shape().last().copied().unwrap_or(1),
-                            *self.shape().last().unwrap_or(&1),
-                        );
+                        let (rows, k) = (self.numel() / self.shape().last().copied().unwrap_or(1), *self.shape().last().unwrap_or(&1));
                         let m = self.matrix_rows(k)?;
                         let mut out = vec![0f32; rows * k];
                         let first = l.offset() / k.max(1);
@@ -323,18 +269,10 @@ impl Tensor {
     fn matrix_rows(&self, k: usize) -> Result<Matrix<'_>> {
         let total_rows = match &*self.storage {
             Storage::F32(v) => v.len() / k.max(1),
-            Storage::F64(_) => {
-                return Err(Error::UnsupportedDType {
-                    op: "matrix",
-                    dtype: DType::F64,
-                    hint: " (weight kernels take f32, f16, bf16 or quantized)",
-                })
-            }
+            Storage::F64(_) => return Err(Error::UnsupportedDType { op: "matrix", dtype: DType::F64, hint: " (weight kernels take f32, f16, bf16 or quantized)" }),
             Storage::F16(v) => v.len() / k.max(1),
             Storage::BF16(v) => v.len() / k.max(1),
-            Storage::Raw { dtype, bytes } => {
-                bytes.as_slice().len() / dtype.bytes_for(k).unwrap_or(usize::MAX).max(1)
-            }
+            Storage::Raw { dtype, bytes } => bytes.as_slice().len() / dtype.bytes_for(k).unwrap_or(usize::MAX).max(1),
         };
         let weights = match &*self.storage {
             Storage::F32(v) => Weights::F32(&v[..total_rows * k]),
@@ -343,21 +281,12 @@ impl Tensor {
             Storage::BF16(v) => Weights::BF16(&v[..total_rows * k]),
             Storage::Raw { dtype, bytes } => match dtype {
                 DType::Quant(q) => Weights::Quant(*q, bytes.as_slice()),
-                DType::F16 => {
-                    Weights::F16(cast_slice(bytes.as_slice()).expect("aligned at construction"))
-                }
-                DType::BF16 => {
-                    Weights::BF16(cast_slice(bytes.as_slice()).expect("aligned at construction"))
-                }
-                DType::F32 | DType::F64 => {
-                    unreachable!("f32/f64 raw data is converted at construction")
-                }
+                DType::F16 => Weights::F16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
+                DType::BF16 => Weights::BF16(cast_slice(bytes.as_slice()).expect("aligned at construction")),
+                DType::F32 | DType::F64 => unreachable!("f32/f64 raw data is converted at construction"),
             },
         };
-        Matrix::new(weights, total_rows, k).ok_or_else(|| Error::Invalid {
-            op: "matrix",
-            msg: "storage size does not match shape".into(),
-        })
+        Matrix::new(weights, total_rows, k).ok_or_else(|| Error::Invalid { op: "matrix", msg: "storage size does not match shape".into() })
     }
 
     /// This tensor as a `rows × k` weight matrix for the kernels. Must be 2-d and contiguous
@@ -369,10 +298,7 @@ impl Tensor {
         }
         let m = self.matrix_rows(k)?;
         if m.rows != rows {
-            return invalid(
-                "matrix",
-                format!("storage holds {} rows, shape says {rows}", m.rows),
-            );
+            return invalid("matrix", format!("storage holds {} rows, shape says {rows}", m.rows));
         }
         Ok(m)
     }
@@ -383,9 +309,7 @@ impl Tensor {
     /// The tensor keeps its autograd identity; its data is copied first if the storage is shared
     /// (for example saved by a graph that has not been freed) or is not a whole f32 buffer.
     pub fn values_mut_f32(&mut self) -> Result<&mut [f32]> {
-        let whole = self.layout.is_contiguous()
-            && self.layout.offset() == 0
-            && matches!(&*self.storage, Storage::F32(v) if v.len() == self.numel());
+        let whole = self.layout.is_contiguous() && self.layout.offset() == 0 && matches!(&*self.storage, Storage::F32(v) if v.len() == self.numel());
         if !whole || Arc::get_mut(&mut self.storage).is_none() {
             let v = self.to_vec_f32()?;
             self.storage = Arc::new(Storage::F32(v));

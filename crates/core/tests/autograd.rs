@@ -29,12 +29,7 @@ fn shared_subexpressions_sum_their_paths() {
     // y = x·x; z = y + y·x  →  dz/dx = 2x + 3x²
     let x = leaf(vec![2.0], &[1]);
     let y = x.mul(&x).unwrap();
-    y.add(&y.mul(&x).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    y.add(&y.mul(&x).unwrap()).unwrap().sum_all().unwrap().backward().unwrap();
     assert_eq!(vals(&x.grad().unwrap()), [4.0 + 12.0]);
 }
 
@@ -61,15 +56,9 @@ fn the_graph_is_freed_unless_retained() {
     loss.backward().unwrap(); // retained once, so this works and frees it
     let e = std::f32::consts::E;
     let g = vals(&x.grad().unwrap());
-    assert!(
-        (g[0] - 2.0 * e).abs() < 1e-5 && (g[1] - 2.0 / e).abs() < 1e-5,
-        "{g:?}"
-    );
+    assert!((g[0] - 2.0 * e).abs() < 1e-5 && (g[1] - 2.0 / e).abs() < 1e-5, "{g:?}");
     let err = loss.backward().unwrap_err().to_string();
-    assert!(
-        err.contains("freed") && err.contains("retain_graph"),
-        "{err}"
-    );
+    assert!(err.contains("freed") && err.contains("retain_graph"), "{err}");
 }
 
 #[test]
@@ -79,11 +68,7 @@ fn only_leaves_keep_gradients_and_backward_needs_a_scalar() {
     assert!(!y.is_leaf() && y.grad_fn() == Some("affine"));
     y.sum_all().unwrap().backward().unwrap();
     assert!(y.grad().is_none(), "non-leaf gradients are freed after use");
-    assert!(y
-        .backward()
-        .unwrap_err()
-        .to_string()
-        .contains("one-element"));
+    assert!(y.backward().unwrap_err().to_string().contains("one-element"));
 }
 
 #[test]
@@ -94,12 +79,7 @@ fn autocast_runs_matmul_in_bf16_with_f32_master_gradients() {
     assert_eq!(y.dtype(), DType::BF16);
     // Outside the scope a norm reads bf16 and computes in f32.
     assert_eq!(y.softmax_last().unwrap().dtype(), DType::F32);
-    y.to_dtype(DType::F32)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    y.to_dtype(DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
     let g = w.grad().unwrap();
     assert_eq!(g.dtype(), DType::F32);
     // x rounds to bf16 (1 + 1/512 is not representable: it becomes 1).
@@ -129,16 +109,7 @@ fn log_softmax_stays_finite_far_below_the_maximum() {
     let x = Tensor::from_vec(vec![0.0, -200.0, 3.0, 1.0], &[2, 2]).unwrap();
     let y = x.log_softmax_last().unwrap().to_vec_f32().unwrap();
     assert!(y.iter().all(|v| v.is_finite()), "{y:?}");
-    assert!(
-        (y[0] - 0.0).abs() < 1e-6 && (y[1] + 200.0).abs() < 1e-4,
-        "{y:?}"
-    );
-    let want = [
-        3.0 - (3f32.exp() + 1f32.exp()).ln(),
-        1.0 - (3f32.exp() + 1f32.exp()).ln(),
-    ];
-    assert!(
-        (y[2] - want[0]).abs() < 1e-5 && (y[3] - want[1]).abs() < 1e-5,
-        "{y:?}"
-    );
+    assert!((y[0] - 0.0).abs() < 1e-6 && (y[1] + 200.0).abs() < 1e-4, "{y:?}");
+    let want = [3.0 - (3f32.exp() + 1f32.exp()).ln(), 1.0 - (3f32.exp() + 1f32.exp()).ln()];
+    assert!((y[2] - want[0]).abs() < 1e-5 && (y[3] - want[1]).abs() < 1e-5, "{y:?}");
 }

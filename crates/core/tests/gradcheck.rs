@@ -25,11 +25,7 @@ impl Rng {
         (0..n)
             .map(|_| {
                 let m = lo + (hi - lo) * self.unit();
-                if signed && self.next().is_multiple_of(2) {
-                    -m
-                } else {
-                    m
-                }
+                if signed && self.next().is_multiple_of(2) { -m } else { m }
             })
             .collect()
     }
@@ -63,10 +59,7 @@ fn partner(r: &mut Rng, s: &[usize]) -> Vec<usize> {
     match r.next() % 4 {
         0 => s.to_vec(),
         1 => s[1..].to_vec(),
-        2 => s
-            .iter()
-            .map(|&d| if r.next().is_multiple_of(2) { 1 } else { d })
-            .collect(),
+        2 => s.iter().map(|&d| if r.next().is_multiple_of(2) { 1 } else { d }).collect(),
         _ => vec![1],
     }
 }
@@ -74,78 +67,35 @@ fn partner(r: &mut Rng, s: &[usize]) -> Vec<usize> {
 fn unary(op: UnaryOp, kink: bool, positive: bool) -> impl Fn(&mut Rng) -> Case {
     move |r| {
         let s = [r.size(1, 4), r.size(1, 5)];
-        let x = if positive {
-            away(r, &s, false)
-        } else if kink {
-            away(r, &s, true)
-        } else {
-            normal(r, &s)
-        };
-        Case {
-            leaves: vec![x],
-            f: Box::new(move |t| t[0].unary(op)),
-        }
+        let x = if positive { away(r, &s, false) } else if kink { away(r, &s, true) } else { normal(r, &s) };
+        Case { leaves: vec![x], f: Box::new(move |t| t[0].unary(op)) }
     }
 }
 
-fn binary(
-    f: fn(&Tensor, &Tensor) -> Result<Tensor>,
-    denominator: bool,
-) -> impl Fn(&mut Rng) -> Case {
+fn binary(f: fn(&Tensor, &Tensor) -> Result<Tensor>, denominator: bool) -> impl Fn(&mut Rng) -> Case {
     move |r| {
         let s = vec![r.size(1, 3), r.size(1, 4)];
         let p = partner(r, &s);
         let (a, b) = if r.next() % 2 == 0 { (s, p) } else { (p, s) };
-        let b = if denominator {
-            away(r, &b, true)
-        } else {
-            normal(r, &b)
-        };
-        Case {
-            leaves: vec![normal(r, &a), b],
-            f: Box::new(move |t| f(&t[0], &t[1])),
-        }
+        let b = if denominator { away(r, &b, true) } else { normal(r, &b) };
+        Case { leaves: vec![normal(r, &a), b], f: Box::new(move |t| f(&t[0], &t[1])) }
     }
 }
 
 fn attention_case(r: &mut Rng) -> Case {
-    let (b, hk, g, tq, d) = (
-        r.size(1, 2),
-        r.size(1, 2),
-        r.size(1, 2),
-        r.size(1, 4),
-        r.size(1, 4),
-    );
+    let (b, hk, g, tq, d) = (r.size(1, 2), r.size(1, 2), r.size(1, 2), r.size(1, 4), r.size(1, 4));
     let tk = tq + r.size(0, 3);
     let h = hk * g;
     let causal = r.next().is_multiple_of(2);
-    let allow: Option<std::sync::Arc<[bool]>> = r
-        .next()
-        .is_multiple_of(2)
-        .then(|| (0..tq * tk).map(|i| i % 3 != 1 || i == 0).collect());
-    let alibi = r
-        .next()
-        .is_multiple_of(2)
-        .then(|| (0..h).map(|i| 0.25 * (i + 1) as f32).collect());
+    let allow: Option<std::sync::Arc<[bool]>> = r.next().is_multiple_of(2).then(|| (0..tq * tk).map(|i| i % 3 != 1 || i == 0).collect());
+    let alibi = r.next().is_multiple_of(2).then(|| (0..h).map(|i| 0.25 * (i + 1) as f32).collect());
     let biased = r.next().is_multiple_of(2);
-    let mask = AttentionMask {
-        causal,
-        allow,
-        alibi,
-        scale: None,
-    };
-    let mut leaves = vec![
-        normal(r, &[b, h, tq, d]),
-        normal(r, &[b, hk, tk, d]),
-        normal(r, &[b, hk, tk, d]),
-    ];
+    let mask = AttentionMask { causal, allow, alibi, scale: None };
+    let mut leaves = vec![normal(r, &[b, h, tq, d]), normal(r, &[b, hk, tk, d]), normal(r, &[b, hk, tk, d])];
     if biased {
         leaves.push(normal(r, &[h, tq, tk]));
     }
-    Case {
-        leaves,
-        f: Box::new(move |t| Tensor::attention(&t[0], &t[1], &t[2], t.get(3), &mask)),
-    }
+    Case { leaves, f: Box::new(move |t| Tensor::attention(&t[0], &t[1], &t[2], t.get(3), &mask)) }
 }
 
 fn case_for(name: &str) -> Option<MakeCase> {
@@ -167,200 +117,82 @@ fn case_for(name: &str) -> Option<MakeCase> {
         "tensor.mul" => Box::new(binary(Tensor::mul, false)),
         "tensor.div" => Box::new(binary(Tensor::div, true)),
         "tensor.maximum" => Box::new(binary(Tensor::maximum, false)),
-        "tensor.affine" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![normal(r, &[2, 3])],
-            f: Box::new(|t| t[0].affine(-1.7, 0.4)),
-        }),
-        "tensor.sum_all" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                normal(r, &[d0, 4])
-            }],
-            f: Box::new(|t| t[0].sum_all()),
-        }),
-        "tensor.mean_all" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 4);
-                normal(r, &[3, d0])
-            }],
-            f: Box::new(|t| t[0].mean_all()),
-        }),
-        "tensor.sum_last" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                let d1 = r.size(1, 5);
-                normal(r, &[d0, d1])
-            }],
-            f: Box::new(|t| t[0].sum_last()),
-        }),
-        "tensor.mean_last" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                let d1 = r.size(1, 5);
-                normal(r, &[d0, d1])
-            }],
-            f: Box::new(|t| t[0].mean_last()),
-        }),
+        "tensor.affine" => Box::new(|r: &mut Rng| Case { leaves: vec![normal(r, &[2, 3])], f: Box::new(|t| t[0].affine(-1.7, 0.4)) }),
+        "tensor.sum_all" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); normal(r, &[d0, 4]) }], f: Box::new(|t| t[0].sum_all()) }),
+        "tensor.mean_all" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 4); normal(r, &[3, d0]) }], f: Box::new(|t| t[0].mean_all()) }),
+        "tensor.sum_last" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); let d1 = r.size(1, 5); normal(r, &[d0, d1]) }], f: Box::new(|t| t[0].sum_last()) }),
+        "tensor.mean_last" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); let d1 = r.size(1, 5); normal(r, &[d0, d1]) }], f: Box::new(|t| t[0].mean_last()) }),
         "tensor.sum_to" => Box::new(|r: &mut Rng| {
             let s = [r.size(1, 3), r.size(1, 3), r.size(1, 3)];
             let to = partner(r, &s);
-            Case {
-                leaves: vec![normal(r, &s)],
-                f: Box::new(move |t| t[0].sum_to(&to)),
-            }
+            Case { leaves: vec![normal(r, &s)], f: Box::new(move |t| t[0].sum_to(&to)) }
         }),
         "tensor.broadcast_to" => Box::new(|r: &mut Rng| {
             let s = vec![r.size(1, 3), r.size(1, 3)];
             let small = partner(r, &s);
-            Case {
-                leaves: vec![normal(r, &small)],
-                f: Box::new(move |t| t[0].broadcast_to(&s)),
-            }
+            Case { leaves: vec![normal(r, &small)], f: Box::new(move |t| t[0].broadcast_to(&s)) }
         }),
         "tensor.reshape" => Box::new(|r: &mut Rng| {
             let (a, b) = (r.size(1, 3), r.size(1, 4));
-            Case {
-                leaves: vec![normal(r, &[a, b, 2])],
-                f: Box::new(move |t| t[0].reshape(&[b * 2, a])),
-            }
+            Case { leaves: vec![normal(r, &[a, b, 2])], f: Box::new(move |t| t[0].reshape(&[b * 2, a])) }
         }),
-        "tensor.transpose" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                normal(r, &[2, d0, 3])
-            }],
-            f: Box::new(|t| t[0].transpose(0, 2)),
-        }),
-        "tensor.contiguous" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                normal(r, &[d0, 3])
-            }],
-            f: Box::new(|t| t[0].transpose(0, 1)?.contiguous()),
-        }),
+        "tensor.transpose" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); normal(r, &[2, d0, 3]) }], f: Box::new(|t| t[0].transpose(0, 2)) }),
+        "tensor.contiguous" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); normal(r, &[d0, 3]) }], f: Box::new(|t| t[0].transpose(0, 1)?.contiguous()) }),
         "tensor.narrow" => Box::new(|r: &mut Rng| {
             let n = r.size(2, 5);
             let (start, len) = (r.size(0, n - 1), 1);
-            Case {
-                leaves: vec![normal(r, &[3, n])],
-                f: Box::new(move |t| t[0].narrow(1, start, len)),
-            }
+            Case { leaves: vec![normal(r, &[3, n])], f: Box::new(move |t| t[0].narrow(1, start, len)) }
         }),
         "tensor.pad" => Box::new(|r: &mut Rng| {
             let start = r.size(0, 2);
-            Case {
-                leaves: vec![normal(r, &[2, 3])],
-                f: Box::new(move |t| t[0].pad(0, start, 2 + start + 1)),
-            }
+            Case { leaves: vec![normal(r, &[2, 3])], f: Box::new(move |t| t[0].pad(0, start, 2 + start + 1)) }
         }),
         "tensor.cat" => Box::new(|r: &mut Rng| {
             let dim = r.size(0, 1);
             let mut s2 = [2, 3];
             s2[dim] = r.size(1, 3);
-            Case {
-                leaves: vec![normal(r, &[2, 3]), normal(r, &s2)],
-                f: Box::new(move |t| Tensor::cat(&[&t[0], &t[1]], dim)),
-            }
+            Case { leaves: vec![normal(r, &[2, 3]), normal(r, &s2)], f: Box::new(move |t| Tensor::cat(&[&t[0], &t[1]], dim)) }
         }),
         "tensor.matmul" => Box::new(|r: &mut Rng| {
             let (b, m, k, n) = (r.size(1, 3), r.size(1, 4), r.size(1, 4), r.size(1, 4));
-            let rhs = if r.next().is_multiple_of(2) {
-                vec![b, k, n]
-            } else {
-                vec![k, n]
-            };
-            Case {
-                leaves: vec![normal(r, &[b, m, k]), normal(r, &rhs)],
-                f: Box::new(|t| t[0].matmul(&t[1])),
-            }
+            let rhs = if r.next().is_multiple_of(2) { vec![b, k, n] } else { vec![k, n] };
+            Case { leaves: vec![normal(r, &[b, m, k]), normal(r, &rhs)], f: Box::new(|t| t[0].matmul(&t[1])) }
         }),
         "nn.functional.linear" => Box::new(|r: &mut Rng| {
             let (n, k, o) = (r.size(1, 4), r.size(1, 5), r.size(1, 4));
-            Case {
-                leaves: vec![normal(r, &[2, n, k]), normal(r, &[o, k])],
-                f: Box::new(|t| t[0].linear(&t[1])),
-            }
+            Case { leaves: vec![normal(r, &[2, n, k]), normal(r, &[o, k])], f: Box::new(|t| t[0].linear(&t[1])) }
         }),
-        "nn.functional.softmax" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                let d1 = r.size(1, 6);
-                normal(r, &[d0, d1])
-            }],
-            f: Box::new(|t| t[0].softmax_last()),
-        }),
-        "nn.functional.log_softmax" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![{
-                let d0 = r.size(1, 3);
-                let d1 = r.size(1, 6);
-                normal(r, &[d0, d1])
-            }],
-            f: Box::new(|t| t[0].log_softmax_last()),
-        }),
+        "nn.functional.softmax" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); let d1 = r.size(1, 6); normal(r, &[d0, d1]) }], f: Box::new(|t| t[0].softmax_last()) }),
+        "nn.functional.log_softmax" => Box::new(|r: &mut Rng| Case { leaves: vec![{ let d0 = r.size(1, 3); let d1 = r.size(1, 6); normal(r, &[d0, d1]) }], f: Box::new(|t| t[0].log_softmax_last()) }),
         "nn.functional.rms_norm" => Box::new(|r: &mut Rng| {
             let n = r.size(1, 6);
-            Case {
-                leaves: vec![
-                    {
-                        let d0 = r.size(1, 3);
-                        normal(r, &[d0, n])
-                    },
-                    normal(r, &[n]),
-                ],
-                f: Box::new(|t| t[0].rms_norm(&t[1], 1e-5)),
-            }
+            Case { leaves: vec![{ let d0 = r.size(1, 3); normal(r, &[d0, n]) }, normal(r, &[n])], f: Box::new(|t| t[0].rms_norm(&t[1], 1e-5)) }
         }),
         "nn.functional.layer_norm" => Box::new(|r: &mut Rng| {
             let n = r.size(2, 6);
-            Case {
-                leaves: vec![
-                    {
-                        let d0 = r.size(1, 3);
-                        normal(r, &[d0, n])
-                    },
-                    normal(r, &[n]),
-                    normal(r, &[n]),
-                ],
-                f: Box::new(|t| t[0].layer_norm(&t[1], &t[2], 1e-5)),
-            }
+            Case { leaves: vec![{ let d0 = r.size(1, 3); normal(r, &[d0, n]) }, normal(r, &[n]), normal(r, &[n])], f: Box::new(|t| t[0].layer_norm(&t[1], &t[2], 1e-5)) }
         }),
         "nn.functional.embedding" => Box::new(|r: &mut Rng| {
             let rows = r.size(2, 5);
-            let ids: Vec<u32> = (0..r.size(1, 6))
-                .map(|_| (r.next() % rows as u64) as u32)
-                .collect();
-            Case {
-                leaves: vec![normal(r, &[rows, 3])],
-                f: Box::new(move |t| t[0].gather_rows(&ids)),
-            }
+            let ids: Vec<u32> = (0..r.size(1, 6)).map(|_| (r.next() % rows as u64) as u32).collect();
+            Case { leaves: vec![normal(r, &[rows, 3])], f: Box::new(move |t| t[0].gather_rows(&ids)) }
         }),
         "nn.functional.cross_entropy" => Box::new(|r: &mut Rng| {
             let (n, c) = (r.size(1, 5), r.size(2, 6));
             let mut targets: Vec<u32> = (0..n).map(|_| (r.next() % c as u64) as u32).collect();
             targets[0] = 999; // ignored
-            Case {
-                leaves: vec![normal(r, &[n, c])],
-                f: Box::new(move |t| t[0].cross_entropy(&targets, Some(999))),
-            }
+            Case { leaves: vec![normal(r, &[n, c])], f: Box::new(move |t| t[0].cross_entropy(&targets, Some(999))) }
         }),
         "nn.functional.rope" => Box::new(|r: &mut Rng| {
             let (seq, half) = (r.size(1, 4), r.size(1, 3));
             let interleaved = r.next().is_multiple_of(2);
             let ang: Vec<f64> = (0..seq * half).map(|i| (i as f64) * 0.37).collect();
-            let cos =
-                Tensor::from_f64(ang.iter().map(|a| a.cos()).collect(), &[seq, half]).unwrap();
-            let sin =
-                Tensor::from_f64(ang.iter().map(|a| a.sin()).collect(), &[seq, half]).unwrap();
-            Case {
-                leaves: vec![normal(r, &[2, seq, 2 * half])],
-                f: Box::new(move |t| t[0].rope(&cos, &sin, interleaved)),
-            }
+            let cos = Tensor::from_f64(ang.iter().map(|a| a.cos()).collect(), &[seq, half]).unwrap();
+            let sin = Tensor::from_f64(ang.iter().map(|a| a.sin()).collect(), &[seq, half]).unwrap();
+            Case { leaves: vec![normal(r, &[2, seq, 2 * half])], f: Box::new(move |t| t[0].rope(&cos, &sin, interleaved)) }
         }),
         "nn.functional.attention" => Box::new(attention_case),
-        "tensor.to_dtype" => Box::new(|r: &mut Rng| Case {
-            leaves: vec![normal(r, &[2, 3])],
-            f: Box::new(|t| t[0].to_dtype(DType::F64)?.sqr_helper()),
-        }),
+        "tensor.to_dtype" => Box::new(|r: &mut Rng| Case { leaves: vec![normal(r, &[2, 3])], f: Box::new(|t| t[0].to_dtype(DType::F64)?.sqr_helper()) }),
         _ => return None,
     })
 }
@@ -377,16 +209,7 @@ impl Sqr for Tensor {
 /// Build the op's inputs from leaves: each leaf of rank ≥ 2 may be stored transposed and viewed
 /// back, so the op sees a strided input.
 fn inputs(leaves: &[Tensor], strided: bool) -> Result<Vec<Tensor>> {
-    leaves
-        .iter()
-        .map(|l| {
-            if strided && l.rank() >= 2 {
-                l.transpose(l.rank() - 2, l.rank() - 1)
-            } else {
-                Ok(l.clone())
-            }
-        })
-        .collect()
+    leaves.iter().map(|l| if strided && l.rank() >= 2 { l.transpose(l.rank() - 2, l.rank() - 1) } else { Ok(l.clone()) }).collect()
 }
 
 fn make_leaves(case: &Case, strided: bool, values: &[Vec<f64>]) -> Vec<Tensor> {
@@ -399,19 +222,10 @@ fn make_leaves(case: &Case, strided: bool, values: &[Vec<f64>]) -> Vec<Tensor> {
                 // Store the transpose; `inputs` views it back to `shape`.
                 let mut ts = shape.clone();
                 ts.swap(r - 2, r - 1);
-                let t = Tensor::from_f64(v.clone(), shape)
-                    .unwrap()
-                    .transpose(r - 2, r - 1)
-                    .unwrap()
-                    .contiguous()
-                    .unwrap();
-                Tensor::from_f64(t.to_vec_f64().unwrap(), &ts)
-                    .unwrap()
-                    .requires_grad(true)
+                let t = Tensor::from_f64(v.clone(), shape).unwrap().transpose(r - 2, r - 1).unwrap().contiguous().unwrap();
+                Tensor::from_f64(t.to_vec_f64().unwrap(), &ts).unwrap().requires_grad(true)
             } else {
-                Tensor::from_f64(v.clone(), shape)
-                    .unwrap()
-                    .requires_grad(true)
+                Tensor::from_f64(v.clone(), shape).unwrap().requires_grad(true)
             }
         })
         .collect()
@@ -422,30 +236,17 @@ fn check(name: &str, case: &Case, strided: bool, r: &mut Rng) {
     let leaves = make_leaves(case, strided, &values);
     let out = (case.f)(&inputs(&leaves, strided).unwrap()).unwrap();
     let weights = Tensor::from_f64(r.vals(out.numel(), 0.2, 1.0, true), out.shape()).unwrap();
-    out.mul(&weights)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
+    out.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
     let loss = |vals: &[Vec<f64>]| -> f64 {
         no_grad(|| {
             let l = make_leaves(case, strided, vals);
             let o = (case.f)(&inputs(&l, strided).unwrap()).unwrap();
-            o.mul(&weights)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_vec_f64()
-                .unwrap()[0]
+            o.mul(&weights).unwrap().sum_all().unwrap().to_vec_f64().unwrap()[0]
         })
     };
     let eps = 1e-6;
     for (li, l) in leaves.iter().enumerate() {
-        let g = l
-            .grad()
-            .map(|g| g.to_vec_f64().unwrap())
-            .unwrap_or_else(|| vec![0.0; l.numel()]);
+        let g = l.grad().map(|g| g.to_vec_f64().unwrap()).unwrap_or_else(|| vec![0.0; l.numel()]);
         // The gradient is of the stored leaf, laid out like it (transposed when strided).
         let stored = l.to_vec_f64().unwrap();
         let rank = l.rank();
@@ -456,12 +257,7 @@ fn check(name: &str, case: &Case, strided: bool, r: &mut Rng) {
             minus[e] -= eps;
             let back = |s: Vec<f64>| -> Vec<f64> {
                 if strided && rank >= 2 {
-                    Tensor::from_f64(s, l.shape())
-                        .unwrap()
-                        .transpose(rank - 2, rank - 1)
-                        .unwrap()
-                        .to_vec_f64()
-                        .unwrap()
+                    Tensor::from_f64(s, l.shape()).unwrap().transpose(rank - 2, rank - 1).unwrap().to_vec_f64().unwrap()
                 } else {
                     s
                 }
@@ -493,24 +289,13 @@ fn every_differentiable_op_passes_a_gradient_check() {
             (false, None) => {}
         }
     }
-    assert!(
-        missing.is_empty(),
-        "differentiable ops without a gradient check: {missing:?}"
-    );
+    assert!(missing.is_empty(), "differentiable ops without a gradient check: {missing:?}");
 }
 
 #[test]
 fn non_differentiable_ops_say_so() {
-    let x = Tensor::from_f64(vec![1.0, 3.0, 2.0], &[1, 3])
-        .unwrap()
-        .requires_grad(true);
-    let err = x
-        .max_last()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap_err();
+    let x = Tensor::from_f64(vec![1.0, 3.0, 2.0], &[1, 3]).unwrap().requires_grad(true);
+    let err = x.max_last().unwrap().sum_all().unwrap().backward().unwrap_err();
     assert!(err.to_string().contains("not differentiable"), "{err}");
 }
 
@@ -521,81 +306,27 @@ fn flash_attention_gradients_equal_the_naive_definition_across_tiles() {
     let mut r = Rng(7);
     for (tq, tk, causal) in [(70, 70, true), (45, 130, true), (33, 97, false)] {
         let (b, h, hk, d) = (2, 4, 2, 8);
-        let mk = |r: &mut Rng, s: &[usize]| {
-            Tensor::from_f64(r.vals(s.iter().product(), 0.0, 1.0, true), s)
-                .unwrap()
-                .requires_grad(true)
-        };
-        let (q, k, v) = (
-            mk(&mut r, &[b, h, tq, d]),
-            mk(&mut r, &[b, hk, tk, d]),
-            mk(&mut r, &[b, hk, tk, d]),
-        );
+        let mk = |r: &mut Rng, s: &[usize]| Tensor::from_f64(r.vals(s.iter().product(), 0.0, 1.0, true), s).unwrap().requires_grad(true);
+        let (q, k, v) = (mk(&mut r, &[b, h, tq, d]), mk(&mut r, &[b, hk, tk, d]), mk(&mut r, &[b, hk, tk, d]));
         let bias = mk(&mut r, &[h, tq, tk]);
         let w = Tensor::from_f64(r.vals(b * h * tq * d, 0.0, 1.0, true), &[b, h, tq, d]).unwrap();
-        let mask = AttentionMask {
-            causal,
-            ..Default::default()
-        };
-        Tensor::attention(&q, &k, &v, Some(&bias), &mask)
-            .unwrap()
-            .mul(&w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let flash: Vec<Vec<f64>> = [&q, &k, &v, &bias]
-            .iter()
-            .map(|t| t.grad().unwrap().to_vec_f64().unwrap())
-            .collect();
+        let mask = AttentionMask { causal, ..Default::default() };
+        Tensor::attention(&q, &k, &v, Some(&bias), &mask).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let flash: Vec<Vec<f64>> = [&q, &k, &v, &bias].iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()).collect();
         [&q, &k, &v, &bias].iter().for_each(|t| t.zero_grad());
         // Naive: repeat kv heads, full score matrix with -inf above the (end-aligned) diagonal.
         let rep = |t: &Tensor| -> Tensor {
-            let parts: Vec<Tensor> = (0..h)
-                .map(|i| t.narrow(1, i / (h / hk), 1).unwrap())
-                .collect();
+            let parts: Vec<Tensor> = (0..h).map(|i| t.narrow(1, i / (h / hk), 1).unwrap()).collect();
             Tensor::cat(&parts.iter().collect::<Vec<_>>(), 1).unwrap()
         };
-        let m: Vec<f64> = (0..tq * tk)
-            .map(|x| {
-                if causal && x % tk > x / tk + tk - tq {
-                    f64::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let s = q
-            .matmul(&rep(&k).transpose(2, 3).unwrap())
-            .unwrap()
-            .scale(1.0 / (d as f64).sqrt())
-            .unwrap();
-        let s = s
-            .add(&bias)
-            .unwrap()
-            .add(&Tensor::from_f64(m, &[tq, tk]).unwrap())
-            .unwrap();
-        s.softmax_last()
-            .unwrap()
-            .matmul(&rep(&v))
-            .unwrap()
-            .mul(&w)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for (name, (t, f)) in ["q", "k", "v", "bias"]
-            .iter()
-            .zip([&q, &k, &v, &bias].iter().zip(&flash))
-        {
+        let m: Vec<f64> = (0..tq * tk).map(|x| if causal && x % tk > x / tk + tk - tq { f64::NEG_INFINITY } else { 0.0 }).collect();
+        let s = q.matmul(&rep(&k).transpose(2, 3).unwrap()).unwrap().scale(1.0 / (d as f64).sqrt()).unwrap();
+        let s = s.add(&bias).unwrap().add(&Tensor::from_f64(m, &[tq, tk]).unwrap()).unwrap();
+        s.softmax_last().unwrap().matmul(&rep(&v)).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        for (name, (t, f)) in ["q", "k", "v", "bias"].iter().zip([&q, &k, &v, &bias].iter().zip(&flash)) {
             let n = t.grad().unwrap().to_vec_f64().unwrap();
             for (a, b) in f.iter().zip(&n) {
-                assert!(
-                    (a - b).abs() < 1e-10 * (1.0 + b.abs()),
-                    "d{name} ({tq}x{tk}, causal {causal}): flash {a} vs naive {b}"
-                );
+                assert!((a - b).abs() < 1e-10 * (1.0 + b.abs()), "d{name} ({tq}x{tk}, causal {causal}): flash {a} vs naive {b}");
             }
         }
     }

@@ -5,10 +5,7 @@ use std::hash::{Hash, Hasher};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr,
-    ValidAsZeroBits,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 
 /// What can go wrong on the device.
@@ -43,9 +40,7 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Block types in kernel order: `matvec_<name>`, `matmul_<name>`, `embed_<name>`.
-pub(crate) const TYPE_NAMES: [&str; 11] = [
-    "f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k",
-];
+pub(crate) const TYPE_NAMES: [&str; 11] = ["f32", "f16", "bf16", "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q4_k", "q5_k", "q6_k"];
 
 /// Most dynamic shared memory a matrix-vector launch may take (its input, `n × k` f32).
 pub(crate) const MATVEC_SMEM: usize = 160 * 1024;
@@ -91,10 +86,7 @@ pub(crate) struct Program {
 }
 
 /// The inference kernels, then the persistent decode step that reuses their helpers.
-pub(crate) const KERNELS: Program = Program {
-    name: "kernels",
-    source: concat!(include_str!("kernels.cu"), include_str!("decode.cu")),
-};
+pub(crate) const KERNELS: Program = Program { name: "kernels", source: concat!(include_str!("kernels.cu"), include_str!("decode.cu")) };
 
 impl Device {
     /// Open device `ordinal` and compile (or load from the cache) the kernels for it.
@@ -117,12 +109,7 @@ impl Device {
         let ptx = compile(&KERNELS, major, minor)?;
         let module = ctx.load_module(ptx)?;
         let f = |name: &str| module.load_function(name);
-        let per_type = |prefix: &str| {
-            TYPE_NAMES
-                .iter()
-                .map(|t| f(&format!("{prefix}_{t}")))
-                .collect::<std::result::Result<Vec<_>, _>>()
-        };
+        let per_type = |prefix: &str| TYPE_NAMES.iter().map(|t| f(&format!("{prefix}_{t}"))).collect::<std::result::Result<Vec<_>, _>>();
         let k = Kernels {
             matvec: per_type("matvec")?,
             matmul: per_type("matmul")?,
@@ -144,15 +131,7 @@ impl Device {
         use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT as SMS;
         let sm_count = ctx.attribute(SMS)?.max(1) as usize;
         let pdl = major >= 9 && std::env::var("AUGUR_CUDA_PDL").map_or(true, |v| v != "0");
-        Ok(Arc::new(Device {
-            ctx,
-            stream,
-            k,
-            _module: module,
-            name,
-            sm_count,
-            pdl,
-        }))
+        Ok(Arc::new(Device { ctx, stream, k, _module: module, name, sm_count, pdl }))
     }
 
     /// The device's name (`NVIDIA H200`).
@@ -192,12 +171,7 @@ impl Device {
     }
 
     /// Copy `dst.len()` elements from element `at` of `src`.
-    pub(crate) fn read_at<T: DeviceRepr>(
-        &self,
-        src: &Buf<T>,
-        at: usize,
-        dst: &mut [T],
-    ) -> Result<()> {
+    pub(crate) fn read_at<T: DeviceRepr>(&self, src: &Buf<T>, at: usize, dst: &mut [T]) -> Result<()> {
         let view = src.slice.slice(at..at + dst.len());
         Ok(self.stream.memcpy_dtoh(&view, dst)?)
     }
@@ -232,12 +206,8 @@ pub(crate) fn compile(program: &Program, major: i32, minor: i32) -> Result<Ptx> 
     let defines = std::env::var("AUGUR_CUDA_DEFINES").unwrap_or_default();
     let mut h = DefaultHasher::new();
     (program.source, &arch, &defines, env!("CARGO_PKG_VERSION")).hash(&mut h);
-    let cached =
-        cache_dir().map(|d| d.join(format!("{}-{arch}-{:016x}.ptx", program.name, h.finish())));
-    if let Some(src) = cached
-        .as_ref()
-        .and_then(|p| std::fs::read_to_string(p).ok())
-    {
+    let cached = cache_dir().map(|d| d.join(format!("{}-{arch}-{:016x}.ptx", program.name, h.finish())));
+    if let Some(src) = cached.as_ref().and_then(|p| std::fs::read_to_string(p).ok()) {
         return Ok(Ptx::from_src(src));
     }
     let ptx = compile_uncached(program, &arch)?;
@@ -257,18 +227,9 @@ pub(crate) fn compile_uncached(program: &Program, arch: &str) -> Result<Ptx> {
     }
     let mut options = vec![format!("--gpu-architecture={arch}"), "--std=c++17".into()];
     // Tuning knobs of kernels.cu (`-DPRE=2 -DMV_MIN_BLOCKS=4`), for A/B runs.
-    options.extend(
-        std::env::var("AUGUR_CUDA_DEFINES")
-            .unwrap_or_default()
-            .split_whitespace()
-            .map(str::to_owned),
-    );
-    let opts = CompileOptions {
-        options,
-        ..Default::default()
-    };
-    cudarc::nvrtc::compile_ptx_with_opts(program.source, opts)
-        .map_err(|e| Error::Compile(format!("{}: {e}", program.name)))
+    options.extend(std::env::var("AUGUR_CUDA_DEFINES").unwrap_or_default().split_whitespace().map(str::to_owned));
+    let opts = CompileOptions { options, ..Default::default() };
+    cudarc::nvrtc::compile_ptx_with_opts(program.source, opts).map_err(|e| Error::Compile(format!("{}: {e}", program.name)))
 }
 
 fn cache_dir() -> Option<PathBuf> {

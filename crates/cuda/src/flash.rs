@@ -14,10 +14,7 @@ pub use augur_kernels::flash::Shape;
 use crate::device::{compile, Buf, Device, Program};
 use crate::{Error, Result};
 
-const FLASH: Program = Program {
-    name: "flash",
-    source: include_str!("flash.cu"),
-};
+const FLASH: Program = Program { name: "flash", source: include_str!("flash.cu") };
 /// Threads of a forward block (`32 * FA_NW`) and of every other kernel's (`BW_THREADS`).
 const FWD_THREADS: u32 = 128;
 const THREADS: u32 = 256;
@@ -110,9 +107,7 @@ fn fwd_smem(dim: usize) -> usize {
 }
 
 fn bwd_smem(dim: usize) -> usize {
-    (2 * BWD_KEYS + 4 * BWD_ROWS) * (dim + 8) * 2
-        + 2 * BWD_ROWS * (BWD_KEYS + 8) * 2
-        + 4 * BWD_ROWS * 4
+    (2 * BWD_KEYS + 4 * BWD_ROWS) * (dim + 8) * 2 + 2 * BWD_ROWS * (BWD_KEYS + 8) * 2 + 4 * BWD_ROWS * 4
 }
 
 impl Flash {
@@ -120,7 +115,9 @@ impl Flash {
     pub fn new(dev: &Arc<Device>) -> Result<Self> {
         let (major, minor) = dev.ctx.compute_capability()?;
         if major < 8 {
-            return Err(Error::Unsupported(format!("FlashAttention needs tensor cores with bf16 (compute capability 8.0 or newer); this device is {major}.{minor}")));
+            return Err(Error::Unsupported(format!(
+                "FlashAttention needs tensor cores with bf16 (compute capability 8.0 or newer); this device is {major}.{minor}"
+            )));
         }
         let module = dev.ctx.load_module(compile(&FLASH, major, minor)?)?;
         use sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SMEM;
@@ -137,14 +134,8 @@ impl Flash {
         };
         Ok(Flash {
             dev: dev.clone(),
-            variants: [
-                [variant(64, "bf16")?, variant(64, "f16")?],
-                [variant(128, "bf16")?, variant(128, "f16")?],
-            ],
-            dq_cast: [
-                module.load_function("fa_dq_cast_bf16")?,
-                module.load_function("fa_dq_cast_f16")?,
-            ],
+            variants: [[variant(64, "bf16")?, variant(64, "f16")?], [variant(128, "bf16")?, variant(128, "f16")?]],
+            dq_cast: [module.load_function("fa_dq_cast_bf16")?, module.load_function("fa_dq_cast_f16")?],
             fill: module.load_function("fa_fill")?,
             _module: module,
         })
@@ -163,18 +154,8 @@ impl Flash {
     ///
     /// # Safety
     /// `args` point at values of the kernel's parameter types, in order.
-    unsafe fn launch(
-        &self,
-        f: &CudaFunction,
-        (grid, threads): ((u32, u32, u32), u32),
-        smem: usize,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
+    unsafe fn launch(&self, f: &CudaFunction, (grid, threads): ((u32, u32, u32), u32), smem: usize, args: &mut [*mut c_void]) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 };
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_IGNORE;
         self.dev.launch_with(f, cfg, args, attr)
@@ -228,19 +209,12 @@ impl Attention {
     pub fn new(f: &Flash, shape: Shape, causal: bool, ty: Dtype, scale: f32) -> Result<Self> {
         shape.check(causal).map_err(Error::Unsupported)?;
         if shape.dim != 64 && shape.dim != 128 {
-            return Err(Error::Unsupported(format!(
-                "FlashAttention on the device takes heads of width 64 or 128, not {}",
-                shape.dim
-            )));
+            return Err(Error::Unsupported(format!("FlashAttention on the device takes heads of width 64 or 128, not {}", shape.dim)));
         }
         let rows = shape.batch * shape.heads * shape.q_len;
         let keys = shape.batch * shape.kv_heads * shape.k_len;
-        if rows.max(keys) * shape.dim >= i32::MAX as usize
-            || shape.q_len * shape.k_len >= i32::MAX as usize
-        {
-            return Err(Error::Unsupported(format!(
-                "attention of {shape:?} is too large for one call: split the batch"
-            )));
+        if rows.max(keys) * shape.dim >= i32::MAX as usize || shape.q_len * shape.k_len >= i32::MAX as usize {
+            return Err(Error::Unsupported(format!("attention of {shape:?} is too large for one call: split the batch")));
         }
         let d = &f.dev;
         let (qn, kn) = (rows * shape.dim, keys * shape.dim);
@@ -299,11 +273,7 @@ impl Attention {
     pub fn write(&mut self, f: &Flash, which: Io, bits: &[u16]) -> Result<()> {
         let b = self.buf_mut(which);
         if bits.len() != b.len() {
-            return Err(Error::Unsupported(format!(
-                "{which:?} holds {} values, not {}",
-                b.len(),
-                bits.len()
-            )));
+            return Err(Error::Unsupported(format!("{which:?} holds {} values, not {}", b.len(), bits.len())));
         }
         f.dev.write(b, bits)
     }
@@ -320,14 +290,7 @@ impl Attention {
             &mut bf as *mut i32 as *mut c_void,
         ];
         // SAFETY: `fa_fill(u16*, u64, u32, int)` over the `n` values of `b`.
-        unsafe {
-            f.launch(
-                &f.fill,
-                ((f.dev.sm_count as u32 * 8, 1, 1), THREADS),
-                0,
-                &mut args,
-            )
-        }
+        unsafe { f.launch(&f.fill, ((f.dev.sm_count as u32 * 8, 1, 1), THREADS), 0, &mut args) }
     }
 
     /// Restrict attention to the pairs where `allow[i * k_len + j]` is true (on top of the
@@ -335,10 +298,7 @@ impl Attention {
     pub fn set_allow(&mut self, f: &Flash, allow: Option<&[bool]>) -> Result<()> {
         self.allow = match allow {
             None => None,
-            Some(a) if a.len() == self.shape.q_len * self.shape.k_len => Some(
-                f.dev
-                    .upload(&a.iter().map(|&x| u8::from(x)).collect::<Vec<_>>())?,
-            ),
+            Some(a) if a.len() == self.shape.q_len * self.shape.k_len => Some(f.dev.upload(&a.iter().map(|&x| u8::from(x)).collect::<Vec<_>>())?),
             Some(a) => {
                 return Err(Error::Unsupported(format!(
                     "an attention mask of {} entries for {} queries and {} keys",
@@ -399,20 +359,9 @@ impl Attention {
         let s = self.shape;
         let mut a = self.args();
         let mut args = [&mut a as *mut FaArgs as *mut c_void];
-        let grid = (
-            s.q_len.div_ceil(FWD_ROWS) as u32,
-            s.heads as u32,
-            s.batch as u32,
-        );
+        let grid = (s.q_len.div_ceil(FWD_ROWS) as u32, s.heads as u32, s.batch as u32);
         // SAFETY: the buffers of `a` are sized for `s` (`Attention::new`).
-        unsafe {
-            f.launch(
-                &f.variant(s.dim, self.ty).fwd,
-                (grid, FWD_THREADS),
-                fwd_smem(s.dim),
-                &mut args,
-            )
-        }
+        unsafe { f.launch(&f.variant(s.dim, self.ty).fwd, (grid, FWD_THREADS), fwd_smem(s.dim), &mut args) }
     }
 
     /// Queue the gradients of the last [`Attention::forward`] for the output gradient in
@@ -427,36 +376,11 @@ impl Attention {
         let warps = THREADS as usize / 32;
         // SAFETY: the buffers of `a` are sized for `s`; `delta` and `dq_acc` hold every row.
         unsafe {
-            f.launch(
-                &v.delta,
-                ((rows.div_ceil(warps) as u32, 1, 1), THREADS),
-                0,
-                &mut args,
-            )?;
-            f.launch(
-                &v.bwd,
-                (
-                    (
-                        s.k_len.div_ceil(BWD_KEYS) as u32,
-                        s.kv_heads as u32,
-                        s.batch as u32,
-                    ),
-                    THREADS,
-                ),
-                bwd_smem(s.dim),
-                &mut args,
-            )?;
+            f.launch(&v.delta, ((rows.div_ceil(warps) as u32, 1, 1), THREADS), 0, &mut args)?;
+            f.launch(&v.bwd, ((s.k_len.div_ceil(BWD_KEYS) as u32, s.kv_heads as u32, s.batch as u32), THREADS), bwd_smem(s.dim), &mut args)?;
             let mut n = (rows * s.dim) as u64;
-            let mut cast_args = [
-                &mut a as *mut FaArgs as *mut c_void,
-                &mut n as *mut u64 as *mut c_void,
-            ];
-            f.launch(
-                &f.dq_cast[self.ty.index()],
-                ((f.dev.sm_count as u32 * 8, 1, 1), THREADS),
-                0,
-                &mut cast_args,
-            )
+            let mut cast_args = [&mut a as *mut FaArgs as *mut c_void, &mut n as *mut u64 as *mut c_void];
+            f.launch(&f.dq_cast[self.ty.index()], ((f.dev.sm_count as u32 * 8, 1, 1), THREADS), 0, &mut cast_args)
         }
     }
 }
@@ -488,18 +412,8 @@ mod tests {
     #[test]
     fn flops_follow_the_flashattention_convention() {
         // B=4, H=32, S=4096, D=128, causal: 4·4·32·4096²·128 / 2 = 2.2e12.
-        let s = Shape {
-            batch: 4,
-            heads: 32,
-            kv_heads: 32,
-            q_len: 4096,
-            k_len: 4096,
-            dim: 128,
-        };
-        assert_eq!(
-            forward_flops(&s, true),
-            4.0 * 4.0 * 32.0 * 4096.0 * 4096.0 * 128.0 / 2.0
-        );
+        let s = Shape { batch: 4, heads: 32, kv_heads: 32, q_len: 4096, k_len: 4096, dim: 128 };
+        assert_eq!(forward_flops(&s, true), 4.0 * 4.0 * 32.0 * 4096.0 * 4096.0 * 128.0 / 2.0);
         assert_eq!(forward_flops(&s, false), 2.0 * forward_flops(&s, true));
     }
 }

@@ -10,10 +10,7 @@ use crate::tests::{device, rel, Rng};
 
 #[test]
 fn flash_kernels_compile_for_hopper() {
-    let flash = Program {
-        name: "flash",
-        source: include_str!("flash.cu"),
-    };
+    let flash = Program { name: "flash", source: include_str!("flash.cu") };
     match compile_uncached(&flash, "sm_90") {
         Ok(ptx) => assert!(ptx.to_src().contains("fa_bwd_d128_bf16")),
         Err(crate::Error::NoNvrtc) => eprintln!("skipped: NVRTC is not installed"),
@@ -29,43 +26,16 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let s = |batch, heads, kv_heads, q_len, k_len, dim| Shape {
-        batch,
-        heads,
-        kv_heads,
-        q_len,
-        k_len,
-        dim,
-    };
+    let s = |batch, heads, kv_heads, q_len, k_len, dim| Shape { batch, heads, kv_heads, q_len, k_len, dim };
     vec![
         // Tile-sized, and ragged lengths that end inside a tile.
-        Case {
-            shape: s(1, 2, 2, 128, 128, 64),
-            causal: true,
-            allow: None,
-        },
-        Case {
-            shape: s(2, 4, 2, 100, 100, 128),
-            causal: true,
-            allow: None,
-        },
+        Case { shape: s(1, 2, 2, 128, 128, 64), causal: true, allow: None },
+        Case { shape: s(2, 4, 2, 100, 100, 128), causal: true, allow: None },
         // A prefix in the cache: 37 new queries after 163 cached keys.
-        Case {
-            shape: s(1, 3, 1, 37, 200, 128),
-            causal: true,
-            allow: None,
-        },
-        Case {
-            shape: s(1, 2, 1, 70, 150, 64),
-            causal: false,
-            allow: None,
-        },
+        Case { shape: s(1, 3, 1, 37, 200, 128), causal: true, allow: None },
+        Case { shape: s(1, 2, 1, 70, 150, 64), causal: false, allow: None },
         // A tree-like mask with rows that see nothing.
-        Case {
-            shape: s(1, 2, 2, 65, 90, 64),
-            causal: false,
-            allow: Some(0.3),
-        },
+        Case { shape: s(1, 2, 2, 65, 90, 64), causal: false, allow: Some(0.3) },
     ]
 }
 
@@ -89,39 +59,19 @@ fn flash_attention_matches_cpu_forward_and_backward() {
         for c in cases() {
             let s = c.shape;
             let scale = 1.0 / (s.dim as f32).sqrt();
-            let (nq, nk) = (
-                s.batch * s.heads * s.q_len * s.dim,
-                s.batch * s.kv_heads * s.k_len * s.dim,
-            );
+            let (nq, nk) = (s.batch * s.heads * s.q_len * s.dim, s.batch * s.kv_heads * s.k_len * s.dim);
             let (qb, q) = rounded(&mut rng, nq, ty);
             let (kb, k) = rounded(&mut rng, nk, ty);
             let (vb, v) = rounded(&mut rng, nk, ty);
             let (db, dout) = rounded(&mut rng, nq, ty);
-            let allow: Option<Vec<bool>> = c.allow.map(|p| {
-                (0..s.q_len * s.k_len)
-                    .map(|_| rng.next() * 0.5 + 0.5 < p)
-                    .collect()
-            });
-            let mask = Mask {
-                causal: c.causal,
-                allow: allow.as_deref(),
-                bias: None,
-                alibi: None,
-            };
+            let allow: Option<Vec<bool>> = c.allow.map(|p| (0..s.q_len * s.k_len).map(|_| rng.next() * 0.5 + 0.5 < p).collect());
+            let mask = Mask { causal: c.causal, allow: allow.as_deref(), bias: None, alibi: None };
 
             let mut out = vec![0f32; nq];
             let mut lse = vec![0f32; s.batch * s.heads * s.q_len];
             forward(&s, &mask, scale, &q, &k, &v, &mut out, &mut lse);
             let (mut dq, mut dk, mut dv) = (vec![0f32; nq], vec![0f32; nk], vec![0f32; nk]);
-            backward(
-                &s,
-                &mask,
-                scale,
-                (&q, &k, &v),
-                (&out, &lse, &dout),
-                (&mut dq, &mut dk, &mut dv),
-                None,
-            );
+            backward(&s, &mask, scale, (&q, &k, &v), (&out, &lse, &dout), (&mut dq, &mut dk, &mut dv), None);
 
             let mut a = Attention::new(&flash, s, c.causal, ty, scale).unwrap();
             a.write(&flash, Io::Q, &qb).unwrap();
@@ -136,10 +86,7 @@ fn flash_attention_matches_cpu_forward_and_backward() {
             assert!(o_err < 1e-2, "{what}: output off by {o_err:.2e}");
             let got_lse = a.read_lse(&flash).unwrap();
             for (g, w) in got_lse.iter().zip(&lse) {
-                assert!(
-                    g == w || (g - w).abs() < 2e-3 * w.abs().max(1.0),
-                    "{what}: lse {g} vs {w}"
-                );
+                assert!(g == w || (g - w).abs() < 2e-3 * w.abs().max(1.0), "{what}: lse {g} vs {w}");
             }
             for (io, want) in [(Io::DQ, &dq), (Io::DK, &dk), (Io::DV, &dv)] {
                 let err = rel(&decode(ty, &a.read(&flash, io).unwrap()), want);
@@ -153,28 +100,11 @@ fn flash_attention_matches_cpu_forward_and_backward() {
 fn flash_attention_refuses_what_it_cannot_do() {
     let Some((dev, _turn)) = device() else { return };
     let flash = Flash::new(&dev).unwrap();
-    let s = Shape {
-        batch: 1,
-        heads: 2,
-        kv_heads: 1,
-        q_len: 8,
-        k_len: 8,
-        dim: 96,
-    };
-    let e = Attention::new(&flash, s, true, Dtype::Bf16, 0.1)
-        .err()
-        .unwrap()
-        .to_string();
+    let s = Shape { batch: 1, heads: 2, kv_heads: 1, q_len: 8, k_len: 8, dim: 96 };
+    let e = Attention::new(&flash, s, true, Dtype::Bf16, 0.1).err().unwrap().to_string();
     assert!(e.contains("width 64 or 128"), "{e}");
-    let s = Shape {
-        dim: 64,
-        q_len: 9,
-        ..s
-    };
-    let e = Attention::new(&flash, s, true, Dtype::Bf16, 0.1)
-        .err()
-        .unwrap()
-        .to_string();
+    let s = Shape { dim: 64, q_len: 9, ..s };
+    let e = Attention::new(&flash, s, true, Dtype::Bf16, 0.1).err().unwrap().to_string();
     assert!(e.contains("at least as many keys"), "{e}");
     let mut a = Attention::new(&flash, Shape { q_len: 8, ..s }, true, Dtype::Bf16, 0.1).unwrap();
     assert!(a.set_allow(&flash, Some(&[true; 5])).is_err());

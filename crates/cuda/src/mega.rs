@@ -93,9 +93,7 @@ pub(crate) fn stamps(n_layer: usize) -> usize {
 
 /// Mean time of each phase over the blocks, from one step's stamps, as one line.
 pub(crate) fn timing_report(t: &[i64], n_layer: usize, clock_khz: f64) -> String {
-    const NAMES: [&str; 10] = [
-        "qkv", "wait", "attn", "wait", "o", "wait", "gate/up", "wait", "down", "wait",
-    ];
+    const NAMES: [&str; 10] = ["qkv", "wait", "attn", "wait", "o", "wait", "gate/up", "wait", "down", "wait"];
     let us = |c: i64| c as f64 / clock_khz * 1e3;
     let mut sums = [0i64; 10];
     for l in 0..n_layer {
@@ -104,47 +102,25 @@ pub(crate) fn timing_report(t: &[i64], n_layer: usize, clock_khz: f64) -> String
             *s += t[i] - t[i - 1];
         }
     }
-    let phases: Vec<String> = NAMES
-        .iter()
-        .zip(sums)
-        .map(|(n, s)| format!("{n} {:.2}", us(s) / n_layer as f64))
-        .collect();
+    let phases: Vec<String> = NAMES.iter().zip(sums).map(|(n, s)| format!("{n} {:.2}", us(s) / n_layer as f64)).collect();
     let last = t.len() - 1;
-    format!(
-        "persistent step (block 0, µs at {:.0} MHz): per block: {}; head {:.2}; total {:.1}",
-        clock_khz / 1e3,
-        phases.join(", "),
-        us(t[last] - t[last - 1]),
-        us(t[last] - t[0])
-    )
+    format!("persistent step (block 0, µs at {:.0} MHz): per block: {}; head {:.2}; total {:.1}", clock_khz / 1e3, phases.join(", "), us(t[last] - t[last - 1]), us(t[last] - t[0]))
 }
 
 impl Persistent {
     /// State for `layers` on `dev`, with `floats` of shared memory per block, for `heads`
     /// query heads of width `hd` over `context` positions.
-    pub(crate) fn new(
-        dev: &Device,
-        layers: &[DLayer],
-        floats: usize,
-        heads: usize,
-        hd: usize,
-        context: usize,
-    ) -> Result<Self> {
+    pub(crate) fn new(dev: &Device, layers: &[DLayer], floats: usize, heads: usize, hd: usize, context: usize) -> Result<Self> {
         let chunks = heads * context.div_ceil(32);
         let n_layer = layers.len();
         let smem = floats * 4;
         let f = &dev.k.decode_step;
         let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
         if per_sm == 0 {
-            return Err(Error::Unsupported(format!(
-                "the persistent decode step does not fit an SM with {smem} bytes of shared memory"
-            )));
+            return Err(Error::Unsupported(format!("the persistent decode step does not fit an SM with {smem} bytes of shared memory")));
         }
         // AUGUR_CUDA_GRID=B: B blocks per SM (at most what fits), for A/B runs.
-        let want = std::env::var("AUGUR_CUDA_GRID")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(per_sm);
+        let want = std::env::var("AUGUR_CUDA_GRID").ok().and_then(|v| v.parse::<u32>().ok()).unwrap_or(per_sm);
         let grid = want.clamp(1, per_sm) * dev.sm_count as u32;
         let timing = match std::env::var("AUGUR_CUDA_TIMING") {
             Ok(v) if v == "1" => Some(dev.alloc(stamps(n_layer))?),
@@ -177,12 +153,7 @@ impl Device {
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_COOPERATIVE;
         attr.value.cooperative = 1;
         let mut args = [m as *const DModel as *mut c_void];
-        self.launch_with(
-            &self.k.decode_step,
-            grid1(p.grid as usize, THREADS, p.smem),
-            &mut args,
-            attr,
-        )
+        self.launch_with(&self.k.decode_step, grid1(p.grid as usize, THREADS, p.smem), &mut args, attr)
     }
 }
 

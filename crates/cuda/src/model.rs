@@ -154,13 +154,7 @@ pub struct GpuSeq {
 
 impl std::fmt::Debug for GpuSeq {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "GpuSeq {{ layers: {}, cap: {}, graph: {} }}",
-            self.kc.len(),
-            self.cap,
-            self.graph.is_some()
-        )
+        write!(f, "GpuSeq {{ layers: {}, cap: {}, graph: {} }}", self.kc.len(), self.cap, self.graph.is_some())
     }
 }
 
@@ -226,11 +220,7 @@ impl GpuModel {
             });
         }
         if gl.len() != dims.n_layer {
-            return Err(Error::Unsupported(format!(
-                "{} blocks given for a model of {}",
-                gl.len(),
-                dims.n_layer
-            )));
+            return Err(Error::Unsupported(format!("{} blocks given for a model of {}", gl.len(), dims.n_layer)));
         }
         let output = output.map(|m| dev.upload_matrix(&m)).transpose()?;
         // The angles as the CPU backend takes them: the f32 product, then cos/sin in f64.
@@ -335,80 +325,45 @@ impl GpuModel {
     /// Run `pass`. The final-norm hidden states of the output rows (`[n_out, dim]`: the last
     /// token for [`Out::Last`], every token otherwise) go to `hidden`, and their logits
     /// (`[n_out, vocab]`, none for [`Out::Hidden`]) to `logits`.
-    pub fn forward(
-        &self,
-        s: &mut GpuSeq,
-        pass: &Pass,
-        logits: &mut [f32],
-        hidden: &mut [f32],
-    ) -> Result<()> {
+    pub fn forward(&self, s: &mut GpuSeq, pass: &Pass, logits: &mut [f32], hidden: &mut [f32]) -> Result<()> {
         if let Some(e) = s.failed.take() {
-            return Err(Error::Unsupported(format!(
-                "an earlier cache update on the device failed: {e}"
-            )));
+            return Err(Error::Unsupported(format!("an earlier cache update on the device failed: {e}")));
         }
         let n = pass.tokens.len();
         let d = &self.dims;
         if n == 0 || pass.pos0 + n > d.context || pass.n_layers == 0 || pass.n_layers > d.n_layer {
-            return Err(Error::Unsupported(format!(
-                "a pass of {n} tokens at {} over {} layers does not fit this model",
-                pass.pos0, pass.n_layers
-            )));
+            return Err(Error::Unsupported(format!("a pass of {n} tokens at {} over {} layers does not fit this model", pass.pos0, pass.n_layers)));
         }
         let n_out = if pass.out == Out::Last { 1 } else { n };
         let vocab = if pass.out == Out::Hidden { 0 } else { d.vocab };
         if logits.len() < n_out * vocab || hidden.len() < n_out * d.dim {
-            return Err(Error::Unsupported(format!(
-                "output buffers of {} and {} floats for {n_out} rows",
-                logits.len(),
-                hidden.len()
-            )));
+            return Err(Error::Unsupported(format!("output buffers of {} and {} floats for {n_out} rows", logits.len(), hidden.len())));
         }
         if pass.tree.is_some() || n <= CHUNK {
-            return self.run(
-                s,
-                pass,
-                Some((&mut logits[..n_out * vocab], &mut hidden[..n_out * d.dim])),
-            );
+            return self.run(s, pass, Some((&mut logits[..n_out * vocab], &mut hidden[..n_out * d.dim])));
         }
         // Long causal passes run in chunks, each returning its share of the outputs.
         for start in (0..n).step_by(CHUNK) {
             let end = (start + CHUNK).min(n);
-            let chunk = Pass {
-                tokens: &pass.tokens[start..end],
-                pos0: pass.pos0 + start,
-                tree: None,
-                n_layers: pass.n_layers,
-                out: pass.out,
-            };
+            let chunk = Pass { tokens: &pass.tokens[start..end], pos0: pass.pos0 + start, tree: None, n_layers: pass.n_layers, out: pass.out };
             let outs = match pass.out {
                 Out::Last if end < n => None,
                 Out::Last => Some((&mut logits[..vocab], &mut hidden[..d.dim])),
-                _ => Some((
-                    &mut logits[start * vocab..end * vocab],
-                    &mut hidden[start * d.dim..end * d.dim],
-                )),
+                _ => Some((&mut logits[start * vocab..end * vocab], &mut hidden[start * d.dim..end * d.dim])),
             };
             self.run(s, &chunk, outs)?;
         }
         Ok(())
     }
 
-    fn run(
-        &self,
-        s: &mut GpuSeq,
-        pass: &Pass,
-        outs: Option<(&mut [f32], &mut [f32])>,
-    ) -> Result<()> {
+    fn run(&self, s: &mut GpuSeq, pass: &Pass, outs: Option<(&mut [f32], &mut [f32])>) -> Result<()> {
         let n = pass.tokens.len();
         let d = &self.dims;
         self.fit(s, n)?;
         s.meta_host.clear();
         s.meta_host.push(pass.pos0 as i32);
         match pass.tree {
-            Some((depth, _)) => s
-                .meta_host
-                .extend(depth.iter().map(|&dp| (pass.pos0 + dp) as i32)),
+            Some((depth, _)) => s.meta_host.extend(depth.iter().map(|&dp| (pass.pos0 + dp) as i32)),
             None => s.meta_host.extend((0..n).map(|t| (pass.pos0 + t) as i32)),
         }
         let ids: Vec<i32> = pass.tokens.iter().map(|&t| t as i32).collect();
@@ -430,8 +385,7 @@ impl GpuModel {
                 let n_out = hidden.len() / d.dim;
                 let xrow = s.x.at((n - n_out) * d.dim);
                 if logits.is_empty() {
-                    self.dev
-                        .rms_norm(xrow, self.norm.ptr, d.rms_eps, d.dim, n_out, s.xn.ptr)?;
+                    self.dev.rms_norm(xrow, self.norm.ptr, d.rms_eps, d.dim, n_out, s.xn.ptr)?;
                 } else {
                     self.head(s, xrow, n_out)?;
                     self.dev.read(&s.logits, logits)?;
@@ -447,32 +401,17 @@ impl GpuModel {
         let d = &self.dims;
         // Normalised once: the head's many blocks then only copy their input.
         let head = self.output.as_ref().unwrap_or(&self.embed);
-        self.dev
-            .rms_norm(x, self.norm.ptr, d.rms_eps, d.dim, rows, s.xn.ptr)?;
+        self.dev.rms_norm(x, self.norm.ptr, d.rms_eps, d.dim, rows, s.xn.ptr)?;
         if Device::matvec_fits(rows, d.dim) {
-            self.dev.matvec(
-                &[(head, s.logits.ptr, None)],
-                s.xn.ptr,
-                rows,
-                Input::Plain,
-                false,
-            )
+            self.dev.matvec(&[(head, s.logits.ptr, None)], s.xn.ptr, rows, Input::Plain, false)
         } else {
-            self.dev
-                .matmul(head, s.xn.ptr, s.logits.ptr, None, rows, false)
+            self.dev.matmul(head, s.xn.ptr, s.logits.ptr, None, rows, false)
         }
     }
 
     /// Queue the blocks for the `n` tokens in `s.ids` at `s.meta`; the residual stream ends in
     /// `s.x`. Launch shapes depend only on the arguments, so one decode step can be captured.
-    unsafe fn encode(
-        &self,
-        s: &GpuSeq,
-        n: usize,
-        masked: bool,
-        n_layers: usize,
-        nsplit: usize,
-    ) -> Result<()> {
+    unsafe fn encode(&self, s: &GpuSeq, n: usize, masked: bool, n_layers: usize, nsplit: usize) -> Result<()> {
         let d = &self.dims;
         let dev = &self.dev;
         let qd = d.n_head * d.head_dim;
@@ -484,73 +423,22 @@ impl GpuModel {
             if same && Device::matvec_fits(n, d.dim) {
                 let segs = [(&w.wq, bias(0)), (&w.wk, bias(1)), (&w.wv, bias(2))];
                 let kv = (s.kc[l].ptr, s.vc[l].ptr);
-                dev.qkv_rope(
-                    segs,
-                    s.x.ptr,
-                    n,
-                    (w.attn_norm.ptr, d.rms_eps),
-                    s.q.ptr,
-                    kv,
-                    s.meta.ptr,
-                    self.rope.ptr,
-                    d.head_dim,
-                    d.rope_interleaved,
-                )?;
+                dev.qkv_rope(segs, s.x.ptr, n, (w.attn_norm.ptr, d.rms_eps), s.q.ptr, kv, s.meta.ptr, self.rope.ptr, d.head_dim, d.rope_interleaved)?;
             } else {
-                let qkv = [
-                    (&w.wq, s.q.ptr, bias(0)),
-                    (&w.wk, s.k.ptr, bias(1)),
-                    (&w.wv, s.v.ptr, bias(2)),
-                ];
+                let qkv = [(&w.wq, s.q.ptr, bias(0)), (&w.wk, s.k.ptr, bias(1)), (&w.wv, s.v.ptr, bias(2))];
                 self.project(s, &qkv, s.x.ptr, n, w.attn_norm.ptr)?;
-                dev.rope_kv(
-                    s.q.ptr,
-                    s.k.ptr,
-                    s.v.ptr,
-                    s.kc[l].ptr,
-                    s.vc[l].ptr,
-                    s.meta.ptr,
-                    n,
-                    shape,
-                    self.rope.ptr,
-                    d.rope_interleaved,
-                )?;
+                dev.rope_kv(s.q.ptr, s.k.ptr, s.v.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, self.rope.ptr, d.rope_interleaved)?;
             }
             let mask = masked.then_some(s.mask.ptr);
-            dev.attention(
-                s.q.ptr,
-                s.kc[l].ptr,
-                s.vc[l].ptr,
-                s.meta.ptr,
-                n,
-                shape,
-                mask,
-                nsplit,
-                s.po.ptr,
-                s.pml.ptr,
-                s.counters.ptr,
-                s.att.ptr,
-            )?;
+            dev.attention(s.q.ptr, s.kc[l].ptr, s.vc[l].ptr, s.meta.ptr, n, shape, mask, nsplit, s.po.ptr, s.pml.ptr, s.counters.ptr, s.att.ptr)?;
             if Device::matvec_fits(n, qd) {
                 dev.matvec(&[(&w.wo, s.x.ptr, None)], s.att.ptr, n, Input::Plain, true)?;
             } else {
                 dev.matmul(&w.wo, s.att.ptr, s.x.ptr, None, n, true)?;
             }
-            self.project(
-                s,
-                &[(&w.w_gate, s.gate.ptr, None), (&w.w_up, s.up.ptr, None)],
-                s.x.ptr,
-                n,
-                w.ffn_norm.ptr,
-            )?;
+            self.project(s, &[(&w.w_gate, s.gate.ptr, None), (&w.w_up, s.up.ptr, None)], s.x.ptr, n, w.ffn_norm.ptr)?;
             if Device::matvec_fits(n, d.hidden) {
-                dev.matvec(
-                    &[(&w.w_down, s.x.ptr, None)],
-                    s.gate.ptr,
-                    n,
-                    Input::SiluMul { up: s.up.ptr },
-                    true,
-                )?;
+                dev.matvec(&[(&w.w_down, s.x.ptr, None)], s.gate.ptr, n, Input::SiluMul { up: s.up.ptr }, true)?;
             } else {
                 dev.silu_mul(s.gate.ptr, s.up.ptr, n * d.hidden)?;
                 dev.matmul(&w.w_down, s.gate.ptr, s.x.ptr, None, n, true)?;
@@ -561,26 +449,14 @@ impl GpuModel {
 
     /// Projections of RMSNorm(x) with weight `norm`: fused into one matrix-vector launch per
     /// run of same-typed matrices when the batch is small, else normalised once and tiled.
-    unsafe fn project(
-        &self,
-        s: &GpuSeq,
-        segs: &[(&DevMat, u64, Option<u64>)],
-        x: u64,
-        n: usize,
-        norm: u64,
-    ) -> Result<()> {
+    unsafe fn project(&self, s: &GpuSeq, segs: &[(&DevMat, u64, Option<u64>)], x: u64, n: usize, norm: u64) -> Result<()> {
         let d = &self.dims;
         if Device::matvec_fits(n, d.dim) {
-            let input = Input::Norm {
-                w: norm,
-                eps: d.rms_eps,
-            };
+            let input = Input::Norm { w: norm, eps: d.rms_eps };
             let mut start = 0;
             while start < segs.len() {
                 let ty = segs[start].0.ty;
-                let end = (start..segs.len())
-                    .find(|&i| segs[i].0.ty != ty)
-                    .unwrap_or(segs.len());
+                let end = (start..segs.len()).find(|&i| segs[i].0.ty != ty).unwrap_or(segs.len());
                 self.dev.matvec(&segs[start..end], x, n, input, false)?;
                 start = end;
             }
@@ -596,9 +472,7 @@ impl GpuModel {
     /// The decoder [`GpuModel::greedy`] uses: the persistent step where the model fits it
     /// (`AUGUR_CUDA_DECODER=graph` asks for the graph).
     pub fn decoder(&self) -> Decoder {
-        if self.persistent_fits()
-            && std::env::var("AUGUR_CUDA_DECODER").map_or(true, |v| v != "graph")
-        {
+        if self.persistent_fits() && std::env::var("AUGUR_CUDA_DECODER").map_or(true, |v| v != "graph") {
             Decoder::Persistent
         } else {
             Decoder::Graph
@@ -609,10 +483,7 @@ impl GpuModel {
     /// multiple of 32 up to 256; its inputs and a norm's weights live in shared memory).
     fn persistent_fits(&self) -> bool {
         let d = &self.dims;
-        d.head_dim % 32 == 0
-            && d.head_dim <= 256
-            && d.n_head % d.n_kv_head == 0
-            && (self.width() + d.dim) * 4 <= MATVEC_SMEM
+        d.head_dim % 32 == 0 && d.head_dim <= 256 && d.n_head % d.n_kv_head == 0 && (self.width() + d.dim) * 4 <= MATVEC_SMEM
     }
 
     /// The widest input of a block's projections.
@@ -622,34 +493,17 @@ impl GpuModel {
     }
 
     /// Greedy decoding on the device with [`GpuModel::decoder`]'s decoder.
-    pub fn greedy(
-        &self,
-        s: &mut GpuSeq,
-        prompt: &[u32],
-        max_new: usize,
-        on_token: impl FnMut(u32) -> bool,
-    ) -> Result<GreedyRun> {
+    pub fn greedy(&self, s: &mut GpuSeq, prompt: &[u32], max_new: usize, on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
         self.greedy_with(self.decoder(), s, prompt, max_new, on_token)
     }
 
     /// Greedy decoding on the device: the prompt pass, then decode steps that keep the argmax
     /// on the device, so only token ids cross to the host. `on_token` sees each id and returns
     /// whether to go on; at most `max_new` tokens.
-    pub fn greedy_with(
-        &self,
-        decoder: Decoder,
-        s: &mut GpuSeq,
-        prompt: &[u32],
-        max_new: usize,
-        mut on_token: impl FnMut(u32) -> bool,
-    ) -> Result<GreedyRun> {
+    pub fn greedy_with(&self, decoder: Decoder, s: &mut GpuSeq, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
         let d = &self.dims;
         if prompt.is_empty() || prompt.len() + max_new > d.context {
-            return Err(Error::Unsupported(format!(
-                "{} prompt tokens + {max_new} new do not fit a context of {}",
-                prompt.len(),
-                d.context
-            )));
+            return Err(Error::Unsupported(format!("{} prompt tokens + {max_new} new do not fit a context of {}", prompt.len(), d.context)));
         }
         if decoder == Decoder::Persistent && !self.persistent_fits() {
             return Err(Error::Unsupported(format!("the persistent decode step takes head_dim a multiple of 32 up to 256 and inputs of at most {} floats", MATVEC_SMEM / 4)));
@@ -660,24 +514,12 @@ impl GpuModel {
         let split = prompt.len() - 1;
         for start in (0..split).step_by(CHUNK) {
             let toks = &prompt[start..(start + CHUNK).min(split)];
-            self.run(
-                s,
-                &Pass {
-                    tokens: toks,
-                    pos0: start,
-                    tree: None,
-                    n_layers: d.n_layer,
-                    out: Out::Last,
-                },
-                None,
-            )?;
+            self.run(s, &Pass { tokens: toks, pos0: start, tree: None, n_layers: d.n_layer, out: Out::Last }, None)?;
         }
         self.fit(s, 1)?;
         let mut emit = |tok: i32| -> Result<bool> {
             if tok < 0 || tok as usize >= d.vocab {
-                return Err(Error::Unsupported(format!(
-                    "the device's argmax gave token {tok} (non-finite logits?)"
-                )));
+                return Err(Error::Unsupported(format!("the device's argmax gave token {tok} (non-finite logits?)")));
             }
             if run.tokens.is_empty() {
                 run.prefill = t0.elapsed();
@@ -687,23 +529,14 @@ impl GpuModel {
         };
         match decoder {
             Decoder::Graph => self.decode_graph(s, prompt[split], split, max_new, &mut emit)?,
-            Decoder::Persistent => {
-                self.decode_persistent(s, prompt[split], split, max_new, &mut emit)?
-            }
+            Decoder::Persistent => self.decode_persistent(s, prompt[split], split, max_new, &mut emit)?,
         }
         run.decode = t0.elapsed() - run.prefill;
         Ok(run)
     }
 
     /// Decode steps from token `first` at position `pos`, one captured step replayed per token.
-    fn decode_graph(
-        &self,
-        s: &mut GpuSeq,
-        first: u32,
-        mut pos: usize,
-        max_new: usize,
-        emit: &mut dyn FnMut(i32) -> Result<bool>,
-    ) -> Result<()> {
+    fn decode_graph(&self, s: &mut GpuSeq, first: u32, mut pos: usize, max_new: usize, emit: &mut dyn FnMut(i32) -> Result<bool>) -> Result<()> {
         let dev = &self.dev;
         let mut id = [first as i32];
         dev.write(&mut s.ids, &id)?;
@@ -711,8 +544,7 @@ impl GpuModel {
         for _ in 0..max_new {
             dev.write(&mut s.meta, &[pos as i32, pos as i32])?;
             if s.graph.is_none() {
-                dev.stream
-                    .begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+                dev.stream.begin_capture(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
                 // SAFETY: scratch fitted for one token, the caches for the whole context.
                 let queued = unsafe { self.step(s, nsplit) };
                 let graph = dev.stream.end_capture(CUgraphInstantiate_flags(0));
@@ -721,11 +553,7 @@ impl GpuModel {
             }
             match &s.graph {
                 Some(g) => g.0.launch()?,
-                None => {
-                    return Err(Error::Unsupported(
-                        "the decode step could not be captured".into(),
-                    ))
-                }
+                None => return Err(Error::Unsupported("the decode step could not be captured".into())),
             }
             dev.read(&s.ids, &mut id)?;
             dev.synchronize()?;
@@ -739,29 +567,13 @@ impl GpuModel {
 
     /// Decode steps from token `first` at position `pos`, one persistent launch per token,
     /// [`QUEUED_STEPS`] queued at a time (the first alone, so its latency is measured).
-    fn decode_persistent(
-        &self,
-        s: &mut GpuSeq,
-        first: u32,
-        pos: usize,
-        max_new: usize,
-        emit: &mut dyn FnMut(i32) -> Result<bool>,
-    ) -> Result<()> {
+    fn decode_persistent(&self, s: &mut GpuSeq, first: u32, pos: usize, max_new: usize, emit: &mut dyn FnMut(i32) -> Result<bool>) -> Result<()> {
         let d = &self.dims;
         let dev = &self.dev;
         if s.persistent.is_none() {
-            s.persistent = Some(Persistent::new(
-                dev,
-                &self.block_table(s),
-                self.width() + d.dim,
-                d.n_head,
-                d.head_dim,
-                d.context,
-            )?);
+            s.persistent = Some(Persistent::new(dev, &self.block_table(s), self.width() + d.dim, d.n_head, d.head_dim, d.context)?);
         }
-        let Some(p) = s.persistent.as_mut() else {
-            unreachable!()
-        };
+        let Some(p) = s.persistent.as_mut() else { unreachable!() };
         if p.tokens.len() < max_new {
             p.tokens = dev.alloc(max_new)?;
         }
@@ -805,11 +617,7 @@ impl GpuModel {
         let mut ids = [0i32; QUEUED_STEPS];
         let mut done = 0;
         while done < max_new {
-            let b = if done == 0 {
-                1
-            } else {
-                QUEUED_STEPS.min(max_new - done)
-            };
+            let b = if done == 0 { 1 } else { QUEUED_STEPS.min(max_new - done) };
             for _ in 0..b {
                 // SAFETY: scratch fitted for one token (`h` is `gate`, `hidden` wide), the caches
                 // for the whole context (`pos + max_new` checked by the caller), the partials
@@ -818,10 +626,7 @@ impl GpuModel {
             }
             dev.read_at(&p.tokens, done, &mut ids[..b])?;
             dev.synchronize()?;
-            let stop = ids[..b]
-                .iter()
-                .map(|&t| emit(t))
-                .find(|go| !matches!(go, Ok(true)));
+            let stop = ids[..b].iter().map(|&t| emit(t)).find(|go| !matches!(go, Ok(true)));
             if let Some(stop) = stop {
                 stop?;
                 break;
@@ -831,10 +636,7 @@ impl GpuModel {
         if let Some(t) = &p.timing {
             let mut stamps = vec![0i64; t.len()];
             dev.read(t, &mut stamps)?;
-            eprintln!(
-                "{}",
-                crate::mega::timing_report(&stamps, d.n_layer, dev.clock_khz()?)
-            );
+            eprintln!("{}", crate::mega::timing_report(&stamps, d.n_layer, dev.clock_khz()?));
         }
         Ok(())
     }
@@ -892,10 +694,7 @@ impl GpuSeq {
         self.dev.write(&mut self.keep, &idx)?;
         for (kc, vc) in self.kc.iter().zip(&self.vc) {
             // SAFETY: the caches hold the whole context; `keep` the indices just written.
-            unsafe {
-                self.dev
-                    .keep_rows(kc.ptr, vc.ptr, self.keep.ptr, keep.len(), base, self.kvd)?
-            };
+            unsafe { self.dev.keep_rows(kc.ptr, vc.ptr, self.keep.ptr, keep.len(), base, self.kvd)? };
         }
         self.dev.synchronize()
     }

@@ -82,14 +82,9 @@ unsafe impl DeviceRepr for Segs {}
 pub(crate) enum Input {
     Plain,
     /// RMSNorm with weight `w` (device address).
-    Norm {
-        w: u64,
-        eps: f32,
-    },
+    Norm { w: u64, eps: f32 },
     /// `silu(x) * up` (SwiGLU), `up` a device address.
-    SiluMul {
-        up: u64,
-    },
+    SiluMul { up: u64 },
 }
 
 /// Addresses of a kernel's arguments, in order (what `cuLaunchKernelEx` takes).
@@ -98,11 +93,7 @@ macro_rules! args {
 }
 
 pub(crate) fn grid1(blocks: usize, threads: u32, smem: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: smem as u32,
-    }
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem as u32 }
 }
 
 impl Device {
@@ -111,12 +102,7 @@ impl Device {
     ///
     /// # Safety
     /// `args` point at values of the kernel's parameter types, in order.
-    unsafe fn launch(
-        &self,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        args: &mut [*mut c_void],
-    ) -> Result<()> {
+    unsafe fn launch(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut c_void]) -> Result<()> {
         let mut attr: sys::CUlaunchAttribute = std::mem::zeroed();
         attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
         attr.value.programmaticStreamSerializationAllowed = self.pdl as i32;
@@ -127,13 +113,7 @@ impl Device {
     ///
     /// # Safety
     /// `args` point at values of the kernel's parameter types, in order.
-    pub(crate) unsafe fn launch_with(
-        &self,
-        f: &CudaFunction,
-        cfg: LaunchConfig,
-        args: &mut [*mut c_void],
-        mut attr: sys::CUlaunchAttribute,
-    ) -> Result<()> {
+    pub(crate) unsafe fn launch_with(&self, f: &CudaFunction, cfg: LaunchConfig, args: &mut [*mut c_void], mut attr: sys::CUlaunchAttribute) -> Result<()> {
         let conf = sys::CUlaunchConfig {
             gridDimX: cfg.grid_dim.0,
             gridDimY: cfg.grid_dim.1,
@@ -147,23 +127,14 @@ impl Device {
             numAttrs: 1,
         };
         self.ctx.bind_to_thread()?;
-        sys::cuLaunchKernelEx(
-            &conf,
-            f.cu_function(),
-            args.as_mut_ptr(),
-            std::ptr::null_mut(),
-        )
-        .result()?;
+        sys::cuLaunchKernelEx(&conf, f.cu_function(), args.as_mut_ptr(), std::ptr::null_mut()).result()?;
         Ok(())
     }
 
     /// Copy `m` to the device as it is stored.
     pub fn upload_matrix(&self, m: &Matrix) -> Result<DevMat> {
         if m.k % 32 != 0 {
-            return Err(Error::Unsupported(format!(
-                "matrix rows of {} weights: the CUDA kernels need a multiple of 32",
-                m.k
-            )));
+            return Err(Error::Unsupported(format!("matrix rows of {} weights: the CUDA kernels need a multiple of 32", m.k)));
         }
         let bytes = match m.weights {
             Weights::F32(w) => bytes_of(w),
@@ -171,12 +142,7 @@ impl Device {
             Weights::BF16(w) => bytes_of(w),
             Weights::Quant(_, w) => w,
         };
-        Ok(DevMat {
-            ty: type_index(&m.weights),
-            rows: m.rows,
-            k: m.k,
-            buf: self.upload(bytes)?,
-        })
+        Ok(DevMat { ty: type_index(&m.weights), rows: m.rows, k: m.k, buf: self.upload(bytes)? })
     }
 
     /// Whether one matrix-vector launch can take `n` tokens of width `k`.
@@ -189,20 +155,10 @@ impl Device {
     ///
     /// # Safety
     /// `x` holds `n × k` f32 (and `up` too for [`Input::SiluMul`]); each `y` holds `n × rows`.
-    pub(crate) unsafe fn matvec(
-        &self,
-        segs: &[(&DevMat, u64, Option<u64>)],
-        x: u64,
-        n: usize,
-        input: Input,
-        acc: bool,
-    ) -> Result<()> {
+    pub(crate) unsafe fn matvec(&self, segs: &[(&DevMat, u64, Option<u64>)], x: u64, n: usize, input: Input, acc: bool) -> Result<()> {
         let (m0, k) = (segs[0].0, segs[0].0.k);
         debug_assert!(segs.len() <= 3 && segs.iter().all(|s| s.0.ty == m0.ty && s.0.k == k));
-        let mut s = Segs {
-            nseg: segs.len() as i32,
-            ..Default::default()
-        };
+        let mut s = Segs { nseg: segs.len() as i32, ..Default::default() };
         for (i, (m, y, b)) in segs.iter().enumerate() {
             s.w[i] = m.buf.ptr;
             s.y[i] = *y;
@@ -232,27 +188,10 @@ impl Device {
     /// # Safety
     /// `x` holds `n × k` f32, `q` `n × rows(wq)`; the caches hold row `meta[0] + n - 1`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn qkv_rope(
-        &self,
-        w: [(&DevMat, Option<u64>); 3],
-        x: u64,
-        n: usize,
-        norm: (u64, f32),
-        q: u64,
-        kv: (u64, u64),
-        meta: u64,
-        cs: u64,
-        hd: usize,
-        interleaved: bool,
-    ) -> Result<()> {
+    pub(crate) unsafe fn qkv_rope(&self, w: [(&DevMat, Option<u64>); 3], x: u64, n: usize, norm: (u64, f32), q: u64, kv: (u64, u64), meta: u64, cs: u64, hd: usize, interleaved: bool) -> Result<()> {
         let k = w[0].0.k;
-        debug_assert!(w
-            .iter()
-            .all(|(m, _)| m.ty == w[0].0.ty && m.k == k && m.rows % 2 == 0));
-        let mut s = Segs {
-            nseg: 3,
-            ..Default::default()
-        };
+        debug_assert!(w.iter().all(|(m, _)| m.ty == w[0].0.ty && m.k == k && m.rows % 2 == 0));
+        let mut s = Segs { nseg: 3, ..Default::default() };
         for (i, (m, b)) in w.iter().enumerate() {
             s.w[i] = m.buf.ptr;
             s.bias[i] = b.unwrap_or(0);
@@ -264,11 +203,7 @@ impl Device {
         let (n, k, hd, il) = (n as i32, k as i32, hd as i32, interleaved as i32);
         let (nw, eps) = norm;
         let (kc, vc) = kv;
-        self.launch(
-            &self.k.qkv_rope[w[0].0.ty],
-            cfg,
-            &mut args![s, x, n, k, nw, eps, meta, cs, hd, il, kc, vc],
-        )?;
+        self.launch(&self.k.qkv_rope[w[0].0.ty], cfg, &mut args![s, x, n, k, nw, eps, meta, cs, hd, il, kc, vc])?;
         Ok(())
     }
 
@@ -276,32 +211,10 @@ impl Device {
     ///
     /// # Safety
     /// `x` holds `n × k` f32, `y` `n × rows`.
-    pub(crate) unsafe fn matmul(
-        &self,
-        w: &DevMat,
-        x: u64,
-        y: u64,
-        bias: Option<u64>,
-        n: usize,
-        acc: bool,
-    ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (w.rows.div_ceil(64) as u32, n.div_ceil(64) as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (b, rows, k, n, acc) = (
-            bias.unwrap_or(0),
-            w.rows as i32,
-            w.k as i32,
-            n as i32,
-            acc as i32,
-        );
-        self.launch(
-            &self.k.matmul[w.ty],
-            cfg,
-            &mut args![w.buf.ptr, x, y, b, rows, k, n, acc],
-        )?;
+    pub(crate) unsafe fn matmul(&self, w: &DevMat, x: u64, y: u64, bias: Option<u64>, n: usize, acc: bool) -> Result<()> {
+        let cfg = LaunchConfig { grid_dim: (w.rows.div_ceil(64) as u32, n.div_ceil(64) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (b, rows, k, n, acc) = (bias.unwrap_or(0), w.rows as i32, w.k as i32, n as i32, acc as i32);
+        self.launch(&self.k.matmul[w.ty], cfg, &mut args![w.buf.ptr, x, y, b, rows, k, n, acc])?;
         Ok(())
     }
 
@@ -311,11 +224,7 @@ impl Device {
     /// `ids` holds `n` valid row indices, `out` `n × k` f32.
     pub(crate) unsafe fn embed(&self, w: &DevMat, ids: u64, n: usize, out: u64) -> Result<()> {
         let k = w.k as i32;
-        self.launch(
-            &self.k.embed[w.ty],
-            grid1(n, 128, 0),
-            &mut args![w.buf.ptr, ids, k, out],
-        )?;
+        self.launch(&self.k.embed[w.ty], grid1(n, 128, 0), &mut args![w.buf.ptr, ids, k, out])?;
         Ok(())
     }
 
@@ -323,21 +232,9 @@ impl Device {
     ///
     /// # Safety
     /// `x` and `out` hold `rows × k` f32, `w` `k`.
-    pub(crate) unsafe fn rms_norm(
-        &self,
-        x: u64,
-        w: u64,
-        eps: f32,
-        k: usize,
-        rows: usize,
-        out: u64,
-    ) -> Result<()> {
+    pub(crate) unsafe fn rms_norm(&self, x: u64, w: u64, eps: f32, k: usize, rows: usize, out: u64) -> Result<()> {
         let k = k as i32;
-        self.launch(
-            &self.k.rms_norm,
-            grid1(rows, 256, 0),
-            &mut args![x, w, eps, k, out],
-        )?;
+        self.launch(&self.k.rms_norm, grid1(rows, 256, 0), &mut args![x, w, eps, k, out])?;
         Ok(())
     }
 
@@ -347,11 +244,7 @@ impl Device {
     /// `g` and `u` hold `len` f32.
     pub(crate) unsafe fn silu_mul(&self, g: u64, u: u64, len: usize) -> Result<()> {
         let l = len as i32;
-        self.launch(
-            &self.k.silu_mul,
-            grid1(len.div_ceil(256), 256, 0),
-            &mut args![g, u, l],
-        )?;
+        self.launch(&self.k.silu_mul, grid1(len.div_ceil(256), 256, 0), &mut args![g, u, l])?;
         Ok(())
     }
 
@@ -362,26 +255,10 @@ impl Device {
     /// # Safety
     /// Buffers sized for `n` tokens and the cache for `meta[0] + n` rows.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn rope_kv(
-        &self,
-        q: u64,
-        k: u64,
-        v: u64,
-        kc: u64,
-        vc: u64,
-        meta: u64,
-        n: usize,
-        shape: [usize; 3],
-        cs: u64,
-        interleaved: bool,
-    ) -> Result<()> {
+    pub(crate) unsafe fn rope_kv(&self, q: u64, k: u64, v: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], cs: u64, interleaved: bool) -> Result<()> {
         let [nh, nkv, hd] = shape.map(|v| v as i32);
         let il = interleaved as i32;
-        self.launch(
-            &self.k.rope_kv,
-            grid1(n, 128, 0),
-            &mut args![q, k, v, kc, vc, meta, nh, nkv, hd, cs, il],
-        )?;
+        self.launch(&self.k.rope_kv, grid1(n, 128, 0), &mut args![q, k, v, kc, vc, meta, nh, nkv, hd, cs, il])?;
         Ok(())
     }
 
@@ -392,44 +269,15 @@ impl Device {
     /// # Safety
     /// Buffers sized as described; `nsplit × ATT_SPAN` covers `meta[0] + n`.
     #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn attention(
-        &self,
-        q: u64,
-        kc: u64,
-        vc: u64,
-        meta: u64,
-        n: usize,
-        shape: [usize; 3],
-        mask: Option<u64>,
-        nsplit: usize,
-        po: u64,
-        pml: u64,
-        counters: u64,
-        out: u64,
-    ) -> Result<()> {
+    pub(crate) unsafe fn attention(&self, q: u64, kc: u64, vc: u64, meta: u64, n: usize, shape: [usize; 3], mask: Option<u64>, nsplit: usize, po: u64, pml: u64, counters: u64, out: u64) -> Result<()> {
         let [nh, _, hd] = shape;
         if hd % 32 != 0 || hd > 256 || shape[0] % shape[1] != 0 {
             return Err(Error::Unsupported(format!("attention with head_dim {hd} and {}/{} heads: the CUDA kernel needs a multiple of 32 up to 256", shape[0], shape[1])));
         }
         let [nh_i, nkv_i, hd_i] = shape.map(|v| v as i32);
-        let (n_i, scale, mask, span) = (
-            n as i32,
-            1.0f32 / (hd as f32).sqrt(),
-            mask.unwrap_or(0),
-            ATT_SPAN as i32,
-        );
-        let cfg = LaunchConfig {
-            grid_dim: ((n * nh) as u32, nsplit as u32, 1),
-            block_dim: (32 * ATT_WARPS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        self.launch(
-            &self.k.attn,
-            cfg,
-            &mut args![
-                q, kc, vc, meta, n_i, nh_i, nkv_i, hd_i, scale, mask, span, po, pml, counters, out
-            ],
-        )?;
+        let (n_i, scale, mask, span) = (n as i32, 1.0f32 / (hd as f32).sqrt(), mask.unwrap_or(0), ATT_SPAN as i32);
+        let cfg = LaunchConfig { grid_dim: ((n * nh) as u32, nsplit as u32, 1), block_dim: (32 * ATT_WARPS, 1, 1), shared_mem_bytes: 0 };
+        self.launch(&self.k.attn, cfg, &mut args![q, kc, vc, meta, n_i, nh_i, nkv_i, hd_i, scale, mask, span, po, pml, counters, out])?;
         Ok(())
     }
 
@@ -447,21 +295,9 @@ impl Device {
     ///
     /// # Safety
     /// `keep` holds `nkeep` i32; the caches hold the rows named.
-    pub(crate) unsafe fn keep_rows(
-        &self,
-        kc: u64,
-        vc: u64,
-        keep: u64,
-        nkeep: usize,
-        base: usize,
-        kvd: usize,
-    ) -> Result<()> {
+    pub(crate) unsafe fn keep_rows(&self, kc: u64, vc: u64, keep: u64, nkeep: usize, base: usize, kvd: usize) -> Result<()> {
         let (nk, b, d) = (nkeep as i32, base as i32, kvd as i32);
-        self.launch(
-            &self.k.keep_rows,
-            grid1(1, 256, 0),
-            &mut args![kc, vc, keep, nk, b, d],
-        )?;
+        self.launch(&self.k.keep_rows, grid1(1, 256, 0), &mut args![kc, vc, keep, nk, b, d])?;
         Ok(())
     }
 }

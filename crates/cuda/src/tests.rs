@@ -77,10 +77,7 @@ impl Stored {
             Stored::BF16(w.iter().map(|&x| bf16::from_f32(x)).collect()),
         ];
         for q in QuantType::ALL {
-            v.push(Stored::Q(
-                q,
-                w.chunks_exact(k).flat_map(|r| q.quantize_row(r)).collect(),
-            ));
+            v.push(Stored::Q(q, w.chunks_exact(k).flat_map(|r| q.quantize_row(r)).collect()));
         }
         v
     }
@@ -104,21 +101,13 @@ fn dense(m: &Matrix) -> Vec<f32> {
     out
 }
 
-fn reference_linear(
-    w: &[f32],
-    k: usize,
-    x: &[f32],
-    bias: Option<&[f32]>,
-    y0: Option<&[f32]>,
-) -> Vec<f32> {
+fn reference_linear(w: &[f32], k: usize, x: &[f32], bias: Option<&[f32]>, y0: Option<&[f32]>) -> Vec<f32> {
     let rows = w.len() / k;
     let n = x.len() / k;
     let mut y = vec![0.0; n * rows];
     for t in 0..n {
         for r in 0..rows {
-            let d: f64 = (0..k)
-                .map(|i| w[r * k + i] as f64 * x[t * k + i] as f64)
-                .sum();
+            let d: f64 = (0..k).map(|i| w[r * k + i] as f64 * x[t * k + i] as f64).sum();
             let v = d as f32 + bias.map_or(0.0, |b| b[r]) + y0.map_or(0.0, |y| y[t * rows + r]);
             y[t * rows + r] = v;
         }
@@ -151,19 +140,8 @@ fn matvec_matches_cpu_for_every_type_and_input() {
         let w = dense(&m);
         let dm = dev.upload_matrix(&m).unwrap();
         for n in [1, 3, 8] {
-            let (x, up, nw, bias, y0) = (
-                rng.vec(n * k),
-                rng.vec(n * k),
-                rng.vec(k),
-                rng.vec(rows),
-                rng.vec(n * rows),
-            );
-            let (dx, dup, dnw, db) = (
-                dev.upload(&x).unwrap(),
-                dev.upload(&up).unwrap(),
-                dev.upload(&nw).unwrap(),
-                dev.upload(&bias).unwrap(),
-            );
+            let (x, up, nw, bias, y0) = (rng.vec(n * k), rng.vec(n * k), rng.vec(k), rng.vec(rows), rng.vec(n * rows));
+            let (dx, dup, dnw, db) = (dev.upload(&x).unwrap(), dev.upload(&up).unwrap(), dev.upload(&nw).unwrap(), dev.upload(&bias).unwrap());
             for mode in 0..3 {
                 let (input, xin) = match mode {
                     0 => (Input::Plain, x.clone()),
@@ -172,13 +150,7 @@ fn matvec_matches_cpu_for_every_type_and_input() {
                         for (xr, or) in x.chunks_exact(k).zip(o.chunks_exact_mut(k)) {
                             rms_norm(xr, &nw, 1e-5, or);
                         }
-                        (
-                            Input::Norm {
-                                w: dnw.ptr,
-                                eps: 1e-5,
-                            },
-                            o,
-                        )
+                        (Input::Norm { w: dnw.ptr, eps: 1e-5 }, o)
                     }
                     _ => {
                         let mut g = x.clone();
@@ -189,17 +161,10 @@ fn matvec_matches_cpu_for_every_type_and_input() {
                 let acc = mode == 1;
                 let want = reference_linear(&w, k, &xin, Some(&bias), acc.then_some(&y0[..]));
                 let dy = dev.upload(&y0).unwrap();
-                unsafe {
-                    dev.matvec(&[(&dm, dy.ptr, Some(db.ptr))], dx.ptr, n, input, acc)
-                        .unwrap()
-                };
+                unsafe { dev.matvec(&[(&dm, dy.ptr, Some(db.ptr))], dx.ptr, n, input, acc).unwrap() };
                 let got = read(&dev, &dy, n * rows);
                 let e = rel(&got, &want);
-                assert!(
-                    e < 1e-5,
-                    "matvec type {} n {n} mode {mode}: rel err {e}",
-                    dm.ty
-                );
+                assert!(e < 1e-5, "matvec type {} n {n} mode {mode}: rel err {e}", dm.ty);
             }
         }
     }
@@ -212,32 +177,15 @@ fn matvec_segments_share_one_input() {
     let k = 256;
     let shapes = [40, 8, 24];
     let ws: Vec<Vec<f32>> = shapes.iter().map(|&r| rng.vec(r * k)).collect();
-    let mats: Vec<_> = ws
-        .iter()
-        .zip(shapes)
-        .map(|(w, r)| {
-            dev.upload_matrix(&Matrix::new(Weights::F32(w), r, k).unwrap())
-                .unwrap()
-        })
-        .collect();
+    let mats: Vec<_> = ws.iter().zip(shapes).map(|(w, r)| dev.upload_matrix(&Matrix::new(Weights::F32(w), r, k).unwrap()).unwrap()).collect();
     let n = 2;
     let x = rng.vec(n * k);
     let dx = dev.upload(&x).unwrap();
-    let ys: Vec<_> = shapes
-        .iter()
-        .map(|&r| dev.alloc::<f32>(n * r).unwrap())
-        .collect();
-    let segs: Vec<_> = mats
-        .iter()
-        .zip(&ys)
-        .map(|(m, y)| (m, y.ptr, None))
-        .collect();
+    let ys: Vec<_> = shapes.iter().map(|&r| dev.alloc::<f32>(n * r).unwrap()).collect();
+    let segs: Vec<_> = mats.iter().zip(&ys).map(|(m, y)| (m, y.ptr, None)).collect();
     unsafe { dev.matvec(&segs, dx.ptr, n, Input::Plain, false).unwrap() };
     for ((w, y), r) in ws.iter().zip(&ys).zip(shapes) {
-        let e = rel(
-            &read(&dev, y, n * r),
-            &reference_linear(w, k, &x, None, None),
-        );
+        let e = rel(&read(&dev, y, n * r), &reference_linear(w, k, &x, None, None));
         assert!(e < 1e-5, "segment of {r} rows: rel err {e}");
     }
 }
@@ -252,19 +200,9 @@ fn matmul_matches_cpu_for_every_type() {
         let w = dense(&m);
         let dm = dev.upload_matrix(&m).unwrap();
         let (x, bias, y0) = (rng.vec(n * k), rng.vec(rows), rng.vec(n * rows));
-        let (dx, db, dy) = (
-            dev.upload(&x).unwrap(),
-            dev.upload(&bias).unwrap(),
-            dev.upload(&y0).unwrap(),
-        );
-        unsafe {
-            dev.matmul(&dm, dx.ptr, dy.ptr, Some(db.ptr), n, true)
-                .unwrap()
-        };
-        let e = rel(
-            &read(&dev, &dy, n * rows),
-            &reference_linear(&w, k, &x, Some(&bias), Some(&y0)),
-        );
+        let (dx, db, dy) = (dev.upload(&x).unwrap(), dev.upload(&bias).unwrap(), dev.upload(&y0).unwrap());
+        unsafe { dev.matmul(&dm, dx.ptr, dy.ptr, Some(db.ptr), n, true).unwrap() };
+        let e = rel(&read(&dev, &dy, n * rows), &reference_linear(&w, k, &x, Some(&bias), Some(&y0)));
         assert!(e < 1e-5, "matmul type {}: rel err {e}", dm.ty);
     }
 }
@@ -283,10 +221,7 @@ fn embedding_rows_equal_cpu_dequantization() {
         let out = dev.alloc::<f32>(ids.len() * k).unwrap();
         unsafe { dev.embed(&dm, di.ptr, ids.len(), out.ptr).unwrap() };
         let got = read(&dev, &out, ids.len() * k);
-        let want: Vec<f32> = ids
-            .iter()
-            .flat_map(|&i| w[i as usize * k..(i as usize + 1) * k].to_vec())
-            .collect();
+        let want: Vec<f32> = ids.iter().flat_map(|&i| w[i as usize * k..(i as usize + 1) * k].to_vec()).collect();
         assert!(rel(&got, &want) < 1e-7, "embedding type {}", dm.ty);
     }
 }
@@ -297,16 +232,9 @@ fn norm_and_swiglu_match_cpu() {
     let mut rng = Rng(9);
     let (rows, k) = (5, 576);
     let (x, w, u) = (rng.vec(rows * k), rng.vec(k), rng.vec(rows * k));
-    let (dx, dw, du) = (
-        dev.upload(&x).unwrap(),
-        dev.upload(&w).unwrap(),
-        dev.upload(&u).unwrap(),
-    );
+    let (dx, dw, du) = (dev.upload(&x).unwrap(), dev.upload(&w).unwrap(), dev.upload(&u).unwrap());
     let out = dev.alloc::<f32>(rows * k).unwrap();
-    unsafe {
-        dev.rms_norm(dx.ptr, dw.ptr, 1e-5, k, rows, out.ptr)
-            .unwrap()
-    };
+    unsafe { dev.rms_norm(dx.ptr, dw.ptr, 1e-5, k, rows, out.ptr).unwrap() };
     let mut want = vec![0.0; rows * k];
     for (xr, or) in x.chunks_exact(k).zip(want.chunks_exact_mut(k)) {
         rms_norm(xr, &w, 1e-5, or);
@@ -323,74 +251,32 @@ fn rope_and_cache_write_match_cpu() {
     let Some((dev, _turn)) = device() else { return };
     let mut rng = Rng(13);
     let (nh, nkv, hd, n, pos0) = (6, 2, 64, 3, 40);
-    let inv: Vec<f32> = (0..hd / 2)
-        .map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32))
-        .collect();
+    let inv: Vec<f32> = (0..hd / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / hd as f32)).collect();
     for interleaved in [false, true] {
-        let (q, k, v) = (
-            rng.vec(n * nh * hd),
-            rng.vec(n * nkv * hd),
-            rng.vec(n * nkv * hd),
-        );
+        let (q, k, v) = (rng.vec(n * nh * hd), rng.vec(n * nkv * hd), rng.vec(n * nkv * hd));
         let positions = [pos0 + 7, pos0, pos0 + 1000];
-        let meta: Vec<i32> = std::iter::once(pos0 as i32)
-            .chain(positions.iter().map(|&p| p as i32))
-            .collect();
+        let meta: Vec<i32> = std::iter::once(pos0 as i32).chain(positions.iter().map(|&p| p as i32)).collect();
         let mut table = Vec::new();
         for pos in 0..=pos0 + 1000 {
             let mut cs = vec![(0.0, 0.0); hd / 2];
             rope_angles(pos, &inv, &mut cs);
             table.extend(cs.iter().flat_map(|&(c, s)| [c, s]));
         }
-        let (dq, dk, dv, dm, di) = (
-            dev.upload(&q).unwrap(),
-            dev.upload(&k).unwrap(),
-            dev.upload(&v).unwrap(),
-            dev.upload(&meta).unwrap(),
-            dev.upload(&table).unwrap(),
-        );
+        let (dq, dk, dv, dm, di) = (dev.upload(&q).unwrap(), dev.upload(&k).unwrap(), dev.upload(&v).unwrap(), dev.upload(&meta).unwrap(), dev.upload(&table).unwrap());
         let kvd = nkv * hd;
-        let (kc, vc) = (
-            dev.alloc::<f32>((pos0 + n) * kvd).unwrap(),
-            dev.alloc::<f32>((pos0 + n) * kvd).unwrap(),
-        );
-        unsafe {
-            dev.rope_kv(
-                dq.ptr,
-                dk.ptr,
-                dv.ptr,
-                kc.ptr,
-                vc.ptr,
-                dm.ptr,
-                n,
-                [nh, nkv, hd],
-                di.ptr,
-                interleaved,
-            )
-            .unwrap()
-        };
+        let (kc, vc) = (dev.alloc::<f32>((pos0 + n) * kvd).unwrap(), dev.alloc::<f32>((pos0 + n) * kvd).unwrap());
+        unsafe { dev.rope_kv(dq.ptr, dk.ptr, dv.ptr, kc.ptr, vc.ptr, dm.ptr, n, [nh, nkv, hd], di.ptr, interleaved).unwrap() };
         let (mut wq, mut wk) = (q.clone(), k.clone());
         for t in 0..n {
             let mut cs = vec![(0.0, 0.0); hd / 2];
             rope_angles(positions[t], &inv, &mut cs);
-            rope(
-                &mut wq[t * nh * hd..(t + 1) * nh * hd],
-                hd,
-                &cs,
-                interleaved,
-            );
+            rope(&mut wq[t * nh * hd..(t + 1) * nh * hd], hd, &cs, interleaved);
             rope(&mut wk[t * kvd..(t + 1) * kvd], hd, &cs, interleaved);
         }
-        assert!(
-            rel(&read(&dev, &dq, q.len()), &wq) < 1e-6,
-            "q, interleaved {interleaved}"
-        );
+        assert!(rel(&read(&dev, &dq, q.len()), &wq) < 1e-6, "q, interleaved {interleaved}");
         let kc = read(&dev, &kc, (pos0 + n) * kvd);
         let vc = read(&dev, &vc, (pos0 + n) * kvd);
-        assert!(
-            rel(&kc[pos0 * kvd..], &wk) < 1e-6,
-            "k, interleaved {interleaved}"
-        );
+        assert!(rel(&kc[pos0 * kvd..], &wk) < 1e-6, "k, interleaved {interleaved}");
         assert_eq!(&vc[pos0 * kvd..], &v[..]);
     }
 }
@@ -400,13 +286,7 @@ fn attention_matches_cpu_causal_tree_and_long() {
     let Some((dev, _turn)) = device() else { return };
     let mut rng = Rng(17);
     let (nh, nkv, hd) = (9, 3, 64);
-    for (pos0, n, tree) in [
-        (0, 7, false),
-        (33, 5, false),
-        (1000, 1, false),
-        (20, 6, true),
-        (300, 4, true),
-    ] {
+    for (pos0, n, tree) in [(0, 7, false), (33, 5, false), (1000, 1, false), (20, 6, true), (300, 4, true)] {
         let seq = pos0 + n;
         let kvd = nkv * hd;
         let (q, kc, vc) = (rng.vec(n * nh * hd), rng.vec(seq * kvd), rng.vec(seq * kvd));
@@ -424,34 +304,11 @@ fn attention_matches_cpu_causal_tree_and_long() {
             }
         }
         let mut want = vec![0.0; n * nh * hd];
-        let m = if tree {
-            Mask::Explicit(&mask)
-        } else {
-            Mask::Causal { pos0 }
-        };
-        attention(
-            &q,
-            &kc,
-            &vc,
-            seq,
-            Shape {
-                n_head: nh,
-                n_kv_head: nkv,
-                head_dim: hd,
-            },
-            m,
-            1.0 / (hd as f32).sqrt(),
-            &mut want,
-        );
+        let m = if tree { Mask::Explicit(&mask) } else { Mask::Causal { pos0 } };
+        attention(&q, &kc, &vc, seq, Shape { n_head: nh, n_kv_head: nkv, head_dim: hd }, m, 1.0 / (hd as f32).sqrt(), &mut want);
         let meta = [pos0 as i32];
         let bytes: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
-        let (dq, dk, dv, dm, dmask) = (
-            dev.upload(&q).unwrap(),
-            dev.upload(&kc).unwrap(),
-            dev.upload(&vc).unwrap(),
-            dev.upload(&meta).unwrap(),
-            dev.upload(&bytes).unwrap(),
-        );
+        let (dq, dk, dv, dm, dmask) = (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&meta).unwrap(), dev.upload(&bytes).unwrap());
         let nsplit = seq.div_ceil(ATT_SPAN) + 1; // one empty split too
         let po = dev.alloc::<f32>(n * nh * nsplit * hd).unwrap();
         let pml = dev.alloc::<f32>(n * nh * nsplit * 2).unwrap();
@@ -460,28 +317,9 @@ fn attention_matches_cpu_causal_tree_and_long() {
         let mask_ptr = tree.then_some(dmask.ptr);
         // Twice: the counters must be back at zero for the second pass.
         for pass in 0..2 {
-            unsafe {
-                dev.attention(
-                    dq.ptr,
-                    dk.ptr,
-                    dv.ptr,
-                    dm.ptr,
-                    n,
-                    [nh, nkv, hd],
-                    mask_ptr,
-                    nsplit,
-                    po.ptr,
-                    pml.ptr,
-                    counters.ptr,
-                    out.ptr,
-                )
-                .unwrap()
-            };
+            unsafe { dev.attention(dq.ptr, dk.ptr, dv.ptr, dm.ptr, n, [nh, nkv, hd], mask_ptr, nsplit, po.ptr, pml.ptr, counters.ptr, out.ptr).unwrap() };
             let e = rel(&read(&dev, &out, n * nh * hd), &want);
-            assert!(
-                e < 1e-5,
-                "attention pos0 {pos0} n {n} tree {tree} pass {pass}: rel err {e}"
-            );
+            assert!(e < 1e-5, "attention pos0 {pos0} n {n} tree {tree} pass {pass}: rel err {e}");
         }
     }
 }
@@ -501,10 +339,7 @@ fn argmax_takes_the_first_maximum() {
     dev.read(&out, &mut got).unwrap();
     for (r, &g) in got.iter().enumerate() {
         let row = &x[r * k..(r + 1) * k];
-        let want = row
-            .iter()
-            .enumerate()
-            .fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+        let want = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
         assert_eq!(g as usize, want, "row {r}");
     }
     assert_eq!(got[1], 100);

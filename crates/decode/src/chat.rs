@@ -19,10 +19,7 @@ pub struct Message {
 impl Message {
     /// A message from `role`.
     pub fn new(role: &str, content: &str) -> Self {
-        Message {
-            role: role.into(),
-            content: content.into(),
-        }
+        Message { role: role.into(), content: content.into() }
     }
 }
 
@@ -46,22 +43,14 @@ impl ChatTemplate {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
-        env.add_template_owned("chat", source.to_owned())
-            .map_err(|e| Error::Template(e.to_string()))?;
-        Ok(ChatTemplate {
-            env,
-            bos: bos.into(),
-            eos: eos.into(),
-        })
+        env.add_template_owned("chat", source.to_owned()).map_err(|e| Error::Template(e.to_string()))?;
+        Ok(ChatTemplate { env, bos: bos.into(), eos: eos.into() })
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn header when
     /// `add_generation_prompt`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        let t = self
-            .env
-            .get_template("chat")
-            .map_err(|e| Error::Template(e.to_string()))?;
+        let t = self.env.get_template("chat").map_err(|e| Error::Template(e.to_string()))?;
         t.render(context! {
             messages => minijinja::Value::from(minijinja::value::Serde(messages)),
             add_generation_prompt => add_generation_prompt,
@@ -75,11 +64,7 @@ impl ChatTemplate {
     pub fn for_model(model: &augur_models::Model) -> Result<Self> {
         let tok = &model.tokenizer;
         let name = |id: Option<u32>| id.and_then(|i| tok.id_to_token(i)).unwrap_or_default();
-        ChatTemplate::new(
-            model.chat_template.as_deref().unwrap_or(CHATML),
-            &name(tok.bos),
-            &name(tok.eos.first().copied()),
-        )
+        ChatTemplate::new(model.chat_template.as_deref().unwrap_or(CHATML), &name(tok.bos), &name(tok.eos.first().copied()))
     }
 }
 
@@ -92,12 +77,7 @@ mod tests {
     #[test]
     fn renders_smollm2_like_hf() {
         let t = ChatTemplate::new(SMOLLM2, "<|im_start|>", "<|im_end|>").unwrap();
-        let out = t
-            .render(
-                &[Message::new("user", "Write a haiku about the ocean.")],
-                true,
-            )
-            .unwrap();
+        let out = t.render(&[Message::new("user", "Write a haiku about the ocean.")], true).unwrap();
         // The prompt of the reference's chat_haiku case (HF apply_chat_template).
         assert_eq!(out, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\nWrite a haiku about the ocean.<|im_end|>\n<|im_start|>assistant\n");
     }
@@ -105,16 +85,8 @@ mod tests {
     #[test]
     fn python_methods_and_raise_exception_work() {
         let t = ChatTemplate::new("{{ messages[0]['content'].strip() }}{% if messages|length > 1 %}{{ raise_exception('only one') }}{% endif %}", "", "").unwrap();
-        assert_eq!(
-            t.render(&[Message::new("user", "  hi ")], false).unwrap(),
-            "hi"
-        );
-        let e = t
-            .render(
-                &[Message::new("user", "a"), Message::new("user", "b")],
-                false,
-            )
-            .unwrap_err();
+        assert_eq!(t.render(&[Message::new("user", "  hi ")], false).unwrap(), "hi");
+        let e = t.render(&[Message::new("user", "a"), Message::new("user", "b")], false).unwrap_err();
         assert!(e.to_string().contains("only one"), "{e}");
     }
 

@@ -118,19 +118,10 @@ impl Emitter {
         let pos = self.generated.len();
         self.generated.push(id);
         let is_eos = tok.is_eos(id) && !self.ignore_eos;
-        let piece = if is_eos {
-            String::new()
-        } else {
-            self.stream.push(tok, id)?
-        };
+        let piece = if is_eos { String::new() } else { self.stream.push(tok, id)? };
         let (piece, hit_stop) = self.stops.push(&piece);
         self.text.push_str(&piece);
-        let flow = on_token(&TokenEvent {
-            pos,
-            id,
-            text: &piece,
-            logits,
-        });
+        let flow = on_token(&TokenEvent { pos, id, text: &piece, logits });
         Ok(if is_eos {
             Some(StopReason::Eos)
         } else if hit_stop {
@@ -142,35 +133,18 @@ impl Emitter {
         })
     }
 
-    pub fn finish(
-        mut self,
-        prompt_tokens: usize,
-        prefill: Duration,
-        decode: Duration,
-        stop: StopReason,
-    ) -> Summary {
+    pub fn finish(mut self, prompt_tokens: usize, prefill: Duration, decode: Duration, stop: StopReason) -> Summary {
         if stop != StopReason::StopString {
             self.text.push_str(&self.stops.flush());
         }
-        Summary {
-            prompt_tokens,
-            cached_tokens: 0,
-            generated: self.generated,
-            text: self.text,
-            prefill,
-            decode,
-            stop,
-        }
+        Summary { prompt_tokens, cached_tokens: 0, generated: self.generated, text: self.text, prefill, decode, stop }
     }
 }
 
 /// A non-empty prompt that leaves room for `max_tokens` in the context.
 pub(crate) fn check_prompt(model: &Model, prompt: &[u32], max_tokens: usize) -> Result<()> {
     if prompt.is_empty() {
-        return Err(augur_models::Error::Config(
-            "the prompt is empty: give at least one token".into(),
-        )
-        .into());
+        return Err(augur_models::Error::Config("the prompt is empty: give at least one token".into()).into());
     }
     let (need, ctx) = (prompt.len() + max_tokens, model.llama.cfg.context);
     if need > ctx {
@@ -189,10 +163,7 @@ pub struct Session {
 impl Session {
     /// An empty session for `model`.
     pub fn new(model: &Model) -> Self {
-        Session {
-            state: State::new(&model.llama.cfg),
-            cached: Vec::new(),
-        }
+        Session { state: State::new(&model.llama.cfg), cached: Vec::new() }
     }
 }
 
@@ -217,16 +188,7 @@ pub fn generate_in(
     mut on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
 ) -> Result<Summary> {
     let same_precision = session.state.activations == cfg.activations;
-    let keep = if same_precision {
-        session
-            .cached
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-    } else {
-        0
-    };
+    let keep = if same_precision { session.cached.iter().zip(prompt).take_while(|(a, b)| a == b).count() } else { 0 };
     let state = std::mem::replace(&mut session.state, State::new(&model.llama.cfg));
     session.cached.clear();
     let mut seq = Sequence::resume(model, state, keep, prompt, cfg, &mut on_token)?;
@@ -237,9 +199,7 @@ pub fn generate_in(
     let (mut summary, state) = seq.finish_with_state();
     // The cache now holds the prompt and every generated token but the last.
     session.cached.extend_from_slice(prompt);
-    session
-        .cached
-        .extend_from_slice(&summary.generated[..summary.generated.len().saturating_sub(1)]);
+    session.cached.extend_from_slice(&summary.generated[..summary.generated.len().saturating_sub(1)]);
     session.state = state;
     summary.cached_tokens = kept;
     Ok(summary)

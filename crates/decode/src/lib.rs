@@ -48,7 +48,5 @@ pub mod speculative;
 mod stop;
 
 pub use error::{Error, Result};
-pub use generate::{
-    generate, generate_in, GenerateConfig, Session, StopReason, Summary, TokenEvent,
-};
+pub use generate::{generate, generate_in, GenerateConfig, Session, StopReason, Summary, TokenEvent};
 pub use sampler::{Sampler, SamplerConfig};

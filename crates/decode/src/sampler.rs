@@ -51,10 +51,7 @@ impl SamplerConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::Sampling(m));
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return bad(format!(
-                "temperature {} must be a finite number >= 0",
-                self.temperature
-            ));
+            return bad(format!("temperature {} must be a finite number >= 0", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return bad(format!("top_p {} must be in (0, 1]", self.top_p));
@@ -63,15 +60,9 @@ impl SamplerConfig {
             return bad(format!("min_p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad(format!(
-                "repetition_penalty {} must be > 0",
-                self.repetition_penalty
-            ));
+            return bad(format!("repetition_penalty {} must be > 0", self.repetition_penalty));
         }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if !(-2.0..=2.0).contains(&v) {
                 return bad(format!("{name} {v} must be between -2 and 2"));
             }
@@ -85,9 +76,7 @@ impl SamplerConfig {
     }
 
     fn penalizes(&self) -> bool {
-        self.repetition_penalty != 1.0
-            || self.presence_penalty != 0.0
-            || self.frequency_penalty != 0.0
+        self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
@@ -116,12 +105,7 @@ impl Sampler {
     /// A sampler for `cfg`, after [`SamplerConfig::validate`].
     pub fn new(cfg: SamplerConfig) -> Result<Self> {
         cfg.validate()?;
-        Ok(Sampler {
-            rng: Rng::new(cfg.seed),
-            cfg,
-            logits: Vec::new(),
-            dist: Vec::new(),
-        })
+        Ok(Sampler { rng: Rng::new(cfg.seed), cfg, logits: Vec::new(), dist: Vec::new() })
     }
 
     /// The filtered next-token distribution as `(id, probability)` pairs (probabilities sum to 1),
@@ -133,23 +117,14 @@ impl Sampler {
     }
 
     /// [`Sampler::distribution`] where the last `generated` tokens of `history` were generated.
-    pub fn distribution_with(
-        &mut self,
-        logits: &[f32],
-        history: &[u32],
-        generated: usize,
-    ) -> &[(u32, f32)] {
+    pub fn distribution_with(&mut self, logits: &[f32], history: &[u32], generated: usize) -> &[(u32, f32)] {
         let c = &self.cfg;
         self.logits.clear();
         self.logits.extend_from_slice(logits);
         if c.repetition_penalty != 1.0 {
             for &t in history {
                 if let Some(l) = self.logits.get_mut(t as usize) {
-                    *l = if *l > 0.0 {
-                        *l / c.repetition_penalty
-                    } else {
-                        *l * c.repetition_penalty
-                    };
+                    *l = if *l > 0.0 { *l / c.repetition_penalty } else { *l * c.repetition_penalty };
                 }
             }
         }
@@ -172,12 +147,7 @@ impl Sampler {
             return &self.dist;
         }
         let inv_t = 1.0 / c.temperature;
-        self.dist.extend(
-            self.logits
-                .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l * inv_t)),
-        );
+        self.dist.extend(self.logits.iter().enumerate().map(|(i, &l)| (i as u32, l * inv_t)));
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         if c.top_k > 0 && c.top_k < self.dist.len() {
             self.dist.select_nth_unstable_by(c.top_k - 1, by_logit);
@@ -253,11 +223,7 @@ mod tests {
     use super::*;
 
     fn sampler(f: impl FnOnce(&mut SamplerConfig)) -> Sampler {
-        let mut c = SamplerConfig {
-            temperature: 1.0,
-            seed: 7,
-            ..Default::default()
-        };
+        let mut c = SamplerConfig { temperature: 1.0, seed: 7, ..Default::default() };
         f(&mut c);
         Sampler::new(c).unwrap()
     }
@@ -273,30 +239,17 @@ mod tests {
         let logits = [2.0f32, 1.0, 0.0, -1.0, -5.0];
         assert_eq!(sampler(|c| c.top_k = 2).distribution(&logits, &[]).len(), 2);
         // softmax([2,1,0,-1,-5]) ≈ [.64,.24,.09,.03,.0006]: top-p 0.85 keeps 2, 0.9 keeps 3.
-        assert_eq!(
-            sampler(|c| c.top_p = 0.85).distribution(&logits, &[]).len(),
-            2
-        );
-        assert_eq!(
-            sampler(|c| c.top_p = 0.9).distribution(&logits, &[]).len(),
-            3
-        );
+        assert_eq!(sampler(|c| c.top_p = 0.85).distribution(&logits, &[]).len(), 2);
+        assert_eq!(sampler(|c| c.top_p = 0.9).distribution(&logits, &[]).len(), 3);
         // min-p 0.1 keeps tokens with p >= 0.064: ids 0, 1, 2.
-        assert_eq!(
-            sampler(|c| c.min_p = 0.1).distribution(&logits, &[]).len(),
-            3
-        );
+        assert_eq!(sampler(|c| c.min_p = 0.1).distribution(&logits, &[]).len(), 3);
         let d = sampler(|c| c.top_k = 3).distribution(&logits, &[]).to_vec();
         assert!((d.iter().map(|e| e.1).sum::<f32>() - 1.0).abs() < 1e-6);
     }
 
     #[test]
     fn repetition_penalty_lowers_seen_tokens() {
-        let mut s = Sampler::new(SamplerConfig {
-            repetition_penalty: 3.0,
-            ..Default::default()
-        })
-        .unwrap();
+        let mut s = Sampler::new(SamplerConfig { repetition_penalty: 3.0, ..Default::default() }).unwrap();
         assert_eq!(s.sample(&[2.0, 1.0], &[0]), 1); // 2/3 < 1
     }
 
@@ -305,9 +258,7 @@ mod tests {
         let logits = [1.0f32, 0.0, -1.0];
         let draws = |seed| {
             let mut s = sampler(|c| c.seed = seed);
-            (0..20000)
-                .map(|_| s.sample(&logits, &[]))
-                .collect::<Vec<_>>()
+            (0..20000).map(|_| s.sample(&logits, &[])).collect::<Vec<_>>()
         };
         let a = draws(1);
         assert_eq!(a, draws(1));
@@ -315,20 +266,13 @@ mod tests {
         let p = augur_kernels::reference::softmax(&logits);
         for (id, &pi) in p.iter().enumerate() {
             let f = a.iter().filter(|&&x| x == id as u32).count() as f32 / a.len() as f32;
-            assert!(
-                (f - pi).abs() < 0.015,
-                "token {id}: frequency {f} vs probability {pi}"
-            );
+            assert!((f - pi).abs() < 0.015, "token {id}: frequency {f} vs probability {pi}");
         }
     }
 
     #[test]
     fn presence_and_frequency_penalties_count_generated_tokens_only() {
-        let cfg = SamplerConfig {
-            presence_penalty: 1.0,
-            frequency_penalty: 0.5,
-            ..Default::default()
-        };
+        let cfg = SamplerConfig { presence_penalty: 1.0, frequency_penalty: 0.5, ..Default::default() };
         let mut s = Sampler::new(cfg).unwrap();
         // token 0 generated twice: 3.0 - 1.0 - 2*0.5 = 1.0 < 1.5
         assert_eq!(s.sample_with(&[3.0, 1.5], &[0, 0], 2), 1);
@@ -338,20 +282,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_settings() {
-        assert!(Sampler::new(SamplerConfig {
-            temperature: -1.0,
-            ..Default::default()
-        })
-        .is_err());
-        assert!(Sampler::new(SamplerConfig {
-            top_p: 0.0,
-            ..Default::default()
-        })
-        .is_err());
-        assert!(Sampler::new(SamplerConfig {
-            min_p: 2.0,
-            ..Default::default()
-        })
-        .is_err());
+        assert!(Sampler::new(SamplerConfig { temperature: -1.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplerConfig { top_p: 0.0, ..Default::default() }).is_err());
+        assert!(Sampler::new(SamplerConfig { min_p: 2.0, ..Default::default() }).is_err());
     }
 }

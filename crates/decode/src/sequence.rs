@@ -31,20 +31,8 @@ pub struct Sequence {
 
 impl Sequence {
     /// Prefill `prompt`, then sample and emit the first token.
-    pub fn start(
-        model: &Model,
-        prompt: &[u32],
-        cfg: &GenerateConfig,
-        on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>,
-    ) -> Result<Self> {
-        Self::resume(
-            model,
-            State::new(&model.llama.cfg),
-            0,
-            prompt,
-            cfg,
-            on_token,
-        )
+    pub fn start(model: &Model, prompt: &[u32], cfg: &GenerateConfig, on_token: impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Self> {
+        Self::resume(model, State::new(&model.llama.cfg), 0, prompt, cfg, on_token)
     }
 
     /// [`Sequence::start`] from a state whose cache already holds `prompt[..keep]` (a session's
@@ -108,81 +96,25 @@ impl Sequence {
     }
 
     /// Take the logits row of the last step: sample, emit, and say whether the sequence ended.
-    pub fn advance(
-        &mut self,
-        model: &Model,
-        logits: &[f32],
-        on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
-    ) -> Result<Option<StopReason>> {
-        let Sequence {
-            sampler,
-            emit,
-            history,
-            pending,
-            stop,
-            max_tokens,
-            ..
-        } = self;
-        choose(
-            Picker {
-                sampler,
-                emit,
-                history,
-                pending,
-                stop,
-                max_tokens: *max_tokens,
-            },
-            model,
-            logits,
-            on_token,
-        )
+    pub fn advance(&mut self, model: &Model, logits: &[f32], on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
+        let Sequence { sampler, emit, history, pending, stop, max_tokens, .. } = self;
+        choose(Picker { sampler, emit, history, pending, stop, max_tokens: *max_tokens }, model, logits, on_token)
     }
 
     /// One decode step on this sequence alone: feed the pending token, then choose the next
     /// (without copying the logits).
-    pub fn step(
-        &mut self,
-        model: &Model,
-        on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
-    ) -> Result<Option<StopReason>> {
-        let Some(tok) = self.next_input() else {
-            return Ok(self.stop);
-        };
-        let Sequence {
-            state,
-            sampler,
-            emit,
-            history,
-            pending,
-            stop,
-            max_tokens,
-            ..
-        } = self;
+    pub fn step(&mut self, model: &Model, on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
+        let Some(tok) = self.next_input() else { return Ok(self.stop) };
+        let Sequence { state, sampler, emit, history, pending, stop, max_tokens, .. } = self;
         let logits = model.llama.forward(state, &[tok], Logits::Last)?;
-        choose(
-            Picker {
-                sampler,
-                emit,
-                history,
-                pending,
-                stop,
-                max_tokens: *max_tokens,
-            },
-            model,
-            logits,
-            on_token,
-        )
+        choose(Picker { sampler, emit, history, pending, stop, max_tokens: *max_tokens }, model, logits, on_token)
     }
 
     /// The summary, and the state (for a session to continue from).
     pub fn finish_with_state(self) -> (Summary, State) {
         let decode = self.started.elapsed();
         let stop = self.stop.unwrap_or(StopReason::MaxTokens);
-        (
-            self.emit
-                .finish(self.prompt_tokens, self.prefill, decode, stop),
-            self.state,
-        )
+        (self.emit.finish(self.prompt_tokens, self.prefill, decode, stop), self.state)
     }
 
     /// The counts and timings of the finished sequence.
@@ -202,15 +134,8 @@ struct Picker<'a> {
 }
 
 /// Sample from `logits`, emit the token, and record whether the sequence ended.
-fn choose(
-    p: Picker,
-    model: &Model,
-    logits: &[f32],
-    on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>,
-) -> Result<Option<StopReason>> {
-    let id = p
-        .sampler
-        .sample_with(logits, p.history, p.emit.generated.len());
+fn choose(p: Picker, model: &Model, logits: &[f32], on_token: &mut impl FnMut(&TokenEvent) -> ControlFlow<()>) -> Result<Option<StopReason>> {
+    let id = p.sampler.sample_with(logits, p.history, p.emit.generated.len());
     p.history.push(id);
     *p.pending = Some(id);
     if let Some(r) = p.emit.push(&model.tokenizer, id, logits, on_token)? {

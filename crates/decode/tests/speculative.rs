@@ -21,12 +21,7 @@ const PROMPT: &str = "<|im_start|>user\nRewrite this so every function has a doc
 fn cfg(temperature: f32) -> GenerateConfig {
     GenerateConfig {
         max_tokens: 64,
-        sampler: SamplerConfig {
-            temperature,
-            top_k: 40,
-            seed: 5,
-            ..Default::default()
-        },
+        sampler: SamplerConfig { temperature, top_k: 40, seed: 5, ..Default::default() },
         ignore_eos: true,
         ..Default::default()
     }
@@ -46,41 +41,16 @@ fn greedy_speculative_output_equals_plain_greedy() {
         ("prompt-lookup", Box::new(PromptLookup::new(3, 1))),
         ("prompt-lookup tree", Box::new(PromptLookup::new(3, 3))),
         ("early-exit:6", Box::new(EarlyExit { layers: 6 })),
-        (
-            "draft:8 layers",
-            Box::new(DraftModel::new(Model::open(&draft_path).unwrap(), &model).unwrap()),
-        ),
+        ("draft:8 layers", Box::new(DraftModel::new(Model::open(&draft_path).unwrap(), &model).unwrap())),
     ];
     for (name, mut d) in drafters {
-        let (s, stats) = speculative::generate(
-            &model,
-            &prompt,
-            &cfg(0.0),
-            &SpecConfig {
-                throttle: false,
-                ..SpecConfig::new(6)
-            },
-            d.as_mut(),
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
-        assert_eq!(
-            s.generated, plain.generated,
-            "{name}: speculative greedy output differs from plain greedy"
-        );
+        let (s, stats) = speculative::generate(&model, &prompt, &cfg(0.0), &SpecConfig { throttle: false, ..SpecConfig::new(6) }, d.as_mut(), |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(s.generated, plain.generated, "{name}: speculative greedy output differs from plain greedy");
         assert_eq!(s.text, plain.text);
         assert!(stats.target_passes <= plain.generated.len(), "{name}");
-        eprintln!(
-            "{name}: tau {:.2}, accept by depth {:?}",
-            stats.tau(),
-            stats.accept_rate_by_pos()
-        );
+        eprintln!("{name}: tau {:.2}, accept by depth {:?}", stats.tau(), stats.accept_rate_by_pos());
         if name.starts_with("prompt-lookup") {
-            assert!(
-                stats.tau() > 1.2,
-                "{name}: a repetitive prompt should accept drafts (tau {})",
-                stats.tau()
-            );
+            assert!(stats.tau() > 1.2, "{name}: a repetitive prompt should accept drafts (tau {})", stats.tau());
         }
     }
     std::fs::remove_dir_all(&dir).ok();
@@ -92,16 +62,7 @@ fn sampled_speculation_is_reproducible_and_stops_on_budget() {
     let prompt = model.tokenizer.encode(PROMPT).unwrap();
     let run = || {
         let mut d = PromptLookup::new(3, 2);
-        speculative::generate(
-            &model,
-            &prompt,
-            &cfg(0.8),
-            &SpecConfig::new(5),
-            &mut d,
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap()
-        .0
+        speculative::generate(&model, &prompt, &cfg(0.8), &SpecConfig::new(5), &mut d, |_| ControlFlow::Continue(())).unwrap().0
     };
     let (a, b) = (run(), run());
     assert_eq!(a.generated, b.generated);
@@ -115,10 +76,7 @@ fn a_draft_model_with_another_vocabulary_is_refused() {
     let tiny = dir.join("tiny.gguf");
     augur_models::tiny::write_gguf(&tiny, true, None, 1).unwrap();
     let target = Model::open(&model_path()).unwrap();
-    let err = DraftModel::new(Model::open(&tiny).unwrap(), &target)
-        .err()
-        .unwrap()
-        .to_string();
+    let err = DraftModel::new(Model::open(&tiny).unwrap(), &target).err().unwrap().to_string();
     assert!(err.contains("vocabulary"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

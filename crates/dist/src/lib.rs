@@ -40,12 +40,7 @@ pub mod mpi_group {
             }
             let world = universe.world();
             let (rank, size) = (world.rank() as usize, world.size() as usize);
-            Some(MpiGroup {
-                world,
-                rank,
-                size,
-                _universe: universe,
-            })
+            Some(MpiGroup { world, rank, size, _universe: universe })
         }
     }
 
@@ -58,8 +53,7 @@ pub mod mpi_group {
         }
         fn all_reduce_sum(&self, buf: &mut [f32]) {
             let send = buf.to_vec();
-            self.world
-                .all_reduce_into(&send[..], buf, SystemOperation::sum());
+            self.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
         }
         fn broadcast(&self, buf: &mut [f32], root: usize) {
             self.world.process_at_rank(root as i32).broadcast_into(buf);

@@ -35,43 +35,24 @@ pub struct Prompt {
 pub fn load_prompts(path: &Path, model: &Model, limit: Option<usize>) -> Result<Vec<Prompt>> {
     let tpl = ChatTemplate::for_model(model)?;
     let text = std::fs::read_to_string(path).map_err(io(path))?;
-    let stem = path
-        .file_stem()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy().into_owned();
     let mut out = Vec::new();
     for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
         if limit.is_some_and(|n| out.len() >= n) {
             break;
         }
         let at = || format!("{}:{}", path.display(), i + 1);
-        let v: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| Error::Invalid(format!("{}: not JSON ({e})", at())))?;
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| Error::Invalid(format!("{}: not JSON ({e})", at())))?;
         let rendered = if let Some(m) = v.get("messages") {
-            let msgs: Vec<Message> = serde_json::from_value(m.clone()).map_err(|e| {
-                Error::Invalid(format!(
-                    "{}: `messages` must be a list of {{role, content}} ({e})",
-                    at()
-                ))
-            })?;
+            let msgs: Vec<Message> = serde_json::from_value(m.clone()).map_err(|e| Error::Invalid(format!("{}: `messages` must be a list of {{role, content}} ({e})", at())))?;
             tpl.render(&msgs, true)?
         } else if let Some(p) = v.get("prompt").and_then(|p| p.as_str()) {
             p.to_string()
         } else {
-            return Err(Error::Invalid(format!(
-                "{}: a line needs `messages` or `prompt`",
-                at()
-            )));
+            return Err(Error::Invalid(format!("{}: a line needs `messages` or `prompt`", at())));
         };
-        let group = v
-            .get("group")
-            .and_then(|g| g.as_str())
-            .map_or_else(|| stem.clone(), str::to_string);
-        out.push(Prompt {
-            group,
-            ids: model.tokenizer.encode(&rendered)?,
-        });
+        let group = v.get("group").and_then(|g| g.as_str()).map_or_else(|| stem.clone(), str::to_string);
+        out.push(Prompt { group, ids: model.tokenizer.encode(&rendered)? });
     }
     Ok(out)
 }
@@ -103,28 +84,14 @@ const HIDDEN: &str = "hidden.safetensors";
 
 /// The target's response to each prompt (`max_tokens` at most, stopping at EOS), sampled as
 /// `sampler` says (greedy by default). `progress(done, total)` is called after each prompt.
-pub fn respond(
-    model: &Model,
-    prompts: &[Prompt],
-    max_tokens: usize,
-    sampler: SamplerConfig,
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<Sample>> {
-    let cfg = GenerateConfig {
-        max_tokens,
-        sampler,
-        ..Default::default()
-    };
+pub fn respond(model: &Model, prompts: &[Prompt], max_tokens: usize, sampler: SamplerConfig, mut progress: impl FnMut(usize, usize)) -> Result<Vec<Sample>> {
+    let cfg = GenerateConfig { max_tokens, sampler, ..Default::default() };
     let mut out = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let s = augur_decode::generate(model, &p.ids, &cfg, |_| ControlFlow::Continue(()))?;
         let mut ids = p.ids.clone();
         ids.extend_from_slice(&s.generated);
-        out.push(Sample {
-            group: p.group.clone(),
-            prompt_len: p.ids.len(),
-            ids,
-        });
+        out.push(Sample { group: p.group.clone(), prompt_len: p.ids.len(), ids });
         progress(i + 1, prompts.len());
     }
     Ok(out)
@@ -132,21 +99,13 @@ pub fn respond(
 
 /// The target's final-norm hidden state of every token of every sample, `[Σ len, dim]` (one
 /// prefill per sample). `progress(done, total)` is called after each sample.
-pub fn hidden_states(
-    llama: &Llama,
-    samples: &[Sample],
-    mut progress: impl FnMut(usize, usize),
-) -> Result<Vec<bf16>> {
+pub fn hidden_states(llama: &Llama, samples: &[Sample], mut progress: impl FnMut(usize, usize)) -> Result<Vec<bf16>> {
     let dim = llama.cfg.dim;
     let mut out = Vec::with_capacity(samples.iter().map(|s| s.ids.len()).sum::<usize>() * dim);
     let mut st = State::new(&llama.cfg);
     for (i, s) in samples.iter().enumerate() {
         if s.ids.len() > llama.cfg.context {
-            return Err(Error::Invalid(format!(
-                "sample {i} has {} tokens, past the model's context of {}",
-                s.ids.len(),
-                llama.cfg.context
-            )));
+            return Err(Error::Invalid(format!("sample {i} has {} tokens, past the model's context of {}", s.ids.len(), llama.cfg.context)));
         }
         st.truncate(0);
         llama.forward(&mut st, &s.ids, Logits::Hidden)?;
@@ -168,10 +127,7 @@ impl DistillSet {
             let line = serde_json::to_string(s).map_err(|e| Error::Invalid(e.to_string()))?;
             writeln!(f, "{line}").map_err(io(&tmp))?;
         }
-        f.into_inner().map_err(|e| Error::Io {
-            path: tmp.clone(),
-            err: e.into_error(),
-        })?;
+        f.into_inner().map_err(|e| Error::Io { path: tmp.clone(), err: e.into_error() })?;
         std::fs::rename(&tmp, &path).map_err(io(&path))?;
         if let Some(h) = &self.hidden {
             let rows = h.len() / self.dim.max(1);
@@ -184,25 +140,12 @@ impl DistillSet {
     /// Read a directory written by [`DistillSet::save`] (`augur distill-data`).
     pub fn open(dir: &Path) -> Result<Self> {
         let path = dir.join(SAMPLES);
-        let text = std::fs::read_to_string(&path).map_err(|err| {
-            Error::Invalid(format!(
-                "{}: {err}; create the data with `augur distill-data --out {}`",
-                path.display(),
-                dir.display()
-            ))
-        })?;
+        let text = std::fs::read_to_string(&path).map_err(|err| Error::Invalid(format!("{}: {err}; create the data with `augur distill-data --out {}`", path.display(), dir.display())))?;
         let mut samples = Vec::new();
         for (i, line) in text.lines().filter(|l| !l.trim().is_empty()).enumerate() {
-            let s: Sample = serde_json::from_str(line)
-                .map_err(|e| Error::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
+            let s: Sample = serde_json::from_str(line).map_err(|e| Error::Invalid(format!("{}:{}: {e}", path.display(), i + 1)))?;
             if s.prompt_len == 0 || s.prompt_len > s.ids.len() {
-                return Err(Error::Invalid(format!(
-                    "{}:{}: prompt_len {} does not fit {} tokens",
-                    path.display(),
-                    i + 1,
-                    s.prompt_len,
-                    s.ids.len()
-                )));
+                return Err(Error::Invalid(format!("{}:{}: prompt_len {} does not fit {} tokens", path.display(), i + 1, s.prompt_len, s.ids.len())));
             }
             samples.push(s);
         }
@@ -220,11 +163,7 @@ impl DistillSet {
             hidden = Some(v.into_iter().map(bf16::from_f32).collect());
             dim = d;
         }
-        Ok(DistillSet {
-            samples,
-            hidden,
-            dim,
-        })
+        Ok(DistillSet { samples, hidden, dim })
     }
 
     /// Offset of each sample's first token in the concatenated token order.

@@ -13,13 +13,10 @@
 use std::path::Path;
 
 use augur_core::{no_grad, QuantType, Tensor};
-use augur_decode::sampler::argmax;
 use augur_formats::gguf::Gguf;
-use augur_models::{
-    qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model,
-    State,
-};
+use augur_models::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf_with, Activations, Logits, Model, State};
 use augur_nn::gpt::Gpt;
+use augur_decode::sampler::argmax;
 use augur_nn::{Module, Rng};
 
 use crate::data::DistillSet;
@@ -45,14 +42,7 @@ pub struct DraftConfig {
 
 impl Default for DraftConfig {
     fn default() -> Self {
-        DraftConfig {
-            layers: 4,
-            epochs: 1,
-            lr: 2e-4,
-            max_len: 256,
-            accumulate: 4,
-            seed: 1,
-        }
+        DraftConfig { layers: 4, epochs: 1, lr: 2e-4, max_len: 256, accumulate: 4, seed: 1 }
     }
 }
 
@@ -80,11 +70,7 @@ pub struct Trained {
 }
 
 /// GGUF name of a draft parameter, and the heads to un-permute for (q/k rows).
-pub(crate) fn gguf_name(
-    name: &str,
-    n_head: usize,
-    n_kv_head: usize,
-) -> Option<(String, Option<usize>)> {
+pub(crate) fn gguf_name(name: &str, n_head: usize, n_kv_head: usize) -> Option<(String, Option<usize>)> {
     match name {
         "tok_emb.weight" => return Some(("token_embd.weight".into(), None)),
         "norm_f.weight" => return Some(("output_norm.weight".into(), None)),
@@ -113,17 +99,10 @@ pub(crate) fn gguf_name(
 pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
     let c = &target.llama.cfg;
     if layers == 0 || layers > c.n_layer {
-        return Err(Error::Invalid(format!(
-            "a draft of {layers} blocks from a target of {}",
-            c.n_layer
-        )));
+        return Err(Error::Invalid(format!("a draft of {layers} blocks from a target of {}", c.n_layer)));
     }
     let gc = augur_decode::speculative::mtp::gpt_config(c, layers)?;
-    let g = Gguf::open(&target.path).map_err(|e| {
-        Error::Invalid(format!(
-            "draft distillation reads the target's GGUF file: {e}"
-        ))
-    })?;
+    let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("draft distillation reads the target's GGUF file: {e}")))?;
     let mut gpt = Gpt::new(gc)?;
     let mut failure: Option<Error> = None;
     let interleaved = c.rope_interleaved;
@@ -132,9 +111,7 @@ pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
             return;
         }
         let load = || -> Result<Tensor> {
-            let (gname, heads) = gguf_name(name, c.n_head, c.n_kv_head).ok_or_else(|| {
-                Error::Invalid(format!("no target tensor for draft parameter `{name}`"))
-            })?;
+            let (gname, heads) = gguf_name(name, c.n_head, c.n_kv_head).ok_or_else(|| Error::Invalid(format!("no target tensor for draft parameter `{name}`")))?;
             let src = g.tensor(&gname)?;
             let shape = src.shape().to_vec();
             let mut v = src.to_vec_f32()?;
@@ -146,13 +123,7 @@ pub fn from_target(target: &Model, layers: usize) -> Result<Gpt> {
         };
         match load() {
             Ok(new) if new.shape() == t.shape() => *t = new,
-            Ok(new) => {
-                failure = Some(Error::Invalid(format!(
-                    "`{name}`: the target has {:?}, the draft {:?}",
-                    new.shape(),
-                    t.shape()
-                )))
-            }
+            Ok(new) => failure = Some(Error::Invalid(format!("`{name}`: the target has {:?}, the draft {:?}", new.shape(), t.shape()))),
             Err(e) => failure = Some(e),
         }
     });
@@ -193,11 +164,7 @@ fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, s: &Cut) -> Result<(Tens
         }
     }
     let pt = Tensor::from_vec(p, &[ids.len(), v])?;
-    let loss = z
-        .log_softmax_last()?
-        .mul(&pt)?
-        .sum_all()?
-        .scale(-1.0 / rows as f64)?;
+    let loss = z.log_softmax_last()?.mul(&pt)?.sum_all()?.scale(-1.0 / rows as f64)?;
     Ok((loss, entropy / rows as f64, agree))
 }
 
@@ -210,25 +177,14 @@ fn evaluate(gpt: &Gpt, target: &Model, st: &mut State, samples: &[Cut]) -> Resul
         agree += a;
         n += rows;
     }
-    Ok(Evaluation {
-        kl: kl / n.max(1) as f64,
-        agreement: agree as f64 / n.max(1) as f64,
-        positions: n,
-    })
+    Ok(Evaluation { kl: kl / n.max(1) as f64, agreement: agree as f64 / n.max(1) as f64, positions: n })
 }
 
 /// Distil a draft of `cfg.layers` blocks for `target` on `set` (responses only; hidden states
 /// are not needed). `progress` is called after every optimizer step.
-pub fn train(
-    target: &Model,
-    set: &DistillSet,
-    cfg: &DraftConfig,
-    mut progress: impl FnMut(Progress),
-) -> Result<Trained> {
+pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: impl FnMut(Progress)) -> Result<Trained> {
     if cfg.epochs == 0 || cfg.accumulate == 0 || cfg.max_len < 2 {
-        return Err(Error::Invalid(
-            "epochs and accumulate must be at least 1, max_len at least 2".into(),
-        ));
+        return Err(Error::Invalid("epochs and accumulate must be at least 1, max_len at least 2".into()));
     }
     // Each sample up to max_len tokens; only those whose response starts inside that train.
     let cut = |s: &crate::data::Sample| {
@@ -238,45 +194,25 @@ pub fn train(
     };
     let (mut train_set, eval_set) = crate::split(&set.samples, |_, s| cut(s));
     if train_set.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no sample has response tokens within its first {} tokens; raise --max-len",
-            cfg.max_len
-        )));
+        return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
     let mut gpt = from_target(target, cfg.layers)?;
     let mut st = State::new(&target.llama.cfg);
     st.activations = Activations::F32;
     let before = evaluate(&gpt, target, &mut st, &eval_set)?;
 
-    let l = crate::Loop {
-        epochs: cfg.epochs,
-        group: cfg.accumulate,
-        lr: cfg.lr,
-        betas: (0.9, 0.95),
-    };
-    crate::train_loop(
-        &mut train_set,
-        &mut gpt,
-        &mut Rng::new(cfg.seed),
-        l,
-        |gpt, group| {
-            let mut total = 0f64;
-            for sample in group {
-                let (loss, entropy, _) = soft_loss(gpt, target, &mut st, sample)?;
-                total += loss.item()? as f64 - entropy;
-                loss.scale(1.0 / group.len() as f64)?.backward()?;
-            }
-            Ok(total / group.len() as f64)
-        },
-        &mut progress,
-    )?;
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.accumulate, lr: cfg.lr, betas: (0.9, 0.95) };
+    crate::train_loop(&mut train_set, &mut gpt, &mut Rng::new(cfg.seed), l, |gpt, group| {
+        let mut total = 0f64;
+        for sample in group {
+            let (loss, entropy, _) = soft_loss(gpt, target, &mut st, sample)?;
+            total += loss.item()? as f64 - entropy;
+            loss.scale(1.0 / group.len() as f64)?.backward()?;
+        }
+        Ok(total / group.len() as f64)
+    }, &mut progress)?;
     let after = evaluate(&gpt, target, &mut st, &eval_set)?;
-    Ok(Trained {
-        gpt,
-        before,
-        after,
-        train_positions: train_set.iter().map(|s| s.ids.len() - s.from).sum(),
-    })
+    Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(|s| s.ids.len() - s.from).sum() })
 }
 
 /// Write the draft as a GGUF beside the target's tokenizer and metadata: the target's
@@ -290,9 +226,7 @@ pub fn write_gguf(target: &Model, gpt: &mut Gpt, out: &Path) -> Result<()> {
         if failure.is_some() || matches!(name, "tok_emb.weight" | "head.weight") {
             return;
         }
-        let Some((gname, heads)) = gguf_name(name, c.n_head, c.n_kv_head) else {
-            return;
-        };
+        let Some((gname, heads)) = gguf_name(name, c.n_head, c.n_kv_head) else { return };
         let write = || -> Result<Tensor> {
             let mut v = t.to_vec_f32()?;
             if let (Some(h), true) = (heads, c.rope_interleaved) {
@@ -300,15 +234,8 @@ pub fn write_gguf(target: &Model, gpt: &mut Gpt, out: &Path) -> Result<()> {
             }
             let shape = t.shape().to_vec();
             if shape.len() == 2 && shape[1] % 32 == 0 {
-                let bytes: Vec<u8> = v
-                    .chunks(shape[1])
-                    .flat_map(|r| QuantType::Q8_0.quantize_row(r))
-                    .collect();
-                return Ok(Tensor::from_raw(
-                    augur_core::DType::Quant(QuantType::Q8_0),
-                    augur_core::Bytes::from_vec(bytes),
-                    &shape,
-                )?);
+                let bytes: Vec<u8> = v.chunks(shape[1]).flat_map(|r| QuantType::Q8_0.quantize_row(r)).collect();
+                return Ok(Tensor::from_raw(augur_core::DType::Quant(QuantType::Q8_0), augur_core::Bytes::from_vec(bytes), &shape)?);
             }
             Ok(Tensor::from_vec(v, &shape)?)
         };
@@ -323,8 +250,6 @@ pub fn write_gguf(target: &Model, gpt: &mut Gpt, out: &Path) -> Result<()> {
         return Err(e);
     }
     let layers = gpt.config.n_layer;
-    write_truncated_gguf_with(&target.path, out, layers, &|name| {
-        tensors.get(name).cloned()
-    })?;
+    write_truncated_gguf_with(&target.path, out, layers, &|name| tensors.get(name).cloned())?;
     Ok(())
 }

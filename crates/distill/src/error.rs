@@ -35,8 +35,5 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |err| Error::Io {
-        path: path.to_owned(),
-        err,
-    }
+    move |err| Error::Io { path: path.to_owned(), err }
 }

@@ -24,12 +24,7 @@ pub use error::{Error, Result};
 /// The learning-rate schedule the speculators train with: linear warm-up over the first 5% of
 /// `steps`, then cosine decay to a tenth of `lr`.
 fn schedule(lr: f64, steps: usize) -> augur_nn::optim::LrSchedule {
-    augur_nn::optim::LrSchedule {
-        base_lr: lr,
-        min_lr: lr * 0.1,
-        warmup: (steps / 20).max(1),
-        total: steps,
-    }
+    augur_nn::optim::LrSchedule { base_lr: lr, min_lr: lr * 0.1, warmup: (steps / 20).max(1), total: steps }
 }
 
 /// Whether sample `i` of `n` is held out for evaluation: every 20th, when there are at least 20.
@@ -43,12 +38,7 @@ pub(crate) fn split<S, T>(samples: &[S], f: impl Fn(usize, &S) -> Option<T>) -> 
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (i, s) in samples.iter().enumerate() {
         if let Some(t) = f(i, s) {
-            if held_out(i, samples.len()) {
-                &mut eval
-            } else {
-                &mut train
-            }
-            .push(t);
+            if held_out(i, samples.len()) { &mut eval } else { &mut train }.push(t);
         }
     }
     (train, eval)
@@ -92,11 +82,7 @@ pub(crate) fn train_loop<T, M: augur_nn::Module>(
             opt.step(model)?;
             model.zero_grad();
             done += 1;
-            progress(Progress {
-                step: done,
-                steps,
-                loss,
-            });
+            progress(Progress { step: done, steps, loss });
         }
     }
     Ok(())

@@ -44,17 +44,7 @@ pub struct MedusaConfig {
 
 impl Default for MedusaConfig {
     fn default() -> Self {
-        MedusaConfig {
-            heads: 3,
-            layers: 1,
-            vocab: 8192,
-            epochs: 2,
-            batch: 256,
-            lr: 1e-3,
-            decay: 0.8,
-            ranks: 8,
-            seed: 1,
-        }
+        MedusaConfig { heads: 3, layers: 1, vocab: 8192, epochs: 2, batch: 256, lr: 1e-3, decay: 0.8, ranks: 8, seed: 1 }
     }
 }
 
@@ -83,9 +73,7 @@ pub fn draft_vocab(samples: &[Sample], vocab: usize, size: usize) -> Vec<u32> {
             }
         }
     }
-    let mut ids: Vec<u32> = (0..vocab as u32)
-        .filter(|&i| count[i as usize] > 0)
-        .collect();
+    let mut ids: Vec<u32> = (0..vocab as u32).filter(|&i| count[i as usize] > 0).collect();
     ids.sort_by_key(|&i| (std::cmp::Reverse(count[i as usize]), i));
     ids.truncate(size);
     ids
@@ -153,13 +141,7 @@ struct Batch {
     targets: Vec<Vec<u32>>,
 }
 
-fn batch(
-    set: &DistillSet,
-    offsets: &[usize],
-    index: &[u32],
-    heads: usize,
-    pos: &[(usize, usize)],
-) -> Result<Batch> {
+fn batch(set: &DistillSet, offsets: &[usize], index: &[u32], heads: usize, pos: &[(usize, usize)]) -> Result<Batch> {
     let (dim, hidden) = (set.dim, set.hidden.as_ref().expect("checked by train"));
     let mut h = Vec::with_capacity(pos.len() * dim);
     let mut targets = vec![Vec::with_capacity(pos.len()); heads];
@@ -167,33 +149,21 @@ fn batch(
         h.extend(hidden[g * dim..(g + 1) * dim].iter().map(|v| v.to_f32()));
         let (ids, t) = (&set.samples[s].ids, g - offsets[s]);
         for (k, tk) in targets.iter_mut().enumerate() {
-            tk.push(ids.get(t + k + 2).map_or(IGNORE, |&id| {
-                index.get(id as usize).copied().unwrap_or(IGNORE)
-            }));
+            tk.push(ids.get(t + k + 2).map_or(IGNORE, |&id| index.get(id as usize).copied().unwrap_or(IGNORE)));
         }
     }
-    Ok(Batch {
-        h: Tensor::from_vec(h, &[pos.len(), dim])?,
-        targets,
-    })
+    Ok(Batch { h: Tensor::from_vec(h, &[pos.len(), dim])?, targets })
 }
 
 /// Train heads for `target` on `set` (which must carry hidden states; see
 /// [`crate::data::hidden_states`]). `progress` is called after every step.
-pub fn train(
-    target: &Llama,
-    set: &DistillSet,
-    cfg: &MedusaConfig,
-    mut progress: impl FnMut(Progress),
-) -> Result<Trained> {
+pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress: impl FnMut(Progress)) -> Result<Trained> {
     let dim = target.cfg.dim;
     if set.hidden.is_none() || set.dim != dim {
         return Err(Error::Invalid(format!("the data carries no hidden states of width {dim}; compute them first (`augur distill-data --hidden`)")));
     }
     if cfg.heads == 0 || cfg.layers == 0 || cfg.vocab == 0 || cfg.batch == 0 || cfg.ranks == 0 {
-        return Err(Error::Invalid(
-            "heads, layers, vocab, batch and ranks must all be at least 1".into(),
-        ));
+        return Err(Error::Invalid("heads, layers, vocab, batch and ranks must all be at least 1".into()));
     }
     let vocab = draft_vocab(&set.samples, target.cfg.vocab, cfg.vocab);
     let index = vocab_index(&vocab, target.cfg.vocab);
@@ -217,80 +187,35 @@ pub fn train(
     let coverage = hits as f64 / total.max(1) as f64;
 
     let mut rng = Rng::new(cfg.seed);
-    let mut heads = Heads {
-        blocks: (0..cfg.heads)
-            .map(|_| {
-                (0..cfg.layers)
-                    .map(|_| Linear::new(dim, dim, true, 0.0, &mut rng))
-                    .collect()
-            })
-            .collect(),
-    };
-    let l = crate::Loop {
-        epochs: cfg.epochs,
-        group: cfg.batch,
-        lr: cfg.lr,
-        betas: (0.9, 0.999),
-    };
-    crate::train_loop(
-        &mut train_pos,
-        &mut heads,
-        &mut rng,
-        l,
-        |heads, chunk| {
-            let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
-            let logits = heads.forward(&b.h, &head_w)?;
-            let mut loss: Option<Tensor> = None;
-            for (k, (l, t)) in logits.iter().zip(&b.targets).enumerate() {
-                let lk = l
-                    .cross_entropy(t, Some(IGNORE))?
-                    .scale(cfg.decay.powi(k as i32))?;
-                loss = Some(match loss {
-                    None => lk,
-                    Some(acc) => acc.add(&lk)?,
-                });
-            }
-            let loss = loss.expect("at least one head");
-            loss.backward()?;
-            Ok(loss.item()? as f64)
-        },
-        &mut progress,
-    )?;
+    let mut heads = Heads { blocks: (0..cfg.heads).map(|_| (0..cfg.layers).map(|_| Linear::new(dim, dim, true, 0.0, &mut rng)).collect()).collect() };
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.batch, lr: cfg.lr, betas: (0.9, 0.999) };
+    crate::train_loop(&mut train_pos, &mut heads, &mut rng, l, |heads, chunk| {
+        let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
+        let logits = heads.forward(&b.h, &head_w)?;
+        let mut loss: Option<Tensor> = None;
+        for (k, (l, t)) in logits.iter().zip(&b.targets).enumerate() {
+            let lk = l.cross_entropy(t, Some(IGNORE))?.scale(cfg.decay.powi(k as i32))?;
+            loss = Some(match loss {
+                None => lk,
+                Some(acc) => acc.add(&lk)?,
+            });
+        }
+        let loss = loss.expect("at least one head");
+        loss.backward()?;
+        Ok(loss.item()? as f64)
+    }, &mut progress)?;
 
     let accuracy = no_grad(|| accuracy(&heads, &head_w, set, &offsets, &index, &eval_pos, cfg))?;
     let heads_out = heads
         .blocks
         .iter()
-        .map(|head| {
-            head.iter()
-                .map(|b| {
-                    Ok(ResBlock {
-                        weight: b.weight.to_vec_f32()?,
-                        bias: b.bias.as_ref().expect("built with bias").to_vec_f32()?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()
-        })
+        .map(|head| head.iter().map(|b| Ok(ResBlock { weight: b.weight.to_vec_f32()?, bias: b.bias.as_ref().expect("built with bias").to_vec_f32()? })).collect::<Result<Vec<_>>>())
         .collect::<Result<Vec<_>>>()?;
-    Ok(Trained {
-        heads: heads_out,
-        vocab,
-        accuracy,
-        coverage,
-        positions: (train_pos.len(), eval_pos.len()),
-    })
+    Ok(Trained { heads: heads_out, vocab, accuracy, coverage, positions: (train_pos.len(), eval_pos.len()) })
 }
 
 /// Held-out top-r accuracy of each head (a target outside the reduced vocabulary is a miss).
-fn accuracy(
-    heads: &Heads,
-    head_w: &Tensor,
-    set: &DistillSet,
-    offsets: &[usize],
-    index: &[u32],
-    pos: &[(usize, usize)],
-    cfg: &MedusaConfig,
-) -> Result<Vec<Vec<f32>>> {
+fn accuracy(heads: &Heads, head_w: &Tensor, set: &DistillSet, offsets: &[usize], index: &[u32], pos: &[(usize, usize)], cfg: &MedusaConfig) -> Result<Vec<Vec<f32>>> {
     let mut hits = vec![vec![0usize; cfg.ranks]; cfg.heads];
     let mut total = vec![0usize; cfg.heads];
     for chunk in pos.chunks(cfg.batch) {
@@ -315,9 +240,5 @@ fn accuracy(
             }
         }
     }
-    Ok(hits
-        .iter()
-        .zip(&total)
-        .map(|(h, &n)| h.iter().map(|&x| x as f32 / n.max(1) as f32).collect())
-        .collect())
+    Ok(hits.iter().zip(&total).map(|(h, &n)| h.iter().map(|&x| x as f32 / n.max(1) as f32).collect()).collect())
 }

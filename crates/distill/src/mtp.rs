@@ -41,15 +41,7 @@ pub struct MtpConfig {
 
 impl Default for MtpConfig {
     fn default() -> Self {
-        MtpConfig {
-            depth: 1,
-            vocab: 8192,
-            epochs: 1,
-            lr: 5e-4,
-            max_len: 256,
-            accumulate: 4,
-            seed: 1,
-        }
+        MtpConfig { depth: 1, vocab: 8192, epochs: 1, lr: 5e-4, max_len: 256, accumulate: 4, seed: 1 }
     }
 }
 
@@ -75,12 +67,7 @@ struct Item {
 
 /// Per depth, the mean cross-entropy over the sample's scored targets (as a graph when
 /// gradients are on) and (hits, scored) of the top-1 guess.
-fn forward(
-    m: &MtpModules,
-    target: &Model,
-    index: &[u32],
-    it: &Item,
-) -> Result<Vec<(Tensor, usize, usize)>> {
+fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item) -> Result<Vec<(Tensor, usize, usize)>> {
     let (t, dim) = (it.ids.len(), target.llama.cfg.dim);
     let mut h = Tensor::from_vec(it.h0.clone(), &[1, t, dim])?;
     let mut out = Vec::new();
@@ -88,9 +75,7 @@ fn forward(
         let depth = d + 1;
         // Row i reads token i + depth and predicts i + depth + 1; rows past the sample read a
         // padding token (causal attention keeps them from touching earlier rows) and score none.
-        let toks: Vec<u32> = (0..t)
-            .map(|i| it.ids.get(i + depth).copied().unwrap_or(0))
-            .collect();
+        let toks: Vec<u32> = (0..t).map(|i| it.ids.get(i + depth).copied().unwrap_or(0)).collect();
         let targets: Vec<u32> = (0..t)
             .map(|i| match it.ids.get(i + depth + 1) {
                 Some(&id) if i + depth + 1 >= it.prompt_len => index[id as usize],
@@ -119,58 +104,35 @@ fn forward(
 fn accuracy(m: &MtpModules, target: &Model, index: &[u32], items: &[Item]) -> Result<Vec<f64>> {
     let mut acc = vec![(0usize, 0usize); m.depth()];
     for it in items {
-        for (d, (_, hits, n)) in no_grad(|| forward(m, target, index, it))?
-            .into_iter()
-            .enumerate()
-        {
+        for (d, (_, hits, n)) in no_grad(|| forward(m, target, index, it))?.into_iter().enumerate() {
             acc[d].0 += hits;
             acc[d].1 += n;
         }
     }
-    Ok(acc
-        .iter()
-        .map(|&(h, n)| h as f64 / n.max(1) as f64)
-        .collect())
+    Ok(acc.iter().map(|&(h, n)| h as f64 / n.max(1) as f64).collect())
 }
 
 /// Train `cfg.depth` modules for `target` on `set` (which must carry hidden states; see
 /// [`crate::data::hidden_states`]). `progress` is called after every optimizer step.
-pub fn train(
-    target: &Model,
-    set: &DistillSet,
-    cfg: &MtpConfig,
-    mut progress: impl FnMut(Progress),
-) -> Result<Trained> {
+pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: impl FnMut(Progress)) -> Result<Trained> {
     let c = &target.llama.cfg;
     let dim = c.dim;
     let hidden = match &set.hidden {
         Some(h) if set.dim == dim => h,
         _ => return Err(Error::Invalid(format!("the data carries no hidden states of width {dim}; compute them first (`augur distill-data --hidden`)"))),
     };
-    if cfg.depth == 0
-        || cfg.epochs == 0
-        || cfg.accumulate == 0
-        || cfg.vocab == 0
-        || cfg.max_len < cfg.depth + 2
-    {
-        return Err(Error::Invalid(
-            "depth, epochs, accumulate and vocab must be at least 1, max_len at least depth + 2"
-                .into(),
-        ));
+    if cfg.depth == 0 || cfg.epochs == 0 || cfg.accumulate == 0 || cfg.vocab == 0 || cfg.max_len < cfg.depth + 2 {
+        return Err(Error::Invalid("depth, epochs, accumulate and vocab must be at least 1, max_len at least depth + 2".into()));
     }
     let vocab = draft_vocab(&set.samples, c.vocab, cfg.vocab);
     let index = vocab_index(&vocab, c.vocab);
     // Each block starts as the target's last one.
-    let g = Gguf::open(&target.path)
-        .map_err(|e| Error::Invalid(format!("MTP training reads the target's GGUF file: {e}")))?;
+    let g = Gguf::open(&target.path).map_err(|e| Error::Invalid(format!("MTP training reads the target's GGUF file: {e}")))?;
     let last = c.n_layer - 1;
     let load = |name: &str| -> augur_decode::Result<Tensor> {
         let full = format!("blocks.{last}.{}", name);
-        let bad = |e: String| {
-            augur_decode::Error::Spec(format!("MTP block from the target's `{full}`: {e}"))
-        };
-        let (gname, heads) =
-            gguf_name(&full, c.n_head, c.n_kv_head).ok_or_else(|| bad("no such tensor".into()))?;
+        let bad = |e: String| augur_decode::Error::Spec(format!("MTP block from the target's `{full}`: {e}"));
+        let (gname, heads) = gguf_name(&full, c.n_head, c.n_kv_head).ok_or_else(|| bad("no such tensor".into()))?;
         let src = g.tensor(&gname).map_err(|e| bad(e.to_string()))?;
         let mut v = src.to_vec_f32().map_err(|e| bad(e.to_string()))?;
         if let (Some(h), true) = (heads, c.rope_interleaved) {
@@ -185,65 +147,38 @@ pub fn train(
     let item = |i: usize, s: &Sample| {
         let t = s.ids.len().min(cfg.max_len).min(c.context);
         (t > cfg.depth + 1 && s.prompt_len < t).then(|| {
-            let h0 = hidden[offsets[i] * dim..(offsets[i] + t) * dim]
-                .iter()
-                .map(|v| v.to_f32())
-                .collect();
-            Item {
-                ids: s.ids[..t].to_vec(),
-                h0,
-                prompt_len: s.prompt_len,
-            }
+            let h0 = hidden[offsets[i] * dim..(offsets[i] + t) * dim].iter().map(|v| v.to_f32()).collect();
+            Item { ids: s.ids[..t].to_vec(), h0, prompt_len: s.prompt_len }
         })
     };
     let (mut train_set, eval_set) = crate::split(&set.samples, item);
     if train_set.is_empty() {
-        return Err(Error::Invalid(format!(
-            "no sample has response tokens within its first {} tokens; raise --max-len",
-            cfg.max_len
-        )));
+        return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
     let before = accuracy(&modules, target, &index, &eval_set)?;
 
-    let l = crate::Loop {
-        epochs: cfg.epochs,
-        group: cfg.accumulate,
-        lr: cfg.lr,
-        betas: (0.9, 0.95),
-    };
-    crate::train_loop(
-        &mut train_set,
-        &mut modules,
-        &mut Rng::new(cfg.seed),
-        l,
-        |modules, group| {
-            let mut total = 0f64;
-            for it in group {
-                let per_depth = forward(modules, target, &index, it)?;
-                let n = per_depth.len().max(1) as f64;
-                let mut loss: Option<Tensor> = None;
-                for (l, _, _) in per_depth {
-                    total += l.item()? as f64 / n;
-                    let l = l.scale(1.0 / (n * group.len() as f64))?;
-                    loss = Some(match loss {
-                        None => l,
-                        Some(acc) => acc.add(&l)?,
-                    });
-                }
-                if let Some(loss) = loss {
-                    loss.backward()?;
-                }
+    let l = crate::Loop { epochs: cfg.epochs, group: cfg.accumulate, lr: cfg.lr, betas: (0.9, 0.95) };
+    crate::train_loop(&mut train_set, &mut modules, &mut Rng::new(cfg.seed), l, |modules, group| {
+        let mut total = 0f64;
+        for it in group {
+            let per_depth = forward(modules, target, &index, it)?;
+            let n = per_depth.len().max(1) as f64;
+            let mut loss: Option<Tensor> = None;
+            for (l, _, _) in per_depth {
+                total += l.item()? as f64 / n;
+                let l = l.scale(1.0 / (n * group.len() as f64))?;
+                loss = Some(match loss {
+                    None => l,
+                    Some(acc) => acc.add(&l)?,
+                });
             }
-            Ok(total / group.len() as f64)
-        },
-        &mut progress,
-    )?;
+            if let Some(loss) = loss {
+                loss.backward()?;
+            }
+        }
+        Ok(total / group.len() as f64)
+    }, &mut progress)?;
     let after = accuracy(&modules, target, &index, &eval_set)?;
     let samples = (train_set.len(), eval_set.len());
-    Ok(Trained {
-        modules,
-        before,
-        after,
-        samples,
-    })
+    Ok(Trained { modules, before, after, samples })
 }

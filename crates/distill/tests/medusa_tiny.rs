@@ -21,106 +21,44 @@ fn trained_heads_learn_and_decode_losslessly() {
     let model = Model::open(&path).unwrap();
 
     // 40 prompts of 3-6 tokens; greedy responses of 24 tokens.
-    let prompts: Vec<Prompt> = (0..40u32)
-        .map(|i| Prompt {
-            group: "t".into(),
-            ids: (0..3 + i % 4)
-                .map(|j| 40 + (i * 7 + j * 13) % 150)
-                .collect(),
-        })
-        .collect();
+    let prompts: Vec<Prompt> = (0..40u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
     let samples = data::respond(&model, &prompts, 24, SamplerConfig::default(), |_, _| {}).unwrap();
-    assert!(
-        samples.iter().all(|s| s.ids.len() > s.prompt_len),
-        "every prompt got a response"
-    );
+    assert!(samples.iter().all(|s| s.ids.len() > s.prompt_len), "every prompt got a response");
     let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
-    let set = DistillSet {
-        samples,
-        hidden: Some(hidden),
-        dim: model.llama.cfg.dim,
-    };
+    let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
     set.save(&dir.join("data")).unwrap();
     let set = DistillSet::open(&dir.join("data")).unwrap();
     assert_eq!(set.samples.len(), 40);
 
-    let cfg = MedusaConfig {
-        heads: 2,
-        vocab: 64,
-        epochs: 30,
-        batch: 64,
-        lr: 3e-3,
-        ..Default::default()
-    };
+    let cfg = MedusaConfig { heads: 2, vocab: 64, epochs: 30, batch: 64, lr: 3e-3, ..Default::default() };
     let mut losses = Vec::new();
     let trained = train::train(&model.llama, &set, &cfg, |p| losses.push(p.loss)).unwrap();
-    let (first, last) = (
-        losses[..3].iter().sum::<f64>() / 3.0,
-        losses[losses.len() - 3..].iter().sum::<f64>() / 3.0,
-    );
-    assert!(
-        last < 0.7 * first,
-        "training should lower the loss: {first:.3} -> {last:.3}"
-    );
+    let (first, last) = (losses[..3].iter().sum::<f64>() / 3.0, losses[losses.len() - 3..].iter().sum::<f64>() / 3.0);
+    assert!(last < 0.7 * first, "training should lower the loss: {first:.3} -> {last:.3}");
     // Chance for a head scoring 64 tokens is 1/64; a learnt head is far above it.
-    assert!(
-        trained.accuracy[0][0] > 0.2,
-        "held-out top-1 of head 0: {:?}",
-        trained.accuracy
-    );
+    assert!(trained.accuracy[0][0] > 0.2, "held-out top-1 of head 0: {:?}", trained.accuracy);
 
     let file = dir.join("heads.safetensors");
-    save_heads(
-        &file,
-        &trained.heads,
-        model.llama.cfg.dim,
-        &trained.vocab,
-        &trained.accuracy,
-    )
-    .unwrap();
+    save_heads(&file, &trained.heads, model.llama.cfg.dim, &trained.vocab, &trained.accuracy).unwrap();
     let heads = MedusaHeads::open(&file, &model.llama).unwrap();
     assert_eq!(heads.n_heads(), 2);
 
-    let gen = GenerateConfig {
-        max_tokens: 30,
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let gen = GenerateConfig { max_tokens: 30, ignore_eos: true, ..Default::default() };
     let mut accepted = 0.0;
     for p in prompts.iter().step_by(7) {
         let plain = generate(&model, &p.ids, &gen, |_| ControlFlow::Continue(())).unwrap();
         let mut drafter = Medusa::new(heads.clone(), 6);
-        let (s, stats) = speculative::generate(
-            &model,
-            &p.ids,
-            &gen,
-            &SpecConfig {
-                throttle: false,
-                ..SpecConfig::new(6)
-            },
-            &mut drafter,
-            |_| ControlFlow::Continue(()),
-        )
-        .unwrap();
-        assert_eq!(
-            s.generated, plain.generated,
-            "Medusa greedy output must equal plain greedy"
-        );
+        let (s, stats) = speculative::generate(&model, &p.ids, &gen, &SpecConfig { throttle: false, ..SpecConfig::new(6) }, &mut drafter, |_| ControlFlow::Continue(())).unwrap();
+        assert_eq!(s.generated, plain.generated, "Medusa greedy output must equal plain greedy");
         accepted += stats.tau();
     }
-    assert!(
-        accepted / 6.0 > 1.2,
-        "trained heads should get drafts accepted: mean tau {:.2}",
-        accepted / 6.0
-    );
+    assert!(accepted / 6.0 > 1.2, "trained heads should get drafts accepted: mean tau {:.2}", accepted / 6.0);
 
     // A safetensors file that holds no heads is refused with a clear error.
     let junk = dir.join("junk.safetensors");
     let t = augur_core::Tensor::from_vec(vec![0.0; 4], &[4]).unwrap();
     augur_formats::safetensors::save(&junk, &[("x", &t)]).unwrap();
-    let err = MedusaHeads::open(&junk, &model.llama)
-        .unwrap_err()
-        .to_string();
+    let err = MedusaHeads::open(&junk, &model.llama).unwrap_err().to_string();
     assert!(err.contains("not a Medusa heads file"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }

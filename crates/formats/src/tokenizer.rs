@@ -20,10 +20,11 @@ use serde_json::{json, Value as Json};
 use crate::gguf::{Gguf, Value};
 use crate::{Error, Result};
 
-const GPT2_SPLIT: &str =
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
-const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const GPT2_SPLIT: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+const LLAMA3_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// GGUF token types.
 const TOKEN_CONTROL: i64 = 3;
@@ -42,13 +43,7 @@ pub struct Tokenizer {
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Tokenizer(vocab {}, bos {:?}, eos {:?})",
-            self.vocab_size(),
-            self.bos,
-            self.eos
-        )
+        write!(f, "Tokenizer(vocab {}, bos {:?}, eos {:?})", self.vocab_size(), self.bos, self.eos)
     }
 }
 
@@ -60,18 +55,12 @@ fn byte_level_pre(pre: &str) -> Json {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
     let split = |re: &str| json!({"type": "Split", "pattern": {"Regex": re}, "behavior": "Isolated", "invert": false});
     match pre {
-        "smollm" => {
-            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]})
-        }
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level(true)]}),
         "llama-bpe" | "llama3" | "llama-v3" | "dbrx" | "smaug-bpe" => {
             json!({"type": "Sequence", "pretokenizers": [split(LLAMA3_SPLIT), byte_level(false)]})
         }
-        "qwen2" | "deepseek-r1-qwen" => {
-            json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]})
-        }
-        "gpt2" | "gpt-2" | "default" | "" => {
-            json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level(false)]})
-        }
+        "qwen2" | "deepseek-r1-qwen" => json!({"type": "Sequence", "pretokenizers": [split(QWEN2_SPLIT), byte_level(false)]}),
+        "gpt2" | "gpt-2" | "default" | "" => json!({"type": "Sequence", "pretokenizers": [split(GPT2_SPLIT), byte_level(false)]}),
         other => {
             eprintln!("augur: warning: pre-tokenizer `{other}` is not known to augur; using GPT-2's split rules (ids may differ from the model's own tokenizer)");
             byte_level_pre("gpt2")
@@ -82,11 +71,7 @@ fn byte_level_pre(pre: &str) -> Json {
 /// SentencePiece-BPE merges from scores: every split of a token into two vocab tokens is a merge,
 /// ranked by the score of the token it forms (higher first), ties by the pieces' ids.
 fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)> {
-    let ids: HashMap<&str, usize> = tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect();
+    let ids: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(f32, usize, usize, &str, &str)> = Vec::new();
     for (tok, &score) in tokens.iter().zip(scores) {
         for (split, _) in tok.char_indices().skip(1) {
@@ -97,10 +82,7 @@ fn merges_from_scores(tokens: &[String], scores: &[f32]) -> Vec<(String, String)
         }
     }
     merges.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-    merges
-        .into_iter()
-        .map(|(_, _, _, l, r)| (l.to_string(), r.to_string()))
-        .collect()
+    merges.into_iter().map(|(_, _, _, l, r)| (l.to_string(), r.to_string())).collect()
 }
 
 /// A metadata array of strings.
@@ -109,10 +91,7 @@ fn string_array(g: &Gguf, key: &str) -> Result<Vec<String>> {
         .iter()
         .map(|v| v.as_str().map(str::to_owned))
         .collect::<Option<_>>()
-        .ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: "expected an array of strings".into(),
-        })
+        .ok_or_else(|| Error::Metadata { key: key.into(), msg: "expected an array of strings".into() })
 }
 
 impl Tokenizer {
@@ -124,17 +103,8 @@ impl Tokenizer {
             Some(Value::Array(_, v)) => v.iter().map(|x| x.as_i64().unwrap_or(1)).collect(),
             _ => vec![1; tokens.len()],
         };
-        let id = |key: &str| {
-            g.get(key)
-                .and_then(Value::as_u64)
-                .map(|v| v as u32)
-                .filter(|&v| (v as usize) < tokens.len())
-        };
-        let vocab: serde_json::Map<String, Json> = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), json!(i)))
-            .collect();
+        let id = |key: &str| g.get(key).and_then(Value::as_u64).map(|v| v as u32).filter(|&v| (v as usize) < tokens.len());
+        let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
         let added: Vec<Json> = tokens
             .iter()
             .zip(&types)
@@ -148,10 +118,7 @@ impl Tokenizer {
         let doc = match model {
             "gpt2" => {
                 let merges = string_array(g, "tokenizer.ggml.merges")?;
-                let pre = g
-                    .get("tokenizer.ggml.pre")
-                    .and_then(Value::as_str)
-                    .unwrap_or("default");
+                let pre = g.get("tokenizer.ggml.pre").and_then(Value::as_str).unwrap_or("default");
                 json!({
                     "version": "1.0",
                     "added_tokens": added,
@@ -166,27 +133,18 @@ impl Tokenizer {
             }
             "llama" => {
                 let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
-                    Some(Value::Array(_, v)) => {
-                        v.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect()
-                    }
+                    Some(Value::Array(_, v)) => v.iter().map(|x| x.as_f64().unwrap_or(0.0) as f32).collect(),
                     _ => vec![0.0; tokens.len()],
                 };
                 let merges = merges_from_scores(&tokens, &scores);
                 let unk = id("tokenizer.ggml.unknown_token_id").map(|i| tokens[i as usize].clone());
-                let add_space = g
-                    .get("tokenizer.ggml.add_space_prefix")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(true);
+                let add_space = g.get("tokenizer.ggml.add_space_prefix").and_then(Value::as_bool).unwrap_or(true);
                 let mut norm = vec![];
                 if add_space {
                     norm.push(json!({"type": "Prepend", "prepend": "▁"}));
                 }
                 norm.push(json!({"type": "Replace", "pattern": {"String": " "}, "content": "▁"}));
-                let mut dec = vec![
-                    json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}),
-                    json!({"type": "ByteFallback"}),
-                    json!({"type": "Fuse"}),
-                ];
+                let mut dec = vec![json!({"type": "Replace", "pattern": {"String": "▁"}, "content": " "}), json!({"type": "ByteFallback"}), json!({"type": "Fuse"})];
                 if add_space {
                     dec.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
                 }
@@ -202,12 +160,12 @@ impl Tokenizer {
                               "vocab": vocab, "merges": merges.iter().map(|(a, b)| vec![a, b]).collect::<Vec<_>>()},
                 })
             }
-            other => return Err(Error::Metadata {
-                key: "tokenizer.ggml.model".into(),
-                msg: format!(
-                    "tokenizer type `{other}` is not supported (augur reads `gpt2` and `llama`)"
-                ),
-            }),
+            other => {
+                return Err(Error::Metadata {
+                    key: "tokenizer.ggml.model".into(),
+                    msg: format!("tokenizer type `{other}` is not supported (augur reads `gpt2` and `llama`)"),
+                })
+            }
         };
         let inner = tokenizers::Tokenizer::from_str(&doc.to_string()).map_err(tok_err)?;
         let bos = id("tokenizer.ggml.bos_token_id");
@@ -215,26 +173,15 @@ impl Tokenizer {
         if let Some(e) = id("tokenizer.ggml.eot_token_id").filter(|e| !eos.contains(e)) {
             eos.push(e);
         }
-        let add_bos = g
-            .get("tokenizer.ggml.add_bos_token")
-            .and_then(Value::as_bool)
-            .unwrap_or(model == "llama");
-        Ok(Tokenizer {
-            inner,
-            bos,
-            eos,
-            add_bos,
-        })
+        let add_bos = g.get("tokenizer.ggml.add_bos_token").and_then(Value::as_bool).unwrap_or(model == "llama");
+        Ok(Tokenizer { inner, bos, eos, add_bos })
     }
 
     /// Load `tokenizer.json` (and special ids from `tokenizer_config.json` / `config.json` beside it).
     pub fn from_file(path: &Path) -> Result<Self> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let read = |name: &str| -> Option<Json> {
-            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
-        };
+        let read = |name: &str| -> Option<Json> { serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok() };
         let tcfg = read("tokenizer_config.json");
         let cfg = read("config.json");
         let token_id = |v: Option<&Json>| -> Option<u32> {
@@ -247,10 +194,7 @@ impl Tokenizer {
         let cfg_ids = |key: &str| -> Vec<u32> {
             match cfg.as_ref().and_then(|c| c.get(key)) {
                 Some(Json::Number(n)) => n.as_u64().map(|v| v as u32).into_iter().collect(),
-                Some(Json::Array(a)) => a
-                    .iter()
-                    .filter_map(|v| v.as_u64().map(|v| v as u32))
-                    .collect(),
+                Some(Json::Array(a)) => a.iter().filter_map(|v| v.as_u64().map(|v| v as u32)).collect(),
                 _ => vec![],
             }
         };
@@ -263,12 +207,7 @@ impl Tokenizer {
             }
         }
         let add_bos = tc("add_bos_token").and_then(Json::as_bool).unwrap_or(false);
-        Ok(Tokenizer {
-            inner,
-            bos,
-            eos,
-            add_bos,
-        })
+        Ok(Tokenizer { inner, bos, eos, add_bos })
     }
 
     /// Token ids of `text`. Special tokens written in the text (e.g. `<|im_start|>`) are matched
@@ -293,9 +232,7 @@ impl Tokenizer {
     pub fn check_ids(&self, ids: &[u32]) -> Result<()> {
         let n = self.vocab_size();
         match ids.iter().find(|&&i| i as usize >= n) {
-            Some(bad) => Err(Error::Tokenizer(format!(
-                "token id {bad} is outside the vocabulary (0..{n})"
-            ))),
+            Some(bad) => Err(Error::Tokenizer(format!("token id {bad} is outside the vocabulary (0..{n})"))),
             None => Ok(()),
         }
     }
@@ -338,11 +275,7 @@ pub struct StreamDecoder {
 impl StreamDecoder {
     /// A decoder with nothing buffered.
     pub fn new() -> Self {
-        StreamDecoder {
-            ids: Vec::new(),
-            prefix: 0,
-            emitted_len: 0,
-        }
+        StreamDecoder { ids: Vec::new(), prefix: 0, emitted_len: 0 }
     }
 
     /// Add a token; returns the new text it completes (possibly empty).

@@ -14,9 +14,7 @@ fn main() {
 }
 
 fn data(n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((i as u32).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0)
-        .collect()
+    (0..n).map(|i| ((i as u32).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0).collect()
 }
 
 /// SmolLM2's FFN up projection: 1536 x 576.
@@ -25,10 +23,7 @@ const K: usize = 576;
 
 fn weights(ty: QuantType) -> Vec<u8> {
     let k = K.next_multiple_of(ty.block_len());
-    data(ROWS * k)
-        .chunks(k)
-        .flat_map(|r| ty.quantize_row(r))
-        .collect()
+    data(ROWS * k).chunks(k).flat_map(|r| ty.quantize_row(r)).collect()
 }
 
 #[divan::bench(consts = [0, 1, 2, 3, 4, 5, 6, 7])]
@@ -39,8 +34,7 @@ fn matvec_f32_activations<const T: usize>(b: Bencher) {
     let m = Matrix::new(Weights::Quant(ty, &w), ROWS, k).unwrap();
     let x = data(k);
     let mut y = vec![0f32; ROWS];
-    b.counter(ItemsCount::new(ROWS * k))
-        .bench_local(|| matmul(&m, &x, 1, &mut y));
+    b.counter(ItemsCount::new(ROWS * k)).bench_local(|| matmul(&m, &x, 1, &mut y));
 }
 
 #[divan::bench(consts = [0, 1, 4])]
@@ -66,33 +60,17 @@ fn matmul_q4_1_batch(b: Bencher, n_tok: usize) {
     let m = Matrix::new(Weights::Quant(QuantType::Q4_1, &w), ROWS, K).unwrap();
     let x = data(n_tok * K);
     let mut y = vec![0f32; n_tok * ROWS];
-    b.counter(ItemsCount::new(n_tok))
-        .bench_local(|| matmul(&m, &x, n_tok, &mut y));
+    b.counter(ItemsCount::new(n_tok)).bench_local(|| matmul(&m, &x, n_tok, &mut y));
 }
 
 #[divan::bench(args = [128, 512, 2048])]
 fn attention_decode(b: Bencher, seq: usize) {
-    let shape = Shape {
-        n_head: 9,
-        n_kv_head: 3,
-        head_dim: 64,
-    };
+    let shape = Shape { n_head: 9, n_kv_head: 3, head_dim: 64 };
     let q = data(9 * 64);
     let kc = data(seq * 3 * 64);
     let vc = data(seq * 3 * 64);
     let mut out = vec![0f32; q.len()];
-    b.bench_local(|| {
-        attention(
-            &q,
-            &kc,
-            &vc,
-            seq,
-            shape,
-            Mask::Causal { pos0: seq - 1 },
-            0.125,
-            &mut out,
-        )
-    });
+    b.bench_local(|| attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0: seq - 1 }, 0.125, &mut out));
 }
 
 #[divan::bench]
@@ -104,9 +82,7 @@ fn rms_norm_576(b: Bencher) {
 
 #[divan::bench]
 fn rope_9_heads(b: Bencher) {
-    let inv: Vec<f32> = (0..32)
-        .map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0))
-        .collect();
+    let inv: Vec<f32> = (0..32).map(|i| 1.0 / 100000f32.powf(i as f32 / 32.0)).collect();
     let mut cs = vec![(0f32, 0f32); 32];
     let mut x = data(9 * 64);
     b.bench_local(|| {

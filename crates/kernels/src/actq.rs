@@ -51,12 +51,7 @@ impl ActQ {
     pub fn quantize(&mut self, x: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::cpu::isa() != crate::cpu::Isa::Scalar && is_x86_feature_detected!("avx512f") {
-            assert_eq!(
-                x.len() % BLOCK,
-                0,
-                "ActQ::quantize: length {} is not a multiple of {BLOCK}",
-                x.len()
-            );
+            assert_eq!(x.len() % BLOCK, 0, "ActQ::quantize: length {} is not a multiple of {BLOCK}", x.len());
             self.resize(x.len());
             // SAFETY: AVX-512F detected; buffers sized by resize().
             unsafe { self.quantize_avx512(x) };
@@ -82,8 +77,7 @@ impl ActQ {
         const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
         let (lim, neg) = (_mm512_set1_ps(127.0), _mm512_set1_ps(-127.0));
         let step = _mm512_set1_ps(STEP);
-        let clamp_round =
-            |v: __m512| _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps::<NEAREST>(v), lim), neg);
+        let clamp_round = |v: __m512| _mm512_max_ps(_mm512_min_ps(_mm512_roundscale_ps::<NEAREST>(v), lim), neg);
         for b in 0..x.len() / BLOCK {
             let p = x.as_ptr().add(b * BLOCK);
             let (x0, x1) = (_mm512_loadu_ps(p), _mm512_loadu_ps(p.add(16)));
@@ -100,10 +94,7 @@ impl ActQ {
                 let l = clamp_round(_mm512_mul_ps(_mm512_sub_ps(r1, m), step));
                 let at = b * BLOCK + 16 * half;
                 for (plane, v) in self.planes.iter_mut().zip([h, m, l]) {
-                    _mm_storeu_si128(
-                        plane.as_mut_ptr().add(at) as *mut __m128i,
-                        _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)),
-                    );
+                    _mm_storeu_si128(plane.as_mut_ptr().add(at) as *mut __m128i, _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
                 }
             }
         }
@@ -111,12 +102,7 @@ impl ActQ {
 
     /// Scalar twin of [`ActQ::quantize`], in f64.
     pub fn quantize_reference(&mut self, x: &[f32]) {
-        assert_eq!(
-            x.len() % BLOCK,
-            0,
-            "ActQ::quantize: length {} is not a multiple of {BLOCK}",
-            x.len()
-        );
+        assert_eq!(x.len() % BLOCK, 0, "ActQ::quantize: length {} is not a multiple of {BLOCK}", x.len());
         let nb = x.len() / BLOCK;
         self.resize(x.len());
         let [hi, mid, lo] = &mut self.planes;

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 
+
 use crate::pool;
 use crate::vec::{hsum16, softmax};
 
@@ -50,27 +51,13 @@ pub fn attention(
     scale: f32,
     out: &mut [f32],
 ) {
-    let Shape {
-        n_head,
-        n_kv_head,
-        head_dim,
-    } = shape;
+    let Shape { n_head, n_kv_head, head_dim } = shape;
     let kv_stride = n_kv_head * head_dim;
-    assert!(
-        n_kv_head > 0 && n_head % n_kv_head == 0,
-        "attention: n_head must be a multiple of n_kv_head"
-    );
-    assert!(
-        k_cache.len() >= seq * kv_stride && v_cache.len() >= seq * kv_stride,
-        "attention: cache too short"
-    );
+    assert!(n_kv_head > 0 && n_head % n_kv_head == 0, "attention: n_head must be a multiple of n_kv_head");
+    assert!(k_cache.len() >= seq * kv_stride && v_cache.len() >= seq * kv_stride, "attention: cache too short");
     assert_eq!(out.len(), q.len(), "attention: out/q length mismatch");
     if let Mask::Explicit(m) = mask {
-        assert_eq!(
-            m.len(),
-            q.len() / (n_head * head_dim) * seq,
-            "attention: mask must be [n_tok, seq]"
-        );
+        assert_eq!(m.len(), q.len() / (n_head * head_dim) * seq, "attention: mask must be [n_tok, seq]");
     }
     let group = n_head / n_kv_head;
     let op = pool::SyncPtr::new(out.as_mut_ptr());
@@ -110,18 +97,8 @@ pub fn attention(
                             visible.reserve(n_vis.max(4096).next_power_of_two());
                         }
                         visible.clear();
-                        visible.extend(
-                            m[t * seq..(t + 1) * seq]
-                                .iter()
-                                .enumerate()
-                                .filter(|e| *e.1)
-                                .map(|e| e.0 as u32),
-                        );
-                        Head {
-                            positions: Some(visible),
-                            ..head
-                        }
-                        .run(&mut scores[..n_vis], o)
+                        visible.extend(m[t * seq..(t + 1) * seq].iter().enumerate().filter(|e| *e.1).map(|e| e.0 as u32));
+                        Head { positions: Some(visible), ..head }.run(&mut scores[..n_vis], o)
                     }
                 }
             });
@@ -205,9 +182,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn exp(x: __m512) -> __m512 {
         let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
-        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)),
-        );
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)));
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
         let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
         let c = |v: f32| _mm512_set1_ps(v);
@@ -245,10 +220,7 @@ mod avx512 {
         for i in (0..full).step_by(16) {
             mx = _mm512_max_ps(mx, _mm512_loadu_ps(sp.add(i)));
         }
-        mx = _mm512_max_ps(
-            mx,
-            _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail_mask, sp.add(full)),
-        );
+        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(f32::NEG_INFINITY), tail_mask, sp.add(full)));
         let m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
         let mut sum = _mm512_setzero_ps();
         for i in (0..full).step_by(16) {
@@ -257,10 +229,7 @@ mod avx512 {
             sum = _mm512_add_ps(sum, e);
         }
         if tail_mask != 0 {
-            let e = exp(_mm512_sub_ps(
-                _mm512_maskz_loadu_ps(tail_mask, sp.add(full)),
-                m,
-            ));
+            let e = exp(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail_mask, sp.add(full)), m));
             let e = _mm512_maskz_mov_ps(tail_mask, e);
             _mm512_mask_storeu_ps(sp.add(full), tail_mask, e);
             sum = _mm512_add_ps(sum, e);
@@ -288,12 +257,7 @@ mod avx512 {
 fn dot16(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
             acc[i] = x[i].mul_add(y[i], acc[i]);

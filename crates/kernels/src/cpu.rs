@@ -16,10 +16,7 @@ pub enum Isa {
 pub fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(|| {
-        if std::env::var("AUGUR_ISA")
-            .map(|v| v == "scalar")
-            .unwrap_or(false)
-        {
+        if std::env::var("AUGUR_ISA").map(|v| v == "scalar").unwrap_or(false) {
             return Isa::Scalar;
         }
         detect()

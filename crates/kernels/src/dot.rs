@@ -22,12 +22,7 @@ pub fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
 
 /// Dot product of the quantized row `row` (type `ty`, `x.len()` weights) with `x`.
 pub fn dot_quant(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
-    assert_eq!(
-        Some(row.len()),
-        ty.row_bytes(x.len()),
-        "dot_quant {}: row/vector size mismatch",
-        ty.name()
-    );
+    assert_eq!(Some(row.len()), ty.row_bytes(x.len()), "dot_quant {}: row/vector size mismatch", ty.name());
     #[cfg(target_arch = "x86_64")]
     if isa() >= Isa::Avx2 {
         // SAFETY: AVX2+FMA detected; sizes checked above.
@@ -79,11 +74,7 @@ mod avx2 {
         let mut i = 0;
         while i + 32 <= n {
             for (j, acc) in a.iter_mut().enumerate() {
-                *acc = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(px.add(i + 8 * j)),
-                    _mm256_loadu_ps(py.add(i + 8 * j)),
-                    *acc,
-                );
+                *acc = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i + 8 * j)), _mm256_loadu_ps(py.add(i + 8 * j)), *acc);
             }
             i += 32;
         }
@@ -91,10 +82,7 @@ mod avx2 {
             a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(px.add(i)), _mm256_loadu_ps(py.add(i)), a[0]);
             i += 8;
         }
-        let mut s = hsum(_mm256_add_ps(
-            _mm256_add_ps(a[0], a[1]),
-            _mm256_add_ps(a[2], a[3]),
-        ));
+        let mut s = hsum(_mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3])));
         while i < n {
             s += x[i] * y[i];
             i += 1;
@@ -108,10 +96,7 @@ mod avx2 {
     unsafe fn nibbles(p: *const u8) -> (__m128i, __m128i) {
         let qs = _mm_loadu_si128(p as *const __m128i);
         let m = _mm_set1_epi8(0x0F);
-        (
-            _mm_and_si128(qs, m),
-            _mm_and_si128(_mm_srli_epi16(qs, 4), m),
-        )
+        (_mm_and_si128(qs, m), _mm_and_si128(_mm_srli_epi16(qs, 4), m))
     }
 
     /// Σ q[j] * x[j] for 16 u8 (or i8 when `signed`) values against x[0..16], as a vector of 8 partial sums.
@@ -119,15 +104,9 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn dot16(q: __m128i, x: *const f32, signed: bool, acc: __m256) -> __m256 {
         let (a, b) = if signed {
-            (
-                _mm256_cvtepi8_epi32(q),
-                _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)),
-            )
+            (_mm256_cvtepi8_epi32(q), _mm256_cvtepi8_epi32(_mm_srli_si128(q, 8)))
         } else {
-            (
-                _mm256_cvtepu8_epi32(q),
-                _mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)),
-            )
+            (_mm256_cvtepu8_epi32(q), _mm256_cvtepu8_epi32(_mm_srli_si128(q, 8)))
         };
         let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a), _mm256_loadu_ps(x), acc);
         _mm256_fmadd_ps(_mm256_cvtepi32_ps(b), _mm256_loadu_ps(x.add(8)), acc)

@@ -47,11 +47,7 @@ fn block_weights(ty: QuantType, blk: &[u8]) -> [i32; 32] {
     let mut w = [0i32; 32];
     match ty {
         QuantType::Q4_0 | QuantType::Q4_1 => {
-            let (qs, off) = if ty == QuantType::Q4_0 {
-                (&blk[2..18], 8)
-            } else {
-                (&blk[4..20], 0)
-            };
+            let (qs, off) = if ty == QuantType::Q4_0 { (&blk[2..18], 8) } else { (&blk[4..20], 0) };
             for j in 0..16 {
                 w[j] = (qs[j] & 0xF) as i32 - off;
                 w[j + 16] = (qs[j] >> 4) as i32 - off;
@@ -70,26 +66,15 @@ fn block_weights(ty: QuantType, blk: &[u8]) -> [i32; 32] {
 /// One block's contribution, in scalar code: three exact integer dots combined in f32.
 fn block_reference(ty: QuantType, blk: &[u8], a: &ActQ, b: usize) -> f32 {
     let w = block_weights(ty, blk);
-    let plane = |p: usize| -> f32 {
-        (0..32)
-            .map(|j| w[j] * a.planes[p][b * BLOCK + j] as i32)
-            .sum::<i32>() as f32
-    };
+    let plane = |p: usize| -> f32 { (0..32).map(|j| w[j] * a.planes[p][b * BLOCK + j] as i32).sum::<i32>() as f32 };
     let t = plane(0) + plane(1) / STEP + plane(2) / (STEP * STEP);
-    let m = if ty == QuantType::Q4_1 {
-        f16_at(blk, 2) * a.sum[b]
-    } else {
-        0.0
-    };
+    let m = if ty == QuantType::Q4_1 { f16_at(blk, 2) * a.sum[b] } else { 0.0 };
     f16_at(blk, 0) * a.d[b] * t + m
 }
 
 /// Scalar twin of [`dot`].
 pub fn dot_reference(ty: QuantType, row: &[u8], a: &ActQ) -> f32 {
-    row.chunks_exact(ty.block_bytes())
-        .enumerate()
-        .map(|(b, blk)| block_reference(ty, blk, a, b))
-        .sum()
+    row.chunks_exact(ty.block_bytes()).enumerate().map(|(b, blk)| block_reference(ty, blk, a, b)).sum()
 }
 
 /// `row · x` where `a` holds `x` quantized. `ty` must be [`supported`].
@@ -102,18 +87,9 @@ pub fn dot(ty: QuantType, row: &[u8], a: &ActQ) -> f32 {
 /// `out[t] = row · x_t` for several quantized activation vectors: the weights are unpacked once
 /// per block pair for up to four vectors at a time (speculative verification, small batches).
 pub fn dot_many(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
-    assert_eq!(
-        acts.len(),
-        out.len(),
-        "dot_many: one output per activation vector"
-    );
+    assert_eq!(acts.len(), out.len(), "dot_many: one output per activation vector");
     for a in acts {
-        assert_eq!(
-            Some(row.len()),
-            ty.row_bytes(a.len()),
-            "dot_actq {}: row/vector size mismatch",
-            ty.name()
-        );
+        assert_eq!(Some(row.len()), ty.row_bytes(a.len()), "dot_actq {}: row/vector size mismatch", ty.name());
     }
     dot_many_unchecked(ty, row, acts, out)
 }
@@ -178,9 +154,7 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn f16(p: *const u8) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(
-            p.cast::<u16>().read_unaligned() as i32,
-        )))
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
     }
 
     #[inline]
@@ -219,10 +193,7 @@ mod avx2 {
         let bb = super::avx512::block_bytes(KIND);
         let nb = acts[0].d.len();
         let ones = _mm256_set1_epi16(1);
-        let (s1, s2) = (
-            _mm256_set1_ps(1.0 / STEP),
-            _mm256_set1_ps(1.0 / (STEP * STEP)),
-        );
+        let (s1, s2) = (_mm256_set1_ps(1.0 / STEP), _mm256_set1_ps(1.0 / (STEP * STEP)));
         let mut acc = [_mm256_setzero_ps(); N];
         let mut macc = [0f32; N];
         for b in 0..nb {
@@ -233,9 +204,7 @@ mod avx2 {
             for t in 0..N {
                 let a = acts[t];
                 let dot = |plane: usize| {
-                    let mut x = _mm256_loadu_si256(
-                        a.planes[plane].as_ptr().add(b * BLOCK) as *const __m256i
-                    );
+                    let mut x = _mm256_loadu_si256(a.planes[plane].as_ptr().add(b * BLOCK) as *const __m256i);
                     if KIND != Q4_1 {
                         x = _mm256_sign_epi8(x, sign);
                     }
@@ -294,12 +263,7 @@ mod avx512 {
     /// negated (signed weights arrive as absolute values).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,fma")]
-    unsafe fn planes<const SIGNED: bool>(
-        w: __m512i,
-        a: &ActQ,
-        at: usize,
-        neg: __mmask64,
-    ) -> __m512 {
+    unsafe fn planes<const SIGNED: bool>(w: __m512i, a: &ActQ, at: usize, neg: __mmask64) -> __m512 {
         let z = _mm512_setzero_si512();
         let dot = |p: usize| {
             let mut x = _mm512_loadu_si512(a.planes[p].as_ptr().add(at) as *const _);
@@ -331,8 +295,7 @@ mod avx512 {
         let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
         // [b0lo, b1lo, b0hi, b1hi] (16-byte quarters) -> [b0lo, b0hi, b1lo, b1hi]
         let perm = _mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0);
-        let w =
-            _mm512_permutexvar_epi64(perm, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
+        let w = _mm512_permutexvar_epi64(perm, _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1));
         if KIND == Q4_0 {
             let s = _mm512_sub_epi8(w, _mm512_set1_epi8(8));
             (_mm512_abs_epi8(s), _mm512_movepi8_mask(s))
@@ -361,28 +324,15 @@ mod avx512 {
         let mut g = 0;
         while nb - g >= 2 {
             let nblk = (nb - g).min(16) & !1;
-            let kmask: __mmask16 = if nblk == 16 {
-                0xFFFF
-            } else {
-                ((1u32 << nblk) - 1) as u16
-            };
-            let hdr = _mm512_mask_i32gather_epi32::<1>(
-                _mm512_setzero_si512(),
-                kmask,
-                offs,
-                base.add(g * bb) as *const i32,
-            );
+            let kmask: __mmask16 = if nblk == 16 { 0xFFFF } else { ((1u32 << nblk) - 1) as u16 };
+            let hdr = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), kmask, offs, base.add(g * bb) as *const i32);
             let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
             let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(hdr, 16)));
             let mut s = [_mm512_setzero_ps(); N];
             for t in 0..N {
                 s[t] = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(kmask, acts[t].d.as_ptr().add(g)));
                 if KIND == Q4_1 {
-                    macc[t] = _mm512_fmadd_ps(
-                        mw,
-                        _mm512_maskz_loadu_ps(kmask, acts[t].sum.as_ptr().add(g)),
-                        macc[t],
-                    );
+                    macc[t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(kmask, acts[t].sum.as_ptr().add(g)), macc[t]);
                 }
             }
             let mut idx = pair_idx;
@@ -390,11 +340,7 @@ mod avx512 {
                 let b = g + 2 * p;
                 let (w, neg) = weights::<KIND>(base.add(b * bb), base.add((b + 1) * bb));
                 for t in 0..N {
-                    let v = if signed {
-                        planes::<true>(w, acts[t], b * BLOCK, neg)
-                    } else {
-                        planes::<false>(w, acts[t], b * BLOCK, 0)
-                    };
+                    let v = if signed { planes::<true>(w, acts[t], b * BLOCK, neg) } else { planes::<false>(w, acts[t], b * BLOCK, 0) };
                     acc[t] = _mm512_fmadd_ps(v, _mm512_permutexvar_ps(idx, s[t]), acc[t]);
                 }
                 idx = _mm512_add_epi32(idx, _mm512_set1_epi32(2));
@@ -421,15 +367,9 @@ mod tests {
         let mut s = seed | 1;
         (0..n)
             .map(|i| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                if outlier && i % 97 == 5 {
-                    v * 60.0
-                } else {
-                    v
-                }
+                if outlier && i % 97 == 5 { v * 60.0 } else { v }
             })
             .collect()
     }

@@ -18,17 +18,7 @@ const BC: usize = 64;
 /// `dst[m×n] (+)= beta · a[m×k] · b[k×n]`, each operand given by its row and column strides.
 #[allow(clippy::too_many_arguments)]
 #[inline]
-fn mm<T: Real>(
-    (m, n, k): (usize, usize, usize),
-    dst: &mut [T],
-    dst_rs: usize,
-    add: bool,
-    a: &[T],
-    (a_rs, a_cs): (usize, usize),
-    b: &[T],
-    (b_rs, b_cs): (usize, usize),
-    beta: T,
-) {
+fn mm<T: Real>((m, n, k): (usize, usize, usize), dst: &mut [T], dst_rs: usize, add: bool, a: &[T], (a_rs, a_cs): (usize, usize), b: &[T], (b_rs, b_cs): (usize, usize), beta: T) {
     if m == 0 || n == 0 || k == 0 {
         return;
     }
@@ -37,25 +27,11 @@ fn mm<T: Real>(
     // SAFETY: the assertions above keep every index gemm forms inside the three slices.
     unsafe {
         gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            add,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            T::ONE,
-            beta,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
+            m, n, k,
+            dst.as_mut_ptr(), 1, dst_rs as isize, add,
+            a.as_ptr(), a_cs as isize, a_rs as isize,
+            b.as_ptr(), b_cs as isize, b_rs as isize,
+            T::ONE, beta, false, false, false, gemm::Parallelism::None,
         );
     }
 }
@@ -90,16 +66,10 @@ impl Shape {
             return Err(format!("every size must be positive, got {self:?}"));
         }
         if self.kv_heads == 0 || !self.heads.is_multiple_of(self.kv_heads) {
-            return Err(format!(
-                "{} query heads cannot be grouped over {} key/value heads",
-                self.heads, self.kv_heads
-            ));
+            return Err(format!("{} query heads cannot be grouped over {} key/value heads", self.heads, self.kv_heads));
         }
         if causal && self.q_len > self.k_len {
-            return Err(format!(
-                "a causal mask needs at least as many keys ({}) as queries ({})",
-                self.k_len, self.q_len
-            ));
+            return Err(format!("a causal mask needs at least as many keys ({}) as queries ({})", self.k_len, self.q_len));
         }
         Ok(())
     }
@@ -121,12 +91,7 @@ pub struct Mask<'a, T> {
 impl<T: Real> Mask<'_, T> {
     /// Causal masking only (bottom-right aligned when `k_len > q_len`).
     pub fn causal() -> Self {
-        Mask {
-            causal: true,
-            allow: None,
-            bias: None,
-            alibi: None,
-        }
+        Mask { causal: true, allow: None, bias: None, alibi: None }
     }
 
     #[inline]
@@ -161,25 +126,14 @@ impl<T: Real> Mask<'_, T> {
 /// `out = softmax(q·kᵀ·scale + mask) · v`, and the log-sum-exp of every query row (`-inf` for a
 /// row that sees no key; its output is zero).
 #[allow(clippy::too_many_arguments)]
-pub fn forward<T: Real>(
-    s: &Shape,
-    m: &Mask<T>,
-    scale: T,
-    q: &[T],
-    k: &[T],
-    v: &[T],
-    out: &mut [T],
-    lse: &mut [T],
-) {
+pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T]) {
     let (d, g) = (s.dim, s.group());
     assert_eq!(q.len(), s.batch * s.heads * s.q_len * d);
     assert_eq!(k.len(), s.batch * s.kv_heads * s.k_len * d);
     assert_eq!(v.len(), k.len());
     assert_eq!(out.len(), q.len());
     assert_eq!(lse.len(), s.batch * s.heads * s.q_len);
-    let work = out
-        .par_chunks_mut(s.q_len * d)
-        .zip(lse.par_chunks_mut(s.q_len));
+    let work = out.par_chunks_mut(s.q_len * d).zip(lse.par_chunks_mut(s.q_len));
     work.enumerate().for_each(|(bh, (out, lse))| {
         let (b, h) = (bh / s.heads, bh % s.heads);
         let kv = (b * s.kv_heads + h / g) * s.k_len * d;
@@ -197,17 +151,7 @@ pub fn forward<T: Real>(
             for j0 in (0..end).step_by(BC) {
                 let bc = BC.min(end - j0);
                 // Scores of the tile: q rows i0.. against k rows j0.. (kᵀ read in place).
-                mm(
-                    (br, bc, d),
-                    &mut sc,
-                    BC,
-                    false,
-                    &q[i0 * d..],
-                    (d, 1),
-                    &k[j0 * d..],
-                    (1, d),
-                    scale,
-                );
+                mm((br, bc, d), &mut sc, BC, false, &q[i0 * d..], (d, 1), &k[j0 * d..], (1, d), scale);
                 for r in 0..br {
                     let i = i0 + r;
                     let row = &mut sc[r * BC..r * BC + bc];
@@ -233,26 +177,12 @@ pub fn forward<T: Real>(
                     }
                     mx[r] = new_max;
                     for x in row.iter_mut() {
-                        *x = if *x == T::NEG_INFINITY {
-                            T::ZERO
-                        } else {
-                            (*x - new_max).fast_exp()
-                        };
+                        *x = if *x == T::NEG_INFINITY { T::ZERO } else { (*x - new_max).fast_exp() };
                         sum[r] += *x;
                     }
                 }
                 // acc += P · v rows j0..
-                mm(
-                    (br, d, bc),
-                    acc,
-                    d,
-                    true,
-                    &sc,
-                    (BC, 1),
-                    &v[j0 * d..],
-                    (d, 1),
-                    T::ONE,
-                );
+                mm((br, d, bc), acc, d, true, &sc, (BC, 1), &v[j0 * d..], (d, 1), T::ONE);
             }
             for r in 0..br {
                 if sum[r] == T::ZERO {
@@ -285,139 +215,72 @@ pub fn backward<T: Real>(
     let keys = s.k_len * d;
     let plane = s.q_len * s.k_len;
     // One task per (batch, kv head): it owns that head's dk/dv and its query heads' dq.
-    let mut partial = dbias
-        .as_ref()
-        .map(|_| vec![T::ZERO; s.batch * s.heads * plane]);
-    let mut tasks: Vec<_> = dq
-        .chunks_mut(g * rows)
-        .zip(dk.chunks_mut(keys))
-        .zip(dv.chunks_mut(keys))
-        .collect();
+    let mut partial = dbias.as_ref().map(|_| vec![T::ZERO; s.batch * s.heads * plane]);
+    let mut tasks: Vec<_> = dq.chunks_mut(g * rows).zip(dk.chunks_mut(keys)).zip(dv.chunks_mut(keys)).collect();
     let mut biases: Vec<Option<&mut [T]>> = match partial.as_mut() {
         Some(p) => p.chunks_mut(g * plane).map(Some).collect(),
         None => (0..tasks.len()).map(|_| None).collect(),
     };
     let work: Vec<_> = tasks.drain(..).zip(biases.drain(..)).enumerate().collect();
-    work.into_par_iter()
-        .for_each(|(bg, (((dq, dk), dv), mut db))| {
-            dq.fill(T::ZERO);
-            dk.fill(T::ZERO);
-            dv.fill(T::ZERO);
-            let (k, v) = (
-                &k[bg * keys..(bg + 1) * keys],
-                &v[bg * keys..(bg + 1) * keys],
-            );
-            let b = bg / s.kv_heads;
-            let (mut p, mut dp) = (vec![T::ZERO; BR * BC], vec![T::ZERO; BR * BC]);
-            let mut delta = vec![T::ZERO; s.q_len];
-            for r in 0..g {
-                let h = (bg % s.kv_heads) * g + r;
-                let base = (b * s.heads + h) * s.q_len;
-                let (q, o, dout) = (
-                    &q[base * d..(base + s.q_len) * d],
-                    &out[base * d..(base + s.q_len) * d],
-                    &dout[base * d..(base + s.q_len) * d],
-                );
-                let lse = &lse[base..base + s.q_len];
-                let dq = &mut dq[r * rows..(r + 1) * rows];
-                for (i, dl) in delta.iter_mut().enumerate() {
-                    *dl = dot(&dout[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]);
-                }
-                for j0 in (0..s.k_len).step_by(BC) {
-                    let bc = BC.min(s.k_len - j0);
-                    for i0 in (0..s.q_len).step_by(BR) {
-                        let br = BR.min(s.q_len - i0);
-                        if m.key_end(s, i0 + br - 1) <= j0 {
-                            continue; // every query of the block is before these keys
-                        }
-                        // P = exp(scores − lse), zero where masked.
-                        mm(
-                            (br, bc, d),
-                            &mut p,
-                            BC,
-                            false,
-                            &q[i0 * d..],
-                            (d, 1),
-                            &k[j0 * d..],
-                            (1, d),
-                            scale,
-                        );
-                        for rr in 0..br {
-                            let i = i0 + rr;
-                            let lim = m.key_end(s, i);
-                            for c in 0..bc {
-                                let j = j0 + c;
-                                let x = &mut p[rr * BC + c];
-                                *x = match (j < lim && lse[i] != T::NEG_INFINITY)
-                                    .then(|| m.term(s, h, i, j))
-                                    .flatten()
-                                {
-                                    Some(t) => (*x + t - lse[i]).fast_exp(),
-                                    None => T::ZERO,
-                                };
-                            }
-                        }
-                        // dv_j += Pᵀ · dO_i ; dP = dO_i · v_jᵀ
-                        mm(
-                            (bc, d, br),
-                            &mut dv[j0 * d..],
-                            d,
-                            true,
-                            &p,
-                            (1, BC),
-                            &dout[i0 * d..],
-                            (d, 1),
-                            T::ONE,
-                        );
-                        mm(
-                            (br, bc, d),
-                            &mut dp,
-                            BC,
-                            false,
-                            &dout[i0 * d..],
-                            (d, 1),
-                            &v[j0 * d..],
-                            (1, d),
-                            T::ONE,
-                        );
-                        // dS = P ⊙ (dP − delta_i)
-                        for rr in 0..br {
-                            let dl = delta[i0 + rr];
-                            for c in 0..bc {
-                                let ds = p[rr * BC + c] * (dp[rr * BC + c] - dl);
-                                dp[rr * BC + c] = ds;
-                                if let Some(db) = db.as_deref_mut() {
-                                    db[(r * s.q_len + i0 + rr) * s.k_len + j0 + c] += ds;
-                                }
-                            }
-                        }
-                        // dq_i += scale · dS · k_j ; dk_j += scale · dSᵀ · q_i
-                        mm(
-                            (br, d, bc),
-                            &mut dq[i0 * d..],
-                            d,
-                            true,
-                            &dp,
-                            (BC, 1),
-                            &k[j0 * d..],
-                            (d, 1),
-                            scale,
-                        );
-                        mm(
-                            (bc, d, br),
-                            &mut dk[j0 * d..],
-                            d,
-                            true,
-                            &dp,
-                            (1, BC),
-                            &q[i0 * d..],
-                            (d, 1),
-                            scale,
-                        );
+    work.into_par_iter().for_each(|(bg, (((dq, dk), dv), mut db))| {
+        dq.fill(T::ZERO);
+        dk.fill(T::ZERO);
+        dv.fill(T::ZERO);
+        let (k, v) = (&k[bg * keys..(bg + 1) * keys], &v[bg * keys..(bg + 1) * keys]);
+        let b = bg / s.kv_heads;
+        let (mut p, mut dp) = (vec![T::ZERO; BR * BC], vec![T::ZERO; BR * BC]);
+        let mut delta = vec![T::ZERO; s.q_len];
+        for r in 0..g {
+            let h = (bg % s.kv_heads) * g + r;
+            let base = (b * s.heads + h) * s.q_len;
+            let (q, o, dout) = (&q[base * d..(base + s.q_len) * d], &out[base * d..(base + s.q_len) * d], &dout[base * d..(base + s.q_len) * d]);
+            let lse = &lse[base..base + s.q_len];
+            let dq = &mut dq[r * rows..(r + 1) * rows];
+            for (i, dl) in delta.iter_mut().enumerate() {
+                *dl = dot(&dout[i * d..(i + 1) * d], &o[i * d..(i + 1) * d]);
+            }
+            for j0 in (0..s.k_len).step_by(BC) {
+                let bc = BC.min(s.k_len - j0);
+                for i0 in (0..s.q_len).step_by(BR) {
+                    let br = BR.min(s.q_len - i0);
+                    if m.key_end(s, i0 + br - 1) <= j0 {
+                        continue; // every query of the block is before these keys
                     }
+                    // P = exp(scores − lse), zero where masked.
+                    mm((br, bc, d), &mut p, BC, false, &q[i0 * d..], (d, 1), &k[j0 * d..], (1, d), scale);
+                    for rr in 0..br {
+                        let i = i0 + rr;
+                        let lim = m.key_end(s, i);
+                        for c in 0..bc {
+                            let j = j0 + c;
+                            let x = &mut p[rr * BC + c];
+                            *x = match (j < lim && lse[i] != T::NEG_INFINITY).then(|| m.term(s, h, i, j)).flatten() {
+                                Some(t) => (*x + t - lse[i]).fast_exp(),
+                                None => T::ZERO,
+                            };
+                        }
+                    }
+                    // dv_j += Pᵀ · dO_i ; dP = dO_i · v_jᵀ
+                    mm((bc, d, br), &mut dv[j0 * d..], d, true, &p, (1, BC), &dout[i0 * d..], (d, 1), T::ONE);
+                    mm((br, bc, d), &mut dp, BC, false, &dout[i0 * d..], (d, 1), &v[j0 * d..], (1, d), T::ONE);
+                    // dS = P ⊙ (dP − delta_i)
+                    for rr in 0..br {
+                        let dl = delta[i0 + rr];
+                        for c in 0..bc {
+                            let ds = p[rr * BC + c] * (dp[rr * BC + c] - dl);
+                            dp[rr * BC + c] = ds;
+                            if let Some(db) = db.as_deref_mut() {
+                                db[(r * s.q_len + i0 + rr) * s.k_len + j0 + c] += ds;
+                            }
+                        }
+                    }
+                    // dq_i += scale · dS · k_j ; dk_j += scale · dSᵀ · q_i
+                    mm((br, d, bc), &mut dq[i0 * d..], d, true, &dp, (BC, 1), &k[j0 * d..], (d, 1), scale);
+                    mm((bc, d, br), &mut dk[j0 * d..], d, true, &dp, (1, BC), &q[i0 * d..], (d, 1), scale);
                 }
             }
-        });
+        }
+    });
     if let (Some(dbias), Some(p)) = (dbias, partial) {
         dbias.fill(T::ZERO);
         for chunk in p.chunks(s.heads * plane) {
@@ -441,15 +304,9 @@ mod tests {
                 for i in 0..s.q_len {
                     let row = ((b * s.heads + h) * s.q_len + i) * d;
                     let sc: Vec<f64> = (0..s.k_len)
-                        .map(|j| {
-                            match (j < m.key_end(s, i)).then(|| m.term(s, h, i, j)).flatten() {
-                                Some(t) => {
-                                    (0..d).map(|x| q[row + x] * k[kv + j * d + x]).sum::<f64>()
-                                        * scale
-                                        + t
-                                }
-                                None => f64::NEG_INFINITY,
-                            }
+                        .map(|j| match (j < m.key_end(s, i)).then(|| m.term(s, h, i, j)).flatten() {
+                            Some(t) => (0..d).map(|x| q[row + x] * k[kv + j * d + x]).sum::<f64>() * scale + t,
+                            None => f64::NEG_INFINITY,
                         })
                         .collect();
                     let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -470,14 +327,10 @@ mod tests {
     }
 
     fn data(n: usize, seed: u64) -> Vec<f64> {
-        let mut x = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((x >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
             })
             .collect()

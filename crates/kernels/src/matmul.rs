@@ -125,34 +125,15 @@ type Part<'a> = (QuantType, &'a [u8], usize, pool::SyncPtr<f32>, usize);
 
 /// [`matmul_actq`] for several matrices that share their input (q/k/v, gate/up) in one parallel
 /// region: one dispatch instead of one per matrix. Allocation-free.
-pub fn matmul_actq_group<const M: usize>(
-    ms: [&Matrix; M],
-    ys: &mut [&mut [f32]; M],
-    acts: &[ActQ],
-) {
+pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32]; M], acts: &[ActQ]) {
     let n = acts.len();
-    assert!(
-        (1..=ACTQ_MAX_BATCH).contains(&n),
-        "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})"
-    );
+    assert!((1..=ACTQ_MAX_BATCH).contains(&n), "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})");
     let mut fixed: [Option<Part>; M] = [None; M];
     let mut total = 0;
     for (slot, (m, y)) in fixed.iter_mut().zip(ms.iter().zip(ys.iter_mut())) {
-        let Weights::Quant(ty, w) = m.weights else {
-            panic!("matmul_actq: weights are not quantized")
-        };
-        assert!(
-            acts.iter().all(|a| a.len() == m.k),
-            "matmul_actq: activations must have {} values",
-            m.k
-        );
-        assert_eq!(
-            y.len(),
-            n * m.rows,
-            "matmul_actq: y has {} values, want {n}x{}",
-            y.len(),
-            m.rows
-        );
+        let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
+        assert!(acts.iter().all(|a| a.len() == m.k), "matmul_actq: activations must have {} values", m.k);
+        assert_eq!(y.len(), n * m.rows, "matmul_actq: y has {} values, want {n}x{}", y.len(), m.rows);
         let rb = ty.block_bytes() * (m.k / ty.block_len());
         *slot = Some((ty, w, rb, pool::SyncPtr::new(y.as_mut_ptr()), m.rows));
         total += m.rows;
@@ -171,12 +152,7 @@ pub fn matmul_actq_group<const M: usize>(
             }
             let (ty, w, rb, yp, rows) = parts[part].as_ref().unwrap();
             let r = g - base;
-            crate::dot_actq::dot_many_unchecked(
-                *ty,
-                &w[r * rb..(r + 1) * rb],
-                &refs[..n],
-                &mut out[..n],
-            );
+            crate::dot_actq::dot_many_unchecked(*ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
             for (t, v) in out[..n].iter().enumerate() {
                 // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
                 unsafe { yp.slice(t * rows + r, 1)[0] = *v };
@@ -191,18 +167,8 @@ const PANEL: usize = 32;
 /// `y[t*rows + r] = Σ_j x[t*k + j] · W[r][j]` for `t < n_tok`.
 pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
     let (rows, k) = (m.rows, m.k);
-    assert_eq!(
-        x.len(),
-        n_tok * k,
-        "matmul: x has {} values, want {n_tok}x{k}",
-        x.len()
-    );
-    assert_eq!(
-        y.len(),
-        n_tok * rows,
-        "matmul: y has {} values, want {n_tok}x{rows}",
-        y.len()
-    );
+    assert_eq!(x.len(), n_tok * k, "matmul: x has {} values, want {n_tok}x{k}", x.len());
+    assert_eq!(y.len(), n_tok * rows, "matmul: y has {} values, want {n_tok}x{rows}", y.len());
     if n_tok == 0 {
         return;
     }
@@ -225,49 +191,49 @@ pub fn matmul(m: &Matrix, x: &[f32], n_tok: usize, y: &mut [f32]) {
     }
     let n_panels = rows.div_ceil(PANEL);
     pool.for_chunks(n_panels, 1, &|panels| {
-        for p in panels {
-            let r0 = p * PANEL;
-            let nr = PANEL.min(rows - r0);
-            let yp = &yp;
-            let run = |panel: &[f32]| {
-                // SAFETY: panel p writes only columns r0..r0+nr of y, disjoint from every other panel;
-                // all pointers stay inside x (n_tok×k), panel (nr×k) and y (n_tok×rows).
-                unsafe {
-                    gemm::gemm(
-                        n_tok,
-                        nr,
-                        k,
-                        yp.ptr().add(r0),
-                        1,
-                        rows as isize,
-                        false,
-                        x.as_ptr(),
-                        1,
-                        k as isize,
-                        panel.as_ptr(),
-                        k as isize,
-                        1,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        gemm::Parallelism::None,
-                    )
-                }
-            };
-            match m.weights {
-                Weights::F32(w) => run(&w[r0 * k..(r0 + nr) * k]),
-                _ => SCRATCH.with(|s| {
-                    let mut s = s.borrow_mut();
-                    grow(&mut s, PANEL * k);
-                    for i in 0..nr {
-                        m.row_f32(r0 + i, &mut s[i * k..(i + 1) * k]);
-                    }
-                    run(&s[..nr * k]);
-                }),
+      for p in panels {
+        let r0 = p * PANEL;
+        let nr = PANEL.min(rows - r0);
+        let yp = &yp;
+        let run = |panel: &[f32]| {
+            // SAFETY: panel p writes only columns r0..r0+nr of y, disjoint from every other panel;
+            // all pointers stay inside x (n_tok×k), panel (nr×k) and y (n_tok×rows).
+            unsafe {
+                gemm::gemm(
+                    n_tok,
+                    nr,
+                    k,
+                    yp.ptr().add(r0),
+                    1,
+                    rows as isize,
+                    false,
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    panel.as_ptr(),
+                    k as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
             }
+        };
+        match m.weights {
+            Weights::F32(w) => run(&w[r0 * k..(r0 + nr) * k]),
+            _ => SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                grow(&mut s, PANEL * k);
+                for i in 0..nr {
+                    m.row_f32(r0 + i, &mut s[i * k..(i + 1) * k]);
+                }
+                run(&s[..nr * k]);
+            }),
         }
+      }
     });
 }
 
@@ -281,9 +247,7 @@ mod tests {
         let mut s = seed | 1;
         (0..n)
             .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
             })
             .collect()
@@ -295,14 +259,7 @@ mod tests {
         matmul(m, &x, n_tok, &mut y);
         let want = reference::matmul_rows(n_tok, m.k, m.rows, &x, |r, d| m.row_f32(r, d));
         for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-            prop_assert!(
-                (a - b).abs() <= 1e-4 * (1.0 + m.k as f32).sqrt(),
-                "{:?} at {}: {} vs {}",
-                m.weights,
-                i,
-                a,
-                b
-            );
+            prop_assert!((a - b).abs() <= 1e-4 * (1.0 + m.k as f32).sqrt(), "{:?} at {}: {} vs {}", m.weights, i, a, b);
         }
         Ok(())
     }
@@ -338,25 +295,14 @@ mod tests {
                 continue;
             }
             for n in [1, 3, 16] {
-                let acts: Vec<ActQ> = (0..n)
-                    .map(|t| {
-                        let mut a = ActQ::default();
-                        a.quantize(&data(10 + t as u64, k));
-                        a
-                    })
-                    .collect();
+                let acts: Vec<ActQ> = (0..n).map(|t| { let mut a = ActQ::default(); a.quantize(&data(10 + t as u64, k)); a }).collect();
                 let mut y = vec![0f32; n * rows];
                 matmul_actq(&m, &acts, &mut y);
                 let rb = ty.row_bytes(k).unwrap();
                 for (i, v) in y.iter().enumerate() {
                     let (t, r) = (i / rows, i % rows);
-                    let want =
-                        crate::dot_actq::dot_reference(ty, &q[r * rb..(r + 1) * rb], &acts[t]);
-                    assert!(
-                        (v - want).abs() < 1e-4,
-                        "{} token {t} row {r}: {v} vs {want}",
-                        ty.name()
-                    );
+                    let want = crate::dot_actq::dot_reference(ty, &q[r * rb..(r + 1) * rb], &acts[t]);
+                    assert!((v - want).abs() < 1e-4, "{} token {t} row {r}: {v} vs {want}", ty.name());
                 }
             }
         }

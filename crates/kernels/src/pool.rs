@@ -56,16 +56,9 @@ pub fn set_threads(n: usize) -> bool {
 /// The process-wide pool: [`set_threads`], else `AUGUR_THREADS`, else all cores.
 pub fn global() -> &'static Pool {
     GLOBAL.get_or_init(|| {
-        let env = std::env::var("AUGUR_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .filter(|&n| n > 0);
+        let env = std::env::var("AUGUR_THREADS").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&n| n > 0);
         let n = match REQUESTED.load(Ordering::SeqCst) {
-            0 => env.unwrap_or_else(|| {
-                thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(1)
-            }),
+            0 => env.unwrap_or_else(|| thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
             n => n,
         };
         Pool::new(n)
@@ -89,9 +82,7 @@ fn worker(shared: Arc<Shared>, idx: usize, n: usize) {
                 std::hint::spin_loop();
             } else {
                 shared.sleeping[idx].store(true, Ordering::SeqCst);
-                if shared.epoch.load(Ordering::SeqCst) == seen
-                    && !shared.shutdown.load(Ordering::SeqCst)
-                {
+                if shared.epoch.load(Ordering::SeqCst) == seen && !shared.shutdown.load(Ordering::SeqCst) {
                     thread::park();
                 }
                 shared.sleeping[idx].store(false, Ordering::SeqCst);
@@ -135,12 +126,7 @@ impl Pool {
                     .clone()
             })
             .collect();
-        Pool {
-            n,
-            shared,
-            workers,
-            dispatch: Mutex::new(()),
-        }
+        Pool { n, shared, workers, dispatch: Mutex::new(()) }
     }
 
     /// Number of threads that run parallel work (the caller included).
@@ -160,8 +146,7 @@ impl Pool {
         let _serial = self.dispatch.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: the job reference is only used by workers until they decrement `pending`, and
         // this function does not return before `pending` reaches zero, so `f` outlives every use.
-        let erased: &'static Job =
-            unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
+        let erased: &'static Job = unsafe { std::mem::transmute::<&(dyn Fn(usize, usize) + Sync), &'static Job>(f) };
         *self.shared.job.lock().unwrap_or_else(|p| p.into_inner()) = Some(erased);
         self.shared.pending.store(self.n - 1, Ordering::SeqCst);
         self.shared.epoch.fetch_add(1, Ordering::SeqCst);
@@ -187,12 +172,7 @@ impl Pool {
 
     /// Split `0..n_items` into chunks of `chunk` and hand them out dynamically to the threads:
     /// `f(start..end)` runs once per chunk.
-    pub fn for_chunks(
-        &self,
-        n_items: usize,
-        chunk: usize,
-        f: &(dyn Fn(std::ops::Range<usize>) + Sync),
-    ) {
+    pub fn for_chunks(&self, n_items: usize, chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
         let chunk = chunk.max(1);
         let n_chunks = n_items.div_ceil(chunk);
         if n_chunks <= 1 || self.n == 1 {
@@ -296,18 +276,12 @@ mod tests {
     #[test]
     fn a_panicking_job_panics_the_caller() {
         let p = Pool::new(2);
-        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            p.run(&|i, _| assert!(i == 0, "worker fails"))
-        }));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.run(&|i, _| assert!(i == 0, "worker fails"))));
         assert!(r.is_err());
         let total = AtomicUsize::new(0);
         p.run(&|_, _| {
             total.fetch_add(1, Ordering::Relaxed);
         });
-        assert_eq!(
-            total.load(Ordering::Relaxed),
-            2,
-            "the pool still works afterwards"
-        );
+        assert_eq!(total.load(Ordering::Relaxed), 2, "the pool still works afterwards");
     }
 }

@@ -112,8 +112,7 @@ impl QuantType {
 
     /// Bytes of a row of `k` weights, or `None` when `k` is not a whole number of blocks.
     pub fn row_bytes(self, k: usize) -> Option<usize> {
-        k.is_multiple_of(self.block_len())
-            .then(|| k / self.block_len() * self.block_bytes())
+        k.is_multiple_of(self.block_len()).then(|| k / self.block_len() * self.block_bytes())
     }
 
     /// Dequantize one row: `src` holds `dst.len() / block_len` blocks.
@@ -121,19 +120,8 @@ impl QuantType {
     /// Panics if the lengths disagree; callers validate shapes when a tensor is built.
     pub fn dequantize_row(self, src: &[u8], dst: &mut [f32]) {
         let (bl, bb) = (self.block_len(), self.block_bytes());
-        assert_eq!(
-            dst.len() % bl,
-            0,
-            "{}: row length {} is not a multiple of {bl}",
-            self.name(),
-            dst.len()
-        );
-        assert_eq!(
-            src.len(),
-            dst.len() / bl * bb,
-            "{}: byte length mismatch",
-            self.name()
-        );
+        assert_eq!(dst.len() % bl, 0, "{}: row length {} is not a multiple of {bl}", self.name(), dst.len());
+        assert_eq!(src.len(), dst.len() / bl * bb, "{}: byte length mismatch", self.name());
         for (b, y) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(bl)) {
             self.dequantize_block(b, y);
         }
@@ -158,13 +146,7 @@ impl QuantType {
     /// block length. Used to build test models and by `augur` when it writes GGUF files.
     pub fn quantize_row(self, x: &[f32]) -> Vec<u8> {
         let bl = self.block_len();
-        assert_eq!(
-            x.len() % bl,
-            0,
-            "{}: row length {} is not a multiple of {bl}",
-            self.name(),
-            x.len()
-        );
+        assert_eq!(x.len() % bl, 0, "{}: row length {} is not a multiple of {bl}", self.name(), x.len());
         let mut out = Vec::with_capacity(x.len() / bl * self.block_bytes());
         for xb in x.chunks_exact(bl) {
             match self {
@@ -210,10 +192,7 @@ fn dequant_q4_1(b: &[u8], y: &mut [f32]) {
 }
 
 fn fifth_bits(qh: u32, j: usize) -> (u8, u8) {
-    (
-        (((qh >> j) << 4) & 0x10) as u8,
-        ((qh >> (j + 12)) & 0x10) as u8,
-    )
+    ((((qh >> j) << 4) & 0x10) as u8, ((qh >> (j + 12)) & 0x10) as u8)
 }
 
 fn dequant_q5_0(b: &[u8], y: &mut [f32]) {
@@ -251,10 +230,7 @@ pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -322,9 +298,7 @@ fn dequant_q6_k(b: &[u8], y: &mut [f32]) {
 
 fn absmax_signed(x: &[f32]) -> f32 {
     // The value with the largest magnitude, keeping its sign (ggml's Q4_0/Q5_0 convention).
-    x.iter()
-        .copied()
-        .fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a })
+    x.iter().copied().fold(0.0f32, |a, v| if v.abs() > a.abs() { v } else { a })
 }
 
 fn quant_q4_0(x: &[f32], out: &mut Vec<u8>) {
@@ -340,10 +314,7 @@ fn quant_q4_0(x: &[f32], out: &mut Vec<u8>) {
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
-    x.iter()
-        .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| {
-            (lo.min(v), hi.max(v))
-        })
+    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), &v| (lo.min(v), hi.max(v)))
 }
 
 fn quant_q4_1(x: &[f32], out: &mut Vec<u8>) {
@@ -427,16 +398,8 @@ fn quant_kx(x: &[f32], out: &mut Vec<u8>, five: bool) {
     let mut ls = [0u8; 8];
     let mut lm = [0u8; 8];
     for i in 0..8 {
-        ls[i] = if d > 0.0 {
-            (sub_scale[i] / d).round().clamp(0.0, 63.0) as u8
-        } else {
-            0
-        };
-        lm[i] = if dmin > 0.0 {
-            (sub_min[i] / dmin).round().clamp(0.0, 63.0) as u8
-        } else {
-            0
-        };
+        ls[i] = if d > 0.0 { (sub_scale[i] / d).round().clamp(0.0, 63.0) as u8 } else { 0 };
+        lm[i] = if dmin > 0.0 { (sub_min[i] / dmin).round().clamp(0.0, 63.0) as u8 } else { 0 };
     }
     let mut scales = [0u8; 12];
     for j in 0..8 {
@@ -454,11 +417,7 @@ fn quant_kx(x: &[f32], out: &mut Vec<u8>, five: bool) {
         let dl = d * ls[i] as f32;
         let ml = dmin * lm[i] as f32;
         for (l, &v) in xs.iter().enumerate() {
-            q[32 * i + l] = if dl > 0.0 {
-                ((v + ml) / dl).round().clamp(0.0, qmax) as u8
-            } else {
-                0
-            };
+            q[32 * i + l] = if dl > 0.0 { ((v + ml) / dl).round().clamp(0.0, qmax) as u8 } else { 0 };
         }
     }
     push_f16(out, d);
@@ -487,27 +446,17 @@ fn quant_q6_k(x: &[f32], out: &mut Vec<u8>) {
     for (i, xs) in x.chunks_exact(16).enumerate() {
         sub[i] = absmax_signed(xs) / -32.0;
     }
-    let max_abs = sub
-        .iter()
-        .fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
+    let max_abs = sub.iter().fold(0f32, |a, &v| if v.abs() > a.abs() { v } else { a });
     let d = f16::from_f32(max_abs.abs() / 127.0).to_f32();
     let mut sc = [0i8; 16];
     for i in 0..16 {
-        sc[i] = if d > 0.0 {
-            (sub[i] / d).round().clamp(-127.0, 127.0) as i8
-        } else {
-            0
-        };
+        sc[i] = if d > 0.0 { (sub[i] / d).round().clamp(-127.0, 127.0) as i8 } else { 0 };
     }
     let mut q = [0u8; QK_K];
     for (i, xs) in x.chunks_exact(16).enumerate() {
         let dl = d * sc[i] as f32;
         for (l, &v) in xs.iter().enumerate() {
-            q[16 * i + l] = if dl != 0.0 {
-                ((v / dl).round() + 32.0).clamp(0.0, 63.0) as u8
-            } else {
-                32
-            };
+            q[16 * i + l] = if dl != 0.0 { ((v / dl).round() + 32.0).clamp(0.0, 63.0) as u8 } else { 32 };
         }
     }
     let mut ql = [0u8; 128];
@@ -515,12 +464,7 @@ fn quant_q6_k(x: &[f32], out: &mut Vec<u8>) {
     for n in 0..2 {
         for l in 0..32 {
             let base = 128 * n;
-            let (q1, q2, q3, q4) = (
-                q[base + l],
-                q[base + l + 32],
-                q[base + l + 64],
-                q[base + l + 96],
-            );
+            let (q1, q2, q3, q4) = (q[base + l], q[base + l + 32], q[base + l + 64], q[base + l + 96]);
             ql[64 * n + l] = (q1 & 0xF) | ((q3 & 0xF) << 4);
             ql[64 * n + l + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
             qh[32 * n + l] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
@@ -546,10 +490,7 @@ mod tests {
         // sizeof(block_q4_K) = 2*2 + 12 + 128, etc.
         assert_eq!(QuantType::Q4_K.block_bytes(), 4 + 12 + QK_K / 2);
         assert_eq!(QuantType::Q5_K.block_bytes(), 4 + 12 + QK_K / 8 + QK_K / 2);
-        assert_eq!(
-            QuantType::Q6_K.block_bytes(),
-            QK_K / 2 + QK_K / 4 + QK_K / 16 + 2
-        );
+        assert_eq!(QuantType::Q6_K.block_bytes(), QK_K / 2 + QK_K / 4 + QK_K / 16 + 2);
         for t in QuantType::ALL {
             assert_eq!(QuantType::from_ggml_id(t.ggml_id()), Some(t));
         }

@@ -17,13 +17,7 @@ pub fn dot_quant(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
 }
 
 /// `y[t][r] = Σ_k x[t][k] * W[r][k]` for a dequantizer `row(r, &mut [f32])`.
-pub fn matmul_rows(
-    n_tok: usize,
-    k: usize,
-    rows: usize,
-    x: &[f32],
-    row: impl Fn(usize, &mut [f32]),
-) -> Vec<f32> {
+pub fn matmul_rows(n_tok: usize, k: usize, rows: usize, x: &[f32], row: impl Fn(usize, &mut [f32])) -> Vec<f32> {
     let mut w = vec![0f32; k];
     let mut y = vec![0f32; n_tok * rows];
     for r in 0..rows {
@@ -52,10 +46,7 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
 
 /// `silu(g) * u`, with `silu(x) = x / (1 + e^-x)`.
 pub fn silu_mul(g: &[f32], u: &[f32]) -> Vec<f32> {
-    g.iter()
-        .zip(u)
-        .map(|(a, b)| a / (1.0 + (-a).exp()) * b)
-        .collect()
+    g.iter().zip(u).map(|(a, b)| a / (1.0 + (-a).exp()) * b).collect()
 }
 
 /// Rotate one head vector by the angles `pos * inv_freq[i]`. `interleaved` pairs `(2i, 2i+1)`
@@ -66,11 +57,7 @@ pub fn rope(x: &[f32], pos: usize, inv_freq: &[f32], interleaved: bool) -> Vec<f
     for (i, &f) in inv_freq.iter().enumerate() {
         let a = (pos as f32 * f) as f64;
         let (s, c) = (a.sin() as f32, a.cos() as f32);
-        let (i0, i1) = if interleaved {
-            (2 * i, 2 * i + 1)
-        } else {
-            (i, i + d / 2)
-        };
+        let (i0, i1) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + d / 2) };
         y[i0] = x[i0] * c - x[i1] * s;
         y[i1] = x[i1] * c + x[i0] * s;
     }
@@ -79,24 +66,12 @@ pub fn rope(x: &[f32], pos: usize, inv_freq: &[f32], interleaved: bool) -> Vec<f
 
 /// Naive attention for one query head: `softmax(q·Kᵀ·scale + mask) · V` over `keys.len()/d` positions,
 /// `allowed[j]` false masks position j out.
-pub fn attention(
-    q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    scale: f32,
-    allowed: &[bool],
-) -> Vec<f32> {
+pub fn attention(q: &[f32], keys: &[f32], values: &[f32], scale: f32, allowed: &[bool]) -> Vec<f32> {
     let d = q.len();
     let scores: Vec<f32> = keys
         .chunks_exact(d)
         .zip(allowed)
-        .map(|(k, &ok)| {
-            if ok {
-                dot_f32(q, k) * scale
-            } else {
-                f32::NEG_INFINITY
-            }
-        })
+        .map(|(k, &ok)| if ok { dot_f32(q, k) * scale } else { f32::NEG_INFINITY })
         .collect();
     let p = softmax(&scores);
     let mut out = vec![0f32; d];

@@ -4,10 +4,7 @@ use crate::dot::dot_f32;
 
 /// `out = x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    assert!(
-        x.len() == w.len() && x.len() == out.len(),
-        "rms_norm: length mismatch"
-    );
+    assert!(x.len() == w.len() && x.len() == out.len(), "rms_norm: length mismatch");
     let ms = dot_f32(x, x) / x.len() as f32;
     let s = 1.0 / (ms + eps).sqrt();
     for ((o, v), g) in out.iter_mut().zip(x).zip(w) {
@@ -28,11 +25,7 @@ pub fn softmax(x: &mut [f32]) {
             mx[i] = mx[i].max(c[i]);
         }
     }
-    let m = chunks
-        .into_remainder()
-        .iter()
-        .copied()
-        .fold(hmax16(mx), f32::max);
+    let m = chunks.into_remainder().iter().copied().fold(hmax16(mx), f32::max);
     let mut acc = [0f32; 16];
     let mut chunks = x.chunks_exact_mut(16);
     for c in &mut chunks {
@@ -62,21 +55,17 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-                                     // 88.72283 is the largest f32 whose exponential is finite in f32.
+    // 88.72283 is the largest f32 whose exponential is finite in f32.
     const HI: f32 = 88.722_83;
     let xc = x.clamp(-87.3, HI);
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
-    let p = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
     // n is an integer in [-126, 128]: read it from the rounding constant's mantissa bits. 2^n in
     // two factors, so n = 128 (x above 88.38) does not overflow the exponent field.
     let ni = ((xc * LOG2E + ROUND).to_bits() as i32) - 0x4B40_0000;
     let (n1, n2) = (ni >> 1, ni - (ni >> 1));
-    let y =
-        p * f32::from_bits(((n1 + 127) << 23) as u32) * f32::from_bits(((n2 + 127) << 23) as u32);
+    let y = p * f32::from_bits(((n1 + 127) << 23) as u32) * f32::from_bits(((n2 + 127) << 23) as u32);
     let y = if x < -87.3 { 0.0 } else { y };
     if x > HI {
         f32::INFINITY
@@ -138,11 +127,7 @@ pub fn rope(x: &mut [f32], head_dim: usize, cs: &[(f32, f32)], interleaved: bool
     let half = head_dim / 2;
     for h in x.chunks_exact_mut(head_dim) {
         for (i, &(c, s)) in cs.iter().enumerate().take(half) {
-            let (i0, i1) = if interleaved {
-                (2 * i, 2 * i + 1)
-            } else {
-                (i, i + half)
-            };
+            let (i0, i1) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
             let (a, b) = (h[i0], h[i1]);
             h[i0] = a * c - b * s;
             h[i1] = b * c + a * s;
@@ -161,10 +146,7 @@ mod tests {
         // Up to the largest f32 with a finite exponential (88.72245 was a flaky proptest case).
         for x in [88.7f32, 88.72245, 88.72283] {
             let (a, b) = (exp(x), x.exp());
-            assert!(
-                a.is_finite() && (a - b).abs() <= 3e-7 * b,
-                "exp({x}) = {a} vs {b}"
-            );
+            assert!(a.is_finite() && (a - b).abs() <= 3e-7 * b, "exp({x}) = {a} vs {b}");
         }
         assert_eq!(exp(88.72284), f32::INFINITY);
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);

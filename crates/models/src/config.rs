@@ -76,15 +76,10 @@ impl Config {
         let dim = g.get_u64(&k("embedding_length"))? as usize;
         let vocab = match g.get_u64(&k("vocab_size")) {
             Ok(v) => v as usize,
-            Err(_) => g
-                .tensor_info("token_embd.weight")
-                .map(|t| t.shape[0])
-                .ok_or_else(|| Error::Config("no vocab size and no token_embd.weight".into()))?,
+            Err(_) => g.tensor_info("token_embd.weight").map(|t| t.shape[0]).ok_or_else(|| Error::Config("no vocab size and no token_embd.weight".into()))?,
         };
         let rope_scaling = match g.get(&k("rope.scaling.type")).and_then(|v| v.as_str()) {
-            Some("linear") => RopeScaling::Linear {
-                factor: g.get_f64(&k("rope.scaling.factor"))? as f32,
-            },
+            Some("linear") => RopeScaling::Linear { factor: g.get_f64(&k("rope.scaling.factor"))? as f32 },
             _ => RopeScaling::None,
         };
         let cfg = Config {
@@ -93,25 +88,13 @@ impl Config {
             hidden: g.get_u64(&k("feed_forward_length"))? as usize,
             n_layer: g.get_u64(&k("block_count"))? as usize,
             n_head,
-            n_kv_head: g
-                .get_u64(&k("attention.head_count_kv"))
-                .map(|v| v as usize)
-                .unwrap_or(n_head),
-            head_dim: g
-                .get_u64(&k("attention.key_length"))
-                .map(|v| v as usize)
-                .unwrap_or(dim.checked_div(n_head).unwrap_or(0)),
+            n_kv_head: g.get_u64(&k("attention.head_count_kv")).map(|v| v as usize).unwrap_or(n_head),
+            head_dim: g.get_u64(&k("attention.key_length")).map(|v| v as usize).unwrap_or(dim.checked_div(n_head).unwrap_or(0)),
             rms_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))? as f32,
-            rope_theta: g
-                .get_f64(&k("rope.freq_base"))
-                .map(|v| v as f32)
-                .unwrap_or(10000.0),
+            rope_theta: g.get_f64(&k("rope.freq_base")).map(|v| v as f32).unwrap_or(10000.0),
             rope_scaling,
             rope_interleaved: arch != "qwen2",
-            context: g
-                .get_u64(&k("context_length"))
-                .map(|v| v as usize)
-                .unwrap_or(4096),
+            context: g.get_u64(&k("context_length")).map(|v| v as usize).unwrap_or(4096),
             tied_embeddings: g.tensor_info("output.weight").is_none(),
             arch,
         };
@@ -121,42 +104,22 @@ impl Config {
     /// Read an HF `config.json` document.
     pub fn from_hf_json(j: &Json) -> Result<Self> {
         let u = |key: &str| j.get(key).and_then(Json::as_u64).map(|v| v as usize);
-        let need = |key: &str| {
-            u(key).ok_or_else(|| Error::Config(format!("config.json: missing integer `{key}`")))
-        };
-        let arch = j
-            .get("model_type")
-            .and_then(Json::as_str)
-            .unwrap_or("llama")
-            .to_string();
+        let need = |key: &str| u(key).ok_or_else(|| Error::Config(format!("config.json: missing integer `{key}`")));
+        let arch = j.get("model_type").and_then(Json::as_str).unwrap_or("llama").to_string();
         if !matches!(arch.as_str(), "llama" | "qwen2" | "mistral") {
-            return Err(Error::Config(format!(
-                "config.json: model_type `{arch}` is not supported (llama, qwen2, mistral)"
-            )));
+            return Err(Error::Config(format!("config.json: model_type `{arch}` is not supported (llama, qwen2, mistral)")));
         }
         let n_head = need("num_attention_heads")?;
         let dim = need("hidden_size")?;
-        let rope = j
-            .get("rope_parameters")
-            .or_else(|| j.get("rope_scaling"))
-            .filter(|v| v.is_object());
+        let rope = j.get("rope_parameters").or_else(|| j.get("rope_scaling")).filter(|v| v.is_object());
         let theta = j
             .get("rope_theta")
             .or_else(|| rope.and_then(|r| r.get("rope_theta")))
             .and_then(Json::as_f64)
             .unwrap_or(10000.0) as f32;
-        let f = |key: &str, d: f64| {
-            rope.and_then(|r| r.get(key))
-                .and_then(Json::as_f64)
-                .unwrap_or(d) as f32
-        };
-        let rope_scaling = match rope
-            .and_then(|r| r.get("rope_type").or_else(|| r.get("type")))
-            .and_then(Json::as_str)
-        {
-            Some("linear") => RopeScaling::Linear {
-                factor: f("factor", 1.0),
-            },
+        let f = |key: &str, d: f64| rope.and_then(|r| r.get(key)).and_then(Json::as_f64).unwrap_or(d) as f32;
+        let rope_scaling = match rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Json::as_str) {
+            Some("linear") => RopeScaling::Linear { factor: f("factor", 1.0) },
             Some("llama3") => RopeScaling::Llama3 {
                 factor: f("factor", 8.0),
                 low_freq_factor: f("low_freq_factor", 1.0),
@@ -178,10 +141,7 @@ impl Config {
             rope_scaling,
             rope_interleaved: false,
             context: u("max_position_embeddings").unwrap_or(4096),
-            tied_embeddings: j
-                .get("tie_word_embeddings")
-                .and_then(Json::as_bool)
-                .unwrap_or(false),
+            tied_embeddings: j.get("tie_word_embeddings").and_then(Json::as_bool).unwrap_or(false),
             arch,
         };
         cfg.validate()
@@ -190,28 +150,15 @@ impl Config {
     fn validate(self) -> Result<Self> {
         let bad = |m: String| Err(Error::Config(m));
         if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
-            return bad(format!(
-                "{} heads cannot be grouped over {} KV heads",
-                self.n_head, self.n_kv_head
-            ));
+            return bad(format!("{} heads cannot be grouped over {} KV heads", self.n_head, self.n_kv_head));
         }
         if self.head_dim == 0 || !self.head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "head_dim {} must be even and positive",
-                self.head_dim
-            ));
+            return bad(format!("head_dim {} must be even and positive", self.head_dim));
         }
         if self.dim == 0 || self.hidden == 0 || self.vocab == 0 || self.n_layer == 0 {
-            return bad(format!(
-                "zero-sized model: dim {} hidden {} vocab {} layers {}",
-                self.dim, self.hidden, self.vocab, self.n_layer
-            ));
+            return bad(format!("zero-sized model: dim {} hidden {} vocab {} layers {}", self.dim, self.hidden, self.vocab, self.n_layer));
         }
-        if self.n_layer > 4096
-            || self.dim > 1 << 20
-            || self.vocab > 1 << 24
-            || self.context > 1 << 24
-        {
+        if self.n_layer > 4096 || self.dim > 1 << 20 || self.vocab > 1 << 24 || self.context > 1 << 24 {
             return bad("implausible model size; the file is corrupt".into());
         }
         Ok(self)
@@ -221,18 +168,11 @@ impl Config {
     /// f32 as HF transformers does (`1 / theta^(2i/d)`).
     pub fn inv_freq(&self) -> Vec<f32> {
         let d = self.head_dim;
-        let base: Vec<f32> = (0..d / 2)
-            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32))
-            .collect();
+        let base: Vec<f32> = (0..d / 2).map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32)).collect();
         match self.rope_scaling {
             RopeScaling::None => base,
             RopeScaling::Linear { factor } => base.iter().map(|f| f / factor).collect(),
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_context,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => {
                 let low_wl = original_context / low_freq_factor;
                 let high_wl = original_context / high_freq_factor;
                 base.iter()
@@ -243,8 +183,7 @@ impl Config {
                         } else if wl > low_wl {
                             f / factor
                         } else {
-                            let s = (original_context / wl - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let s = (original_context / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - s) * f / factor + s * f
                         }
                     })

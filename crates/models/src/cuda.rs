@@ -42,20 +42,8 @@ impl Llama {
                 w_down: l.w_down.matrix()?,
             });
         }
-        let output = if self.tied {
-            None
-        } else {
-            Some(self.output.matrix()?)
-        };
-        let gpu = GpuModel::upload(
-            &dev,
-            dims,
-            self.embed.matrix()?,
-            layers,
-            &self.norm,
-            output,
-            &self.inv_freq,
-        )?;
+        let output = if self.tied { None } else { Some(self.output.matrix()?) };
+        let gpu = GpuModel::upload(&dev, dims, self.embed.matrix()?, layers, &self.norm, output, &self.inv_freq)?;
         self.gpu = Some(Arc::new(gpu));
         Ok(())
     }
@@ -83,11 +71,7 @@ pub(crate) fn run<'s>(
         Logits::All => (Out::All, n),
         Logits::Hidden => (Out::Hidden, n),
     };
-    let vocab = if which == Logits::Hidden {
-        0
-    } else {
-        cfg.vocab
-    };
+    let vocab = if which == Logits::Hidden { 0 } else { cfg.vocab };
     if st.logits.len() < n_out * vocab {
         st.logits.resize(n_out * vocab, 0.0);
     }
@@ -96,10 +80,7 @@ pub(crate) fn run<'s>(
     }
     if st.gpu.is_none() {
         if st.pos != 0 {
-            return Err(Error::Config(
-                "this state's cache is on the host; start a new State for a model on a device"
-                    .into(),
-            ));
+            return Err(Error::Config("this state's cache is on the host; start a new State for a model on a device".into()));
         }
         st.gpu = Some(gpu.new_seq()?);
     }
@@ -115,19 +96,8 @@ pub(crate) fn run<'s>(
     }
     let tree = tree.map(|(depth, _)| (depth, &st.mask[..]));
     let seq = st.gpu.as_mut().expect("set above");
-    let pass = Pass {
-        tokens,
-        pos0,
-        tree,
-        n_layers,
-        out,
-    };
-    gpu.forward(
-        seq,
-        &pass,
-        &mut st.logits[..n_out * vocab],
-        &mut st.xn[..n_out * cfg.dim],
-    )?;
+    let pass = Pass { tokens, pos0, tree, n_layers, out };
+    gpu.forward(seq, &pass, &mut st.logits[..n_out * vocab], &mut st.xn[..n_out * cfg.dim])?;
     st.pos += n;
     st.hidden_rows = n_out;
     Ok(&st.logits[..n_out * vocab])
@@ -136,13 +106,7 @@ pub(crate) fn run<'s>(
 /// One decode step for several sequences ([`Llama::forward_many`]): on the device each sequence
 /// takes its own single-token pass (correct, not yet batched), the logits rows gathered into
 /// `scratch`.
-pub(crate) fn run_many<'s>(
-    gpu: &GpuModel,
-    scratch: &'s mut State,
-    seqs: &mut [&mut State],
-    tokens: &[u32],
-    n_layers: usize,
-) -> Result<&'s [f32]> {
+pub(crate) fn run_many<'s>(gpu: &GpuModel, scratch: &'s mut State, seqs: &mut [&mut State], tokens: &[u32], n_layers: usize) -> Result<&'s [f32]> {
     let vocab = gpu.dims.vocab;
     if scratch.logits.len() < tokens.len() * vocab {
         scratch.logits.resize(tokens.len() * vocab, 0.0);

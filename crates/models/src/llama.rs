@@ -3,8 +3,8 @@
 //! Qwen2 adds q/k/v biases; Mistral is Llama. One definition serves GGUF and safetensors weights.
 
 use augur_core::Tensor;
-use augur_kernels::actq::ActQ;
 use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::actq::ActQ;
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, ACTQ_MAX_BATCH};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
@@ -72,21 +72,14 @@ pub struct Llama {
 
 fn expect_shape(name: &str, t: &Tensor, shape: &[usize]) -> Result<()> {
     if t.shape() != shape {
-        return Err(Error::Config(format!(
-            "tensor `{name}` has shape {:?}, the config implies {shape:?}",
-            t.shape()
-        )));
+        return Err(Error::Config(format!("tensor `{name}` has shape {:?}, the config implies {shape:?}", t.shape())));
     }
     Ok(())
 }
 
 impl Llama {
     /// Build from a tensor source keyed by GGUF names (`blk.0.attn_q.weight`, …).
-    pub fn load(
-        cfg: Config,
-        get: impl Fn(&str) -> Result<Tensor>,
-        has: impl Fn(&str) -> bool,
-    ) -> Result<Self> {
+    pub fn load(cfg: Config, get: impl Fn(&str) -> Result<Tensor>, has: impl Fn(&str) -> bool) -> Result<Self> {
         let (dim, hid) = (cfg.dim, cfg.hidden);
         let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
         let mat = |name: &str, shape: [usize; 2]| -> Result<Tensor> {
@@ -100,20 +93,10 @@ impl Llama {
             expect_shape(name, &t, &[n])?;
             Ok(t.to_vec_f32()?)
         };
-        let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>> {
-            if has(name) {
-                vec(name, n).map(Some)
-            } else {
-                Ok(None)
-            }
-        };
+        let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>> { if has(name) { vec(name, n).map(Some) } else { Ok(None) } };
         let embed = mat("token_embd.weight", [cfg.vocab, dim])?;
         let tied = !has("output.weight");
-        let output = if tied {
-            embed.clone()
-        } else {
-            mat("output.weight", [cfg.vocab, dim])?
-        };
+        let output = if tied { embed.clone() } else { mat("output.weight", [cfg.vocab, dim])? };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
@@ -148,12 +131,7 @@ impl Llama {
 
     /// Run `tokens` at positions `state.len()..`, append their keys/values to the cache and return
     /// logits: `[vocab]` for [`Logits::Last`], `[tokens.len(), vocab]` for [`Logits::All`].
-    pub fn forward<'s>(
-        &self,
-        st: &'s mut State,
-        tokens: &[u32],
-        which: Logits,
-    ) -> Result<&'s [f32]> {
+    pub fn forward<'s>(&self, st: &'s mut State, tokens: &[u32], which: Logits) -> Result<&'s [f32]> {
         self.run(st, tokens, None, self.layers.len(), which)
     }
 
@@ -161,27 +139,15 @@ impl Llama {
     /// attends to the whole cache plus the nodes `j` with `ancestors[i * n + j]` (its ancestors
     /// and itself). Returns logits for every node; all nodes' keys/values are appended in node
     /// order (keep the accepted ones with [`State::keep`]).
-    pub fn forward_tree<'s>(
-        &self,
-        st: &'s mut State,
-        tokens: &[u32],
-        depth: &[usize],
-        ancestors: &[bool],
-    ) -> Result<&'s [f32]> {
+    pub fn forward_tree<'s>(&self, st: &'s mut State, tokens: &[u32], depth: &[usize], ancestors: &[bool]) -> Result<&'s [f32]> {
         let n = tokens.len();
         if depth.len() != n || ancestors.len() != n * n {
-            return Err(Error::Config(format!(
-                "forward_tree: {n} tokens need {n} depths and an {n}x{n} mask"
-            )));
+            return Err(Error::Config(format!("forward_tree: {n} tokens need {n} depths and an {n}x{n} mask")));
         }
         // A chain (every node the child of the previous one, a single row included) is plain
         // causal attention, which has the faster kernel.
         let chain = (0..n).all(|i| (0..n).all(|j| ancestors[i * n + j] == (j <= i)));
-        let tree = if chain {
-            None
-        } else {
-            Some((depth, ancestors))
-        };
+        let tree = if chain { None } else { Some((depth, ancestors)) };
         self.run(st, tokens, tree, self.layers.len(), Logits::All)
     }
 
@@ -217,10 +183,7 @@ impl Llama {
         let mut out = vec![0.0; ids.len() * dim];
         for (&id, row) in ids.iter().zip(out.chunks_exact_mut(dim)) {
             if id as usize >= self.cfg.vocab {
-                return Err(Error::UnknownToken {
-                    id,
-                    vocab: self.cfg.vocab,
-                });
+                return Err(Error::UnknownToken { id, vocab: self.cfg.vocab });
             }
             m.row_f32(id as usize, row);
         }
@@ -231,17 +194,9 @@ impl Llama {
     /// self-speculation). Keys/values of those layers are written at the new positions, as in a
     /// full pass; the other layers' caches are left as they were, and a full pass from an earlier
     /// position rewrites them.
-    pub fn forward_early_exit<'s>(
-        &self,
-        st: &'s mut State,
-        tokens: &[u32],
-        n_layers: usize,
-    ) -> Result<&'s [f32]> {
+    pub fn forward_early_exit<'s>(&self, st: &'s mut State, tokens: &[u32], n_layers: usize) -> Result<&'s [f32]> {
         if n_layers == 0 || n_layers > self.layers.len() {
-            return Err(Error::Config(format!(
-                "early exit after {n_layers} layers: the model has {}",
-                self.layers.len()
-            )));
+            return Err(Error::Config(format!("early exit after {n_layers} layers: the model has {}", self.layers.len())));
         }
         self.run(st, tokens, None, n_layers, Logits::Last)
     }
@@ -250,33 +205,14 @@ impl Llama {
     /// appended to `seqs[i]`, whose own cache it attends to. The matmuls run once over all rows;
     /// `scratch` provides the buffers (its own cache is untouched). Returns `[n, vocab]` logits.
     /// Each row's numbers are exactly those of a single-sequence step.
-    pub fn forward_many<'s>(
-        &self,
-        scratch: &'s mut State,
-        seqs: &mut [&mut State],
-        tokens: &[u32],
-    ) -> Result<&'s [f32]> {
+    pub fn forward_many<'s>(&self, scratch: &'s mut State, seqs: &mut [&mut State], tokens: &[u32]) -> Result<&'s [f32]> {
         if seqs.len() != tokens.len() {
-            return Err(Error::Config(format!(
-                "forward_many: {} sequences but {} tokens",
-                seqs.len(),
-                tokens.len()
-            )));
+            return Err(Error::Config(format!("forward_many: {} sequences but {} tokens", seqs.len(), tokens.len())));
         }
         if let Some(s) = seqs.iter().find(|s| s.pos + 1 > self.cfg.context) {
-            return Err(Error::ContextFull {
-                need: s.pos + 1,
-                ctx: self.cfg.context,
-            });
+            return Err(Error::ContextFull { need: s.pos + 1, ctx: self.cfg.context });
         }
-        self.run_rows(
-            scratch,
-            Some(seqs),
-            tokens,
-            None,
-            self.layers.len(),
-            Logits::All,
-        )
+        self.run_rows(scratch, Some(seqs), tokens, None, self.layers.len(), Logits::All)
     }
 
     fn run<'s>(
@@ -307,17 +243,11 @@ impl Llama {
             return Err(Error::Config("forward called with no tokens".into()));
         }
         if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-            return Err(Error::UnknownToken {
-                id,
-                vocab: cfg.vocab,
-            });
+            return Err(Error::UnknownToken { id, vocab: cfg.vocab });
         }
         let pos0 = st.pos;
         if pos0 + n > cfg.context {
-            return Err(Error::ContextFull {
-                need: pos0 + n,
-                ctx: cfg.context,
-            });
+            return Err(Error::ContextFull { need: pos0 + n, ctx: cfg.context });
         }
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
@@ -360,11 +290,7 @@ impl Llama {
             };
             rope_angles(pos, &self.inv_freq, &mut st.cs[t * half..(t + 1) * half]);
         }
-        let shape = Shape {
-            n_head: cfg.n_head,
-            n_kv_head: cfg.n_kv_head,
-            head_dim: hd,
-        };
+        let shape = Shape { n_head: cfg.n_head, n_kv_head: cfg.n_kv_head, head_dim: hd };
         let scale = 1.0 / (hd as f32).sqrt();
 
         for (l, layer) in self.layers[..n_layers].iter().enumerate() {
@@ -373,17 +299,9 @@ impl Llama {
             for (xr, or) in x.chunks_exact(dim).zip(xn.chunks_exact_mut(dim)) {
                 rms_norm(xr, &layer.attn_norm, cfg.rms_eps, or);
             }
-            let (q, k, v) = (
-                &mut st.q[..n * qd],
-                &mut st.k[..n * kvd],
-                &mut st.v[..n * kvd],
-            );
+            let (q, k, v) = (&mut st.q[..n * qd], &mut st.k[..n * kvd], &mut st.v[..n * kvd]);
             Quantized::new(&mut st.actq, fast).linear_group(
-                [
-                    (&layer.wq, &mut *q, layer.bq.as_deref()),
-                    (&layer.wk, &mut *k, layer.bk.as_deref()),
-                    (&layer.wv, &mut *v, layer.bv.as_deref()),
-                ],
+                [(&layer.wq, &mut *q, layer.bq.as_deref()), (&layer.wk, &mut *k, layer.bk.as_deref()), (&layer.wv, &mut *v, layer.bv.as_deref())],
                 xn,
                 n,
             )?;
@@ -397,33 +315,15 @@ impl Llama {
                 None => {
                     let cache = &mut st.kv[l];
                     cache.append(pos0, kvd, k, v);
-                    let mask = if tree.is_some() {
-                        Mask::Explicit(&st.mask)
-                    } else {
-                        Mask::Causal { pos0 }
-                    };
+                    let mask = if tree.is_some() { Mask::Explicit(&st.mask) } else { Mask::Causal { pos0 } };
                     attention(q, &cache.k, &cache.v, pos0 + n, shape, mask, scale, att);
                 }
                 Some(seqs) => {
                     for (t, s) in seqs.iter_mut().enumerate() {
                         let (p, cache) = (s.pos, &mut s.kv[l]);
-                        cache.append(
-                            p,
-                            kvd,
-                            &k[t * kvd..(t + 1) * kvd],
-                            &v[t * kvd..(t + 1) * kvd],
-                        );
+                        cache.append(p, kvd, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
                         let (qt, at) = (&q[t * qd..(t + 1) * qd], &mut att[t * qd..(t + 1) * qd]);
-                        attention(
-                            qt,
-                            &cache.k,
-                            &cache.v,
-                            p + 1,
-                            shape,
-                            Mask::Causal { pos0: p },
-                            scale,
-                            at,
-                        );
+                        attention(qt, &cache.k, &cache.v, p + 1, shape, Mask::Causal { pos0: p }, scale, at);
                     }
                 }
             }
@@ -435,14 +335,7 @@ impl Llama {
                 rms_norm(xr, &layer.ffn_norm, cfg.rms_eps, or);
             }
             let (gate, up) = (&mut st.gate[..n * hid], &mut st.up[..n * hid]);
-            Quantized::new(&mut st.actq, fast).linear_group(
-                [
-                    (&layer.w_gate, &mut *gate, None),
-                    (&layer.w_up, &mut *up, None),
-                ],
-                xn,
-                n,
-            )?;
+            Quantized::new(&mut st.actq, fast).linear_group([(&layer.w_gate, &mut *gate, None), (&layer.w_up, &mut *up, None)], xn, n)?;
             silu_mul(gate, up);
             Quantized::new(&mut st.actq, fast).linear(&layer.w_down, gate, n, proj, None)?;
             add_assign(x, proj);
@@ -480,31 +373,19 @@ struct Quantized<'a> {
 
 impl<'a> Quantized<'a> {
     fn new(actq: &'a mut [ActQ], fast: bool) -> Self {
-        Quantized {
-            actq,
-            fast,
-            ready: false,
-        }
+        Quantized { actq, fast, ready: false }
     }
 
     /// Several projections of the same input in one parallel region when they all take the
     /// integer path (q/k/v, gate/up); otherwise one by one. Allocation-free.
-    fn linear_group<const M: usize>(
-        &mut self,
-        outs: [Projection; M],
-        x: &[f32],
-        n: usize,
-    ) -> Result<()> {
+    fn linear_group<const M: usize>(&mut self, outs: [Projection; M], x: &[f32], n: usize) -> Result<()> {
         let mut mats: [Option<Matrix>; M] = [None; M];
         for (slot, (w, _, _)) in mats.iter_mut().zip(outs.iter()) {
             *slot = Some(w.matrix()?);
         }
         let mats: [Matrix; M] = mats.map(|m| m.expect("filled above"));
         let k = mats[0].k;
-        let integer = self.fast
-            && n <= self.actq.len()
-            && k.is_multiple_of(augur_kernels::actq::BLOCK)
-            && mats.iter().all(|m| m.k == k && actq_supported(m));
+        let integer = self.fast && n <= self.actq.len() && k.is_multiple_of(augur_kernels::actq::BLOCK) && mats.iter().all(|m| m.k == k && actq_supported(m));
         if !integer {
             for (w, y, b) in outs {
                 self.linear(w, x, n, y, b)?;
@@ -532,20 +413,9 @@ impl<'a> Quantized<'a> {
     }
 
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
-    fn linear(
-        &mut self,
-        w: &Tensor,
-        x: &[f32],
-        n: usize,
-        y: &mut [f32],
-        bias: Option<&[f32]>,
-    ) -> Result<()> {
+    fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
         let m: Matrix = w.matrix()?;
-        if self.fast
-            && n <= self.actq.len()
-            && m.k.is_multiple_of(augur_kernels::actq::BLOCK)
-            && actq_supported(&m)
-        {
+        if self.fast && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
             self.quantize(x, m.k);
             matmul_actq(&m, &self.actq[..n], y);
             add_bias(y, bias);

@@ -24,11 +24,8 @@ pub struct Model {
 
 /// HF checkpoint name of a GGUF tensor name.
 pub(crate) fn hf_name(gguf: &str) -> String {
-    const TOP: [(&str, &str); 3] = [
-        ("token_embd.weight", "model.embed_tokens.weight"),
-        ("output_norm.weight", "model.norm.weight"),
-        ("output.weight", "lm_head.weight"),
-    ];
+    const TOP: [(&str, &str); 3] =
+        [("token_embd.weight", "model.embed_tokens.weight"), ("output_norm.weight", "model.norm.weight"), ("output.weight", "lm_head.weight")];
     if let Some((_, hf)) = TOP.iter().find(|(g, _)| *g == gguf) {
         return hf.to_string();
     }
@@ -44,9 +41,7 @@ pub(crate) fn hf_name(gguf: &str) -> String {
         ("ffn_down", "mlp.down_proj"),
     ];
     let mut parts = gguf.splitn(4, '.');
-    if let (Some("blk"), Some(i), Some(kind), Some(suffix)) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    {
+    if let (Some("blk"), Some(i), Some(kind), Some(suffix)) = (parts.next(), parts.next(), parts.next(), parts.next()) {
         if let Some((_, hf)) = BLK.iter().find(|(g, _)| *g == kind) {
             return format!("model.layers.{i}.{hf}.{suffix}");
         }
@@ -71,31 +66,17 @@ impl Model {
         let llama = Llama::load(cfg, |n| Ok(g.tensor(n)?), |n| g.tensor_info(n).is_some())?;
         let tokenizer = Tokenizer::from_gguf(&g)?;
         check_vocab(&llama, &tokenizer)?;
-        let chat_template = g
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.as_str())
-            .map(str::to_owned);
-        Ok(Model {
-            llama,
-            tokenizer,
-            chat_template,
-            path: path.to_owned(),
-        })
+        let chat_template = g.get("tokenizer.chat_template").and_then(|v| v.as_str()).map(str::to_owned);
+        Ok(Model { llama, tokenizer, chat_template, path: path.to_owned() })
     }
 
     /// Open a safetensors checkpoint directory with `config.json` and `tokenizer.json`.
     pub fn open_safetensors(dir: &Path) -> Result<Self> {
         let read = |name: &str| -> Result<String> {
-            std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Path {
-                path: dir.join(name),
-                msg: e.to_string(),
-            })
+            std::fs::read_to_string(dir.join(name)).map_err(|e| Error::Path { path: dir.join(name), msg: e.to_string() })
         };
         let json: serde_json::Value =
-            serde_json::from_str(&read("config.json")?).map_err(|e| Error::Path {
-                path: dir.join("config.json"),
-                msg: e.to_string(),
-            })?;
+            serde_json::from_str(&read("config.json")?).map_err(|e| Error::Path { path: dir.join("config.json"), msg: e.to_string() })?;
         let cfg = Config::from_hf_json(&json)?;
         let ck = Checkpoint::open(dir)?;
         let get = |n: &str| -> Result<Tensor> { Ok(ck.get(&hf_name(n))?) };
@@ -105,18 +86,9 @@ impl Model {
         let chat_template = read("tokenizer_config.json")
             .ok()
             .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
-            .and_then(|j| {
-                j.get("chat_template")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_owned)
-            })
+            .and_then(|j| j.get("chat_template").and_then(|t| t.as_str()).map(str::to_owned))
             .or_else(|| read("chat_template.jinja").ok());
-        Ok(Model {
-            llama,
-            tokenizer,
-            chat_template,
-            path: dir.to_owned(),
-        })
+        Ok(Model { llama, tokenizer, chat_template, path: dir.to_owned() })
     }
 }
 
@@ -139,20 +111,12 @@ pub fn write_truncated_gguf(src: &Path, dst: &Path, n_layers: usize) -> Result<(
 
 /// [`write_truncated_gguf`] with tensors replaced: `replace(name)` returns what to write under a
 /// kept GGUF name instead of the source's tensor (a trained draft model's blocks).
-pub fn write_truncated_gguf_with(
-    src: &Path,
-    dst: &Path,
-    n_layers: usize,
-    replace: &dyn Fn(&str) -> Option<Tensor>,
-) -> Result<()> {
+pub fn write_truncated_gguf_with(src: &Path, dst: &Path, n_layers: usize, replace: &dyn Fn(&str) -> Option<Tensor>) -> Result<()> {
     use augur_formats::gguf::{Value, Writer};
     let g = Gguf::open(src)?;
     let cfg = Config::from_gguf(&g)?;
     if n_layers == 0 || n_layers > cfg.n_layer {
-        return Err(Error::Config(format!(
-            "cannot keep {n_layers} of {} layers",
-            cfg.n_layer
-        )));
+        return Err(Error::Config(format!("cannot keep {n_layers} of {} layers", cfg.n_layer)));
     }
     let mut w = Writer::new();
     let block_count = format!("{}.block_count", cfg.arch);
@@ -164,12 +128,7 @@ pub fn write_truncated_gguf_with(
         }
     }
     for t in g.tensors() {
-        let keep = match t
-            .name
-            .strip_prefix("blk.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|i| i.parse::<usize>().ok())
-        {
+        let keep = match t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()) {
             Some(i) => i < n_layers,
             None => true,
         };
@@ -228,18 +187,9 @@ mod tests {
 
     #[test]
     fn maps_gguf_names_to_hf() {
-        assert_eq!(
-            hf_name("blk.12.attn_q.weight"),
-            "model.layers.12.self_attn.q_proj.weight"
-        );
-        assert_eq!(
-            hf_name("blk.0.attn_k.bias"),
-            "model.layers.0.self_attn.k_proj.bias"
-        );
-        assert_eq!(
-            hf_name("blk.3.ffn_norm.weight"),
-            "model.layers.3.post_attention_layernorm.weight"
-        );
+        assert_eq!(hf_name("blk.12.attn_q.weight"), "model.layers.12.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.attn_k.bias"), "model.layers.0.self_attn.k_proj.bias");
+        assert_eq!(hf_name("blk.3.ffn_norm.weight"), "model.layers.3.post_attention_layernorm.weight");
         assert_eq!(hf_name("output.weight"), "lm_head.weight");
     }
 }

@@ -42,9 +42,7 @@ const MERGES: [&str; 4] = ["h e", "l l", "he ll", "hell o"];
 
 /// GPT-2's byte-to-unicode table: printable bytes map to themselves, the rest to U+0100 onwards.
 fn byte_char(b: u8) -> char {
-    let printable = |b: u8| {
-        (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
+    let printable = |b: u8| (b'!'..=b'~').contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     if printable(b) {
         return b as char;
     }
@@ -64,10 +62,7 @@ impl Rand {
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 (((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0) * scale
             })
             .collect()
@@ -79,64 +74,28 @@ fn weights(cfg: &Config, seed: u64) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut r = Rand(seed);
     let (d, h) = (cfg.dim, cfg.hidden);
     let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
-    let mut w = vec![(
-        "token_embd.weight".to_string(),
-        vec![cfg.vocab, d],
-        r.vec(cfg.vocab * d, 1.0),
-    )];
+    let mut w = vec![("token_embd.weight".to_string(), vec![cfg.vocab, d], r.vec(cfg.vocab * d, 1.0))];
     for i in 0..cfg.n_layer {
         let s = 1.0 / (d as f32).sqrt();
         let norm = |r: &mut Rand| r.vec(d, 0.2).iter().map(|v| 1.0 + v).collect::<Vec<_>>();
         w.push((format!("blk.{i}.attn_norm.weight"), vec![d], norm(&mut r)));
-        w.push((
-            format!("blk.{i}.attn_q.weight"),
-            vec![qd, d],
-            r.vec(qd * d, 2.0 * s),
-        ));
-        w.push((
-            format!("blk.{i}.attn_k.weight"),
-            vec![kvd, d],
-            r.vec(kvd * d, 2.0 * s),
-        ));
-        w.push((
-            format!("blk.{i}.attn_v.weight"),
-            vec![kvd, d],
-            r.vec(kvd * d, s),
-        ));
-        w.push((
-            format!("blk.{i}.attn_output.weight"),
-            vec![d, qd],
-            r.vec(d * qd, s),
-        ));
+        w.push((format!("blk.{i}.attn_q.weight"), vec![qd, d], r.vec(qd * d, 2.0 * s)));
+        w.push((format!("blk.{i}.attn_k.weight"), vec![kvd, d], r.vec(kvd * d, 2.0 * s)));
+        w.push((format!("blk.{i}.attn_v.weight"), vec![kvd, d], r.vec(kvd * d, s)));
+        w.push((format!("blk.{i}.attn_output.weight"), vec![d, qd], r.vec(d * qd, s)));
         if cfg.arch == "qwen2" {
             w.push((format!("blk.{i}.attn_q.bias"), vec![qd], r.vec(qd, 0.5)));
             w.push((format!("blk.{i}.attn_k.bias"), vec![kvd], r.vec(kvd, 0.5)));
             w.push((format!("blk.{i}.attn_v.bias"), vec![kvd], r.vec(kvd, 0.5)));
         }
         w.push((format!("blk.{i}.ffn_norm.weight"), vec![d], norm(&mut r)));
-        w.push((
-            format!("blk.{i}.ffn_gate.weight"),
-            vec![h, d],
-            r.vec(h * d, s),
-        ));
-        w.push((
-            format!("blk.{i}.ffn_up.weight"),
-            vec![h, d],
-            r.vec(h * d, s),
-        ));
-        w.push((
-            format!("blk.{i}.ffn_down.weight"),
-            vec![d, h],
-            r.vec(d * h, 1.0 / (h as f32).sqrt()),
-        ));
+        w.push((format!("blk.{i}.ffn_gate.weight"), vec![h, d], r.vec(h * d, s)));
+        w.push((format!("blk.{i}.ffn_up.weight"), vec![h, d], r.vec(h * d, s)));
+        w.push((format!("blk.{i}.ffn_down.weight"), vec![d, h], r.vec(d * h, 1.0 / (h as f32).sqrt())));
     }
     w.push(("output_norm.weight".to_string(), vec![d], vec![1.0; d]));
     if !cfg.tied_embeddings {
-        w.push((
-            "output.weight".to_string(),
-            vec![cfg.vocab, d],
-            r.vec(cfg.vocab * d, 0.5),
-        ));
+        w.push(("output.weight".to_string(), vec![cfg.vocab, d], r.vec(cfg.vocab * d, 0.5)));
     }
     w
 }
@@ -149,13 +108,7 @@ pub fn write_gguf(path: &Path, tied: bool, quant: Option<QuantType>, seed: u64) 
 }
 
 /// [`write_gguf`] for `llama` or `qwen2`.
-pub fn write_gguf_arch(
-    path: &Path,
-    arch: &str,
-    tied: bool,
-    quant: Option<QuantType>,
-    seed: u64,
-) -> Result<()> {
+pub fn write_gguf_arch(path: &Path, arch: &str, tied: bool, quant: Option<QuantType>, seed: u64) -> Result<()> {
     write_gguf_config(path, &config_arch(arch, tied), quant, quant, seed)
 }
 
@@ -183,22 +136,14 @@ pub fn smollm2_135m_config() -> Config {
 /// Write random weights of shape `cfg` as GGUF, with the tiny tokenizer (its 263 tokens are ids
 /// of the larger vocabulary): block matrices in `quant`, the embedding (and head) in `embed`,
 /// f32 where `None`. Row lengths must suit the block types.
-pub fn write_gguf_config(
-    path: &Path,
-    cfg: &Config,
-    quant: Option<QuantType>,
-    embed: Option<QuantType>,
-    seed: u64,
-) -> Result<()> {
+pub fn write_gguf_config(path: &Path, cfg: &Config, quant: Option<QuantType>, embed: Option<QuantType>, seed: u64) -> Result<()> {
     let cfg = cfg.clone();
     let arch = cfg.arch.as_str();
     let mut wr = Writer::new();
     let s = |v: &str| Value::String(v.into());
     let u = |v: usize| Value::U32(v as u32);
     let toks = tokens();
-    let types: Vec<Value> = (0..toks.len())
-        .map(|i| Value::I32(if i < VOCAB.len() { 3 } else { 1 }))
-        .collect();
+    let types: Vec<Value> = (0..toks.len()).map(|i| Value::I32(if i < VOCAB.len() { 3 } else { 1 })).collect();
     let k = |key: &str| format!("{arch}.{key}");
     wr.metadata("general.architecture", s(arch))
         .metadata("general.name", s("augur-tiny"))
@@ -208,26 +153,14 @@ pub fn write_gguf_config(
         .metadata(k("block_count"), u(cfg.n_layer))
         .metadata(k("attention.head_count"), u(cfg.n_head))
         .metadata(k("attention.head_count_kv"), u(cfg.n_kv_head))
-        .metadata(
-            k("attention.layer_norm_rms_epsilon"),
-            Value::F32(cfg.rms_eps),
-        )
+        .metadata(k("attention.layer_norm_rms_epsilon"), Value::F32(cfg.rms_eps))
         .metadata(k("rope.freq_base"), Value::F32(cfg.rope_theta))
         .metadata(k("vocab_size"), u(cfg.vocab))
         .metadata("tokenizer.ggml.model", s("gpt2"))
         .metadata("tokenizer.ggml.pre", s("smollm"))
-        .metadata(
-            "tokenizer.ggml.tokens",
-            Value::Array(ValueType::String, toks.iter().map(|t| s(t)).collect()),
-        )
-        .metadata(
-            "tokenizer.ggml.token_type",
-            Value::Array(ValueType::I32, types),
-        )
-        .metadata(
-            "tokenizer.ggml.merges",
-            Value::Array(ValueType::String, MERGES.iter().map(|m| s(m)).collect()),
-        )
+        .metadata("tokenizer.ggml.tokens", Value::Array(ValueType::String, toks.iter().map(|t| s(t)).collect()))
+        .metadata("tokenizer.ggml.token_type", Value::Array(ValueType::I32, types))
+        .metadata("tokenizer.ggml.merges", Value::Array(ValueType::String, MERGES.iter().map(|m| s(m)).collect()))
         .metadata("tokenizer.ggml.bos_token_id", u(1))
         .metadata("tokenizer.ggml.eos_token_id", u(2))
         .metadata("tokenizer.ggml.add_bos_token", Value::Bool(false))
@@ -240,17 +173,10 @@ pub fn write_gguf_config(
         } else if name.ends_with("attn_k.weight") {
             data = crate::model::qk_rows_to_gguf(&data, cfg.n_kv_head, cfg.dim);
         }
-        let q = if name.starts_with("blk.") {
-            quant
-        } else {
-            embed
-        };
+        let q = if name.starts_with("blk.") { quant } else { embed };
         let t = match q {
             Some(q) if shape.len() == 2 => {
-                let bytes: Vec<u8> = data
-                    .chunks(shape[1])
-                    .flat_map(|row| q.quantize_row(row))
-                    .collect();
+                let bytes: Vec<u8> = data.chunks(shape[1]).flat_map(|row| q.quantize_row(row)).collect();
                 Tensor::from_raw(DType::Quant(q), Bytes::from_vec(bytes), &shape)?
             }
             _ => Tensor::from_vec(data, &shape)?,
@@ -273,10 +199,7 @@ pub fn write_safetensors(dir: &Path, tied: bool, seed: u64) -> Result<()> {
 /// [`write_safetensors`] for `llama` or `qwen2`.
 pub fn write_safetensors_arch(dir: &Path, arch: &str, tied: bool, seed: u64) -> Result<()> {
     let cfg = config_arch(arch, tied);
-    std::fs::create_dir_all(dir).map_err(|e| Error::Path {
-        path: dir.into(),
-        msg: e.to_string(),
-    })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Path { path: dir.into(), msg: e.to_string() })?;
     let named: Vec<(String, Tensor)> = weights(&cfg, seed)
         .into_iter()
         .map(|(n, shape, data)| Ok((hf_json_name(&n), Tensor::from_vec(data, &shape)?)))
@@ -290,12 +213,7 @@ pub fn write_safetensors_arch(dir: &Path, arch: &str, tied: bool, seed: u64) -> 
         "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.context, "tie_word_embeddings": tied,
         "bos_token_id": 1, "eos_token_id": 2,
     });
-    let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text).map_err(|e| Error::Path {
-            path: dir.join(name),
-            msg: e.to_string(),
-        })
-    };
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text).map_err(|e| Error::Path { path: dir.join(name), msg: e.to_string() });
     write("config.json", config.to_string())?;
     // The tokenizer.json is the one augur builds from the GGUF metadata.
     let tmp = dir.join("tokenizer-source.gguf");
@@ -312,10 +230,7 @@ pub fn write_safetensors_arch(dir: &Path, arch: &str, tied: bool, seed: u64) -> 
 
 /// Write both forms under `dir`; returns (gguf file, safetensors dir).
 pub fn write_both(dir: &Path, tied: bool, seed: u64) -> Result<(PathBuf, PathBuf)> {
-    std::fs::create_dir_all(dir).map_err(|e| Error::Path {
-        path: dir.into(),
-        msg: e.to_string(),
-    })?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::Path { path: dir.into(), msg: e.to_string() })?;
     let g = dir.join("tiny.gguf");
     write_gguf(&g, tied, None, seed)?;
     let s = dir.join("tiny-hf");

@@ -35,11 +35,7 @@ fn argmax(v: &[f32]) -> u32 {
 fn decode_steps_allocate_nothing_after_warm_up() {
     let dir = std::env::temp_dir().join(format!("augur-alloc-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for (name, quant) in [
-        ("f32", None),
-        ("q4_1", Some(QuantType::Q4_1)),
-        ("q6_k", Some(QuantType::Q6_K)),
-    ] {
+    for (name, quant) in [("f32", None), ("q4_1", Some(QuantType::Q4_1)), ("q6_k", Some(QuantType::Q6_K))] {
         let path = dir.join(format!("{name}.gguf"));
         tiny::write_gguf(&path, true, quant, 11).unwrap();
         let model = Model::open(&path).unwrap();
@@ -47,12 +43,7 @@ fn decode_steps_allocate_nothing_after_warm_up() {
             let mut st = State::new(&model.llama.cfg);
             st.activations = act;
             st.reserve(&model.llama.cfg, 64);
-            let mut next = argmax(
-                model
-                    .llama
-                    .forward(&mut st, &[5, 6, 7, 8], Logits::Last)
-                    .unwrap(),
-            );
+            let mut next = argmax(model.llama.forward(&mut st, &[5, 6, 7, 8], Logits::Last).unwrap());
             for _ in 0..3 {
                 next = argmax(model.llama.forward(&mut st, &[next], Logits::Last).unwrap());
             }

@@ -12,24 +12,17 @@ use serde_json::Value;
 fn model_path() -> PathBuf {
     match std::env::var_os("AUGUR_MODEL") {
         Some(p) => PathBuf::from(p),
-        None => hub::ensure_default_model()
-            .expect("default model (set AUGUR_MODEL to a local copy to skip the download)"),
+        None => hub::ensure_default_model().expect("default model (set AUGUR_MODEL to a local copy to skip the download)"),
     }
 }
 
 fn data(name: &str) -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/data")
-        .join(name);
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {
@@ -66,39 +59,20 @@ fn check_against_reference(model: &Model, act: Activations) {
         let name = p["name"].as_str().unwrap();
         let prompt = ids(&p["prompt_ids"]);
         let want = ids(&p["greedy_ids"]);
-        let margins: Vec<f64> = p["top1_margin"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|m| m.as_f64().unwrap())
-            .collect();
+        let margins: Vec<f64> = p["top1_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
         let positions = p["positions"].as_array().unwrap();
-        let stable = margins
-            .iter()
-            .position(|&m| m < MIN_MARGIN)
-            .unwrap_or(want.len());
+        let stable = margins.iter().position(|&m| m < MIN_MARGIN).unwrap_or(want.len());
         let mut st = State::new(&model.llama.cfg);
         st.activations = act;
-        let mut logits = model
-            .llama
-            .forward(&mut st, &prompt, Logits::Last)
-            .unwrap()
-            .to_vec();
+        let mut logits = model.llama.forward(&mut st, &prompt, Logits::Last).unwrap().to_vec();
         let mut equal = 0;
         for (step, &hf_id) in want.iter().enumerate() {
             if let Some(pos) = positions.get(step) {
                 for pair in pos["top10"].as_array().unwrap() {
-                    let (id, hf) = (
-                        pair[0].as_u64().unwrap() as usize,
-                        pair[1].as_f64().unwrap() as f32,
-                    );
+                    let (id, hf) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
                     let d = (logits[id] - hf).abs();
                     worst = worst.max(d);
-                    assert!(
-                        d < TOL,
-                        "{name} ({act:?}) pos {step} token {id}: augur {} vs HF {hf}",
-                        logits[id]
-                    );
+                    assert!(d < TOL, "{name} ({act:?}) pos {step} token {id}: augur {} vs HF {hf}", logits[id]);
                 }
             }
             let got = argmax(&logits);
@@ -106,11 +80,7 @@ fn check_against_reference(model: &Model, act: Activations) {
                 assert_eq!(got, hf_id, "{name} ({act:?}): greedy id differs at step {step}, before the first small-margin step {stable}");
             }
             equal += (got == hf_id) as usize;
-            logits = model
-                .llama
-                .forward(&mut st, &[hf_id], Logits::Last)
-                .unwrap()
-                .to_vec();
+            logits = model.llama.forward(&mut st, &[hf_id], Logits::Last).unwrap().to_vec();
         }
         eprintln!("{name} ({act:?}): argmax equals HF's at {equal}/64 steps; first small-margin step {stable}");
     }
@@ -133,26 +103,11 @@ fn matches_hf_transformers_on_cuda() {
     let toks = &cpu.tokenizer.encode(&text).unwrap()[..600];
     let mut a = State::new(&cpu.llama.cfg);
     a.activations = Activations::F32;
-    let want = cpu
-        .llama
-        .forward(&mut a, toks, Logits::All)
-        .unwrap()
-        .to_vec();
-    let got = model
-        .llama
-        .forward(&mut State::new(&model.llama.cfg), toks, Logits::All)
-        .unwrap()
-        .to_vec();
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let want = cpu.llama.forward(&mut a, toks, Logits::All).unwrap().to_vec();
+    let got = model.llama.forward(&mut State::new(&model.llama.cfg), toks, Logits::All).unwrap().to_vec();
+    let d = got.iter().zip(&want).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     eprintln!("cuda vs cpu, 600-token prompt, all logits: max |d| {d:.2e}");
-    assert!(
-        d < 2e-3,
-        "cuda vs cpu logits over a 600-token prompt differ by {d}"
-    );
+    assert!(d < 2e-3, "cuda vs cpu logits over a 600-token prompt differ by {d}");
 }
 
 #[test]
@@ -164,11 +119,7 @@ fn tokenizer_matches_hf_on_every_case() {
         let want = ids(&c["ids"]);
         let got = model.tokenizer.encode(text).unwrap();
         assert_eq!(got, want, "case {name}: {text:?}");
-        assert_eq!(
-            model.tokenizer.decode(&got).unwrap(),
-            c["decoded"].as_str().unwrap(),
-            "case {name} decode"
-        );
+        assert_eq!(model.tokenizer.decode(&got).unwrap(), c["decoded"].as_str().unwrap(), "case {name} decode");
     }
 }
 
@@ -176,25 +127,14 @@ fn tokenizer_matches_hf_on_every_case() {
 fn one_shot_forward_equals_incremental_decode() {
     // The batched path (prefill over all tokens at once) and the one-token path agree.
     let model = Model::open(&model_path()).unwrap();
-    let toks = model
-        .tokenizer
-        .encode("The quick brown fox jumps over the lazy dog. It")
-        .unwrap();
+    let toks = model.tokenizer.encode("The quick brown fox jumps over the lazy dog. It").unwrap();
     let mut a = State::new(&model.llama.cfg);
-    let all = model
-        .llama
-        .forward(&mut a, &toks, Logits::All)
-        .unwrap()
-        .to_vec();
+    let all = model.llama.forward(&mut a, &toks, Logits::All).unwrap().to_vec();
     let mut b = State::new(&model.llama.cfg);
     let v = model.llama.cfg.vocab;
     for (i, &t) in toks.iter().enumerate() {
         let l = model.llama.forward(&mut b, &[t], Logits::Last).unwrap();
-        let d = l
-            .iter()
-            .zip(&all[i * v..(i + 1) * v])
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let d = l.iter().zip(&all[i * v..(i + 1) * v]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(d < 2e-3, "position {i}: max diff {d}");
     }
 }

@@ -13,18 +13,11 @@ fn tmpdir(name: &str) -> std::path::PathBuf {
 
 fn run(model: &Model, ids: &[u32]) -> Vec<f32> {
     let mut st = State::new(&model.llama.cfg);
-    model
-        .llama
-        .forward(&mut st, ids, Logits::All)
-        .unwrap()
-        .to_vec()
+    model.llama.forward(&mut st, ids, Logits::All).unwrap().to_vec()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -40,10 +33,7 @@ fn gguf_and_safetensors_forms_agree() {
         assert_eq!(ids[0], 262, "merges apply: `hello` is one token");
         let (a, b) = (run(&mg, &ids), run(&ms, &ids));
         let d = max_diff(&a, &b);
-        assert!(
-            d < 1e-3,
-            "tied={tied}: GGUF vs safetensors logits differ by {d}"
-        );
+        assert!(d < 1e-3, "tied={tied}: GGUF vs safetensors logits differ by {d}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
@@ -65,11 +55,7 @@ fn quantized_gguf_tracks_f32() {
             QuantType::Q6_K => 0.05,
             _ => 0.25,
         };
-        assert!(
-            rel < bound,
-            "{}: relative logit error {rel} exceeds {bound}",
-            q.name()
-        );
+        assert!(rel < bound, "{}: relative logit error {rel} exceeds {bound}", q.name());
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -80,18 +66,10 @@ fn errors_name_the_problem() {
     let (g, _) = tiny::write_both(&dir, true, 1).unwrap();
     let m = Model::open(&g).unwrap();
     let mut st = State::new(&m.llama.cfg);
-    let e = m
-        .llama
-        .forward(&mut st, &[99_999], Logits::Last)
-        .unwrap_err()
-        .to_string();
+    let e = m.llama.forward(&mut st, &[99_999], Logits::Last).unwrap_err().to_string();
     assert!(e.contains("99999") && e.contains("vocabulary"), "{e}");
     let long = vec![5u32; m.llama.cfg.context + 1];
-    let e = m
-        .llama
-        .forward(&mut st, &long, Logits::Last)
-        .unwrap_err()
-        .to_string();
+    let e = m.llama.forward(&mut st, &long, Logits::Last).unwrap_err().to_string();
     assert!(e.contains("context"), "{e}");
     // A truncated file names the tensor whose data is missing.
     let bytes = std::fs::read(&g).unwrap();
@@ -127,17 +105,10 @@ fn forward_many_equals_each_sequence_alone() {
         for step in 0..4u32 {
             let toks = [20 + step, 30 + step, 40 + step];
             let mut refs: Vec<&mut State> = batched.iter_mut().collect();
-            let many = m
-                .llama
-                .forward_many(&mut scratch, &mut refs, &toks)
-                .unwrap()
-                .to_vec();
+            let many = m.llama.forward_many(&mut scratch, &mut refs, &toks).unwrap().to_vec();
             for (i, st) in solo.iter_mut().enumerate() {
                 let one = m.llama.forward(st, &[toks[i]], Logits::Last).unwrap();
-                assert!(
-                    one == &many[i * cfg.vocab..(i + 1) * cfg.vocab],
-                    "{act:?} step {step} sequence {i} differs"
-                );
+                assert!(one == &many[i * cfg.vocab..(i + 1) * cfg.vocab], "{act:?} step {step} sequence {i} differs");
             }
         }
         for (a, b) in solo.iter().zip(&batched) {
@@ -163,9 +134,6 @@ fn qwen2_with_biases_agrees_between_gguf_and_safetensors() {
     let d = max_diff(&a, &b);
     assert!(d < 1e-3, "qwen2 GGUF vs safetensors logits differ by {d}");
     let file = augur_formats::gguf::Gguf::open(&g).unwrap();
-    assert!(
-        file.tensor_info("blk.0.attn_q.bias").is_some(),
-        "the qwen2 file carries q/k/v biases"
-    );
+    assert!(file.tensor_info("blk.0.attn_q.bias").is_some(), "the qwen2 file carries q/k/v biases");
     std::fs::remove_dir_all(&dir).ok();
 }

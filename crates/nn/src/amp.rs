@@ -29,14 +29,7 @@ pub struct GradScaler {
 impl GradScaler {
     /// Initial scale 2^16, ×2 after 2000 finite steps, ×0.5 on overflow.
     pub fn new(enabled: bool) -> Self {
-        GradScaler {
-            scale: 65536.0,
-            growth_factor: 2.0,
-            backoff_factor: 0.5,
-            growth_interval: 2000,
-            enabled,
-            tracker: 0,
-        }
+        GradScaler { scale: 65536.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 2000, enabled, tracker: 0 }
     }
 
     /// The scaler a precision needs: on for f16, off for bf16 and f32.
@@ -46,11 +39,7 @@ impl GradScaler {
 
     /// `loss · scale` (or `loss` when disabled): call backward on this.
     pub fn scale_loss(&self, loss: &Tensor) -> Result<Tensor> {
-        Ok(if self.enabled {
-            loss.scale(self.scale)?
-        } else {
-            loss.clone()
-        })
+        Ok(if self.enabled { loss.scale(self.scale)? } else { loss.clone() })
     }
 
     /// Divide every gradient by the scale; true when any is inf or NaN.
@@ -70,12 +59,7 @@ impl GradScaler {
 
     /// Step the optimizer unless `found_inf`, then update the scale. Returns whether it stepped.
     /// (Under data parallelism, all-reduce `found_inf` first so every rank agrees.)
-    pub fn step(
-        &mut self,
-        opt: &mut dyn Optimizer,
-        model: &mut dyn Module,
-        found_inf: bool,
-    ) -> Result<bool> {
+    pub fn step(&mut self, opt: &mut dyn Optimizer, model: &mut dyn Module, found_inf: bool) -> Result<bool> {
         if !found_inf {
             opt.step(model)?;
         }

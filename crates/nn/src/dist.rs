@@ -54,10 +54,7 @@ pub struct Ddp<'g> {
 impl<'g> Ddp<'g> {
     /// Data parallelism over `group` with 25 MB buckets.
     pub fn new(group: &'g dyn ProcessGroup) -> Self {
-        Ddp {
-            group,
-            bucket_bytes: BUCKET_BYTES,
-        }
+        Ddp { group, bucket_bytes: BUCKET_BYTES }
     }
 
     /// Every rank starts from rank 0's parameters.
@@ -65,10 +62,7 @@ impl<'g> Ddp<'g> {
         let mut res = Ok(());
         model.visit("", &mut |_, p| {
             if res.is_ok() {
-                res = p
-                    .values_mut_f32()
-                    .map(|v| self.group.broadcast(v, 0))
-                    .map_err(Into::into);
+                res = p.values_mut_f32().map(|v| self.group.broadcast(v, 0)).map_err(Into::into);
             }
         });
         res
@@ -106,53 +100,42 @@ impl<'g> Ddp<'g> {
         }
         let mut pending: Vec<usize> = buckets.iter().map(Vec::len).collect();
         let flatten = |b: usize| -> Vec<f32> {
-            buckets[b]
-                .iter()
-                .flat_map(|&i| {
-                    params[i]
-                        .grad()
-                        .map(|g| g.to_vec_f32().unwrap_or_default())
-                        .unwrap_or_else(|| vec![0.0; params[i].numel()])
-                })
-                .collect()
+            buckets[b].iter().flat_map(|&i| params[i].grad().map(|g| g.to_vec_f32().unwrap_or_default()).unwrap_or_else(|| vec![0.0; params[i].numel()])).collect()
         };
         let world = self.group.world() as f32;
         let group = self.group;
-        let reduced: Vec<(usize, Vec<f32>)> =
-            std::thread::scope(|s| -> Result<Vec<(usize, Vec<f32>)>> {
-                let (tx, rx) = mpsc::channel::<(usize, Vec<f32>)>();
-                let comm = s.spawn(move || {
-                    let mut out = vec![];
-                    for (b, mut v) in rx {
-                        group.all_reduce_sum(&mut v);
-                        out.push((b, v));
-                    }
-                    out
-                });
-                let mut sent = vec![false; buckets.len()];
-                let mut send_err = false;
-                loss.backward_hooked(augur_core::Tensor::ones(loss.shape()), false, &mut |id| {
-                    let Some(&b) = where_.get(&id) else { return };
-                    pending[b] -= 1;
-                    if pending[b] == 0 {
-                        sent[b] = true;
-                        send_err |= tx.send((b, flatten(b))).is_err();
-                    }
-                })?;
-                // Buckets with a parameter the loss did not reach still take part (with zeros), so
-                // every rank issues the same reductions in the same order.
-                for (b, _) in sent.iter().enumerate().filter(|(_, &s)| !s) {
+        let reduced: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| -> Result<Vec<(usize, Vec<f32>)>> {
+            let (tx, rx) = mpsc::channel::<(usize, Vec<f32>)>();
+            let comm = s.spawn(move || {
+                let mut out = vec![];
+                for (b, mut v) in rx {
+                    group.all_reduce_sum(&mut v);
+                    out.push((b, v));
+                }
+                out
+            });
+            let mut sent = vec![false; buckets.len()];
+            let mut send_err = false;
+            loss.backward_hooked(augur_core::Tensor::ones(loss.shape()), false, &mut |id| {
+                let Some(&b) = where_.get(&id) else { return };
+                pending[b] -= 1;
+                if pending[b] == 0 {
+                    sent[b] = true;
                     send_err |= tx.send((b, flatten(b))).is_err();
                 }
-                drop(tx);
-                let out = comm.join().map_err(|_| {
-                    crate::Error::Invalid("the gradient communication thread panicked".into())
-                })?;
-                if send_err {
-                    return invalid("the gradient communication thread stopped early");
-                }
-                Ok(out)
             })?;
+            // Buckets with a parameter the loss did not reach still take part (with zeros), so
+            // every rank issues the same reductions in the same order.
+            for (b, _) in sent.iter().enumerate().filter(|(_, &s)| !s) {
+                send_err |= tx.send((b, flatten(b))).is_err();
+            }
+            drop(tx);
+            let out = comm.join().map_err(|_| crate::Error::Invalid("the gradient communication thread panicked".into()))?;
+            if send_err {
+                return invalid("the gradient communication thread stopped early");
+            }
+            Ok(out)
+        })?;
         for (b, v) in reduced {
             let mut off = 0;
             for &i in &buckets[b] {
@@ -182,17 +165,8 @@ struct Shared {
 impl ThreadGroup {
     /// One handle per rank, to be moved into that rank's thread.
     pub fn new(world: usize) -> Vec<ThreadGroup> {
-        let shared = std::sync::Arc::new(Shared {
-            world,
-            buf: std::sync::Mutex::new(vec![]),
-            barrier: std::sync::Barrier::new(world),
-        });
-        (0..world)
-            .map(|rank| ThreadGroup {
-                rank,
-                shared: shared.clone(),
-            })
-            .collect()
+        let shared = std::sync::Arc::new(Shared { world, buf: std::sync::Mutex::new(vec![]), barrier: std::sync::Barrier::new(world) });
+        (0..world).map(|rank| ThreadGroup { rank, shared: shared.clone() }).collect()
     }
 
     fn buf(&self) -> std::sync::MutexGuard<'_, Vec<f32>> {
@@ -214,10 +188,7 @@ impl ProcessGroup for ThreadGroup {
             *self.buf() = vec![0.0; buf.len()];
         }
         b.wait();
-        self.buf()
-            .iter_mut()
-            .zip(buf.iter())
-            .for_each(|(s, &x)| *s += x);
+        self.buf().iter_mut().zip(buf.iter()).for_each(|(s, &x)| *s += x);
         b.wait();
         buf.copy_from_slice(&self.buf());
         b.wait();

@@ -21,16 +21,11 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 /// Rows of `table` for token ids laid out as `shape` (e.g. `[batch, seq]`): `[..shape, dim]`.
 pub fn embedding(table: &Tensor, ids: &[u32], shape: &[usize]) -> Result<Tensor> {
     if shape.iter().product::<usize>() != ids.len() {
-        return invalid(format!(
-            "embedding: {} ids do not fill shape {shape:?}",
-            ids.len()
-        ));
+        return invalid(format!("embedding: {} ids do not fill shape {shape:?}", ids.len()));
     }
     let rows = table.shape()[0];
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
-        return invalid(format!(
-            "embedding: token id {bad} is outside the vocabulary of {rows}"
-        ));
+        return invalid(format!("embedding: token id {bad} is outside the vocabulary of {rows}"));
     }
     let mut out = shape.to_vec();
     out.push(table.shape()[1]);
@@ -57,9 +52,7 @@ pub fn dropout(x: &Tensor, p: f64, training: bool, rng: &mut Rng) -> Result<Tens
         return invalid(format!("dropout probability {p} must be in [0, 1)"));
     }
     let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.numel())
-        .map(|_| if rng.uniform() < p { 0.0 } else { keep })
-        .collect();
+    let mask: Vec<f32> = (0..x.numel()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
     Ok(x.mul(&Tensor::from_vec(mask, x.shape())?)?)
 }
 
@@ -70,11 +63,7 @@ pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<T
 }
 
 /// GPT-2's MLP: `proj(gelu(fc(x)))`.
-pub fn gelu_mlp(
-    x: &Tensor,
-    fc: (&Tensor, Option<&Tensor>),
-    proj: (&Tensor, Option<&Tensor>),
-) -> Result<Tensor> {
+pub fn gelu_mlp(x: &Tensor, fc: (&Tensor, Option<&Tensor>), proj: (&Tensor, Option<&Tensor>)) -> Result<Tensor> {
     linear(&linear(x, fc.0, fc.1)?.gelu()?, proj.0, proj.1)
 }
 
@@ -139,12 +128,7 @@ pub fn self_attention(
     score_bias: Option<&Tensor>,
     cache: Option<&mut KvCache>,
 ) -> Result<Tensor> {
-    let &[b, t, _] = x.shape() else {
-        return invalid(format!(
-            "attention input must be [batch, seq, dim], got {:?}",
-            x.shape()
-        ));
-    };
+    let &[b, t, _] = x.shape() else { return invalid(format!("attention input must be [batch, seq, dim], got {:?}", x.shape())) };
     let split = |y: Tensor, h: usize| -> Result<Tensor> {
         let hd = y.shape()[2] / h;
         Ok(y.reshape(&[b, t, h, hd])?.transpose(1, 2)?)
@@ -161,17 +145,8 @@ pub fn self_attention(
         PositionalEncoding::Alibi { slopes } => Some(slopes.clone()),
         _ => None,
     };
-    let mask = AttentionMask {
-        causal: true,
-        allow: None::<Arc<[bool]>>,
-        alibi,
-        scale: None,
-    };
+    let mask = AttentionMask { causal: true, allow: None::<Arc<[bool]>>, alibi, scale: None };
     let o = Tensor::attention(&q, &k, &v, score_bias, &mask)?;
     let hd = o.shape()[3];
-    linear(
-        &o.transpose(1, 2)?.reshape(&[b, t, heads * hd])?,
-        w.wo.0,
-        w.wo.1,
-    )
+    linear(&o.transpose(1, 2)?.reshape(&[b, t, heads * hd])?, w.wo.0, w.wo.1)
 }

@@ -8,9 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{invalid, Error, Result};
 use crate::functional::KvCache;
-use crate::layers::{
-    Dropout, Embedding, GeluMlp, LayerNorm, Linear, MultiHeadAttention, RmsNorm, SwiGlu,
-};
+use crate::layers::{Dropout, Embedding, GeluMlp, LayerNorm, Linear, MultiHeadAttention, RmsNorm, SwiGlu};
 use crate::module::{join, Module};
 use crate::posenc::{PosKind, PositionalEncoding, Rope, RopeScaling};
 use crate::rng::Rng;
@@ -108,18 +106,8 @@ impl GptConfig {
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "small" => Ok(GptConfig::default()),
-            "tiny" => Ok(GptConfig {
-                dim: 64,
-                n_layer: 2,
-                n_head: 4,
-                n_kv_head: 4,
-                hidden: 256,
-                max_seq: 1024,
-                ..GptConfig::default()
-            }),
-            _ => invalid(format!(
-                "unknown model preset `{name}` (tiny, small, or a path to a config JSON file)"
-            )),
+            "tiny" => Ok(GptConfig { dim: 64, n_layer: 2, n_head: 4, n_kv_head: 4, hidden: 256, max_seq: 1024, ..GptConfig::default() }),
+            _ => invalid(format!("unknown model preset `{name}` (tiny, small, or a path to a config JSON file)")),
         }
     }
 
@@ -134,33 +122,18 @@ impl GptConfig {
 
     /// Read a config from a JSON file (unknown keys rejected), validated.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|err| Error::Io {
-            path: path.into(),
-            err,
-        })?;
-        let cfg: GptConfig = serde_json::from_str(&text).map_err(|err| Error::Json {
-            path: path.into(),
-            err,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|err| Error::Io { path: path.into(), err })?;
+        let cfg: GptConfig = serde_json::from_str(&text).map_err(|err| Error::Json { path: path.into(), err })?;
         cfg.validate()
     }
 
     /// Check the dimensions fit together (heads divide the width, …).
     pub fn validate(self) -> Result<Self> {
         if self.n_head == 0 || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
-            return invalid(format!(
-                "{} heads cannot be grouped over {} KV heads",
-                self.n_head, self.n_kv_head
-            ));
+            return invalid(format!("{} heads cannot be grouped over {} KV heads", self.n_head, self.n_kv_head));
         }
-        if self.dim == 0
-            || !self.dim.is_multiple_of(self.n_head)
-            || (self.pos == PosKind::Rope && (self.dim / self.n_head) % 2 == 1)
-        {
-            return invalid(format!(
-                "width {} must split into {} heads (of even size for RoPE)",
-                self.dim, self.n_head
-            ));
+        if self.dim == 0 || !self.dim.is_multiple_of(self.n_head) || (self.pos == PosKind::Rope && (self.dim / self.n_head) % 2 == 1) {
+            return invalid(format!("width {} must split into {} heads (of even size for RoPE)", self.dim, self.n_head));
         }
         if self.vocab == 0 || self.n_layer == 0 || self.hidden == 0 {
             return invalid("vocab, n_layer and hidden must be positive");
@@ -226,23 +199,11 @@ impl Block {
         let out_std = c.init_std / (2.0 * c.n_layer as f64).sqrt();
         Block {
             norm1: Norm::new(c.norm, c.dim, c.norm_eps),
-            attn: MultiHeadAttention::new(
-                c.dim,
-                c.n_head,
-                c.n_kv_head,
-                c.bias,
-                c.init_std,
-                out_std,
-                rng,
-            ),
+            attn: MultiHeadAttention::new(c.dim, c.n_head, c.n_kv_head, c.bias, c.init_std, out_std, rng),
             norm2: Norm::new(c.norm, c.dim, c.norm_eps),
             mlp: match c.mlp {
-                MlpKind::Gelu => Mlp::Gelu(GeluMlp::new(
-                    c.dim, c.hidden, c.bias, c.init_std, out_std, rng,
-                )),
-                MlpKind::Swiglu => {
-                    Mlp::Swiglu(SwiGlu::new(c.dim, c.hidden, c.init_std, out_std, rng))
-                }
+                MlpKind::Gelu => Mlp::Gelu(GeluMlp::new(c.dim, c.hidden, c.bias, c.init_std, out_std, rng)),
+                MlpKind::Swiglu => Mlp::Swiglu(SwiGlu::new(c.dim, c.hidden, c.init_std, out_std, rng)),
             },
             drop: Dropout::new(c.dropout, c.seed ^ ((layer as u64 + 1) * 0x9E37)),
         }
@@ -250,16 +211,8 @@ impl Block {
 
     /// `x + attn(norm1(x)) → + mlp(norm2(·))` over `x: [batch, seq, dim]`; positions continue
     /// after the cache's, which grows.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        pos: &PositionalEncoding,
-        bias: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let a = self
-            .attn
-            .forward(&self.norm1.forward(x)?, pos, bias, cache)?;
+    pub fn forward(&self, x: &Tensor, pos: &PositionalEncoding, bias: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let a = self.attn.forward(&self.norm1.forward(x)?, pos, bias, cache)?;
         let x = x.add(&self.drop.forward(&a)?)?;
         let h = self.norm2.forward(&x)?;
         let m = match &self.mlp {
@@ -306,34 +259,11 @@ impl Gpt {
         let c = config.validate()?;
         let mut rng = Rng::new(c.seed);
         let tok = Embedding::new(c.vocab, c.dim, c.init_std, &mut rng);
-        let rope = Rope {
-            dim: c.head_dim(),
-            theta: c.rope_theta,
-            scaling: c.rope_scaling,
-            interleaved: false,
-        };
-        let pos = PositionalEncoding::new(
-            c.pos,
-            c.dim,
-            c.n_head,
-            c.head_dim(),
-            c.max_seq,
-            rope,
-            &mut rng,
-        );
-        let blocks = (0..c.n_layer)
-            .map(|l| Block::new(&c, l, &mut rng))
-            .collect();
+        let rope = Rope { dim: c.head_dim(), theta: c.rope_theta, scaling: c.rope_scaling, interleaved: false };
+        let pos = PositionalEncoding::new(c.pos, c.dim, c.n_head, c.head_dim(), c.max_seq, rope, &mut rng);
+        let blocks = (0..c.n_layer).map(|l| Block::new(&c, l, &mut rng)).collect();
         let head = (!c.tied).then(|| Linear::new(c.dim, c.vocab, false, c.init_std, &mut rng));
-        Ok(Gpt {
-            norm_f: Norm::new(c.norm, c.dim, c.norm_eps),
-            drop: Dropout::new(c.dropout, c.seed ^ 0xD509),
-            tok,
-            pos,
-            blocks,
-            head,
-            config: c,
-        })
+        Ok(Gpt { norm_f: Norm::new(c.norm, c.dim, c.norm_eps), drop: Dropout::new(c.dropout, c.seed ^ 0xD509), tok, pos, blocks, head, config: c })
     }
 
     /// Change the RoPE scaling used from now on (evaluating past the training length).
@@ -346,30 +276,19 @@ impl Gpt {
 
     /// Logits `[batch, seq, vocab]` for ids `[batch, seq]` (row-major). With caches (one per
     /// layer), positions continue after the cached ones and the caches grow.
-    pub fn forward(
-        &self,
-        ids: &[u32],
-        batch: usize,
-        caches: Option<&mut [KvCache]>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, ids: &[u32], batch: usize, caches: Option<&mut [KvCache]>) -> Result<Tensor> {
         if batch == 0 || !ids.len().is_multiple_of(batch) || ids.is_empty() {
             return invalid(format!("{} ids do not form {batch} equal rows", ids.len()));
         }
         let seq = ids.len() / batch;
-        let start = caches
-            .as_ref()
-            .map_or(0, |c| c.first().map_or(0, KvCache::len));
+        let start = caches.as_ref().map_or(0, |c| c.first().map_or(0, KvCache::len));
         let mut x = self.tok.forward(ids, &[batch, seq])?;
         x = self.drop.forward(&self.pos.add_to_input(&x, start)?)?;
         let (bias, _) = self.pos.attention_bias(seq, start + seq)?;
         match caches {
             Some(cs) => {
                 if cs.len() != self.blocks.len() {
-                    return invalid(format!(
-                        "{} caches for {} layers",
-                        cs.len(),
-                        self.blocks.len()
-                    ));
+                    return invalid(format!("{} caches for {} layers", cs.len(), self.blocks.len()));
                 }
                 for (b, c) in self.blocks.iter().zip(cs.iter_mut()) {
                     x = b.forward(&x, &self.pos, bias.as_ref(), Some(c))?;
@@ -392,9 +311,7 @@ impl Gpt {
     pub fn loss(&self, ids: &[u32], targets: &[u32], batch: usize) -> Result<Tensor> {
         let logits = self.forward(ids, batch, None)?;
         let v = self.config.vocab;
-        Ok(logits
-            .reshape(&[ids.len(), v])?
-            .cross_entropy(targets, None)?)
+        Ok(logits.reshape(&[ids.len(), v])?.cross_entropy(targets, None)?)
     }
 
     /// Empty KV caches, one per layer.

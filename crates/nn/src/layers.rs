@@ -23,10 +23,7 @@ pub struct Linear {
 impl Linear {
     /// A trainable layer initialised from N(0, std²), zero bias.
     pub fn new(inp: usize, out: usize, bias: bool, std: f64, rng: &mut Rng) -> Self {
-        Linear {
-            weight: parameter(&[out, inp], || rng.normal() * std),
-            bias: bias.then(|| parameter(&[out], || 0.0)),
-        }
+        Linear { weight: parameter(&[out, inp], || rng.normal() * std), bias: bias.then(|| parameter(&[out], || 0.0)) }
     }
 
     /// Existing weights (e.g. a quantized tensor from a GGUF file, frozen).
@@ -63,9 +60,7 @@ pub struct Embedding {
 impl Embedding {
     /// A trainable table initialised from N(0, std²).
     pub fn new(rows: usize, dim: usize, std: f64, rng: &mut Rng) -> Self {
-        Embedding {
-            weight: parameter(&[rows, dim], || rng.normal() * std),
-        }
+        Embedding { weight: parameter(&[rows, dim], || rng.normal() * std) }
     }
 
     /// Ids laid out as `shape` → `[..shape, dim]`.
@@ -94,11 +89,7 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Scale 1, bias 0.
     pub fn new(dim: usize, eps: f64) -> Self {
-        LayerNorm {
-            weight: parameter(&[dim], || 1.0),
-            bias: parameter(&[dim], || 0.0),
-            eps,
-        }
+        LayerNorm { weight: parameter(&[dim], || 1.0), bias: parameter(&[dim], || 0.0), eps }
     }
 
     /// Normalise `[.., dim]`.
@@ -126,10 +117,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Scale 1.
     pub fn new(dim: usize, eps: f64) -> Self {
-        RmsNorm {
-            weight: parameter(&[dim], || 1.0),
-            eps,
-        }
+        RmsNorm { weight: parameter(&[dim], || 1.0), eps }
     }
 
     /// Normalise `[.., dim]`.
@@ -156,11 +144,7 @@ pub struct Dropout {
 impl Dropout {
     /// Dropout with probability `p`, its mask stream seeded by `seed`.
     pub fn new(p: f64, seed: u64) -> Self {
-        Dropout {
-            p,
-            training: true,
-            rng: Mutex::new(Rng::new(seed)),
-        }
+        Dropout { p, training: true, rng: Mutex::new(Rng::new(seed)) }
     }
 
     /// Zero and rescale elements in training; the identity in evaluation.
@@ -191,11 +175,7 @@ pub struct SwiGlu {
 impl SwiGlu {
     /// Weights from N(0, std²), the down projection from N(0, out_std²).
     pub fn new(dim: usize, hidden: usize, std: f64, out_std: f64, rng: &mut Rng) -> Self {
-        SwiGlu {
-            gate: Linear::new(dim, hidden, false, std, rng),
-            up: Linear::new(dim, hidden, false, std, rng),
-            down: Linear::new(hidden, dim, false, out_std, rng),
-        }
+        SwiGlu { gate: Linear::new(dim, hidden, false, std, rng), up: Linear::new(dim, hidden, false, std, rng), down: Linear::new(hidden, dim, false, out_std, rng) }
     }
 
     /// `down(silu(gate(x)) · up(x))`.
@@ -223,18 +203,8 @@ pub struct GeluMlp {
 
 impl GeluMlp {
     /// Weights from N(0, std²), the output projection from N(0, out_std²).
-    pub fn new(
-        dim: usize,
-        hidden: usize,
-        bias: bool,
-        std: f64,
-        out_std: f64,
-        rng: &mut Rng,
-    ) -> Self {
-        GeluMlp {
-            fc: Linear::new(dim, hidden, bias, std, rng),
-            proj: Linear::new(hidden, dim, bias, out_std, rng),
-        }
+    pub fn new(dim: usize, hidden: usize, bias: bool, std: f64, out_std: f64, rng: &mut Rng) -> Self {
+        GeluMlp { fc: Linear::new(dim, hidden, bias, std, rng), proj: Linear::new(hidden, dim, bias, out_std, rng) }
     }
 
     /// `proj(gelu(fc(x)))`.
@@ -269,15 +239,7 @@ pub struct MultiHeadAttention {
 
 impl MultiHeadAttention {
     /// Random projections; the output projection from N(0, out_std²).
-    pub fn new(
-        dim: usize,
-        heads: usize,
-        kv_heads: usize,
-        bias: bool,
-        std: f64,
-        out_std: f64,
-        rng: &mut Rng,
-    ) -> Self {
+    pub fn new(dim: usize, heads: usize, kv_heads: usize, bias: bool, std: f64, out_std: f64, rng: &mut Rng) -> Self {
         let hd = dim / heads;
         MultiHeadAttention {
             wq: Linear::new(dim, heads * hd, bias, std, rng),
@@ -290,19 +252,8 @@ impl MultiHeadAttention {
     }
 
     /// `x: [batch, seq, dim]`; with a cache, the positions continue after the cached ones.
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        pos: &PositionalEncoding,
-        score_bias: Option<&Tensor>,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let w = AttentionWeights {
-            wq: self.wq.parts(),
-            wk: self.wk.parts(),
-            wv: self.wv.parts(),
-            wo: self.wo.parts(),
-        };
+    pub fn forward(&self, x: &Tensor, pos: &PositionalEncoding, score_bias: Option<&Tensor>, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let w = AttentionWeights { wq: self.wq.parts(), wk: self.wk.parts(), wv: self.wv.parts(), wo: self.wo.parts() };
         F::self_attention(x, w, (self.heads, self.kv_heads), pos, score_bias, cache)
     }
 }

@@ -83,12 +83,7 @@ pub trait ModuleExt: Module {
                 Err(e) => return err = Some(e.into()),
             };
             if loaded.shape() != t.shape() {
-                return err = Some(crate::Error::Invalid(format!(
-                    "{}: `{name}` has shape {:?} in the file, {:?} in the model",
-                    path.display(),
-                    loaded.shape(),
-                    t.shape()
-                )));
+                return err = Some(crate::Error::Invalid(format!("{}: `{name}` has shape {:?} in the file, {:?} in the model", path.display(), loaded.shape(), t.shape())));
             }
             match loaded.to_dtype(augur_core::DType::F32) {
                 Ok(v) => *t = v.requires_grad(t.is_requires_grad()),
@@ -118,12 +113,8 @@ impl<M: Module> Module for Vec<M> {
 /// A new parameter: `shape` filled by `init`, requiring a gradient.
 pub fn parameter(shape: &[usize], init: impl FnMut() -> f64) -> Tensor {
     let mut init = init;
-    let v: Vec<f32> = (0..shape.iter().product::<usize>())
-        .map(|_| init() as f32)
-        .collect();
-    Tensor::from_vec(v, shape)
-        .expect("length matches shape")
-        .requires_grad(true)
+    let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| init() as f32).collect();
+    Tensor::from_vec(v, shape).expect("length matches shape").requires_grad(true)
 }
 
 /// The parameters that hold a gradient (handles sharing it).

@@ -25,25 +25,12 @@ pub trait Optimizer {
 
 /// Per-parameter state vectors as named tensors (`prefix` + parameter name).
 fn save_vectors(prefix: &str, m: &HashMap<String, Vec<f32>>) -> Vec<(String, Tensor)> {
-    m.iter()
-        .map(|(n, v)| {
-            (
-                format!("{prefix}{n}"),
-                Tensor::from_vec(v.clone(), &[v.len()]).expect("1-d"),
-            )
-        })
-        .collect()
+    m.iter().map(|(n, v)| (format!("{prefix}{n}"), Tensor::from_vec(v.clone(), &[v.len()]).expect("1-d"))).collect()
 }
 
 /// The inverse of [`save_vectors`].
 fn load_vectors(ck: &Checkpoint, prefix: &str) -> Result<HashMap<String, Vec<f32>>> {
-    ck.names()
-        .filter_map(|n| {
-            n.strip_prefix(prefix)
-                .map(|p| (p.to_string(), n.to_string()))
-        })
-        .map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?)))
-        .collect()
+    ck.names().filter_map(|n| n.strip_prefix(prefix).map(|p| (p.to_string(), n.to_string()))).map(|(p, n)| Ok((p, ck.get(&n)?.to_vec_f32()?))).collect()
 }
 
 /// Which parameters get weight decay: by default matrices and embeddings, not norms or biases.
@@ -52,10 +39,7 @@ pub fn decays(_name: &str, t: &Tensor) -> bool {
 }
 
 /// Visit each trainable parameter with its gradient as f32.
-fn for_each_grad(
-    model: &mut dyn Module,
-    mut f: impl FnMut(&str, &mut Tensor, &[f32]) -> Result<()>,
-) -> Result<()> {
+fn for_each_grad(model: &mut dyn Module, mut f: impl FnMut(&str, &mut Tensor, &[f32]) -> Result<()>) -> Result<()> {
     let mut res = Ok(());
     model.visit("", &mut |name, p| {
         if res.is_err() || !p.is_requires_grad() {
@@ -64,10 +48,7 @@ fn for_each_grad(
         let Some(g) = p.grad() else { return };
         res = match g.as_f32_slice() {
             Some(s) => f(name, p, s),
-            None => g
-                .to_vec_f32()
-                .map_err(Into::into)
-                .and_then(|g| f(name, p, &g)),
+            None => g.to_vec_f32().map_err(Into::into).and_then(|g| f(name, p, &g)),
         };
     });
     res
@@ -88,37 +69,22 @@ pub struct Sgd {
 impl Sgd {
     /// SGD with `momentum` and `weight_decay`.
     pub fn new(lr: f64, momentum: f64, weight_decay: f64) -> Self {
-        Sgd {
-            lr,
-            momentum,
-            weight_decay,
-            buf: HashMap::new(),
-        }
+        Sgd { lr, momentum, weight_decay, buf: HashMap::new() }
     }
 }
 
 impl Optimizer for Sgd {
     fn step(&mut self, model: &mut dyn Module) -> Result<()> {
-        let (lr, mu, wd) = (
-            self.lr as f32,
-            self.momentum as f32,
-            self.weight_decay as f32,
-        );
+        let (lr, mu, wd) = (self.lr as f32, self.momentum as f32, self.weight_decay as f32);
         let bufs = &mut self.buf;
         for_each_grad(model, |name, p, g| {
             let wd = if decays(name, p) { wd } else { 0.0 };
             let first = !bufs.contains_key(name);
-            let b = bufs
-                .entry(name.to_string())
-                .or_insert_with(|| vec![0.0; g.len()]);
+            let b = bufs.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
             let w = p.values_mut_f32()?;
             for i in 0..w.len() {
                 let gi = g[i] + wd * w[i];
-                b[i] = if first || mu == 0.0 {
-                    gi
-                } else {
-                    mu * b[i] + gi
-                };
+                b[i] = if first || mu == 0.0 { gi } else { mu * b[i] + gi };
                 w[i] -= lr * if mu == 0.0 { gi } else { b[i] };
             }
             Ok(())
@@ -158,15 +124,7 @@ pub struct AdamW {
 impl AdamW {
     /// AdamW with PyTorch's defaults for the rest of its state.
     pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
-        AdamW {
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            step: 0,
-            m: HashMap::new(),
-            v: HashMap::new(),
-        }
+        AdamW { lr, betas, eps, weight_decay, step: 0, m: HashMap::new(), v: HashMap::new() }
     }
 
     /// Steps taken so far.
@@ -188,18 +146,10 @@ impl Optimizer for AdamW {
         let (ms, vs) = (&mut self.m, &mut self.v);
         for_each_grad(model, |name, p, g| {
             let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
-            let m = ms
-                .entry(name.to_string())
-                .or_insert_with(|| vec![0.0; g.len()]);
-            let v = vs
-                .entry(name.to_string())
-                .or_insert_with(|| vec![0.0; g.len()]);
+            let m = ms.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
+            let v = vs.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
             if m.len() != g.len() {
-                return invalid(format!(
-                    "AdamW state for `{name}` has {} values, the parameter {}",
-                    m.len(),
-                    g.len()
-                ));
+                return invalid(format!("AdamW state for `{name}` has {} values, the parameter {}", m.len(), g.len()));
             }
             let w = p.values_mut_f32()?;
             for i in 0..w.len() {
@@ -219,10 +169,7 @@ impl Optimizer for AdamW {
         self.lr = lr;
     }
     fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(
-            "adamw.step".to_string(),
-            Tensor::from_f64(vec![self.step as f64], &[1]).expect("1"),
-        )];
+        let mut out = vec![("adamw.step".to_string(), Tensor::from_f64(vec![self.step as f64], &[1]).expect("1"))];
         out.extend(save_vectors("adamw.m.", &self.m));
         out.extend(save_vectors("adamw.v.", &self.v));
         out
@@ -268,13 +215,7 @@ pub fn clip_grad_norm(model: &mut dyn Module, max_norm: f64) -> Result<f64> {
     let grads = crate::module::with_grads(model);
     let mut sq = 0f64;
     for p in &grads {
-        sq += p
-            .grad()
-            .expect("has grad")
-            .to_vec_f32()?
-            .iter()
-            .map(|&g| (g as f64) * (g as f64))
-            .sum::<f64>();
+        sq += p.grad().expect("has grad").to_vec_f32()?.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
     }
     let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);

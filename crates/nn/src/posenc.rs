@@ -31,11 +31,8 @@ pub enum PosKind {
 impl std::str::FromStr for PosKind {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase())).map_err(|_| {
-            format!(
-                "unknown positional encoding `{s}` (none, sinusoidal, learned, rope, alibi, t5)"
-            )
-        })
+        serde_json::from_value(serde_json::Value::String(s.to_ascii_lowercase()))
+            .map_err(|_| format!("unknown positional encoding `{s}` (none, sinusoidal, learned, rope, alibi, t5)"))
     }
 }
 
@@ -84,12 +81,7 @@ pub enum RopeScaling {
 impl RopeScaling {
     /// YaRN with the paper's defaults (β_fast 32, β_slow 1).
     pub fn yarn(factor: f64, original_len: usize) -> Self {
-        RopeScaling::Yarn {
-            factor,
-            original_len,
-            beta_fast: 32.0,
-            beta_slow: 1.0,
-        }
+        RopeScaling::Yarn { factor, original_len, beta_fast: 32.0, beta_slow: 1.0 }
     }
 }
 
@@ -109,37 +101,20 @@ pub struct Rope {
 impl Rope {
     /// Unscaled RoPE over `dim` with base `theta`.
     pub fn new(dim: usize, theta: f64) -> Self {
-        Rope {
-            dim,
-            theta,
-            scaling: RopeScaling::None,
-            interleaved: false,
-        }
+        Rope { dim, theta, scaling: RopeScaling::None, interleaved: false }
     }
 
     /// The `dim / 2` rotation frequencies after scaling.
     pub fn inv_freq(&self) -> Vec<f64> {
         let d = self.dim as f64;
-        let base = |theta: f64| -> Vec<f64> {
-            (0..self.dim / 2)
-                .map(|i| 1.0 / theta.powf(2.0 * i as f64 / d))
-                .collect()
-        };
+        let base = |theta: f64| -> Vec<f64> { (0..self.dim / 2).map(|i| 1.0 / theta.powf(2.0 * i as f64 / d)).collect() };
         match self.scaling {
             RopeScaling::None => base(self.theta),
             RopeScaling::Linear { factor } => base(self.theta).iter().map(|f| f / factor).collect(),
             RopeScaling::Ntk { factor } => base(self.theta * factor.powf(d / (d - 2.0))),
-            RopeScaling::Yarn {
-                factor,
-                original_len,
-                beta_fast,
-                beta_slow,
-            } => {
+            RopeScaling::Yarn { factor, original_len, beta_fast, beta_slow } => {
                 // The dimension whose wavelength completes `rotations` turns over the original context.
-                let corr = |rotations: f64| {
-                    d * (original_len as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln()
-                        / (2.0 * self.theta.ln())
-                };
+                let corr = |rotations: f64| d * (original_len as f64 / (rotations * 2.0 * std::f64::consts::PI)).ln() / (2.0 * self.theta.ln());
                 let low = corr(beta_fast).floor().max(0.0);
                 let high = corr(beta_slow).ceil().min(d - 1.0);
                 base(self.theta)
@@ -152,12 +127,7 @@ impl Rope {
                     })
                     .collect()
             }
-            RopeScaling::Llama3 {
-                factor,
-                low_freq_factor,
-                high_freq_factor,
-                original_len,
-            } => {
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_len } => {
                 let orig = original_len as f64;
                 let (low_wl, high_wl) = (orig / low_freq_factor, orig / high_freq_factor);
                 base(self.theta)
@@ -169,8 +139,7 @@ impl Rope {
                         } else if wl > low_wl {
                             f / factor
                         } else {
-                            let s = (orig / wl - low_freq_factor)
-                                / (high_freq_factor - low_freq_factor);
+                            let s = (orig / wl - low_freq_factor) / (high_freq_factor - low_freq_factor);
                             (1.0 - s) * f / factor + s * f
                         }
                     })
@@ -195,12 +164,7 @@ impl Rope {
             static LAST: std::cell::RefCell<Option<(Key, (Tensor, Tensor))>> = const { std::cell::RefCell::new(None) };
         }
         let key = (*self, start, len);
-        if let Some(hit) = LAST.with(|l| {
-            l.borrow()
-                .as_ref()
-                .filter(|(k, _)| *k == key)
-                .map(|(_, t)| t.clone())
-        }) {
+        if let Some(hit) = LAST.with(|l| l.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, t)| t.clone())) {
             return Ok(hit);
         }
         let t = self.compute_tables(start, len)?;
@@ -212,10 +176,7 @@ impl Rope {
         let f = self.inv_freq();
         let m = self.attention_factor();
         let half = f.len();
-        let (mut c, mut s) = (
-            Vec::with_capacity(len * half),
-            Vec::with_capacity(len * half),
-        );
+        let (mut c, mut s) = (Vec::with_capacity(len * half), Vec::with_capacity(len * half));
         for p in start..start + len {
             for &fi in &f {
                 let a = p as f64 * fi;
@@ -223,10 +184,7 @@ impl Rope {
                 s.push((a.sin() * m) as f32);
             }
         }
-        Ok((
-            Tensor::from_vec(c, &[len, half])?,
-            Tensor::from_vec(s, &[len, half])?,
-        ))
+        Ok((Tensor::from_vec(c, &[len, half])?, Tensor::from_vec(s, &[len, half])?))
     }
 
     /// Rotate `x: [.., seq, dim]` whose rows sit at positions `start..start+seq`.
@@ -254,11 +212,7 @@ pub fn sinusoidal(start: usize, len: usize, dim: usize) -> Result<Tensor> {
 /// head count, otherwise that of the next lower power of two followed by every other slope of
 /// the next higher one.
 pub fn alibi_slopes(heads: usize) -> Vec<f32> {
-    let pow2 = |n: usize| -> Vec<f64> {
-        (1..=n)
-            .map(|i| 2f64.powf(-8.0 * i as f64 / n as f64))
-            .collect()
-    };
+    let pow2 = |n: usize| -> Vec<f64> { (1..=n).map(|i| 2f64.powf(-8.0 * i as f64 / n as f64)).collect() };
     if heads.is_power_of_two() {
         return pow2(heads).into_iter().map(|x| x as f32).collect();
     }
@@ -276,8 +230,7 @@ pub fn t5_bucket(relative: i64, buckets: usize, max_distance: usize) -> usize {
     if n < exact {
         return n;
     }
-    let log = ((n as f64 / exact as f64).ln() / (max_distance as f64 / exact as f64).ln()
-        * (buckets - exact) as f64) as usize;
+    let log = ((n as f64 / exact as f64).ln() / (max_distance as f64 / exact as f64).ln() * (buckets - exact) as f64) as usize;
     (exact + log).min(buckets - 1)
 }
 
@@ -322,32 +275,14 @@ pub const T5_MAX_DISTANCE: usize = 128;
 impl PositionalEncoding {
     /// The encoding `kind` for a model of width `dim`, `heads` heads of `head_dim`, positions up
     /// to `max_len` (learned tables), initialised from `rng`.
-    pub fn new(
-        kind: PosKind,
-        dim: usize,
-        heads: usize,
-        head_dim: usize,
-        max_len: usize,
-        rope: Rope,
-        rng: &mut Rng,
-    ) -> Self {
+    pub fn new(kind: PosKind, dim: usize, heads: usize, head_dim: usize, max_len: usize, rope: Rope, rng: &mut Rng) -> Self {
         match kind {
             PosKind::None => PositionalEncoding::None,
             PosKind::Sinusoidal => PositionalEncoding::Sinusoidal { dim },
-            PosKind::Learned => PositionalEncoding::Learned {
-                table: parameter(&[max_len, dim], || rng.normal() * 0.02),
-            },
-            PosKind::Rope => PositionalEncoding::Rope(Rope {
-                dim: head_dim,
-                ..rope
-            }),
-            PosKind::Alibi => PositionalEncoding::Alibi {
-                slopes: alibi_slopes(heads),
-            },
-            PosKind::T5 => PositionalEncoding::T5 {
-                table: parameter(&[T5_BUCKETS, heads], || 0.0),
-                max_distance: T5_MAX_DISTANCE,
-            },
+            PosKind::Learned => PositionalEncoding::Learned { table: parameter(&[max_len, dim], || rng.normal() * 0.02) },
+            PosKind::Rope => PositionalEncoding::Rope(Rope { dim: head_dim, ..rope }),
+            PosKind::Alibi => PositionalEncoding::Alibi { slopes: alibi_slopes(heads) },
+            PosKind::T5 => PositionalEncoding::T5 { table: parameter(&[T5_BUCKETS, heads], || 0.0), max_distance: T5_MAX_DISTANCE },
         }
     }
 
@@ -388,30 +323,16 @@ impl PositionalEncoding {
 
     /// The score bias `[heads, q_len, k_len]` (T5) for queries at the last `q_len` of `k_len`
     /// positions, and the ALiBi slopes.
-    pub fn attention_bias(
-        &self,
-        q_len: usize,
-        k_len: usize,
-    ) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
+    pub fn attention_bias(&self, q_len: usize, k_len: usize) -> Result<(Option<Tensor>, Option<Vec<f32>>)> {
         match self {
             PositionalEncoding::Alibi { slopes } => Ok((None, Some(slopes.clone()))),
-            PositionalEncoding::T5 {
-                table,
-                max_distance,
-            } => {
+            PositionalEncoding::T5 { table, max_distance } => {
                 let (buckets, heads) = (table.shape()[0], table.shape()[1]);
                 let off = k_len - q_len;
                 let ids: Vec<u32> = (0..q_len)
-                    .flat_map(|i| {
-                        (0..k_len).map(move |j| {
-                            t5_bucket(j as i64 - (i + off) as i64, buckets, *max_distance) as u32
-                        })
-                    })
+                    .flat_map(|i| (0..k_len).map(move |j| t5_bucket(j as i64 - (i + off) as i64, buckets, *max_distance) as u32))
                     .collect();
-                let b = table
-                    .gather_rows(&ids)?
-                    .transpose(0, 1)?
-                    .reshape(&[heads, q_len, k_len])?;
+                let b = table.gather_rows(&ids)?.transpose(0, 1)?.reshape(&[heads, q_len, k_len])?;
                 Ok((Some(b), None))
             }
             _ => Ok((None, None)),
@@ -435,48 +356,27 @@ mod tests {
 
     #[test]
     fn alibi_slopes_follow_the_paper() {
-        assert_eq!(
-            alibi_slopes(8),
-            [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]
-        );
+        assert_eq!(alibi_slopes(8), [0.5, 0.25, 0.125, 0.0625, 0.03125, 0.015625, 0.0078125, 0.00390625]);
         // 6 heads: the 4-head slopes, then slopes 1 and 3 of the 8-head sequence.
-        assert_eq!(
-            alibi_slopes(6),
-            [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]
-        );
+        assert_eq!(alibi_slopes(6), [0.25, 0.0625, 0.015625, 0.00390625, 0.5, 0.125]);
     }
 
     #[test]
     fn t5_buckets_are_exact_then_logarithmic() {
-        assert_eq!(
-            (0..16).map(|d| t5_bucket(-d, 32, 128)).collect::<Vec<_>>(),
-            (0..16).collect::<Vec<_>>()
-        );
+        assert_eq!((0..16).map(|d| t5_bucket(-d, 32, 128)).collect::<Vec<_>>(), (0..16).collect::<Vec<_>>());
         assert!(t5_bucket(-40, 32, 128) > 16 && t5_bucket(-40, 32, 128) < 31);
         assert_eq!(t5_bucket(-1000, 32, 128), 31);
-        assert_eq!(
-            t5_bucket(5, 32, 128),
-            0,
-            "future keys (masked anyway) share bucket 0"
-        );
+        assert_eq!(t5_bucket(5, 32, 128), 0, "future keys (masked anyway) share bucket 0");
     }
 
     #[test]
     fn rope_scalings_keep_high_frequencies_where_they_should() {
-        let r = |s| Rope {
-            dim: 64,
-            theta: 10000.0,
-            scaling: s,
-            interleaved: false,
-        };
+        let r = |s| Rope { dim: 64, theta: 10000.0, scaling: s, interleaved: false };
         let plain = r(RopeScaling::None).inv_freq();
         let lin = r(RopeScaling::Linear { factor: 4.0 }).inv_freq();
         let ntk = r(RopeScaling::Ntk { factor: 4.0 }).inv_freq();
         let yarn = r(RopeScaling::yarn(4.0, 256)).inv_freq();
-        assert!(lin
-            .iter()
-            .zip(&plain)
-            .all(|(a, b)| (a * 4.0 - b).abs() < 1e-12));
+        assert!(lin.iter().zip(&plain).all(|(a, b)| (a * 4.0 - b).abs() < 1e-12));
         // NTK keeps the highest frequency and stretches the lowest the most.
         assert_eq!(ntk[0], plain[0]);
         assert!(ntk[31] < plain[31] && ntk[31] / plain[31] < ntk[1] / plain[1]);
@@ -489,12 +389,7 @@ mod tests {
     #[test]
     fn sinusoidal_table_matches_the_formula() {
         let t = sinusoidal(3, 2, 4).unwrap().to_vec_f32().unwrap();
-        let want = [
-            3f64.sin(),
-            3f64.cos(),
-            (3.0f64 / 100.0).sin(),
-            (3.0f64 / 100.0).cos(),
-        ];
+        let want = [3f64.sin(), 3f64.cos(), (3.0f64 / 100.0).sin(), (3.0f64 / 100.0).cos()];
         for (a, b) in t[..4].iter().zip(want) {
             assert!((*a as f64 - b).abs() < 1e-6);
         }

@@ -52,20 +52,7 @@ pub struct TrainSettings {
 
 impl Default for TrainSettings {
     fn default() -> Self {
-        TrainSettings {
-            batch: 8,
-            seq_len: 256,
-            steps: 1000,
-            lr: 1e-3,
-            min_lr: 1e-4,
-            warmup: 50,
-            weight_decay: 0.1,
-            clip: 1.0,
-            precision: None,
-            eval_every: 100,
-            eval_windows: 16,
-            seed: 0,
-        }
+        TrainSettings { batch: 8, seq_len: 256, steps: 1000, lr: 1e-3, min_lr: 1e-4, warmup: 50, weight_decay: 0.1, clip: 1.0, precision: None, eval_every: 100, eval_windows: 16, seed: 0 }
     }
 }
 
@@ -100,19 +87,11 @@ impl Corpus {
     }
 
     /// `batch` random windows of `seq + 1` tokens from `part`, as inputs and next-token targets.
-    pub fn batch(
-        part: &[u32],
-        batch: usize,
-        seq: usize,
-        rng: &mut Rng,
-    ) -> Result<(Vec<u32>, Vec<u32>)> {
+    pub fn batch(part: &[u32], batch: usize, seq: usize, rng: &mut Rng) -> Result<(Vec<u32>, Vec<u32>)> {
         if part.len() <= seq + 1 {
             return invalid(format!("the corpus part has {} tokens; a window of {} needs more (use more text or a shorter --seq-len)", part.len(), seq + 1));
         }
-        let (mut x, mut y) = (
-            Vec::with_capacity(batch * seq),
-            Vec::with_capacity(batch * seq),
-        );
+        let (mut x, mut y) = (Vec::with_capacity(batch * seq), Vec::with_capacity(batch * seq));
         for _ in 0..batch {
             let s = rng.below(part.len() - seq - 1);
             x.extend_from_slice(&part[s..s + seq]);
@@ -171,12 +150,7 @@ impl Trainer {
         if settings.batch == 0 || settings.seq_len == 0 {
             return invalid("batch and seq_len must be positive");
         }
-        let sched = LrSchedule {
-            base_lr: settings.lr,
-            min_lr: settings.min_lr,
-            warmup: settings.warmup,
-            total: settings.steps,
-        };
+        let sched = LrSchedule { base_lr: settings.lr, min_lr: settings.min_lr, warmup: settings.warmup, total: settings.steps };
         let precision = settings.autocast()?;
         Ok(Trainer {
             opt: AdamW::new(settings.lr, (0.9, 0.95), 1e-8, settings.weight_decay),
@@ -197,18 +171,9 @@ impl Trainer {
     /// One data-parallel step: the ranks draw the same global batch of `batch × world` windows,
     /// each trains on its own `batch` of them, and gradients are averaged across ranks during the
     /// backward pass; every rank then takes the same optimizer step (or all skip it).
-    pub fn step_parallel(
-        &mut self,
-        corpus: &Corpus,
-        group: &dyn ProcessGroup,
-    ) -> Result<StepReport> {
+    pub fn step_parallel(&mut self, corpus: &Corpus, group: &dyn ProcessGroup) -> Result<StepReport> {
         let s = &self.settings;
-        let (x, y) = Corpus::batch(
-            &corpus.train,
-            s.batch * group.world(),
-            s.seq_len,
-            &mut self.rng,
-        )?;
+        let (x, y) = Corpus::batch(&corpus.train, s.batch * group.world(), s.seq_len, &mut self.rng)?;
         let shard = s.batch * s.seq_len;
         let r = group.rank() * shard..(group.rank() + 1) * shard;
         let (x, y) = (&x[r.clone()], &y[r]);
@@ -226,25 +191,13 @@ impl Trainer {
             group.all_reduce_sum(&mut flag);
             found_inf = flag[0] > 0.0;
         }
-        let grad_norm = if found_inf {
-            f64::INFINITY
-        } else {
-            clip_grad_norm(&mut self.model, s.clip)?
-        };
+        let grad_norm = if found_inf { f64::INFINITY } else { clip_grad_norm(&mut self.model, s.clip)? };
         let lr = self.sched.at(self.step);
         self.opt.set_lr(lr);
-        let stepped = self
-            .scaler
-            .step(&mut self.opt, &mut self.model, found_inf)?;
+        let stepped = self.scaler.step(&mut self.opt, &mut self.model, found_inf)?;
         self.model.zero_grad();
         self.step += 1;
-        Ok(StepReport {
-            step: self.step,
-            loss: loss.item()?,
-            lr,
-            grad_norm,
-            skipped: !stepped,
-        })
+        Ok(StepReport { step: self.step, loss: loss.item()?, lr, grad_norm, skipped: !stepped })
     }
 
     /// Mean held-out loss over `eval_windows` windows drawn from a fixed seed (the same windows
@@ -265,22 +218,13 @@ impl Trainer {
 
     /// Write a complete checkpoint into `dir` (created if needed).
     pub fn save(&mut self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).map_err(|err| Error::Io {
-            path: dir.into(),
-            err,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|err| Error::Io { path: dir.into(), err })?;
         self.model.save(&dir.join("model.safetensors"))?;
         let state = self.opt.state();
-        let refs: Vec<(&str, &augur_core::Tensor)> =
-            state.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        let refs: Vec<(&str, &augur_core::Tensor)> = state.iter().map(|(n, t)| (n.as_str(), t)).collect();
         augur_formats::safetensors::save(&dir.join("optimizer.safetensors"), &refs)?;
         write_json(&dir.join("config.json"), &self.model.config)?;
-        let st = TrainerState {
-            step: self.step,
-            data_rng: self.rng.clone(),
-            loss_scale: self.scaler.scale,
-            settings: self.settings.clone(),
-        };
+        let st = TrainerState { step: self.step, data_rng: self.rng.clone(), loss_scale: self.scaler.scale, settings: self.settings.clone() };
         write_json(&dir.join("trainer.json"), &st)
     }
 
@@ -295,8 +239,7 @@ impl Trainer {
             settings.steps = s;
         }
         let mut t = Self::with_model(model, settings)?;
-        t.opt
-            .load_state(&Checkpoint::open(&dir.join("optimizer.safetensors"))?)?;
+        t.opt.load_state(&Checkpoint::open(&dir.join("optimizer.safetensors"))?)?;
         t.rng = st.data_rng;
         t.scaler.scale = st.loss_scale;
         t.step = st.step;
@@ -315,27 +258,12 @@ pub fn load_model(dir: &Path) -> Result<Gpt> {
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> Result<()> {
     let tmp = path.with_extension("json.partial");
-    let text = serde_json::to_string_pretty(v).map_err(|err| Error::Json {
-        path: path.into(),
-        err,
-    })?;
-    std::fs::write(&tmp, text + "\n").map_err(|err| Error::Io {
-        path: tmp.clone(),
-        err,
-    })?;
-    std::fs::rename(&tmp, path).map_err(|err| Error::Io {
-        path: path.into(),
-        err,
-    })
+    let text = serde_json::to_string_pretty(v).map_err(|err| Error::Json { path: path.into(), err })?;
+    std::fs::write(&tmp, text + "\n").map_err(|err| Error::Io { path: tmp.clone(), err })?;
+    std::fs::rename(&tmp, path).map_err(|err| Error::Io { path: path.into(), err })
 }
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|err| Error::Io {
-        path: path.into(),
-        err,
-    })?;
-    serde_json::from_str(&text).map_err(|err| Error::Json {
-        path: path.into(),
-        err,
-    })
+    let text = std::fs::read_to_string(path).map_err(|err| Error::Io { path: path.into(), err })?;
+    serde_json::from_str(&text).map_err(|err| Error::Json { path: path.into(), err })
 }

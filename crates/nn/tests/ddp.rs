@@ -6,34 +6,15 @@ use augur_nn::train::{Corpus, TrainSettings, Trainer};
 use augur_nn::{GptConfig, ModuleExt};
 
 fn checksum(t: &mut Trainer) -> Vec<Vec<f32>> {
-    t.model
-        .named_parameters()
-        .iter()
-        .map(|(_, p)| p.to_vec_f32().unwrap())
-        .collect()
+    t.model.named_parameters().iter().map(|(_, p)| p.to_vec_f32().unwrap()).collect()
 }
 
 #[test]
 fn two_ranks_equal_one_rank_with_twice_the_batch() {
-    let cfg = GptConfig {
-        dim: 32,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        hidden: 64,
-        seed: 5,
-        ..GptConfig::default()
-    };
+    let cfg = GptConfig { dim: 32, n_layer: 2, n_head: 4, n_kv_head: 2, hidden: 64, seed: 5, ..GptConfig::default() };
     let text = "data parallel training splits every batch between ranks. ".repeat(30);
     let corpus = Corpus::split(text.bytes().map(u32::from).collect(), 0.1).unwrap();
-    let settings = |batch| TrainSettings {
-        batch,
-        seq_len: 16,
-        steps: 4,
-        warmup: 1,
-        lr: 3e-3,
-        ..TrainSettings::default()
-    };
+    let settings = |batch| TrainSettings { batch, seq_len: 16, steps: 4, warmup: 1, lr: 3e-3, ..TrainSettings::default() };
     let mut single = Trainer::new(cfg.clone(), settings(4)).unwrap();
     for _ in 0..4 {
         single.step(&corpus).unwrap();
@@ -47,20 +28,9 @@ fn two_ranks_equal_one_rank_with_twice_the_batch() {
                 let (cfg, corpus) = (cfg.clone(), corpus.clone());
                 s.spawn(move || {
                     // Different initial seeds: the broadcast must make them equal.
-                    let mut t = Trainer::new(
-                        GptConfig {
-                            seed: 5 + g.rank() as u64 * 100,
-                            ..cfg
-                        },
-                        settings(2),
-                    )
-                    .unwrap();
+                    let mut t = Trainer::new(GptConfig { seed: 5 + g.rank() as u64 * 100, ..cfg }, settings(2)).unwrap();
                     if g.rank() == 0 {
-                        t.model = augur_nn::Gpt::new(GptConfig {
-                            seed: 5,
-                            ..t.model.config.clone()
-                        })
-                        .unwrap();
+                        t.model = augur_nn::Gpt::new(GptConfig { seed: 5, ..t.model.config.clone() }).unwrap();
                     }
                     Ddp::new(g).broadcast_parameters(&mut t.model).unwrap();
                     let mut per_step = vec![];
@@ -81,9 +51,6 @@ fn two_ranks_equal_one_rank_with_twice_the_batch() {
     let want: Vec<f32> = want.into_iter().flatten().collect();
     assert_eq!(got.len(), want.len());
     for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert!(
-            (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-            "parameter element {i}: 2 ranks {a} vs 1 rank {b}"
-        );
+        assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "parameter element {i}: 2 ranks {a} vs 1 rank {b}");
     }
 }

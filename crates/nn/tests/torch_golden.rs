@@ -10,9 +10,7 @@ use augur_nn::optim::{clip_grad_norm, AdamW, Optimizer};
 use augur_nn::{Gpt, GptConfig, Module, ModuleExt};
 
 fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
 
 /// Largest elementwise difference relative to the tensor's largest magnitude (at least 1e-4:
@@ -22,78 +20,36 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.shape(), b.shape());
     let (a, b) = (a.to_vec_f64().unwrap(), b.to_vec_f64().unwrap());
     let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-4);
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f64::max)
-        / scale
+    a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
 }
 
 fn check(name: &str) {
-    let mut cfg: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(data(&format!("golden_{name}.json"))).unwrap(),
-    )
-    .unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(&format!("golden_{name}.json"))).unwrap()).unwrap();
     let train = cfg.as_object_mut().unwrap().remove("train").unwrap();
     let cfg: GptConfig = serde_json::from_value(cfg).unwrap();
     let ck = Checkpoint::open(&data(&format!("golden_{name}.safetensors"))).unwrap();
     let mut model = Gpt::new(cfg.clone()).unwrap();
     let mut loaded = 0;
     model.visit("", &mut |n, t| {
-        *t = ck
-            .get(&format!("param.{n}"))
-            .unwrap_or_else(|_| panic!("golden file lacks {n}"))
-            .to_dtype(DType::F32)
-            .unwrap()
-            .requires_grad(true);
+        *t = ck.get(&format!("param.{n}")).unwrap_or_else(|_| panic!("golden file lacks {n}")).to_dtype(DType::F32).unwrap().requires_grad(true);
         loaded += 1;
     });
-    assert_eq!(
-        loaded,
-        ck.names().filter(|n| n.starts_with("param.")).count(),
-        "parameter sets differ"
-    );
-    let ids: Vec<u32> = ck
-        .get("ids")
-        .unwrap()
-        .to_vec_f32()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
-    let targets: Vec<u32> = ck
-        .get("targets")
-        .unwrap()
-        .to_vec_f32()
-        .unwrap()
-        .iter()
-        .map(|&x| x as u32)
-        .collect();
+    assert_eq!(loaded, ck.names().filter(|n| n.starts_with("param.")).count(), "parameter sets differ");
+    let ids: Vec<u32> = ck.get("ids").unwrap().to_vec_f32().unwrap().iter().map(|&x| x as u32).collect();
+    let targets: Vec<u32> = ck.get("targets").unwrap().to_vec_f32().unwrap().iter().map(|&x| x as u32).collect();
     let batch = train["batch"].as_u64().unwrap() as usize;
 
     let loss = model.loss(&ids, &targets, batch).unwrap();
     let want = ck.get("loss").unwrap().to_vec_f32().unwrap()[0];
-    assert!(
-        ((loss.item().unwrap() - want) / want).abs() < 1e-5,
-        "{name}: loss {} vs torch {want}",
-        loss.item().unwrap()
-    );
+    assert!(((loss.item().unwrap() - want) / want).abs() < 1e-5, "{name}: loss {} vs torch {want}", loss.item().unwrap());
     loss.backward().unwrap();
     for (n, p) in model.named_parameters() {
         let e = rel_err(&p.grad().unwrap(), &ck.get(&format!("grad.{n}")).unwrap());
-        assert!(
-            e < 1e-4,
-            "{name}: gradient of {n} off by {e:.2e} (relative)"
-        );
+        assert!(e < 1e-4, "{name}: gradient of {n} off by {e:.2e} (relative)");
     }
     clip_grad_norm(&mut model, train["clip"].as_f64().unwrap()).unwrap();
     let b = &train["betas"];
-    let mut opt = AdamW::new(
-        train["lr"].as_f64().unwrap(),
-        (b[0].as_f64().unwrap(), b[1].as_f64().unwrap()),
-        train["eps"].as_f64().unwrap(),
-        train["weight_decay"].as_f64().unwrap(),
-    );
+    let mut opt = AdamW::new(train["lr"].as_f64().unwrap(), (b[0].as_f64().unwrap(), b[1].as_f64().unwrap()), train["eps"].as_f64().unwrap(), train["weight_decay"].as_f64().unwrap());
     opt.step(&mut model).unwrap();
     for (n, p) in model.named_parameters() {
         // A gradient that is zero in exact arithmetic (the key bias: softmax ignores a score
@@ -104,10 +60,7 @@ fn check(name: &str) {
             continue;
         }
         let e = rel_err(&p, &ck.get(&format!("new.{n}")).unwrap());
-        assert!(
-            e < 1e-4,
-            "{name}: {n} after AdamW off by {e:.2e} (relative)"
-        );
+        assert!(e < 1e-4, "{name}: {n} after AdamW off by {e:.2e} (relative)");
     }
 }
 

@@ -12,24 +12,11 @@ the season of Light, it was the season of Darkness, it was the spring of hope, i
 despair, we had everything before us, we had nothing before us.";
 
 fn train(precision: Option<DType>) -> (f32, f32) {
-    let cfg = GptConfig {
-        dim: 64,
-        n_layer: 2,
-        n_head: 4,
-        n_kv_head: 2,
-        hidden: 128,
-        seed: 7,
-        ..GptConfig::default()
-    };
+    let cfg = GptConfig { dim: 64, n_layer: 2, n_head: 4, n_kv_head: 2, hidden: 128, seed: 7, ..GptConfig::default() };
     let mut model = Gpt::new(cfg).unwrap();
     let bytes: Vec<u32> = TEXT.bytes().map(u32::from).collect();
     let (batch, seq, steps) = (8, 32, 150);
-    let sched = LrSchedule {
-        base_lr: 3e-3,
-        min_lr: 3e-4,
-        warmup: 10,
-        total: steps,
-    };
+    let sched = LrSchedule { base_lr: 3e-3, min_lr: 3e-4, warmup: 10, total: steps };
     let mut opt = AdamW::new(3e-3, (0.9, 0.95), 1e-8, 0.1);
     let mut scaler = GradScaler::for_precision(precision);
     let mut rng = Rng::new(1);
@@ -41,9 +28,7 @@ fn train(precision: Option<DType>) -> (f32, f32) {
             ids.extend_from_slice(&bytes[s..s + seq]);
             tgt.extend_from_slice(&bytes[s + 1..s + seq + 1]);
         }
-        let loss = autocast(precision, || model.loss(&ids, &tgt, batch))
-            .unwrap()
-            .unwrap();
+        let loss = autocast(precision, || model.loss(&ids, &tgt, batch)).unwrap().unwrap();
         scaler.scale_loss(&loss).unwrap().backward().unwrap();
         let found_inf = scaler.unscale(&mut model).unwrap();
         clip_grad_norm(&mut model, 1.0).unwrap();

@@ -133,10 +133,7 @@ pub struct CompletionRequest {
 /// type) into a 400.
 pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     if body.is_empty() {
-        return Err(ApiError::invalid(
-            "The request body is empty; send a JSON object.",
-            None,
-        ));
+        return Err(ApiError::invalid("The request body is empty; send a JSON object.", None));
     }
     serde_json::from_slice(body).map_err(|e| {
         let msg = e.to_string();
@@ -175,35 +172,20 @@ impl Common {
     pub fn settings(self) -> Result<Settings, ApiError> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
-            return Err(ApiError::invalid(
-                format!("temperature {temperature} is not in [0, 2]"),
-                Some("temperature"),
-            ));
+            return Err(ApiError::invalid(format!("temperature {temperature} is not in [0, 2]"), Some("temperature")));
         }
         let top_p = self.top_p.unwrap_or(1.0);
         if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::invalid(
-                format!("top_p {top_p} is not in (0, 1]"),
-                Some("top_p"),
-            ));
+            return Err(ApiError::invalid(format!("top_p {top_p} is not in (0, 1]"), Some("top_p")));
         }
         let n = self.n.unwrap_or(1);
         if !(1..=8).contains(&n) {
-            return Err(ApiError::invalid(
-                format!("n {n} is not in [1, 8]"),
-                Some("n"),
-            ));
+            return Err(ApiError::invalid(format!("n {n} is not in [1, 8]"), Some("n")));
         }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if let Some(v) = v {
                 if !(-2.0..=2.0).contains(&v) {
-                    return Err(ApiError::invalid(
-                        format!("{name} {v} is not in [-2, 2]"),
-                        Some(name),
-                    ));
+                    return Err(ApiError::invalid(format!("{name} {v} is not in [-2, 2]"), Some(name)));
                 }
             }
         }
@@ -212,12 +194,7 @@ impl Common {
             return Err(ApiError::invalid("at most 4 stop sequences", Some("stop")));
         }
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
-            Some(0) => {
-                return Err(ApiError::invalid(
-                    "max_tokens must be at least 1",
-                    Some("max_tokens"),
-                ))
-            }
+            Some(0) => return Err(ApiError::invalid("max_tokens must be at least 1", Some("max_tokens"))),
             Some(m) => Some(usize::try_from(m).unwrap_or(usize::MAX)),
             None => None,
         };
@@ -246,13 +223,7 @@ impl ChatMessage {
                 let mut out = String::new();
                 for part in p {
                     if part.kind != "text" {
-                        return Err(ApiError::invalid(
-                            format!(
-                                "content part type `{}` is not supported (text only)",
-                                part.kind
-                            ),
-                            Some("messages"),
-                        ));
+                        return Err(ApiError::invalid(format!("content part type `{}` is not supported (text only)", part.kind), Some("messages")));
                     }
                     out.push_str(part.text.as_deref().unwrap_or(""));
                 }

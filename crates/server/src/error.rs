@@ -23,13 +23,7 @@ pub struct ApiError {
 impl ApiError {
     /// 400: the request is wrong (`param` names the field).
     pub fn invalid(message: impl Into<String>, param: Option<&str>) -> Self {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            kind: "invalid_request_error",
-            param: param.map(Into::into),
-            code: None,
-        }
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: param.map(Into::into), code: None }
     }
 
     /// Attach a machine-readable code.
@@ -73,24 +67,12 @@ impl ApiError {
 
     /// 404: `what` does not exist.
     pub fn not_found(what: &str) -> Self {
-        ApiError {
-            status: StatusCode::NOT_FOUND,
-            message: format!("{what} not found"),
-            kind: "invalid_request_error",
-            param: None,
-            code: None,
-        }
+        ApiError { status: StatusCode::NOT_FOUND, message: format!("{what} not found"), kind: "invalid_request_error", param: None, code: None }
     }
 
     /// 500: an internal failure.
     pub fn internal(message: impl Into<String>) -> Self {
-        ApiError {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            message: message.into(),
-            kind: "server_error",
-            param: None,
-            code: None,
-        }
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: message.into(), kind: "server_error", param: None, code: None }
     }
 
     /// The OpenAI-style JSON error body.

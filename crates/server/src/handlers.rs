@@ -44,36 +44,23 @@ pub fn check_spec(spec: &str, model: &Model) -> Result<(), String> {
 fn drafter(spec: &str, model: &Model) -> Result<Box<dyn Drafter + Send>, String> {
     // A draft model would be loaded per request; the server takes the stateless drafters only.
     if spec.starts_with("draft:") {
-        return Err(format!(
-            "--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)"
-        ));
+        return Err(format!("--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)"));
     }
     speculative::from_spec(spec, model, 3, 1, 6).map_err(|e| e.to_string())
 }
 
 fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn request_id(prefix: &str) -> String {
-    let n = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let n = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
     format!("{prefix}-{n:x}")
 }
 
 fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(key) = &app.cfg.api_key else {
-        return Ok(());
-    };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+    let Some(key) = &app.cfg.api_key else { return Ok(()) };
+    let given = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     if given == Some(key.as_str()) {
         Ok(())
     } else {
@@ -83,17 +70,11 @@ fn authorize(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
 
 async fn read_body(app: &App, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
     let limit = app.cfg.max_body_bytes;
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::too_large(limit));
     }
-    to_bytes(body, limit)
-        .await
-        .map(|b| b.to_vec())
-        .map_err(|_| ApiError::too_large(limit))
+    to_bytes(body, limit).await.map(|b| b.to_vec()).map_err(|_| ApiError::too_large(limit))
 }
 
 async fn models(State(app): State<Arc<App>>, headers: HeaderMap) -> Response {
@@ -108,9 +89,7 @@ async fn health() -> Response {
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> Response {
-    let text = app
-        .metrics
-        .render(app.scheduler.active(), app.scheduler.queued());
+    let text = app.metrics.render(app.scheduler.active(), app.scheduler.queued());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
@@ -135,11 +114,7 @@ struct Piece {
 
 enum Ev {
     Piece(Piece),
-    Done {
-        index: usize,
-        finish: &'static str,
-        tokens: usize,
-    },
+    Done { index: usize, finish: &'static str, tokens: usize },
     Failed(ApiError),
 }
 
@@ -152,11 +127,7 @@ fn finish_reason(s: &Summary) -> &'static str {
 
 fn log_softmax_lse(logits: &[f32]) -> f32 {
     let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    m + logits
-        .iter()
-        .map(|&l| ((l - m) as f64).exp())
-        .sum::<f64>()
-        .ln() as f32
+    m + logits.iter().map(|&l| ((l - m) as f64).exp()).sum::<f64>().ln() as f32
 }
 
 /// OpenAI logprob objects for token `id` chosen from `logits` (chat or legacy completions shape).
@@ -166,9 +137,7 @@ fn logprob_entry(model: &Model, id: u32, logits: &[f32], top: usize, chat: bool)
     let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
     let k = top.min(idx.len());
     if k > 0 {
-        idx.select_nth_unstable_by(k - 1, |a, b| {
-            logits[*b as usize].total_cmp(&logits[*a as usize])
-        });
+        idx.select_nth_unstable_by(k - 1, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
         idx.truncate(k);
         idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
     } else {
@@ -177,14 +146,10 @@ fn logprob_entry(model: &Model, id: u32, logits: &[f32], top: usize, chat: bool)
     let lp = |i: u32| logits[i as usize] - lse;
     let text = tok(id);
     if chat {
-        let tops: Vec<Value> = idx
-            .iter()
-            .map(|&i| json!({"token": tok(i), "logprob": lp(i), "bytes": tok(i).into_bytes()}))
-            .collect();
+        let tops: Vec<Value> = idx.iter().map(|&i| json!({"token": tok(i), "logprob": lp(i), "bytes": tok(i).into_bytes()})).collect();
         json!({"token": text, "logprob": lp(id), "bytes": text.clone().into_bytes(), "top_logprobs": tops})
     } else {
-        let tops: serde_json::Map<String, Value> =
-            idx.iter().map(|&i| (tok(i), json!(lp(i)))).collect();
+        let tops: serde_json::Map<String, Value> = idx.iter().map(|&i| (tok(i), json!(lp(i)))).collect();
         json!({"token": text, "logprob": lp(id), "top": tops})
     }
 }
@@ -193,57 +158,30 @@ fn logprob_entry(model: &Model, id: u32, logits: &[f32], top: usize, chat: bool)
 /// token when the receiver is gone (client disconnected) or the server is shutting down.
 fn run_job(app: Arc<App>, job: Job, tx: mpsc::Sender<Ev>) {
     let model = &app.model;
-    app.metrics
-        .prompt_tokens
-        .fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
+    app.metrics.prompt_tokens.fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
     for index in 0..job.settings.n {
         let cfg = choice_config(&app, &job, index);
         let on_token = |ev: &TokenEvent| send_piece(&app, &tx, index, job.logprobs, job.chat, ev);
         let result = match app.cfg.spec.as_deref() {
-            Some(spec) => drafter(spec, model)
-                .map_err(ApiError::internal)
-                .and_then(|mut d| {
-                    speculative::generate(
-                        model,
-                        &job.ids,
-                        &cfg,
-                        &SpecConfig::new(6),
-                        d.as_mut(),
-                        on_token,
-                    )
+            Some(spec) => drafter(spec, model).map_err(ApiError::internal).and_then(|mut d| {
+                speculative::generate(model, &job.ids, &cfg, &SpecConfig::new(6), d.as_mut(), on_token)
                     .map(|(s, st)| {
-                        app.metrics
-                            .spec_passes
-                            .fetch_add(st.target_passes as u64, Ordering::Relaxed);
-                        app.metrics
-                            .spec_emitted
-                            .fetch_add(st.emitted as u64, Ordering::Relaxed);
+                        app.metrics.spec_passes.fetch_add(st.target_passes as u64, Ordering::Relaxed);
+                        app.metrics.spec_emitted.fetch_add(st.emitted as u64, Ordering::Relaxed);
                         s
                     })
                     .map_err(|e| ApiError::internal(e.to_string()))
-                }),
-            None => generate(model, &job.ids, &cfg, on_token)
-                .map_err(|e| ApiError::internal(e.to_string())),
+            }),
+            None => generate(model, &job.ids, &cfg, on_token).map_err(|e| ApiError::internal(e.to_string())),
         };
         match result {
             Ok(s) => {
-                app.metrics
-                    .generated_tokens
-                    .fetch_add(s.generated.len() as u64, Ordering::Relaxed);
-                app.metrics
-                    .decode_us
-                    .fetch_add(s.decode.as_micros() as u64, Ordering::Relaxed);
+                app.metrics.generated_tokens.fetch_add(s.generated.len() as u64, Ordering::Relaxed);
+                app.metrics.decode_us.fetch_add(s.decode.as_micros() as u64, Ordering::Relaxed);
                 if s.stop == StopReason::Callback {
                     return; // client gone or shutting down
                 }
-                if tx
-                    .blocking_send(Ev::Done {
-                        index,
-                        finish: finish_reason(&s),
-                        tokens: s.generated.len(),
-                    })
-                    .is_err()
-                {
+                if tx.blocking_send(Ev::Done { index, finish: finish_reason(&s), tokens: s.generated.len() }).is_err() {
                     return;
                 }
             }
@@ -275,23 +213,12 @@ fn choice_config(app: &App, job: &Job, index: usize) -> GenerateConfig {
 }
 
 /// Send one token to the client; `Break` when it is gone or the server is stopping.
-fn send_piece(
-    app: &App,
-    tx: &mpsc::Sender<Ev>,
-    index: usize,
-    logprobs: Option<usize>,
-    chat: bool,
-    ev: &TokenEvent,
-) -> ControlFlow<()> {
+fn send_piece(app: &App, tx: &mpsc::Sender<Ev>, index: usize, logprobs: Option<usize>, chat: bool, ev: &TokenEvent) -> ControlFlow<()> {
     if app.stopping.load(Ordering::Relaxed) {
         return ControlFlow::Break(());
     }
     let logprob = logprobs.map(|k| logprob_entry(&app.model, ev.id, ev.logits, k, chat));
-    match tx.blocking_send(Ev::Piece(Piece {
-        index,
-        text: ev.text.to_string(),
-        logprob,
-    })) {
+    match tx.blocking_send(Ev::Piece(Piece { index, text: ev.text.to_string(), logprob })) {
         Ok(()) => ControlFlow::Continue(()),
         Err(_) => ControlFlow::Break(()),
     }
@@ -328,18 +255,10 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
     let finish = |app: &App, l: Live| {
         let (tx, index) = (l.tx.clone(), l.index);
         let s = l.seq.finish();
-        app.metrics
-            .generated_tokens
-            .fetch_add(s.generated.len() as u64, Ordering::Relaxed);
-        app.metrics
-            .decode_us
-            .fetch_add(s.decode.as_micros() as u64, Ordering::Relaxed);
+        app.metrics.generated_tokens.fetch_add(s.generated.len() as u64, Ordering::Relaxed);
+        app.metrics.decode_us.fetch_add(s.decode.as_micros() as u64, Ordering::Relaxed);
         if s.stop != StopReason::Callback {
-            let _ = tx.blocking_send(Ev::Done {
-                index,
-                finish: finish_reason(&s),
-                tokens: s.generated.len(),
-            });
+            let _ = tx.blocking_send(Ev::Done { index, finish: finish_reason(&s), tokens: s.generated.len() });
         }
     };
     let mut waiting: std::collections::VecDeque<EngineJob> = std::collections::VecDeque::new();
@@ -355,26 +274,14 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
         // not stall the streams already running.
         let admit = if live.is_empty() { 1 } else { 2 }.min(waiting.len());
         for EngineJob { job, tx, slot } in waiting.drain(..admit) {
-            app.metrics
-                .prompt_tokens
-                .fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
+            app.metrics.prompt_tokens.fetch_add((job.ids.len() * job.settings.n) as u64, Ordering::Relaxed);
             let slot = Arc::new(slot);
             for index in 0..job.settings.n {
                 let cfg = choice_config(&app, &job, index);
                 let (lp, chat) = (job.logprobs, job.chat);
-                match Sequence::start(model, &job.ids, &cfg, |ev| {
-                    send_piece(&app, &tx, index, lp, chat, ev)
-                }) {
+                match Sequence::start(model, &job.ids, &cfg, |ev| send_piece(&app, &tx, index, lp, chat, ev)) {
                     Ok(seq) => {
-                        let l = Live {
-                            seq,
-                            index,
-                            tx: tx.clone(),
-                            logprobs: lp,
-                            chat,
-                            failed: false,
-                            _slot: slot.clone(),
-                        };
+                        let l = Live { seq, index, tx: tx.clone(), logprobs: lp, chat, failed: false, _slot: slot.clone() };
                         if l.seq.finished().is_some() {
                             finish(&app, l);
                         } else {
@@ -389,19 +296,14 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
             }
         }
         for chunk in live.chunks_mut(augur_models::MAX_BATCH) {
-            let toks: Vec<u32> = chunk
-                .iter()
-                .map(|l| l.seq.next_input().expect("live sequences have an input"))
-                .collect();
+            let toks: Vec<u32> = chunk.iter().map(|l| l.seq.next_input().expect("live sequences have an input")).collect();
             let logits = {
-                let mut refs: Vec<&mut augur_models::State> =
-                    chunk.iter_mut().map(|l| &mut l.seq.state).collect();
+                let mut refs: Vec<&mut augur_models::State> = chunk.iter_mut().map(|l| &mut l.seq.state).collect();
                 match model.llama.forward_many(&mut scratch, &mut refs, &toks) {
                     Ok(l) => l.to_vec(),
                     Err(e) => {
                         for l in chunk.iter_mut() {
-                            let _ =
-                                l.tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
+                            let _ = l.tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
                             l.failed = true;
                         }
                         continue;
@@ -409,27 +311,15 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
                 }
             };
             for (row, l) in chunk.iter_mut().enumerate() {
-                let Live {
-                    seq,
-                    index,
-                    tx,
-                    logprobs,
-                    chat,
-                    failed,
-                    ..
-                } = l;
-                let r = seq.advance(model, &logits[row * vocab..(row + 1) * vocab], &mut |ev| {
-                    send_piece(&app, tx, *index, *logprobs, *chat, ev)
-                });
+                let Live { seq, index, tx, logprobs, chat, failed, .. } = l;
+                let r = seq.advance(model, &logits[row * vocab..(row + 1) * vocab], &mut |ev| send_piece(&app, tx, *index, *logprobs, *chat, ev));
                 if let Err(e) = r {
                     let _ = tx.blocking_send(Ev::Failed(ApiError::internal(e.to_string())));
                     *failed = true;
                 }
             }
         }
-        let (done, rest): (Vec<Live>, Vec<Live>) = live
-            .into_iter()
-            .partition(|l| l.failed || l.seq.finished().is_some() || l.tx.is_closed());
+        let (done, rest): (Vec<Live>, Vec<Live>) = live.into_iter().partition(|l| l.failed || l.seq.finished().is_some() || l.tx.is_closed());
         live = rest;
         for l in done.into_iter().filter(|l| !l.failed) {
             finish(&app, l);
@@ -438,20 +328,10 @@ pub fn engine(app: Arc<App>, rx: std::sync::mpsc::Receiver<EngineJob>) {
 }
 
 /// Token ids, context check and token budget of a request.
-fn prepare(
-    app: &App,
-    ids: Vec<u32>,
-    settings: Settings,
-    default_max: usize,
-    logprobs: Option<usize>,
-    chat: bool,
-) -> Result<Job, ApiError> {
+fn prepare(app: &App, ids: Vec<u32>, settings: Settings, default_max: usize, logprobs: Option<usize>, chat: bool) -> Result<Job, ApiError> {
     let ctx = app.model.llama.cfg.context;
     if ids.is_empty() {
-        return Err(ApiError::invalid(
-            "The prompt is empty.",
-            Some(if chat { "messages" } else { "prompt" }),
-        ));
+        return Err(ApiError::invalid("The prompt is empty.", Some(if chat { "messages" } else { "prompt" })));
     }
     if ids.len() >= ctx {
         return Err(ApiError::invalid(
@@ -472,18 +352,8 @@ fn prepare(
         Some(m) => m,
         None => default_max.min(room),
     };
-    let seed = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(7);
-    Ok(Job {
-        ids,
-        settings,
-        max_tokens,
-        logprobs,
-        chat,
-        seed,
-    })
+    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(7);
+    Ok(Job { ids, settings, max_tokens, logprobs, chat, seed })
 }
 
 async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Response {
@@ -493,42 +363,18 @@ async fn chat(State(app): State<Arc<App>>, headers: HeaderMap, body: Body) -> Re
         let body = read_body(&app, &headers, body).await?;
         let req: ChatRequest = api::parse(&body)?;
         if req.messages.is_empty() {
-            return Err(ApiError::invalid(
-                "messages must not be empty",
-                Some("messages"),
-            ));
+            return Err(ApiError::invalid("messages must not be empty", Some("messages")));
         }
         let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-            (_, Some(k)) if k > 20 => {
-                return Err(ApiError::invalid(
-                    "top_logprobs must be in [0, 20]",
-                    Some("top_logprobs"),
-                ))
-            }
-            (false, Some(_)) => {
-                return Err(ApiError::invalid(
-                    "top_logprobs requires logprobs: true",
-                    Some("top_logprobs"),
-                ))
-            }
+            (_, Some(k)) if k > 20 => return Err(ApiError::invalid("top_logprobs must be in [0, 20]", Some("top_logprobs"))),
+            (false, Some(_)) => return Err(ApiError::invalid("top_logprobs requires logprobs: true", Some("top_logprobs"))),
             (true, k) => Some(k.unwrap_or(0) as usize),
             (false, None) => None,
         };
-        let msgs: Vec<Message> = req
-            .messages
-            .iter()
-            .map(|m| Ok(Message::new(&m.role, &m.text()?)))
-            .collect::<Result<_, ApiError>>()?;
-        let tpl =
-            ChatTemplate::for_model(&app.model).map_err(|e| ApiError::internal(e.to_string()))?;
-        let prompt = tpl
-            .render(&msgs, true)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
-        let ids = app
-            .model
-            .tokenizer
-            .encode(&prompt)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let msgs: Vec<Message> = req.messages.iter().map(|m| Ok(Message::new(&m.role, &m.text()?))).collect::<Result<_, ApiError>>()?;
+        let tpl = ChatTemplate::for_model(&app.model).map_err(|e| ApiError::internal(e.to_string()))?;
+        let prompt = tpl.render(&msgs, true).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
+        let ids = app.model.tokenizer.encode(&prompt).map_err(|e| ApiError::invalid(e.to_string(), Some("messages")))?;
         let settings = req.common.settings()?;
         prepare(&app, ids, settings, 4096, logprobs, true)
     }
@@ -545,27 +391,13 @@ async fn completions(State(app): State<Arc<App>>, headers: HeaderMap, body: Body
         let prompt = match req.prompt {
             Prompt::One(s) => s,
             Prompt::Many(v) if v.len() == 1 => v.into_iter().next().unwrap(),
-            Prompt::Many(_) => {
-                return Err(ApiError::invalid(
-                    "only one prompt per request is supported",
-                    Some("prompt"),
-                ))
-            }
+            Prompt::Many(_) => return Err(ApiError::invalid("only one prompt per request is supported", Some("prompt"))),
         };
         let logprobs = match req.logprobs {
-            Some(k) if k > 20 => {
-                return Err(ApiError::invalid(
-                    "logprobs must be in [0, 20]",
-                    Some("logprobs"),
-                ))
-            }
+            Some(k) if k > 20 => return Err(ApiError::invalid("logprobs must be in [0, 20]", Some("logprobs"))),
             k => k.map(|k| k as usize),
         };
-        let ids = app
-            .model
-            .tokenizer
-            .encode(&prompt)
-            .map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
+        let ids = app.model.tokenizer.encode(&prompt).map_err(|e| ApiError::invalid(e.to_string(), Some("prompt")))?;
         let settings = req.common.settings()?;
         prepare(&app, ids, settings, 16, logprobs, false)
     }
@@ -594,20 +426,12 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
         }
     };
     let chat = object == "chat.completion";
-    let (stream, include_usage, n, prompt_tokens) = (
-        job.settings.stream,
-        job.settings.include_usage,
-        job.settings.n,
-        job.ids.len(),
-    );
+    let (stream, include_usage, n, prompt_tokens) = (job.settings.stream, job.settings.include_usage, job.settings.n, job.ids.len());
     let (tx, mut rx) = mpsc::channel::<Ev>(64);
     match &app.engine {
         // Plain decoding: the batching engine (the slot is released when the job's last choice ends).
         Some(engine) => {
-            let sent = engine
-                .lock()
-                .map(|e| e.send(EngineJob { job, tx, slot }).is_ok())
-                .unwrap_or(false);
+            let sent = engine.lock().map(|e| e.send(EngineJob { job, tx, slot }).is_ok()).unwrap_or(false);
             if !sent {
                 return ApiError::internal("the generation engine has stopped").into_response();
             }
@@ -635,11 +459,7 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
                     texts[p.index].push_str(&p.text);
                     lps[p.index].extend(p.logprob);
                 }
-                Ev::Done {
-                    index,
-                    finish: f,
-                    tokens,
-                } => {
+                Ev::Done { index, finish: f, tokens } => {
                     finish[index] = f;
                     completion_tokens += tokens;
                 }
@@ -660,19 +480,13 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
         return Json(json!({"id": id, "object": object, "created": created, "model": model_name, "choices": choices, "usage": usage})).into_response();
     }
     let (etx, erx) = mpsc::channel::<Result<Event, Infallible>>(64);
-    let chunk_object = if chat {
-        "chat.completion.chunk"
-    } else {
-        "text_completion"
-    };
+    let chunk_object = if chat { "chat.completion.chunk" } else { "text_completion" };
     tokio::spawn(async move {
         let chunk = |choice: Value| json!({"id": id, "object": chunk_object, "created": created, "model": model_name, "choices": [choice]});
         let send = |v: Value| Ok(Event::default().data(v.to_string()));
         if chat {
             for i in 0..n {
-                let first = chunk(
-                    json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}),
-                );
+                let first = chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}));
                 if etx.send(send(first)).await.is_err() {
                     return;
                 }
@@ -687,29 +501,17 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
                     }
                     let lp = p.logprob.map_or(Value::Null, |l| logprobs_json(&[l], chat));
                     if chat {
-                        chunk(
-                            json!({"index": p.index, "delta": {"content": p.text}, "logprobs": lp, "finish_reason": null}),
-                        )
+                        chunk(json!({"index": p.index, "delta": {"content": p.text}, "logprobs": lp, "finish_reason": null}))
                     } else {
-                        chunk(
-                            json!({"index": p.index, "text": p.text, "logprobs": lp, "finish_reason": null}),
-                        )
+                        chunk(json!({"index": p.index, "text": p.text, "logprobs": lp, "finish_reason": null}))
                     }
                 }
-                Ev::Done {
-                    index,
-                    finish,
-                    tokens,
-                } => {
+                Ev::Done { index, finish, tokens } => {
                     completion_tokens += tokens;
                     if chat {
-                        chunk(
-                            json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}),
-                        )
+                        chunk(json!({"index": index, "delta": {}, "logprobs": null, "finish_reason": finish}))
                     } else {
-                        chunk(
-                            json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish}),
-                        )
+                        chunk(json!({"index": index, "text": "", "logprobs": null, "finish_reason": finish}))
                     }
                 }
                 Ev::Failed(e) => e.body(),
@@ -725,9 +527,7 @@ async fn respond(app: Arc<App>, job: Job, object: &'static str) -> Response {
         }
         let _ = etx.send(Ok(Event::default().data("[DONE]"))).await;
     });
-    Sse::new(ReceiverStream::new(erx))
-        .keep_alive(KeepAlive::default())
-        .into_response()
+    Sse::new(ReceiverStream::new(erx)).keep_alive(KeepAlive::default()).into_response()
 }
 
 /// Per-token logprob entries as the endpoint's `logprobs` object.

@@ -147,25 +147,14 @@ pub fn router(app: Arc<App>) -> axum::Router {
 pub async fn serve(app: Arc<App>, drain: std::time::Duration) -> std::io::Result<()> {
     let addr: SocketAddr = format!("{}:{}", app.cfg.host, app.cfg.port)
         .parse()
-        .map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("bad host/port: {e}"),
-            )
-        })?;
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("bad host/port: {e}")))?;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!(
-        "augur: serving {} on http://{}",
-        app.cfg.model_name,
-        listener.local_addr()?
-    );
+    eprintln!("augur: serving {} on http://{}", app.cfg.model_name, listener.local_addr()?);
     let stop_app = app.clone();
     let shutdown = async move {
         wait_for_signal().await;
         eprintln!("augur: shutting down: no new connections; stopping running generations");
-        stop_app
-            .stopping
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        stop_app.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
     };
     let server = axum::serve(listener, router(app)).with_graceful_shutdown(shutdown);
     tokio::select! {
@@ -180,8 +169,7 @@ pub async fn serve(app: Arc<App>, drain: std::time::Duration) -> std::io::Result
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}

@@ -29,12 +29,7 @@ impl Drop for Slot {
 
 impl Scheduler {
     pub fn new(concurrency: usize, queue: usize) -> Self {
-        Scheduler {
-            slots: Arc::new(Semaphore::new(concurrency)),
-            capacity: concurrency,
-            admitted: Arc::new(AtomicUsize::new(0)),
-            limit: concurrency + queue,
-        }
+        Scheduler { slots: Arc::new(Semaphore::new(concurrency)), capacity: concurrency, admitted: Arc::new(AtomicUsize::new(0)), limit: concurrency + queue }
     }
 
     /// Wait for a slot, or 429 at once if the queue is full.
@@ -44,10 +39,7 @@ impl Scheduler {
             return Err(ApiError::busy());
         }
         match self.slots.clone().acquire_owned().await {
-            Ok(p) => Ok(Slot {
-                _permit: p,
-                admitted: self.admitted.clone(),
-            }),
+            Ok(p) => Ok(Slot { _permit: p, admitted: self.admitted.clone() }),
             Err(_) => {
                 self.admitted.fetch_sub(1, Ordering::SeqCst);
                 Err(ApiError::internal("scheduler closed"))
@@ -60,8 +52,6 @@ impl Scheduler {
     }
 
     pub fn queued(&self) -> usize {
-        self.admitted
-            .load(Ordering::SeqCst)
-            .saturating_sub(self.active())
+        self.admitted.load(Ordering::SeqCst).saturating_sub(self.active())
     }
 }

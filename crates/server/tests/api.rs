@@ -14,8 +14,7 @@ use serde_json::{json, Value};
 use tower::ServiceExt;
 
 fn app(cfg: ServerConfig) -> Arc<App> {
-    let dir =
-        std::env::temp_dir().join(format!("augur-server-{}-{}", std::process::id(), cfg.port));
+    let dir = std::env::temp_dir().join(format!("augur-server-{}-{}", std::process::id(), cfg.port));
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("tiny.gguf");
     if !p.exists() {
@@ -25,95 +24,43 @@ fn app(cfg: ServerConfig) -> Arc<App> {
 }
 
 fn post(path: &str, body: impl Into<Body>) -> Request<Body> {
-    Request::post(path)
-        .header("content-type", "application/json")
-        .body(body.into())
-        .unwrap()
+    Request::post(path).header("content-type", "application/json").body(body.into()).unwrap()
 }
 
 async fn call(app: &Arc<App>, req: Request<Body>) -> (StatusCode, Value) {
     let res = router(app.clone()).oneshot(req).await.unwrap();
     let status = res.status();
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
     (status, v)
 }
 
 fn assert_openai_error(v: &Value) {
     let e = &v["error"];
-    assert!(
-        e["message"].is_string() && e["type"].is_string(),
-        "not an OpenAI error: {v}"
-    );
-    assert!(
-        e.get("param").is_some() && e.get("code").is_some(),
-        "error lacks param/code: {v}"
-    );
+    assert!(e["message"].is_string() && e["type"].is_string(), "not an OpenAI error: {v}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "error lacks param/code: {v}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_openai_errors() {
-    let a = app(ServerConfig {
-        port: 1,
-        max_body_bytes: 2000,
-        ..Default::default()
-    });
+    let a = app(ServerConfig { port: 1, max_body_bytes: 2000, ..Default::default() });
     let (s, v) = call(&a, post("/v1/chat/completions", "{not json")).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
     assert_openai_error(&v);
     let (s, v) = call(&a, post("/v1/chat/completions", r#"{"messages": "hi"}"#)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert!(
-        v["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("invalid type"),
-        "{v}"
-    );
-    let (s, v) = call(
-        &a,
-        post(
-            "/v1/completions",
-            r#"{"prompt": "a", "temperature": "hot"}"#,
-        ),
-    )
-    .await;
+    assert!(v["error"]["message"].as_str().unwrap().contains("invalid type"), "{v}");
+    let (s, v) = call(&a, post("/v1/completions", r#"{"prompt": "a", "temperature": "hot"}"#)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
-    let (s, v) = call(
-        &a,
-        post(
-            "/v1/completions",
-            r#"{"prompt": "a", "max_tokens": 100000}"#,
-        ),
-    )
-    .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("context_length_exceeded"))
-    );
+    let (s, v) = call(&a, post("/v1/completions", r#"{"prompt": "a", "max_tokens": 100000}"#)).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("context_length_exceeded")));
     let long = "hello ".repeat(400);
-    let (s, v) = call(
-        &a,
-        post("/v1/completions", json!({"prompt": long}).to_string()),
-    )
-    .await;
+    let (s, v) = call(&a, post("/v1/completions", json!({"prompt": long}).to_string())).await;
     assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{v}");
     assert_openai_error(&v);
-    let a2 = app(ServerConfig {
-        port: 2,
-        ..Default::default()
-    });
-    let (s, v) = call(
-        &a2,
-        post("/v1/completions", json!({"prompt": long}).to_string()),
-    )
-    .await;
-    assert_eq!(
-        (s, v["error"]["code"].as_str()),
-        (StatusCode::BAD_REQUEST, Some("context_length_exceeded")),
-        "prompt past the context"
-    );
+    let a2 = app(ServerConfig { port: 2, ..Default::default() });
+    let (s, v) = call(&a2, post("/v1/completions", json!({"prompt": long}).to_string())).await;
+    assert_eq!((s, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("context_length_exceeded")), "prompt past the context");
     let (s, v) = call(&a, Request::get("/v1/nothing").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     assert_openai_error(&v);
@@ -123,96 +70,50 @@ async fn bad_input_gets_openai_errors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn api_key_is_enforced() {
-    let a = app(ServerConfig {
-        port: 3,
-        api_key: Some("k".into()),
-        ..Default::default()
-    });
+    let a = app(ServerConfig { port: 3, api_key: Some("k".into()), ..Default::default() });
     let (s, v) = call(&a, Request::get("/v1/models").body(Body::empty()).unwrap()).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
     assert_eq!(v["error"]["code"], "invalid_api_key");
-    let ok = Request::get("/v1/models")
-        .header("authorization", "Bearer k")
-        .body(Body::empty())
-        .unwrap();
+    let ok = Request::get("/v1/models").header("authorization", "Bearer k").body(Body::empty()).unwrap();
     assert_eq!(call(&a, ok).await.0, StatusCode::OK);
-    assert_eq!(
-        call(&a, Request::get("/health").body(Body::empty()).unwrap())
-            .await
-            .0,
-        StatusCode::OK
-    );
+    assert_eq!(call(&a, Request::get("/health").body(Body::empty()).unwrap()).await.0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn full_server_says_429_and_a_gone_client_frees_its_slot() {
-    let a = app(ServerConfig {
-        port: 4,
-        max_concurrency: 1,
-        max_queue: 0,
-        ..Default::default()
-    });
-    let stream = post(
-        "/v1/completions",
-        r#"{"prompt": "hello", "max_tokens": 200, "stream": true, "temperature": 0}"#,
-    );
+    let a = app(ServerConfig { port: 4, max_concurrency: 1, max_queue: 0, ..Default::default() });
+    let stream = post("/v1/completions", r#"{"prompt": "hello", "max_tokens": 200, "stream": true, "temperature": 0}"#);
     let held = router(a.clone()).oneshot(stream).await.unwrap();
     assert_eq!(held.status(), StatusCode::OK);
-    let (s, v) = call(
-        &a,
-        post("/v1/completions", r#"{"prompt": "hi", "max_tokens": 2}"#),
-    )
-    .await;
+    let (s, v) = call(&a, post("/v1/completions", r#"{"prompt": "hi", "max_tokens": 2}"#)).await;
     assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
     assert_openai_error(&v);
     drop(held); // the client disconnects mid-stream
     let t0 = std::time::Instant::now();
     loop {
-        let (s, _) = call(
-            &a,
-            post("/v1/completions", r#"{"prompt": "hi", "max_tokens": 2}"#),
-        )
-        .await;
+        let (s, _) = call(&a, post("/v1/completions", r#"{"prompt": "hi", "max_tokens": 2}"#)).await;
         if s == StatusCode::OK {
             break;
         }
-        assert!(
-            t0.elapsed().as_secs() < 10,
-            "the slot was not freed after the client left"
-        );
+        assert!(t0.elapsed().as_secs() < 10, "the slot was not freed after the client left");
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_requests_match_their_solo_results() {
-    let a = app(ServerConfig {
-        port: 5,
-        max_concurrency: 4,
-        ..Default::default()
-    });
-    let body = |i: usize| {
-        json!({"prompt": format!("hello {i} world"), "max_tokens": 24, "temperature": 0})
-            .to_string()
-    };
+    let a = app(ServerConfig { port: 5, max_concurrency: 4, ..Default::default() });
+    let body = |i: usize| json!({"prompt": format!("hello {i} world"), "max_tokens": 24, "temperature": 0}).to_string();
     let mut solo = Vec::new();
     for i in 0..6 {
         solo.push(call(&a, post("/v1/completions", body(i))).await.1["choices"][0]["text"].clone());
     }
-    let handles: Vec<_> = (0..6)
-        .map(|i| {
-            let a = a.clone();
-            tokio::spawn(async move {
-                call(&a, post("/v1/completions", body(i))).await.1["choices"][0]["text"].clone()
-            })
-        })
-        .collect();
+    let handles: Vec<_> = (0..6).map(|i| {
+        let a = a.clone();
+        tokio::spawn(async move { call(&a, post("/v1/completions", body(i))).await.1["choices"][0]["text"].clone() })
+    }).collect();
     for (i, h) in handles.into_iter().enumerate() {
-        assert_eq!(
-            h.await.unwrap(),
-            solo[i],
-            "request {i} differs when run concurrently"
-        );
+        assert_eq!(h.await.unwrap(), solo[i], "request {i} differs when run concurrently");
     }
 }
 

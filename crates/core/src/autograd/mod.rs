@@ -29,8 +29,7 @@ use crate::Tensor;
 
 /// Maps the output gradient to one optional gradient per input; `need[i]` says whether input `i`
 /// wants one.
-pub(crate) type BackwardFn =
-    Box<dyn Fn(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
+pub(crate) type BackwardFn = Box<dyn Fn(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync>;
 
 pub(crate) struct Node {
     name: &'static str,
@@ -111,14 +110,7 @@ pub(crate) fn record(
         inputs: inputs.iter().map(|t| t.autograd.clone()).collect(),
         backward: Mutex::new(Some(Box::new(backward))),
     };
-    Tensor {
-        autograd: Some(Arc::new(Meta {
-            id: next_id(),
-            grad: Mutex::new(None),
-            node: Some(node),
-        })),
-        ..out
-    }
+    Tensor { autograd: Some(Arc::new(Meta { id: next_id(), grad: Mutex::new(None), node: Some(node) })), ..out }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -129,13 +121,7 @@ impl Tensor {
     /// This tensor as a leaf that records the ops applied to it (`requires_grad = true`), or,
     /// with `false`, cut out of any graph.
     pub fn requires_grad(self, on: bool) -> Tensor {
-        let autograd = on.then(|| {
-            Arc::new(Meta {
-                id: next_id(),
-                grad: Mutex::new(None),
-                node: None,
-            })
-        });
+        let autograd = on.then(|| Arc::new(Meta { id: next_id(), grad: Mutex::new(None), node: None }));
         Tensor { autograd, ..self }
     }
 
@@ -151,18 +137,12 @@ impl Tensor {
 
     /// The name of the op that produced this tensor, if it is in a graph.
     pub fn grad_fn(&self) -> Option<&'static str> {
-        self.autograd
-            .as_ref()
-            .and_then(|m| m.node.as_ref())
-            .map(|n| n.name)
+        self.autograd.as_ref().and_then(|m| m.node.as_ref()).map(|n| n.name)
     }
 
     /// The same data outside the graph.
     pub fn detach(&self) -> Tensor {
-        Tensor {
-            autograd: None,
-            ..self.clone()
-        }
+        Tensor { autograd: None, ..self.clone() }
     }
 
     /// The gradient accumulated into this leaf by `backward` calls since the last `zero_grad`.
@@ -179,16 +159,10 @@ impl Tensor {
 
     /// Replace this leaf's gradient (gradient clipping, unscaling, all-reduce).
     pub fn set_grad(&self, g: Option<Tensor>) -> Result<()> {
-        let Some(m) = &self.autograd else {
-            return invalid("set_grad", "tensor does not require grad");
-        };
+        let Some(m) = &self.autograd else { return invalid("set_grad", "tensor does not require grad") };
         if let Some(g) = &g {
             if g.shape() != self.shape() {
-                return Err(Error::ShapeMismatch {
-                    op: "set_grad",
-                    lhs: self.shape().to_vec(),
-                    rhs: g.shape().to_vec(),
-                });
+                return Err(Error::ShapeMismatch { op: "set_grad", lhs: self.shape().to_vec(), rhs: g.shape().to_vec() });
             }
         }
         *lock(&m.grad) = g.map(|g| g.detach());
@@ -198,13 +172,7 @@ impl Tensor {
     /// Backpropagate from this one-element tensor (d self / d self = 1); frees the graph.
     pub fn backward(&self) -> Result<()> {
         if self.numel() != 1 {
-            return invalid(
-                "backward",
-                format!(
-                    "needs a one-element tensor (a loss), got shape {:?}; use backward_with",
-                    self.shape()
-                ),
-            );
+            return invalid("backward", format!("needs a one-element tensor (a loss), got shape {:?}; use backward_with", self.shape()));
         }
         self.backward_with(Tensor::ones(self.shape()), false)
     }
@@ -222,29 +190,18 @@ impl Tensor {
 
     /// [`Tensor::backward_with`], calling `ready(grad_id)` as soon as a leaf's gradient is final
     /// (data-parallel training starts reducing it while the rest of the backward pass runs).
-    pub fn backward_hooked(
-        &self,
-        grad: Tensor,
-        retain_graph: bool,
-        ready: &mut dyn FnMut(usize),
-    ) -> Result<()> {
+    pub fn backward_hooked(&self, grad: Tensor, retain_graph: bool, ready: &mut dyn FnMut(usize)) -> Result<()> {
         let Some(root) = &self.autograd else {
             return invalid("backward", "tensor does not require grad (no input had requires_grad, or it was computed under no_grad)");
         };
         if grad.shape() != self.shape() {
-            return Err(Error::ShapeMismatch {
-                op: "backward",
-                lhs: self.shape().to_vec(),
-                rhs: grad.shape().to_vec(),
-            });
+            return Err(Error::ShapeMismatch { op: "backward", lhs: self.shape().to_vec(), rhs: grad.shape().to_vec() });
         }
         let _off = NoGradGuard::new();
         let order = topological(root);
         let mut grads: HashMap<usize, Tensor> = HashMap::from([(root.id, grad)]);
         for meta in order.iter().rev() {
-            let Some(g) = grads.remove(&meta.id) else {
-                continue;
-            };
+            let Some(g) = grads.remove(&meta.id) else { continue };
             let Some(node) = &meta.node else {
                 {
                     let mut slot = lock(&meta.grad);
@@ -267,9 +224,7 @@ impl Tensor {
                 *f = None;
             }
             for (input, ig) in node.inputs.iter().zip(input_grads) {
-                let (Some(input), Some(ig)) = (input, ig) else {
-                    continue;
-                };
+                let (Some(input), Some(ig)) = (input, ig) else { continue };
                 let ig = match grads.remove(&input.id) {
                     Some(acc) => acc.add(&ig)?,
                     None => ig,

@@ -16,18 +16,13 @@ fn want(need: bool, f: impl FnOnce() -> Result<Tensor>) -> Result<Option<Tensor>
 }
 
 fn not_differentiable(op: &'static str) -> Result<Vec<Option<Tensor>>> {
-    Err(Error::Invalid {
-        op,
-        msg: "is not differentiable; compute it under no_grad or detach its input".into(),
-    })
+    Err(Error::Invalid { op, msg: "is not differentiable; compute it under no_grad or detach its input".into() })
 }
 
 /// Inputs of a matmul-like op, rounded to the autocast dtype when a scope is active.
 fn autocast_in(t: &Tensor) -> Result<Tensor> {
     match autocast_dtype() {
-        Some(d) if matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && t.dtype() != d => {
-            t.to_dtype(d)
-        }
+        Some(d) if matches!(t.dtype(), DType::F32 | DType::BF16 | DType::F16) && t.dtype() != d => t.to_dtype(d),
         _ => Ok(t.clone()),
     }
 }
@@ -53,70 +48,45 @@ impl Tensor {
 
     /// Same elements, new shape (copies first when the layout is not contiguous).
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
-        let src = if self.layout().is_contiguous() || self.dtype().is_quantized() {
-            self.detach()
-        } else {
-            ops::contiguous(self)?
-        };
+        let src = if self.layout().is_contiguous() || self.dtype().is_quantized() { self.detach() } else { ops::contiguous(self)? };
         let out = src.reshape_raw(shape)?;
         let old = self.shape().to_vec();
-        Ok(record(out, "reshape", &[self], move |g, _| {
-            Ok(vec![Some(g.reshape(&old)?)])
-        }))
+        Ok(record(out, "reshape", &[self], move |g, _| Ok(vec![Some(g.reshape(&old)?)])))
     }
 
     /// Swap dimensions `a` and `b` (a strided view, no copy).
     pub fn transpose(&self, a: usize, b: usize) -> Result<Tensor> {
         let out = self.transpose_raw(a, b)?;
-        Ok(record(out, "transpose", &[self], move |g, _| {
-            Ok(vec![Some(g.transpose(a, b)?)])
-        }))
+        Ok(record(out, "transpose", &[self], move |g, _| Ok(vec![Some(g.transpose(a, b)?)])))
     }
 
     /// Elements `start..start+len` along `dim` (a view).
     pub fn narrow(&self, dim: usize, start: usize, len: usize) -> Result<Tensor> {
         let out = self.narrow_raw(dim, start, len)?;
         let full = self.shape()[dim];
-        Ok(record(out, "narrow", &[self], move |g, _| {
-            Ok(vec![Some(g.pad(dim, start, full)?)])
-        }))
+        Ok(record(out, "narrow", &[self], move |g, _| Ok(vec![Some(g.pad(dim, start, full)?)])))
     }
 
     /// `self` placed at `start..` along `dim` of zeros of size `full` (the adjoint of `narrow`).
     pub fn pad(&self, dim: usize, start: usize, full: usize) -> Result<Tensor> {
         if dim >= self.rank() || start + self.shape()[dim] > full {
-            return invalid(
-                "pad",
-                format!(
-                    "cannot place {:?} at {start} of size {full} along dim {dim}",
-                    self.shape()
-                ),
-            );
+            return invalid("pad", format!("cannot place {:?} at {start} of size {full} along dim {dim}", self.shape()));
         }
         let out = ops::pad(self, dim, start, full)?;
         let len = self.shape()[dim];
-        Ok(record(out, "pad", &[self], move |g, _| {
-            Ok(vec![Some(g.narrow(dim, start, len)?)])
-        }))
+        Ok(record(out, "pad", &[self], move |g, _| Ok(vec![Some(g.narrow(dim, start, len)?)])))
     }
 
     /// Broadcast to `shape` (NumPy rules: size-1 or missing leading dimensions stretch); a view.
     pub fn broadcast_to(&self, shape: &[usize]) -> Result<Tensor> {
         let out = self.broadcast_to_raw(shape)?;
         let old = self.shape().to_vec();
-        Ok(record(out, "broadcast_to", &[self], move |g, _| {
-            Ok(vec![Some(g.sum_to(&old)?)])
-        }))
+        Ok(record(out, "broadcast_to", &[self], move |g, _| Ok(vec![Some(g.sum_to(&old)?)])))
     }
 
     /// A contiguous copy (f32, or f64 for f64 tensors).
     pub fn contiguous(&self) -> Result<Tensor> {
-        Ok(record(
-            ops::contiguous(self)?,
-            "contiguous",
-            &[self],
-            |g, _| Ok(vec![Some(g.clone())]),
-        ))
+        Ok(record(ops::contiguous(self)?, "contiguous", &[self], |g, _| Ok(vec![Some(g.clone())])))
     }
 
     /// Concatenation along `dim`.
@@ -144,35 +114,15 @@ impl Tensor {
         Ok(record(out, op.name(), &[self, rhs], move |g, need| {
             let (sa, sb) = (a.shape(), b.shape());
             Ok(match op {
-                BinaryOp::Add => vec![
-                    want(need[0], || g.sum_to(sa))?,
-                    want(need[1], || g.sum_to(sb))?,
-                ],
-                BinaryOp::Sub => vec![
-                    want(need[0], || g.sum_to(sa))?,
-                    want(need[1], || g.neg()?.sum_to(sb))?,
-                ],
-                BinaryOp::Mul => vec![
-                    want(need[0], || g.mul(&b)?.sum_to(sa))?,
-                    want(need[1], || g.mul(&a)?.sum_to(sb))?,
-                ],
+                BinaryOp::Add => vec![want(need[0], || g.sum_to(sa))?, want(need[1], || g.sum_to(sb))?],
+                BinaryOp::Sub => vec![want(need[0], || g.sum_to(sa))?, want(need[1], || g.neg()?.sum_to(sb))?],
+                BinaryOp::Mul => vec![want(need[0], || g.mul(&b)?.sum_to(sa))?, want(need[1], || g.mul(&a)?.sum_to(sb))?],
                 // d(a/b) = g/b, -g·a/b² = -g·y/b
-                BinaryOp::Div => vec![
-                    want(need[0], || g.div(&b)?.sum_to(sa))?,
-                    want(need[1], || g.mul(&y)?.div(&b)?.neg()?.sum_to(sb))?,
-                ],
+                BinaryOp::Div => vec![want(need[0], || g.div(&b)?.sum_to(sa))?, want(need[1], || g.mul(&y)?.div(&b)?.neg()?.sum_to(sb))?],
                 // The gradient goes to the larger input (to `a` on ties).
                 BinaryOp::Max => {
-                    let to_a = a.sub(&b)?.unary(UnaryOp::Step)?.add(
-                        &a.sub(&b)?
-                            .unary(UnaryOp::Abs)?
-                            .unary(UnaryOp::Sign)?
-                            .affine(-1.0, 1.0)?,
-                    )?;
-                    vec![
-                        want(need[0], || g.mul(&to_a)?.sum_to(sa))?,
-                        want(need[1], || g.mul(&to_a.affine(-1.0, 1.0)?)?.sum_to(sb))?,
-                    ]
+                    let to_a = a.sub(&b)?.unary(UnaryOp::Step)?.add(&a.sub(&b)?.unary(UnaryOp::Abs)?.unary(UnaryOp::Sign)?.affine(-1.0, 1.0)?)?;
+                    vec![want(need[0], || g.mul(&to_a)?.sum_to(sa))?, want(need[1], || g.mul(&to_a.affine(-1.0, 1.0)?)?.sum_to(sb))?]
                 }
             })
         }))
@@ -218,9 +168,7 @@ impl Tensor {
                 UnaryOp::Tanh => g.mul(&y.unary(UnaryOp::Sqr)?.affine(-1.0, 1.0)?)?,
                 UnaryOp::Relu => g.mul(&x.unary(UnaryOp::Step)?)?,
                 UnaryOp::Gelu => g.mul(&x.unary(UnaryOp::GeluGrad)?)?,
-                UnaryOp::SiluGrad | UnaryOp::GeluGrad | UnaryOp::Step | UnaryOp::Sign => {
-                    return not_differentiable(op.name())
-                }
+                UnaryOp::SiluGrad | UnaryOp::GeluGrad | UnaryOp::Step | UnaryOp::Sign => return not_differentiable(op.name()),
             };
             Ok(vec![Some(d)])
         }))
@@ -266,9 +214,7 @@ impl Tensor {
     /// `self × mul + add`.
     pub fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
         let out = ops::affine(self, mul, add)?;
-        Ok(record(out, "affine", &[self], move |g, _| {
-            Ok(vec![Some(g.affine(mul, 0.0)?)])
-        }))
+        Ok(record(out, "affine", &[self], move |g, _| Ok(vec![Some(g.affine(mul, 0.0)?)])))
     }
 
     /// `self · s` for a constant `s`.
@@ -282,9 +228,7 @@ impl Tensor {
     pub fn sum_to(&self, shape: &[usize]) -> Result<Tensor> {
         let out = ops::sum_to(self, shape)?;
         let full = self.shape().to_vec();
-        Ok(record(out, "sum_to", &[self], move |g, _| {
-            Ok(vec![Some(g.broadcast_to(&full)?)])
-        }))
+        Ok(record(out, "sum_to", &[self], move |g, _| Ok(vec![Some(g.broadcast_to(&full)?)])))
     }
 
     /// Sum of every element (0-d).
@@ -300,24 +244,19 @@ impl Tensor {
     /// Sum over the last dim, kept as size 1.
     pub fn sum_last(&self) -> Result<Tensor> {
         let mut shape = self.shape().to_vec();
-        let Some(last) = shape.last_mut() else {
-            return invalid("sum_last", "cannot reduce a 0-d tensor");
-        };
+        let Some(last) = shape.last_mut() else { return invalid("sum_last", "cannot reduce a 0-d tensor") };
         *last = 1;
         self.sum_to(&shape)
     }
 
     /// Mean over the last dim, kept as size 1.
     pub fn mean_last(&self) -> Result<Tensor> {
-        self.sum_last()?
-            .scale(1.0 / *self.shape().last().unwrap_or(&1).max(&1) as f64)
+        self.sum_last()?.scale(1.0 / *self.shape().last().unwrap_or(&1).max(&1) as f64)
     }
 
     /// Max over the last dim, kept as size 1 (not differentiable).
     pub fn max_last(&self) -> Result<Tensor> {
-        Ok(record(ops::max_last(self)?, "max_last", &[self], |_, _| {
-            not_differentiable("max_last")
-        }))
+        Ok(record(ops::max_last(self)?, "max_last", &[self], |_, _| not_differentiable("max_last")))
     }
 
     // ---- linear algebra ----------------------------------------------------------------------
@@ -330,18 +269,11 @@ impl Tensor {
         let (ad, bd) = (a.detach(), b.detach());
         Ok(record(out, "matmul", &[&a, &b], move |g, need| {
             let r = ad.rank();
-            let da = want(need[0], || {
-                like(
-                    ops::matmul(g, &bd.transpose_raw(bd.rank() - 2, bd.rank() - 1)?)?,
-                    &ad,
-                )
-            })?;
+            let da = want(need[0], || like(ops::matmul(g, &bd.transpose_raw(bd.rank() - 2, bd.rank() - 1)?)?, &ad))?;
             let db = want(need[1], || {
                 let d = if bd.rank() == 2 && r > 2 {
                     let (k, n) = (ad.shape()[r - 1], g.shape()[r - 1]);
-                    let a2 = ad.reshape_raw(&[ad.numel() / k.max(1), k]).or_else(|_| {
-                        ops::contiguous(&ad)?.reshape_raw(&[ad.numel() / k.max(1), k])
-                    })?;
+                    let a2 = ad.reshape_raw(&[ad.numel() / k.max(1), k]).or_else(|_| ops::contiguous(&ad)?.reshape_raw(&[ad.numel() / k.max(1), k]))?;
                     let g2 = ops::contiguous(g)?.reshape_raw(&[g.numel() / n.max(1), n])?;
                     ops::matmul(&a2.transpose_raw(0, 1)?, &g2)?
                 } else {
@@ -359,18 +291,13 @@ impl Tensor {
     pub fn linear(&self, w: &Tensor) -> Result<Tensor> {
         if matches!(w.dtype(), DType::F32 | DType::F64) || w.is_requires_grad() {
             if w.rank() != 2 {
-                return invalid(
-                    "linear",
-                    format!("weight must be [out, in], got {:?}", w.shape()),
-                );
+                return invalid("linear", format!("weight must be [out, in], got {:?}", w.shape()));
             }
             return self.matmul(&w.transpose(0, 1)?);
         }
         let out = ops::linear_weights(self, w)?;
         let (x, wd) = (self.detach(), w.detach());
-        Ok(record(out, "linear_frozen", &[self], move |g, _| {
-            Ok(vec![Some(like(ops::matmul(g, &wd.to_f32()?)?, &x)?)])
-        }))
+        Ok(record(out, "linear_frozen", &[self], move |g, _| Ok(vec![Some(like(ops::matmul(g, &wd.to_f32()?)?, &x)?)])))
     }
 
     // ---- fused ops ---------------------------------------------------------------------------
@@ -380,9 +307,7 @@ impl Tensor {
         let out = ops::softmax_last(self, false)?;
         let y = out.clone();
         // dx = y ⊙ (g − Σ g⊙y)
-        Ok(record(out, "softmax", &[self], move |g, _| {
-            Ok(vec![Some(y.mul(&g.sub(&g.mul(&y)?.sum_last()?)?)?)])
-        }))
+        Ok(record(out, "softmax", &[self], move |g, _| Ok(vec![Some(y.mul(&g.sub(&g.mul(&y)?.sum_last()?)?)?)])))
     }
 
     /// Log-softmax over the last dim.
@@ -390,9 +315,7 @@ impl Tensor {
         let out = ops::softmax_last(self, true)?;
         let y = out.clone();
         // dx = g − softmax ⊙ Σ g
-        Ok(record(out, "log_softmax", &[self], move |g, _| {
-            Ok(vec![Some(g.sub(&y.exp()?.mul(&g.sum_last()?)?)?)])
-        }))
+        Ok(record(out, "log_softmax", &[self], move |g, _| Ok(vec![Some(g.sub(&y.exp()?.mul(&g.sum_last()?)?)?)])))
     }
 
     /// RMSNorm over the last dim with gain `w`: `x / sqrt(mean(x²) + eps) ⊙ w`.
@@ -411,11 +334,7 @@ impl Tensor {
         let (x, wd) = (self.detach(), w.detach());
         Ok(record(out, "layer_norm", &[self, w, b], move |g, need| {
             let (dx, dw, db) = ops::norm_backward(&x, &wd, g, eps, true)?;
-            Ok(vec![
-                need[0].then_some(dx),
-                need[1].then_some(dw),
-                db.filter(|_| need[2]),
-            ])
+            Ok(vec![need[0].then_some(dx), need[1].then_some(dw), db.filter(|_| need[2])])
         }))
     }
 
@@ -423,9 +342,7 @@ impl Tensor {
     pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
         let out = ops::gather_rows(self, ids)?;
         let (ids, rows) = (Arc::<[u32]>::from(ids), self.shape()[0]);
-        Ok(record(out, "gather_rows", &[self], move |g, _| {
-            Ok(vec![Some(ops::scatter_add_rows(g, &ids, rows)?)])
-        }))
+        Ok(record(out, "gather_rows", &[self], move |g, _| Ok(vec![Some(ops::scatter_add_rows(g, &ids, rows)?)])))
     }
 
     /// Mean cross-entropy of `[n, classes]` logits against class ids; rows whose target equals
@@ -433,11 +350,7 @@ impl Tensor {
     pub fn cross_entropy(&self, targets: &[u32], ignore: Option<u32>) -> Result<Tensor> {
         let (out, count) = ops::cross_entropy(self, targets, ignore)?;
         let (x, t) = (self.detach(), Arc::<[u32]>::from(targets));
-        Ok(record(out, "cross_entropy", &[self], move |g, _| {
-            Ok(vec![Some(ops::cross_entropy_backward(
-                &x, &t, ignore, count, g,
-            )?)])
-        }))
+        Ok(record(out, "cross_entropy", &[self], move |g, _| Ok(vec![Some(ops::cross_entropy_backward(&x, &t, ignore, count, g)?)])))
     }
 
     /// Rotary position embedding of `[.., seq, dim]` with `cos, sin: [seq, dim/2]` tables; pairs
@@ -446,21 +359,13 @@ impl Tensor {
         let out = ops::rope(self, cos, sin, interleaved)?;
         let (c, s) = (cos.detach(), sin.detach());
         // A rotation's adjoint is the rotation by the opposite angle.
-        Ok(record(out, "rope", &[self], move |g, _| {
-            Ok(vec![Some(ops::rope(g, &c, &s.neg()?, interleaved)?)])
-        }))
+        Ok(record(out, "rope", &[self], move |g, _| Ok(vec![Some(ops::rope(g, &c, &s.neg()?, interleaved)?)])))
     }
 
     /// FlashAttention: `softmax(q·kᵀ·scale + bias + mask) · v` for `q: [b, h, q_len, d]` and
     /// `k, v: [b, kv_heads, k_len, d]` (grouped-query attention when `kv_heads < h`), without
     /// materialising the score matrix. `bias: [h, q_len, k_len]` is differentiable.
-    pub fn attention(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        bias: Option<&Tensor>,
-        mask: &AttentionMask,
-    ) -> Result<Tensor> {
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, mask: &AttentionMask) -> Result<Tensor> {
         let (q, k, v) = (autocast_in(q)?, autocast_in(k)?, autocast_in(v)?);
         let (out, lse) = ops::attention(&q, &k, &v, bias, mask)?;
         let out = autocast_out(out)?;
@@ -470,13 +375,8 @@ impl Tensor {
         let mut inputs = vec![&q, &k, &v];
         inputs.extend(bias);
         Ok(record(out, "attention", &inputs, move |g, _| {
-            let (dq, dk, dv, db) =
-                ops::attention_backward((&qd, &kd, &vd), bd.as_ref(), &m, &od, &lse, g)?;
-            let mut grads = vec![
-                Some(like(dq, &qd)?),
-                Some(like(dk, &kd)?),
-                Some(like(dv, &vd)?),
-            ];
+            let (dq, dk, dv, db) = ops::attention_backward((&qd, &kd, &vd), bd.as_ref(), &m, &od, &lse, g)?;
+            let mut grads = vec![Some(like(dq, &qd)?), Some(like(dk, &kd)?), Some(like(dv, &vd)?)];
             if bd.is_some() {
                 grads.push(db);
             }
@@ -488,16 +388,7 @@ impl Tensor {
     pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
         let out = ops::to_dtype(self, dtype)?;
         let from = self.dtype();
-        Ok(record(out, "to_dtype", &[self], move |g, _| {
-            Ok(vec![Some(ops::to_dtype(
-                g,
-                if from.is_quantized() {
-                    DType::F32
-                } else {
-                    from
-                },
-            )?)])
-        }))
+        Ok(record(out, "to_dtype", &[self], move |g, _| Ok(vec![Some(ops::to_dtype(g, if from.is_quantized() { DType::F32 } else { from })?)])))
     }
 }
 

@@ -43,11 +43,7 @@ pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
 fn norm_shapes(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
     let n = *x.shape().last().unwrap_or(&0);
     if w.shape() != [n] || n == 0 {
-        return Err(Error::ShapeMismatch {
-            op,
-            lhs: x.shape().to_vec(),
-            rhs: w.shape().to_vec(),
-        });
+        return Err(Error::ShapeMismatch { op, lhs: x.shape().to_vec(), rhs: w.shape().to_vec() });
     }
     Ok(n)
 }
@@ -55,23 +51,13 @@ fn norm_shapes(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
 /// Per row: the mean (zero for RMSNorm) and `1 / sqrt(var + eps)`.
 fn row_stats<T: Real>(r: &[T], center: bool, eps: f64) -> (T, T) {
     let n = T::from_f64(r.len() as f64);
-    let mu = if center {
-        r.iter().copied().sum::<T>() / n
-    } else {
-        T::ZERO
-    };
+    let mu = if center { r.iter().copied().sum::<T>() / n } else { T::ZERO };
     let var = r.iter().map(|&x| (x - mu) * (x - mu)).sum::<T>() / n;
     (mu, T::ONE / (var + T::from_f64(eps)).sqrt())
 }
 
 /// LayerNorm (`center`, with bias `b`) or RMSNorm (no centering, no bias) over the last dim.
-pub(crate) fn norm(
-    x: &Tensor,
-    w: &Tensor,
-    b: Option<&Tensor>,
-    eps: f64,
-    center: bool,
-) -> Result<Tensor> {
+pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center: bool) -> Result<Tensor> {
     let n = norm_shapes("norm", x, w)?;
     if let Some(b) = b {
         norm_shapes("norm", x, b)?;
@@ -91,13 +77,7 @@ pub(crate) fn norm(
 }
 
 /// Gradients of [`norm`]: `(dx, dw, db)` (`db` only when centering).
-pub(crate) fn norm_backward(
-    x: &Tensor,
-    w: &Tensor,
-    g: &Tensor,
-    eps: f64,
-    center: bool,
-) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+pub(crate) fn norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let n = norm_shapes("norm_backward", x, w)?;
     with_float!(compute_dtype(&[x, w, g]), T => {
         let (xv, wv, gv) = (x.values::<T>()?, w.values::<T>()?, g.values::<T>()?);
@@ -145,10 +125,7 @@ pub(crate) fn norm_backward(
 pub(crate) fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     let (rows, dim) = table.dims2()?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
-        return invalid(
-            "gather_rows",
-            format!("index {bad} out of range for {rows} rows"),
-        );
+        return invalid("gather_rows", format!("index {bad} out of range for {rows} rows"));
     }
     if table.dtype().is_quantized() {
         let m = table.matrix()?;
@@ -172,10 +149,7 @@ pub(crate) fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
 pub(crate) fn scatter_add_rows(g: &Tensor, ids: &[u32], rows: usize) -> Result<Tensor> {
     let (n, dim) = g.dims2()?;
     if n != ids.len() {
-        return invalid(
-            "scatter_add_rows",
-            format!("{n} gradient rows for {} ids", ids.len()),
-        );
+        return invalid("scatter_add_rows", format!("{n} gradient rows for {} ids", ids.len()));
     }
     with_float!(compute_dtype(&[g]), T => {
         let v = g.values::<T>()?;
@@ -189,11 +163,7 @@ pub(crate) fn scatter_add_rows(g: &Tensor, ids: &[u32], rows: usize) -> Result<T
 
 /// Mean cross-entropy of `[n, classes]` logits against class ids, skipping `ignore`d targets.
 /// Returns the 0-d loss and the number of counted rows.
-pub(crate) fn cross_entropy(
-    logits: &Tensor,
-    targets: &[u32],
-    ignore: Option<u32>,
-) -> Result<(Tensor, usize)> {
+pub(crate) fn cross_entropy(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(Tensor, usize)> {
     let (n, c) = ce_shapes(logits, targets, ignore)?;
     with_float!(compute_dtype(&[logits]), T => {
         let v = logits.values::<T>()?;
@@ -216,38 +186,19 @@ pub(crate) fn cross_entropy(
 fn ce_shapes(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(usize, usize)> {
     let (n, c) = logits.dims2()?;
     if targets.len() != n {
-        return invalid(
-            "cross_entropy",
-            format!("{} targets for {n} rows of logits", targets.len()),
-        );
+        return invalid("cross_entropy", format!("{} targets for {n} rows of logits", targets.len()));
     }
-    if let Some(&t) = targets
-        .iter()
-        .find(|&&t| t as usize >= c && Some(t) != ignore)
-    {
-        return invalid(
-            "cross_entropy",
-            format!("target class {t} out of range for {c} classes"),
-        );
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= c && Some(t) != ignore) {
+        return invalid("cross_entropy", format!("target class {t} out of range for {c} classes"));
     }
     Ok((n, c))
 }
 
 /// `d loss / d logits` of [`cross_entropy`] times the upstream scalar `g`:
 /// `(softmax(row) − onehot(target)) × g / count`.
-pub(crate) fn cross_entropy_backward(
-    logits: &Tensor,
-    targets: &[u32],
-    ignore: Option<u32>,
-    count: usize,
-    g: &Tensor,
-) -> Result<Tensor> {
+pub(crate) fn cross_entropy_backward(logits: &Tensor, targets: &[u32], ignore: Option<u32>, count: usize, g: &Tensor) -> Result<Tensor> {
     let (_, c) = ce_shapes(logits, targets, ignore)?;
-    let scale = if count == 0 {
-        0.0
-    } else {
-        g.to_vec_f64()?[0] / count as f64
-    };
+    let scale = if count == 0 { 0.0 } else { g.to_vec_f64()?[0] / count as f64 };
     with_float!(compute_dtype(&[logits, g]), T => {
         let mut v = logits.values::<T>()?.into_owned();
         let s = T::from_f64(scale);
@@ -274,16 +225,8 @@ pub(crate) fn cross_entropy_backward(
 /// pairs are `(2i, 2i+1)` when `interleaved`, else `(i, i + dim/2)` (HF's rotate-half).
 pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
     let s = x.shape();
-    if s.len() < 2
-        || !s[s.len() - 1].is_multiple_of(2)
-        || cos.shape() != [s[s.len() - 2], s[s.len() - 1] / 2]
-        || sin.shape() != cos.shape()
-    {
-        return Err(Error::ShapeMismatch {
-            op: "rope",
-            lhs: s.to_vec(),
-            rhs: cos.shape().to_vec(),
-        });
+    if s.len() < 2 || !s[s.len() - 1].is_multiple_of(2) || cos.shape() != [s[s.len() - 2], s[s.len() - 1] / 2] || sin.shape() != cos.shape() {
+        return Err(Error::ShapeMismatch { op: "rope", lhs: s.to_vec(), rhs: cos.shape().to_vec() });
     }
     let (seq, d) = (s[s.len() - 2], s[s.len() - 1]);
     let half = d / 2;
@@ -317,55 +260,24 @@ pub struct AttentionMask {
     pub scale: Option<f32>,
 }
 
-fn attention_shape(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    m: &AttentionMask,
-) -> Result<flash::Shape> {
-    let bad = |msg: String| Error::Invalid {
-        op: "attention",
-        msg,
-    };
+fn attention_shape(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, m: &AttentionMask) -> Result<flash::Shape> {
+    let bad = |msg: String| Error::Invalid { op: "attention", msg };
     let (&[b, h, tq, d], &[bk, hk, tk, dk]) = (q.shape(), k.shape()) else {
-        return Err(bad(format!(
-            "q and k must be [batch, heads, len, dim], got {:?} and {:?}",
-            q.shape(),
-            k.shape()
-        )));
+        return Err(bad(format!("q and k must be [batch, heads, len, dim], got {:?} and {:?}", q.shape(), k.shape())));
     };
     if bk != b || dk != d || v.shape() != k.shape() {
-        return Err(bad(format!(
-            "q {:?}, k {:?} and v {:?} do not agree",
-            q.shape(),
-            k.shape(),
-            v.shape()
-        )));
+        return Err(bad(format!("q {:?}, k {:?} and v {:?} do not agree", q.shape(), k.shape(), v.shape())));
     }
-    let s = flash::Shape {
-        batch: b,
-        heads: h,
-        kv_heads: hk,
-        q_len: tq,
-        k_len: tk,
-        dim: d,
-    };
+    let s = flash::Shape { batch: b, heads: h, kv_heads: hk, q_len: tq, k_len: tk, dim: d };
     s.check(m.causal).map_err(bad)?;
     if m.allow.as_ref().is_some_and(|a| a.len() != tq * tk) {
-        return Err(bad(format!(
-            "the allow mask must hold q_len × k_len = {} entries",
-            tq * tk
-        )));
+        return Err(bad(format!("the allow mask must hold q_len × k_len = {} entries", tq * tk)));
     }
     if m.alibi.as_ref().is_some_and(|a| a.len() != h) {
         return Err(bad(format!("ALiBi needs one slope per query head ({h})")));
     }
     if bias.is_some_and(|t| t.shape() != [h, tq, tk]) {
-        return Err(bad(format!(
-            "the score bias must be [heads, q_len, k_len] = [{h}, {tq}, {tk}], got {:?}",
-            bias.map(|t| t.shape())
-        )));
+        return Err(bad(format!("the score bias must be [heads, q_len, k_len] = [{h}, {tq}, {tk}], got {:?}", bias.map(|t| t.shape()))));
     }
     Ok(s)
 }
@@ -373,24 +285,12 @@ fn attention_shape(
 /// The ALiBi slopes in the compute type and the score scale (default `1/sqrt(head_dim)`), shared
 /// by the forward and backward passes.
 fn flash_params<T: Real>(s: &flash::Shape, m: &AttentionMask) -> (Option<Vec<T>>, T) {
-    let slopes = m
-        .alibi
-        .as_ref()
-        .map(|a| a.iter().map(|&x| T::from_f64(x as f64)).collect());
-    (
-        slopes,
-        T::from_f64(m.scale.map_or(1.0 / (s.dim as f64).sqrt(), |x| x as f64)),
-    )
+    let slopes = m.alibi.as_ref().map(|a| a.iter().map(|&x| T::from_f64(x as f64)).collect());
+    (slopes, T::from_f64(m.scale.map_or(1.0 / (s.dim as f64).sqrt(), |x| x as f64)))
 }
 
 /// FlashAttention forward: `(out [b, h, q_len, d], lse [b, h, q_len])`.
-pub(crate) fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    bias: Option<&Tensor>,
-    m: &AttentionMask,
-) -> Result<(Tensor, Tensor)> {
+pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor>, m: &AttentionMask) -> Result<(Tensor, Tensor)> {
     let s = attention_shape(q, k, v, bias, m)?;
     let mut ins = vec![q, k, v];
     ins.extend(bias);

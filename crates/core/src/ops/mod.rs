@@ -15,10 +15,7 @@ use crate::{DType, Layout, Tensor};
 
 mod fused;
 pub use fused::AttentionMask;
-pub(crate) use fused::{
-    attention, attention_backward, cross_entropy, cross_entropy_backward, gather_rows, norm,
-    norm_backward, rope, scatter_add_rows, softmax_last,
-};
+pub(crate) use fused::{attention, attention_backward, cross_entropy, cross_entropy_backward, gather_rows, norm, norm_backward, rope, scatter_add_rows, softmax_last};
 
 /// Elements per parallel chunk of an elementwise op (smaller ops run on one thread).
 const PAR_CHUNK: usize = 1 << 15;
@@ -123,8 +120,7 @@ impl UnaryOp {
                 let k = T::from_f64(GELU_C);
                 let t = tanh(c * (x + k * x * x * x));
                 let half = T::from_f64(0.5);
-                half * (one + t)
-                    + half * x * (one - t * t) * c * (one + T::from_f64(3.0) * k * x * x)
+                half * (one + t) + half * x * (one - t * t) * c * (one + T::from_f64(3.0) * k * x * x)
             }
             UnaryOp::Step => {
                 if x > T::ZERO {
@@ -148,9 +144,7 @@ impl UnaryOp {
 
 fn map_into<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
     if x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK)
-            .zip(x.par_chunks(PAR_CHUNK))
-            .for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
     } else {
         out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
     }
@@ -160,15 +154,9 @@ fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sy
     if x.len() >= 2 * PAR_CHUNK {
         out.par_chunks_mut(PAR_CHUNK)
             .zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK)))
-            .for_each(|(o, (x, y))| {
-                o.iter_mut()
-                    .zip(x.iter().zip(y))
-                    .for_each(|(o, (&x, &y))| *o = f(x, y))
-            });
+            .for_each(|(o, (x, y))| o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y)));
     } else {
-        out.iter_mut()
-            .zip(x.iter().zip(y))
-            .for_each(|(o, (&x, &y))| *o = f(x, y));
+        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
     }
 }
 
@@ -187,18 +175,9 @@ macro_rules! per_variant {
 
 const UNARY: [UnaryOp; 16] = {
     use UnaryOp::*;
-    [
-        Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad,
-        Step, Sign,
-    ]
+    [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign]
 };
-const BINARY: [BinaryOp; 5] = [
-    BinaryOp::Add,
-    BinaryOp::Sub,
-    BinaryOp::Mul,
-    BinaryOp::Div,
-    BinaryOp::Max,
-];
+const BINARY: [BinaryOp; 5] = [BinaryOp::Add, BinaryOp::Sub, BinaryOp::Mul, BinaryOp::Div, BinaryOp::Max];
 
 #[inline(always)]
 fn unary_c<const OP: usize, T: Real>(x: T, _: ()) -> T {
@@ -270,11 +249,7 @@ pub(crate) fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
         return Ok(x.detach());
     }
     if broadcast_shape("sum_to", shape, x.shape())? != x.shape() {
-        return Err(Error::ShapeMismatch {
-            op: "sum_to",
-            lhs: x.shape().to_vec(),
-            rhs: shape.to_vec(),
-        });
+        return Err(Error::ShapeMismatch { op: "sum_to", lhs: x.shape().to_vec(), rhs: shape.to_vec() });
     }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
@@ -298,9 +273,7 @@ pub(crate) fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
 
 /// Max over the last dim, kept as size 1.
 pub(crate) fn max_last(x: &Tensor) -> Result<Tensor> {
-    let Some(&n) = x.shape().last() else {
-        return invalid("reduce", "cannot reduce the last dim of a 0-d tensor");
-    };
+    let Some(&n) = x.shape().last() else { return invalid("reduce", "cannot reduce the last dim of a 0-d tensor") };
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = 1;
     with_float!(compute_dtype(&[x]), T => {
@@ -319,10 +292,7 @@ pub(crate) fn max_last(x: &Tensor) -> Result<Tensor> {
 fn strided<T: Float>(t: &Tensor) -> Result<(Cow<'_, [T]>, Layout)> {
     match T::slice(t.storage()) {
         Some(s) => Ok((Cow::Borrowed(s), t.layout().clone())),
-        None => Ok((
-            Cow::Owned(t.values::<T>()?.into_owned()),
-            Layout::contiguous(t.shape()),
-        )),
+        None => Ok((Cow::Owned(t.values::<T>()?.into_owned()), Layout::contiguous(t.shape()))),
     }
 }
 
@@ -331,11 +301,7 @@ fn strided<T: Float>(t: &Tensor) -> Result<(Cow<'_, [T]>, Layout)> {
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     let (sa, sb) = (a.shape(), b.shape());
     let r = sa.len();
-    let bad = || Error::ShapeMismatch {
-        op: "matmul",
-        lhs: sa.to_vec(),
-        rhs: sb.to_vec(),
-    };
+    let bad = || Error::ShapeMismatch { op: "matmul", lhs: sa.to_vec(), rhs: sb.to_vec() };
     if r < 2 || sb.len() < 2 || (sb.len() != 2 && sb.len() != r) || sa[r - 1] != sb[sb.len() - 2] {
         return Err(bad());
     }
@@ -347,11 +313,7 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     if sb.len() == 2 && r > 2 {
         // A shared right-hand side: one [batch·m, k] × [k, n] product (one packing of `b`).
         let k = sa[r - 1];
-        let a2 = if a.layout().is_contiguous() {
-            a.reshape_raw(&[a.numel() / k.max(1), k])?
-        } else {
-            contiguous(a)?.reshape_raw(&[a.numel() / k.max(1), k])?
-        };
+        let a2 = if a.layout().is_contiguous() { a.reshape_raw(&[a.numel() / k.max(1), k])? } else { contiguous(a)?.reshape_raw(&[a.numel() / k.max(1), k])? };
         return matmul(&a2, b)?.reshape_raw(&shape);
     }
     let (m, k, n) = (sa[r - 2], sa[r - 1], sb[sb.len() - 1]);
@@ -405,17 +367,12 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// `(outer, inner)` sizes around `dim`: the tensor is `outer` slabs of `shape[dim] × inner`.
 fn around(shape: &[usize], dim: usize) -> (usize, usize) {
-    (
-        shape[..dim].iter().product(),
-        shape[dim + 1..].iter().product(),
-    )
+    (shape[..dim].iter().product(), shape[dim + 1..].iter().product())
 }
 
 /// Concatenation along `dim`.
 pub(crate) fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
-    let Some(first) = ts.first() else {
-        return invalid("cat", "needs at least one tensor");
-    };
+    let Some(first) = ts.first() else { return invalid("cat", "needs at least one tensor") };
     let r = first.rank();
     if dim >= r {
         return invalid("cat", format!("dim {dim} out of range for rank {r}"));
@@ -424,16 +381,8 @@ pub(crate) fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
     shape[dim] = 0;
     for t in ts {
         let s = t.shape();
-        if s.len() != r
-            || s.iter()
-                .enumerate()
-                .any(|(i, &d)| i != dim && d != first.shape()[i])
-        {
-            return Err(Error::ShapeMismatch {
-                op: "cat",
-                lhs: first.shape().to_vec(),
-                rhs: s.to_vec(),
-            });
+        if s.len() != r || s.iter().enumerate().any(|(i, &d)| i != dim && d != first.shape()[i]) {
+            return Err(Error::ShapeMismatch { op: "cat", lhs: first.shape().to_vec(), rhs: s.to_vec() });
         }
         shape[dim] += s[dim];
     }
@@ -476,33 +425,11 @@ pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
 /// Conversion to another unquantized dtype (rounding to nearest for f16/bf16).
 pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
     match dtype {
-        DType::F64 => Ok(Tensor::from_values(
-            x.values::<f64>()?.into_owned(),
-            x.shape(),
-        )),
-        DType::F32 => Ok(Tensor::from_values(
-            x.values::<f32>()?.into_owned(),
-            x.shape(),
-        )),
-        DType::F16 => Tensor::from_f16(
-            x.values::<f32>()?
-                .iter()
-                .map(|&v| half::f16::from_f32(v))
-                .collect(),
-            x.shape(),
-        ),
-        DType::BF16 => Tensor::from_bf16(
-            x.values::<f32>()?
-                .iter()
-                .map(|&v| half::bf16::from_f32(v))
-                .collect(),
-            x.shape(),
-        ),
-        DType::Quant(_) => Err(Error::UnsupportedDType {
-            op: "to_dtype",
-            dtype,
-            hint: " (quantize rows with QuantType::quantize_row)",
-        }),
+        DType::F64 => Ok(Tensor::from_values(x.values::<f64>()?.into_owned(), x.shape())),
+        DType::F32 => Ok(Tensor::from_values(x.values::<f32>()?.into_owned(), x.shape())),
+        DType::F16 => Tensor::from_f16(x.values::<f32>()?.iter().map(|&v| half::f16::from_f32(v)).collect(), x.shape()),
+        DType::BF16 => Tensor::from_bf16(x.values::<f32>()?.iter().map(|&v| half::bf16::from_f32(v)).collect(), x.shape()),
+        DType::Quant(_) => Err(Error::UnsupportedDType { op: "to_dtype", dtype, hint: " (quantize rows with QuantType::quantize_row)" }),
     }
 }
 
@@ -512,11 +439,7 @@ pub(crate) fn linear_weights(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let m = w.matrix()?;
     let k = *x.shape().last().unwrap_or(&0);
     if k != m.k {
-        return Err(Error::ShapeMismatch {
-            op: "linear",
-            lhs: x.shape().to_vec(),
-            rhs: w.shape().to_vec(),
-        });
+        return Err(Error::ShapeMismatch { op: "linear", lhs: x.shape().to_vec(), rhs: w.shape().to_vec() });
     }
     let xv = x.values::<f32>()?;
     let n_tok = xv.len() / k.max(1);
@@ -537,20 +460,11 @@ mod tests {
     }
 
     fn close(a: &Tensor, b: &Tensor, tol: f32) -> bool {
-        a.shape() == b.shape()
-            && a.to_vec_f32()
-                .unwrap()
-                .iter()
-                .zip(b.to_vec_f32().unwrap())
-                .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+        a.shape() == b.shape() && a.to_vec_f32().unwrap().iter().zip(b.to_vec_f32().unwrap()).all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
     }
 
     fn data(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0
-            })
-            .collect()
+        (0..n).map(|i| ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000) as f32 / 250.0 - 2.0).collect()
     }
 
     proptest! {
@@ -601,37 +515,21 @@ mod tests {
     fn broadcasting_add() {
         let a = t(vec![1., 2., 3.], &[3, 1]);
         let b = t(vec![10., 20.], &[2]);
-        assert_eq!(
-            a.add(&b).unwrap().to_vec_f32().unwrap(),
-            vec![11., 21., 12., 22., 13., 23.]
-        );
+        assert_eq!(a.add(&b).unwrap().to_vec_f32().unwrap(), vec![11., 21., 12., 22., 13., 23.]);
         assert!(a.add(&t(vec![0.; 4], &[4, 1])).is_err());
     }
 
     #[test]
     fn gather_rows_checks_range() {
         let e = t(vec![0., 1., 2., 3.], &[2, 2]);
-        assert_eq!(
-            e.gather_rows(&[1, 0]).unwrap().to_vec_f32().unwrap(),
-            vec![2., 3., 0., 1.]
-        );
+        assert_eq!(e.gather_rows(&[1, 0]).unwrap().to_vec_f32().unwrap(), vec![2., 3., 0., 1.]);
         assert!(e.gather_rows(&[2]).is_err());
     }
 
     #[test]
     fn raw_size_is_checked() {
-        let err = Tensor::from_raw(
-            DType::Quant(QuantType::Q4_0),
-            Bytes::from_vec(vec![0; 17]),
-            &[1, 32],
-        )
-        .unwrap_err();
+        let err = Tensor::from_raw(DType::Quant(QuantType::Q4_0), Bytes::from_vec(vec![0; 17]), &[1, 32]).unwrap_err();
         assert!(err.to_string().contains("needs 18"), "{err}");
-        assert!(Tensor::from_raw(
-            DType::Quant(QuantType::Q4_0),
-            Bytes::from_vec(vec![0; 18]),
-            &[1, 31]
-        )
-        .is_err());
+        assert!(Tensor::from_raw(DType::Quant(QuantType::Q4_0), Bytes::from_vec(vec![0; 18]), &[1, 31]).is_err());
     }
 }

@@ -84,19 +84,10 @@ pub fn accept(
                     row = c;
                     continue;
                 }
-                None => {
-                    return Accepted {
-                        rows,
-                        tokens,
-                        bonus: best,
-                    }
-                }
+                None => return Accepted { rows, tokens, bonus: best },
             }
         }
-        densify(
-            sampler.distribution_with(l, &hist, generated + tokens.len()),
-            dense,
-        );
+        densify(sampler.distribution_with(l, &hist, generated + tokens.len()), dense);
         let mut next = None;
         for &c in kids {
             let x = compiled.tokens[c];
@@ -132,16 +123,8 @@ pub fn accept(
                 row = c;
             }
             None => {
-                let bonus = if dense.iter().any(|&v| v > 0.0) {
-                    draw(dense, rng)
-                } else {
-                    sampler.distribution_with(l, &hist, generated + tokens.len())[0].0
-                };
-                return Accepted {
-                    rows,
-                    tokens,
-                    bonus,
-                };
+                let bonus = if dense.iter().any(|&v| v > 0.0) { draw(dense, rng) } else { sampler.distribution_with(l, &hist, generated + tokens.len())[0].0 };
+                return Accepted { rows, tokens, bonus };
             }
         }
     }
@@ -161,13 +144,9 @@ pub struct Typical {
 impl std::str::FromStr for Typical {
     type Err = String;
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad =
-            || format!("--typical `{s}`: expected EPS,DELTA, two numbers in (0, 1], e.g. 0.09,0.3");
+        let bad = || format!("--typical `{s}`: expected EPS,DELTA, two numbers in (0, 1], e.g. 0.09,0.3");
         let (a, b) = s.split_once(',').ok_or_else(bad)?;
-        let (eps, delta): (f32, f32) = (
-            a.trim().parse().map_err(|_| bad())?,
-            b.trim().parse().map_err(|_| bad())?,
-        );
+        let (eps, delta): (f32, f32) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
         if !(eps > 0.0 && eps <= 1.0 && delta > 0.0 && delta <= 1.0) {
             return Err(bad());
         }
@@ -192,33 +171,18 @@ pub fn accept_typical(
     let mut row = 0;
     loop {
         let l = &logits[row * vocab..(row + 1) * vocab];
-        let dist = sampler
-            .distribution_with(l, &hist, generated + tokens.len())
-            .to_vec();
-        let entropy: f32 = dist
-            .iter()
-            .filter(|e| e.1 > 0.0)
-            .map(|e| -e.1 * e.1.ln())
-            .sum();
+        let dist = sampler.distribution_with(l, &hist, generated + tokens.len()).to_vec();
+        let entropy: f32 = dist.iter().filter(|e| e.1 > 0.0).map(|e| -e.1 * e.1.ln()).sum();
         let threshold = t.eps.min(t.delta * (-entropy).exp());
         let p = |x: u32| dist.iter().find(|e| e.0 == x).map_or(0.0, |e| e.1);
-        match compiled.children[row]
-            .iter()
-            .find(|&&c| p(compiled.tokens[c]) > threshold)
-        {
+        match compiled.children[row].iter().find(|&&c| p(compiled.tokens[c]) > threshold) {
             Some(&c) => {
                 rows.push(c);
                 tokens.push(compiled.tokens[c]);
                 hist.push(compiled.tokens[c]);
                 row = c;
             }
-            None => {
-                return Accepted {
-                    rows,
-                    tokens,
-                    bonus: sampler.draw(&dist),
-                }
-            }
+            None => return Accepted { rows, tokens, bonus: sampler.draw(&dist) },
         }
     }
 }
@@ -230,42 +194,19 @@ mod tests {
     use augur_kernels::reference::softmax;
 
     fn sampler(t: f32) -> Sampler {
-        Sampler::new(SamplerConfig {
-            temperature: t,
-            seed: 3,
-            ..Default::default()
-        })
-        .unwrap()
+        Sampler::new(SamplerConfig { temperature: t, seed: 3, ..Default::default() }).unwrap()
     }
+
 
     #[test]
     fn greedy_follows_the_argmax_path() {
         // rows: 0 pending, 1 = token 2 (child of root), 2 = token 0 (child of 1)
         let tree = Tree::chain(&[2, 0]);
         let c = tree.compile(7);
-        let logits = [
-            0.0, 0.0, 5.0, /* row1 */ 0.0, 9.0, 1.0, /* row2 */ 3.0, 0.0, 0.0,
-        ];
+        let logits = [0.0, 0.0, 5.0, /* row1 */ 0.0, 9.0, 1.0, /* row2 */ 3.0, 0.0, 0.0];
         let mut d = Vec::new();
-        let a = accept(
-            &tree,
-            &c,
-            &logits,
-            3,
-            &[],
-            0,
-            &mut sampler(0.0),
-            &mut Rng::new(1),
-            &mut d,
-        );
-        assert_eq!(
-            a,
-            Accepted {
-                rows: vec![1],
-                tokens: vec![2],
-                bonus: 1
-            }
-        );
+        let a = accept(&tree, &c, &logits, 3, &[], 0, &mut sampler(0.0), &mut Rng::new(1), &mut d);
+        assert_eq!(a, Accepted { rows: vec![1], tokens: vec![2], bonus: 1 });
     }
 
     #[test]
@@ -275,22 +216,11 @@ mod tests {
         tree.push(1, None, None);
         let c = tree.compile(7);
         let logits = [2.0, 1.9, -3.0, /* row1 */ 0.0, 0.0, 9.0];
-        let t = Typical {
-            eps: 0.09,
-            delta: 0.3,
-        };
+        let t = Typical { eps: 0.09, delta: 0.3 };
         let a = accept_typical(&c, &logits, 3, &[], 0, &mut sampler(1.0), &t);
-        assert_eq!(
-            (a.rows.clone(), a.tokens.clone(), a.bonus),
-            (vec![1], vec![1], 2),
-            "token 1 has p ≈ 0.47 > threshold"
-        );
+        assert_eq!((a.rows.clone(), a.tokens.clone(), a.bonus), (vec![1], vec![1], 2), "token 1 has p ≈ 0.47 > threshold");
         let g = accept_typical(&c, &logits, 3, &[], 0, &mut sampler(0.0), &t);
-        assert_eq!(
-            (g.tokens, g.bonus),
-            (vec![], 0),
-            "greedy: only the argmax passes"
-        );
+        assert_eq!((g.tokens, g.bonus), (vec![], 0), "greedy: only the argmax passes");
         assert!("0.09,0.3".parse::<Typical>().is_ok());
         assert!("0.09".parse::<Typical>().is_err() && "2,0.3".parse::<Typical>().is_err());
     }
@@ -332,19 +262,12 @@ mod tests {
                 let first = a.tokens.first().copied().unwrap_or(a.bonus);
                 counts[first as usize] += 1;
             }
-            let chi2: f64 = counts
-                .iter()
-                .zip(&p)
-                .map(|(&o, &pi)| {
-                    let e = pi as f64 * n as f64;
-                    (o as f64 - e).powi(2) / e
-                })
-                .sum();
+            let chi2: f64 = counts.iter().zip(&p).map(|(&o, &pi)| {
+                let e = pi as f64 * n as f64;
+                (o as f64 - e).powi(2) / e
+            }).sum();
             // 4 degrees of freedom: the 99.9th percentile is 18.47.
-            assert!(
-                chi2 < 18.47,
-                "case {case}: chi-square {chi2:.2} (counts {counts:?}, p {p:?})"
-            );
+            assert!(chi2 < 18.47, "case {case}: chi-square {chi2:.2} (counts {counts:?}, p {p:?})");
         }
     }
 }

@@ -54,13 +54,7 @@ pub trait Drafter {
 /// branches), `draft:PATH` (a model with `target`'s vocabulary), `early-exit:L` or
 /// `medusa:PATH` (heads from `augur train-medusa`, a tree of at most `k` nodes) or `mtp:PATH`
 /// (modules from `augur train-mtp`, a chain).
-pub fn from_spec(
-    spec: &str,
-    target: &Model,
-    ngram: usize,
-    width: usize,
-    k: usize,
-) -> Result<Box<dyn Drafter + Send>> {
+pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize, k: usize) -> Result<Box<dyn Drafter + Send>> {
     let n_layer = target.llama.cfg.n_layer;
     Ok(match spec.split_once(':') {
         None if spec == "prompt-lookup" => Box::new(PromptLookup::new(ngram, width)),
@@ -95,10 +89,7 @@ pub struct PromptLookup {
 impl PromptLookup {
     /// Match n-grams of up to `max_n` tokens; propose up to `width` branches.
     pub fn new(max_n: usize, width: usize) -> Self {
-        PromptLookup {
-            max_n: max_n.max(1),
-            width: width.max(1),
-        }
+        PromptLookup { max_n: max_n.max(1), width: width.max(1) }
     }
 }
 
@@ -149,13 +140,7 @@ struct Synced {
 
 impl Synced {
     fn sync(&mut self, llama: &Llama, tokens: &[u32]) -> Result<()> {
-        let common = self
-            .fed
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(tokens.len() - 1);
+        let common = self.fed.iter().zip(tokens).take_while(|(a, b)| a == b).count().min(tokens.len() - 1);
         self.state.truncate(common);
         self.fed.truncate(common);
         let missing = &tokens[common..tokens.len() - 1];
@@ -169,12 +154,7 @@ impl Synced {
 
 /// Draft `k` tokens one at a time from `step`'s logits: greedy proposals are deterministic;
 /// sampled ones carry the draft's filtered distribution for the rejection test.
-fn draft_chain(
-    k: usize,
-    pending: u32,
-    sampler: &mut Sampler,
-    mut step: impl FnMut(u32) -> Result<Vec<f32>>,
-) -> Result<Tree> {
+fn draft_chain(k: usize, pending: u32, sampler: &mut Sampler, mut step: impl FnMut(u32) -> Result<Vec<f32>>) -> Result<Tree> {
     let mut tree = Tree::default();
     let mut last = pending;
     for i in 0..k {
@@ -201,8 +181,7 @@ impl DraftModel {
     /// Wrap `draft` for `target`, refusing a different vocabulary.
     pub fn new(draft: Model, target: &Model) -> Result<Self> {
         let (a, b) = (&draft.tokenizer, &target.tokenizer);
-        let same = a.vocab_size() == b.vocab_size()
-            && (0..a.vocab_size() as u32).all(|i| a.id_to_token(i) == b.id_to_token(i));
+        let same = a.vocab_size() == b.vocab_size() && (0..a.vocab_size() as u32).all(|i| a.id_to_token(i) == b.id_to_token(i));
         if !same || draft.llama.cfg.vocab != target.llama.cfg.vocab {
             return Err(Error::Sampling(format!(
                 "draft model {} does not share the target's vocabulary ({} vs {} tokens, or different token strings); a draft model must use the same tokenizer",
@@ -212,13 +191,7 @@ impl DraftModel {
             )));
         }
         let state = State::new(&draft.llama.cfg);
-        Ok(DraftModel {
-            model: draft,
-            synced: Synced {
-                state,
-                fed: Vec::new(),
-            },
-        })
+        Ok(DraftModel { model: draft, synced: Synced { state, fed: Vec::new() } })
     }
 }
 
@@ -229,14 +202,10 @@ impl Drafter for DraftModel {
         self.synced.sync(llama, ctx.tokens)?;
         let base = self.synced.state.len();
         let state = &mut self.synced.state;
-        let tree = draft_chain(k, *ctx.tokens.last().unwrap(), ctx.sampler, |tok| {
-            Ok(llama.forward(state, &[tok], Logits::Last)?.to_vec())
-        })?;
+        let tree = draft_chain(k, *ctx.tokens.last().unwrap(), ctx.sampler, |tok| Ok(llama.forward(state, &[tok], Logits::Last)?.to_vec()))?;
         // Only the accepted prefix of the fed tokens stays valid; sync() trims the rest next round.
         self.synced.fed.push(*ctx.tokens.last().unwrap());
-        self.synced
-            .fed
-            .extend_from_slice(&tree.tokens[..tree.len().saturating_sub(1)]);
+        self.synced.fed.extend_from_slice(&tree.tokens[..tree.len().saturating_sub(1)]);
         debug_assert_eq!(self.synced.fed.len(), base + tree.len());
         Ok(tree)
     }
@@ -255,9 +224,7 @@ impl Drafter for EarlyExit {
         let base = ctx.state.len();
         let (target, state) = (ctx.target, ctx.state);
         let tree = draft_chain(ctx.k, *ctx.tokens.last().unwrap(), ctx.sampler, |tok| {
-            Ok(target
-                .forward_early_exit(state, &[tok], self.layers)?
-                .to_vec())
+            Ok(target.forward_early_exit(state, &[tok], self.layers)?.to_vec())
         });
         state.truncate(base);
         tree

@@ -48,39 +48,20 @@ pub struct MedusaHeads {
     accuracy: Vec<Vec<f32>>,
 }
 
-fn tensor_f32(
-    ck: &augur_formats::safetensors::Checkpoint,
-    name: &str,
-    shape: &[usize],
-    path: &Path,
-) -> Result<Vec<f32>> {
-    let t = ck
-        .get(name)
-        .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
+fn tensor_f32(ck: &augur_formats::safetensors::Checkpoint, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
+    let t = ck.get(name).map_err(|e| Error::Spec(format!("{}: {e}", path.display())))?;
     if !shape.is_empty() && t.shape() != shape {
-        return Err(Error::Spec(format!(
-            "{}: `{name}` has shape {:?}, expected {shape:?}",
-            path.display(),
-            t.shape()
-        )));
+        return Err(Error::Spec(format!("{}: `{name}` has shape {:?}, expected {shape:?}", path.display(), t.shape())));
     }
-    t.to_vec_f32()
-        .map_err(|e| Error::Spec(format!("{}: `{name}`: {e}", path.display())))
+    t.to_vec_f32().map_err(|e| Error::Spec(format!("{}: `{name}`: {e}", path.display())))
 }
 
 impl MedusaHeads {
     /// Heads from their parts; `head_w` is taken from `target`'s output head.
-    pub fn new(
-        target: &Llama,
-        heads: Vec<Vec<ResBlock>>,
-        vocab: Vec<u32>,
-        accuracy: Vec<Vec<f32>>,
-    ) -> Result<Self> {
+    pub fn new(target: &Llama, heads: Vec<Vec<ResBlock>>, vocab: Vec<u32>, accuracy: Vec<Vec<f32>>) -> Result<Self> {
         let dim = target.cfg.dim;
         if heads.is_empty() || heads.iter().any(|h| h.is_empty()) {
-            return Err(Error::Spec(
-                "Medusa: at least one head with at least one block is needed".into(),
-            ));
+            return Err(Error::Spec("Medusa: at least one head with at least one block is needed".into()));
         }
         for b in heads.iter().flatten() {
             if b.weight.len() != dim * dim || b.bias.len() != dim {
@@ -88,33 +69,19 @@ impl MedusaHeads {
             }
         }
         if vocab.is_empty() {
-            return Err(Error::Spec(
-                "Medusa: the reduced vocabulary is empty".into(),
-            ));
+            return Err(Error::Spec("Medusa: the reduced vocabulary is empty".into()));
         }
         if accuracy.len() != heads.len() || accuracy.iter().any(|a| a.is_empty()) {
-            return Err(Error::Spec(format!(
-                "Medusa: accuracy needs one non-empty row per head ({} heads)",
-                heads.len()
-            )));
+            return Err(Error::Spec(format!("Medusa: accuracy needs one non-empty row per head ({} heads)", heads.len())));
         }
-        let head_w = target
-            .output_rows(&vocab)
-            .map_err(|e| Error::Spec(format!("Medusa vocabulary: {e}")))?;
+        let head_w = target.output_rows(&vocab).map_err(|e| Error::Spec(format!("Medusa vocabulary: {e}")))?;
         let head_w = head_w.into_iter().map(bf16::from_f32).collect();
-        Ok(MedusaHeads {
-            dim,
-            heads,
-            vocab,
-            head_w,
-            accuracy,
-        })
+        Ok(MedusaHeads { dim, heads, vocab, head_w, accuracy })
     }
 
     /// Load heads written by `augur train-medusa` for `target`.
     pub fn open(path: &Path, target: &Llama) -> Result<Self> {
-        let ck = augur_formats::safetensors::Checkpoint::open(path)
-            .map_err(|e| Error::Spec(format!("Medusa heads: {e}")))?;
+        let ck = augur_formats::safetensors::Checkpoint::open(path).map_err(|e| Error::Spec(format!("Medusa heads: {e}")))?;
         let dim = target.cfg.dim;
         let mut heads = Vec::new();
         while ck.contains(&format!("medusa.{}.0.weight", heads.len())) {
@@ -131,18 +98,11 @@ impl MedusaHeads {
         if heads.is_empty() {
             return Err(Error::Spec(format!("{}: no `medusa.0.0.weight`: not a Medusa heads file (write one with `augur train-medusa`)", path.display())));
         }
-        let vocab: Vec<u32> = tensor_f32(&ck, "medusa.vocab", &[], path)?
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
+        let vocab: Vec<u32> = tensor_f32(&ck, "medusa.vocab", &[], path)?.into_iter().map(|v| v as u32).collect();
         let acc = tensor_f32(&ck, "medusa.accuracy", &[], path)?;
         let ranks = acc.len() / heads.len();
         if ranks == 0 || acc.len() != ranks * heads.len() {
-            return Err(Error::Spec(format!(
-                "{}: `medusa.accuracy` must be [heads, ranks] with {} heads",
-                path.display(),
-                heads.len()
-            )));
+            return Err(Error::Spec(format!("{}: `medusa.accuracy` must be [heads, ranks] with {} heads", path.display(), heads.len())));
         }
         let accuracy = acc.chunks(ranks).map(<[f32]>::to_vec).collect();
         Self::new(target, heads, vocab, accuracy)
@@ -174,14 +134,10 @@ impl MedusaHeads {
                 }
             }
         }
-        let m =
-            Matrix::new(Weights::BF16(&self.head_w), self.vocab.len(), dim).expect("built in new");
+        let m = Matrix::new(Weights::BF16(&self.head_w), self.vocab.len(), dim).expect("built in new");
         let mut logits = vec![0.0f32; self.heads.len() * self.vocab.len()];
         matmul(&m, &hs, self.heads.len(), &mut logits);
-        logits
-            .chunks_exact(self.vocab.len())
-            .map(|l| top_ids(l, top).into_iter().map(|i| self.vocab[i]).collect())
-            .collect()
+        logits.chunks_exact(self.vocab.len()).map(|l| top_ids(l, top).into_iter().map(|i| self.vocab[i]).collect()).collect()
     }
 }
 
@@ -215,9 +171,7 @@ impl PartialOrd for Choice {
 impl Ord for Choice {
     fn cmp(&self, o: &Self) -> std::cmp::Ordering {
         // Higher value first; on ties the shallower node (so parents precede children).
-        self.value
-            .total_cmp(&o.value)
-            .then(o.path.len().cmp(&self.path.len()))
+        self.value.total_cmp(&o.value).then(o.path.len().cmp(&self.path.len()))
     }
 }
 
@@ -232,20 +186,11 @@ pub fn choose_paths(accuracy: &[Vec<f32>], n: usize) -> Vec<Vec<usize>> {
             for (r, &a) in accuracy[d].iter().enumerate() {
                 let mut path = parent.path.clone();
                 path.push(r);
-                heap.push(Choice {
-                    value: parent.value * a,
-                    path,
-                });
+                heap.push(Choice { value: parent.value * a, path });
             }
         }
     };
-    push_children(
-        &mut heap,
-        &Choice {
-            value: 1.0,
-            path: vec![],
-        },
-    );
+    push_children(&mut heap, &Choice { value: 1.0, path: vec![] });
     let mut out = Vec::with_capacity(n);
     while out.len() < n {
         let Some(c) = heap.pop() else { break };
@@ -279,24 +224,14 @@ impl Medusa {
 
 impl Drafter for Medusa {
     fn propose(&mut self, ctx: Ctx) -> Result<Tree> {
-        let Some(h) = ctx.hidden else {
-            return Ok(Tree::default());
-        };
+        let Some(h) = ctx.hidden else { return Ok(Tree::default()) };
         let cands = self.heads.candidates(h, self.top);
         let mut tree = Tree::default();
         let mut node_of: Vec<(&[usize], usize)> = Vec::new();
         for path in self.paths.iter().take(ctx.k) {
             let d = path.len() - 1;
-            let parent = (d > 0).then(|| {
-                node_of
-                    .iter()
-                    .find(|(p, _)| *p == &path[..d])
-                    .map(|&(_, i)| i)
-                    .expect("prefix chosen first")
-            });
-            let Some(&tok) = cands[d].get(path[d]) else {
-                continue;
-            };
+            let parent = (d > 0).then(|| node_of.iter().find(|(p, _)| *p == &path[..d]).map(|&(_, i)| i).expect("prefix chosen first"));
+            let Some(&tok) = cands[d].get(path[d]) else { continue };
             node_of.push((path, tree.push(tok, parent, None)));
         }
         Ok(tree)
@@ -309,37 +244,20 @@ impl Drafter for Medusa {
 
 /// Write heads to `path` in the format [`MedusaHeads::open`] reads (see the module docs), as
 /// `augur train-medusa` does.
-pub fn save_heads(
-    path: &Path,
-    heads: &[Vec<ResBlock>],
-    dim: usize,
-    vocab: &[u32],
-    accuracy: &[Vec<f32>],
-) -> Result<()> {
-    let t =
-        |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s).map_err(|e| Error::Spec(e.to_string()));
+pub fn save_heads(path: &Path, heads: &[Vec<ResBlock>], dim: usize, vocab: &[u32], accuracy: &[Vec<f32>]) -> Result<()> {
+    let t = |v: Vec<f32>, s: &[usize]| Tensor::from_vec(v, s).map_err(|e| Error::Spec(e.to_string()));
     let mut out = Vec::new();
     for (k, blocks) in heads.iter().enumerate() {
         for (l, b) in blocks.iter().enumerate() {
-            out.push((
-                format!("medusa.{k}.{l}.weight"),
-                t(b.weight.clone(), &[dim, dim])?,
-            ));
+            out.push((format!("medusa.{k}.{l}.weight"), t(b.weight.clone(), &[dim, dim])?));
             out.push((format!("medusa.{k}.{l}.bias"), t(b.bias.clone(), &[dim])?));
         }
     }
-    out.push((
-        "medusa.vocab".into(),
-        t(vocab.iter().map(|&v| v as f32).collect(), &[vocab.len()])?,
-    ));
+    out.push(("medusa.vocab".into(), t(vocab.iter().map(|&v| v as f32).collect(), &[vocab.len()])?));
     let ranks = accuracy.first().map_or(0, Vec::len);
-    out.push((
-        "medusa.accuracy".into(),
-        t(accuracy.concat(), &[accuracy.len(), ranks])?,
-    ));
+    out.push(("medusa.accuracy".into(), t(accuracy.concat(), &[accuracy.len(), ranks])?));
     let refs: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    augur_formats::safetensors::save(path, &refs)
-        .map_err(|e| Error::Spec(format!("writing Medusa heads: {e}")))
+    augur_formats::safetensors::save(path, &refs).map_err(|e| Error::Spec(format!("writing Medusa heads: {e}")))
 }
 
 #[cfg(test)]
@@ -353,10 +271,7 @@ mod tests {
         // values: [0] .6, [0,0] .3, [1] .2, then a tie at .1 between [2] and [1,0]: shallower first
         assert_eq!(p, vec![vec![0], vec![0, 0], vec![1], vec![2], vec![1, 0]]);
         for (i, path) in p.iter().enumerate() {
-            assert!(
-                p[..i].contains(&path[..path.len() - 1].to_vec()) || path.len() == 1,
-                "{path:?} before its parent"
-            );
+            assert!(p[..i].contains(&path[..path.len() - 1].to_vec()) || path.len() == 1, "{path:?} before its parent");
         }
     }
 

@@ -43,11 +43,7 @@ pub struct SpecConfig {
 impl SpecConfig {
     /// Exact (lossless) speculation with at most `k` draft nodes per round.
     pub fn new(k: usize) -> Self {
-        SpecConfig {
-            k,
-            typical: None,
-            throttle: true,
-        }
+        SpecConfig { k, typical: None, throttle: true }
     }
 }
 
@@ -79,11 +75,7 @@ impl SpecStats {
 
     /// Acceptance rate at each draft depth.
     pub fn accept_rate_by_pos(&self) -> Vec<f64> {
-        self.proposed_at
-            .iter()
-            .zip(&self.accepted_at)
-            .map(|(&p, &a)| a as f64 / p.max(1) as f64)
-            .collect()
+        self.proposed_at.iter().zip(&self.accepted_at).map(|(&p, &a)| a as f64 / p.max(1) as f64).collect()
     }
 
     fn record(&mut self, depth: usize, accepted: usize) {
@@ -112,12 +104,7 @@ pub(crate) struct Governor {
 
 impl Governor {
     fn new(k_max: usize) -> Self {
-        Governor {
-            k_max,
-            k: k_max,
-            fails: 0,
-            skip: 0,
-        }
+        Governor { k_max, k: k_max, fails: 0, skip: 0 }
     }
 
     /// Draft tokens for this round (0: do not draft).
@@ -141,12 +128,7 @@ impl Governor {
         } else {
             self.fails = 0;
         }
-        self.k = if accepted == proposed {
-            2 * proposed
-        } else {
-            accepted + 1
-        }
-        .clamp(1, self.k_max);
+        self.k = if accepted == proposed { 2 * proposed } else { accepted + 1 }.clamp(1, self.k_max);
     }
 }
 
@@ -186,11 +168,7 @@ pub fn generate(
     // Prefill all but the last prompt token; it becomes the first pending token.
     let t0 = Instant::now();
     if prompt.len() > 1 {
-        let which = if context_hidden {
-            Logits::Hidden
-        } else {
-            Logits::Last
-        };
+        let which = if context_hidden { Logits::Hidden } else { Logits::Last };
         llama.forward(&mut st, &prompt[..prompt.len() - 1], which)?;
         if context_hidden {
             fresh.extend_from_slice(st.hidden());
@@ -200,39 +178,20 @@ pub fn generate(
     let t1 = Instant::now();
     let mut reason = StopReason::MaxTokens;
     'rounds: while emit.generated.len() < cfg.max_tokens {
-        let room =
-            (llama.cfg.context - st.len() - 1).min(cfg.max_tokens - emit.generated.len() - 1);
+        let room = (llama.cfg.context - st.len() - 1).min(cfg.max_tokens - emit.generated.len() - 1);
         let td = Instant::now();
         // Fixed-shape drafters (Medusa) are throttled by measured throughput; chains keep the
         // governor, which follows bursty acceptance (a span to copy) faster than running
         // averages can (prompt lookup lost 1.07x -> 1.00x on the grounded tasks throttled).
         // Timing may only steer greedy decoding: when sampling, what is drafted decides how the
         // random stream is consumed, and a seeded run must repeat exactly.
-        let cap = if spec.throttle && sampler.cfg.is_greedy() && !drafter.adaptive() {
-            throttle.next()
-        } else {
-            k
-        };
-        let want = if drafter.adaptive() {
-            governor.next()
-        } else {
-            governor.next().min(1) * k
-        }
-        .min(room)
-        .min(cap);
+        let cap = if spec.throttle && sampler.cfg.is_greedy() && !drafter.adaptive() { throttle.next() } else { k };
+        let want = if drafter.adaptive() { governor.next() } else { governor.next().min(1) * k }.min(room).min(cap);
         let tree = if want == 0 {
             Tree::default()
         } else {
             let hidden = (!hidden.is_empty()).then_some(&hidden[..]);
-            let ctx = Ctx {
-                tokens: &tokens,
-                target: llama,
-                state: &mut st,
-                hidden,
-                context_hidden: &fresh,
-                k: want,
-                sampler: &mut sampler,
-            };
+            let ctx = Ctx { tokens: &tokens, target: llama, state: &mut st, hidden, context_hidden: &fresh, k: want, sampler: &mut sampler };
             let tree = drafter.propose(ctx)?;
             fresh.clear();
             tree
@@ -241,33 +200,10 @@ pub fn generate(
         let compiled = tree.compile(*tokens.last().unwrap());
         let tv = Instant::now();
         let base = st.len();
-        let logits = llama.forward_tree(
-            &mut st,
-            &compiled.tokens,
-            &compiled.depth,
-            &compiled.ancestors,
-        )?;
+        let logits = llama.forward_tree(&mut st, &compiled.tokens, &compiled.depth, &compiled.ancestors)?;
         let acc = match &spec.typical {
-            Some(t) => accept_typical(
-                &compiled,
-                logits,
-                vocab,
-                &tokens,
-                emit.generated.len(),
-                &mut sampler,
-                t,
-            ),
-            None => accept(
-                &tree,
-                &compiled,
-                logits,
-                vocab,
-                &tokens,
-                emit.generated.len(),
-                &mut sampler,
-                &mut rng,
-                &mut dense,
-            ),
+            Some(t) => accept_typical(&compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, t),
+            None => accept(&tree, &compiled, logits, vocab, &tokens, emit.generated.len(), &mut sampler, &mut rng, &mut dense),
         };
         let mut keep = vec![0];
         keep.extend_from_slice(&acc.rows);
@@ -280,10 +216,7 @@ pub fn generate(
         let mut rows = vec![0];
         rows.extend_from_slice(&acc.rows);
         let emitted: Vec<u32> = acc.tokens.iter().copied().chain([acc.bonus]).collect();
-        let logits_rows: Vec<Vec<f32>> = rows
-            .iter()
-            .map(|&r| logits[r * vocab..(r + 1) * vocab].to_vec())
-            .collect();
+        let logits_rows: Vec<Vec<f32>> = rows.iter().map(|&r| logits[r * vocab..(r + 1) * vocab].to_vec()).collect();
         let last = *rows.last().expect("row 0");
         hidden.clear();
         hidden.extend_from_slice(&st.hidden()[last * dim..(last + 1) * dim]);

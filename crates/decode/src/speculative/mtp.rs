@@ -40,15 +40,8 @@ pub fn gpt_config(cfg: &Config, layers: usize) -> Result<GptConfig> {
     }
     let rope_scaling = match cfg.rope_scaling {
         RopeScaling::None => NnRopeScaling::None,
-        RopeScaling::Linear { factor } => NnRopeScaling::Linear {
-            factor: factor as f64,
-        },
-        RopeScaling::Llama3 {
-            factor,
-            low_freq_factor,
-            high_freq_factor,
-            original_context,
-        } => NnRopeScaling::Llama3 {
+        RopeScaling::Linear { factor } => NnRopeScaling::Linear { factor: factor as f64 },
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_context } => NnRopeScaling::Llama3 {
             factor: factor as f64,
             low_freq_factor: low_freq_factor as f64,
             high_freq_factor: high_freq_factor as f64,
@@ -76,11 +69,7 @@ pub fn gpt_config(cfg: &Config, layers: usize) -> Result<GptConfig> {
         seed: 0,
     };
     if gc.head_dim() != cfg.head_dim {
-        return Err(Error::Spec(format!(
-            "head width {} is not width / heads ({})",
-            cfg.head_dim,
-            gc.head_dim()
-        )));
+        return Err(Error::Spec(format!("head width {} is not width / heads ({})", cfg.head_dim, gc.head_dim())));
     }
     Ok(gc)
 }
@@ -103,17 +92,8 @@ pub struct MtpModule {
 impl MtpModule {
     /// `[1, s, dim]` states from `[1, s, dim]` previous-depth states and next-token embeddings,
     /// at positions after `cache`'s (which grows).
-    pub fn forward(
-        &self,
-        h: &Tensor,
-        emb: &Tensor,
-        pos: &PositionalEncoding,
-        cache: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
-        let x = self
-            .proj_h
-            .forward(&self.norm_h.forward(h)?)?
-            .add(&self.proj_e.forward(&self.norm_e.forward(emb)?)?)?;
+    pub fn forward(&self, h: &Tensor, emb: &Tensor, pos: &PositionalEncoding, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.proj_h.forward(&self.norm_h.forward(h)?)?.add(&self.proj_e.forward(&self.norm_e.forward(emb)?)?)?;
         Ok(self.block.forward(&x, pos, None, cache)?)
     }
 }
@@ -158,17 +138,10 @@ impl MtpModules {
     /// target's last block with its two residual branches' output projections (`wo`, `down`)
     /// zeroed, so an untrained module passes its input through and the branches learn from zero
     /// (on SmolLM2, 3 epochs: held-out top-1 0.40 this way, 0.30 with the block as it is).
-    pub fn init(
-        target: &Llama,
-        depth: usize,
-        vocab: Vec<u32>,
-        last_block: impl Fn(&str) -> Result<Tensor>,
-    ) -> Result<Self> {
+    pub fn init(target: &Llama, depth: usize, vocab: Vec<u32>, last_block: impl Fn(&str) -> Result<Tensor>) -> Result<Self> {
         let mut m = Self::empty(target, depth, vocab)?;
         let dim = target.cfg.dim;
-        let eye: Vec<f32> = (0..dim * dim)
-            .map(|i| if i / dim == i % dim { 1.0 } else { 0.0 })
-            .collect();
+        let eye: Vec<f32> = (0..dim * dim).map(|i| if i / dim == i % dim { 1.0 } else { 0.0 }).collect();
         for module in &mut m.modules {
             module.proj_h.weight = Tensor::from_vec(eye.clone(), &[dim, dim])?;
             module.proj_e.weight = Tensor::zeros(&[dim, dim]);
@@ -181,13 +154,7 @@ impl MtpModules {
                 if failure.is_none() {
                     match last_block(name) {
                         Ok(v) if v.shape() == t.shape() => *t = v,
-                        Ok(v) => {
-                            failure = Some(Error::Spec(format!(
-                                "`{name}`: the target's block has {:?}, the module {:?}",
-                                v.shape(),
-                                t.shape()
-                            )))
-                        }
+                        Ok(v) => failure = Some(Error::Spec(format!("`{name}`: the target's block has {:?}, the module {:?}", v.shape(), t.shape()))),
                         Err(e) => failure = Some(e),
                     }
                 }
@@ -219,37 +186,16 @@ impl MtpModules {
                 block: Block::new(&gc, 0, &mut rng),
             })
             .collect();
-        let rope = Rope {
-            dim: c.head_dim,
-            theta: gc.rope_theta,
-            scaling: gc.rope_scaling,
-            interleaved: false,
-        };
-        let pos = PositionalEncoding::new(
-            PosKind::Rope,
-            dim,
-            c.n_head,
-            c.head_dim,
-            c.context,
-            rope,
-            &mut rng,
-        );
+        let rope = Rope { dim: c.head_dim, theta: gc.rope_theta, scaling: gc.rope_scaling, interleaved: false };
+        let pos = PositionalEncoding::new(PosKind::Rope, dim, c.n_head, c.head_dim, c.context, rope, &mut rng);
         let head = Tensor::from_vec(target.output_rows(&vocab)?, &[vocab.len(), dim])?;
         let norm_f = Tensor::from_vec(target.output_norm().to_vec(), &[dim])?;
-        Ok(MtpModules {
-            modules,
-            pos,
-            vocab,
-            head,
-            norm_f,
-            eps: c.rms_eps as f64,
-        })
+        Ok(MtpModules { modules, pos, vocab, head, norm_f, eps: c.rms_eps as f64 })
     }
 
     /// Load modules written by `augur train-mtp` for `target`.
     pub fn open(path: &Path, target: &Llama) -> Result<Self> {
-        let ck = augur_formats::safetensors::Checkpoint::open(path)
-            .map_err(|e| Error::Spec(format!("MTP modules: {e}")))?;
+        let ck = augur_formats::safetensors::Checkpoint::open(path).map_err(|e| Error::Spec(format!("MTP modules: {e}")))?;
         let mut depth = 0;
         while ck.contains(&format!("mtp.{}.proj_h.weight", depth + 1)) {
             depth += 1;
@@ -257,29 +203,15 @@ impl MtpModules {
         if depth == 0 {
             return Err(Error::Spec(format!("{}: no `mtp.1.proj_h.weight`: not an MTP modules file (write one with `augur train-mtp`)", path.display())));
         }
-        let get = |name: &str| {
-            ck.get(name)
-                .map_err(|e| Error::Spec(format!("{}: {e}", path.display())))
-        };
-        let vocab: Vec<u32> = get("mtp.vocab")?
-            .to_vec_f32()?
-            .into_iter()
-            .map(|v| v as u32)
-            .collect();
+        let get = |name: &str| ck.get(name).map_err(|e| Error::Spec(format!("{}: {e}", path.display())));
+        let vocab: Vec<u32> = get("mtp.vocab")?.to_vec_f32()?.into_iter().map(|v| v as u32).collect();
         let mut m = Self::empty(target, depth, vocab)?;
         let mut failure = None;
         m.visit("", &mut |name, t| {
             if failure.is_none() {
                 match get(name) {
                     Ok(v) if v.shape() == t.shape() => *t = v,
-                    Ok(v) => {
-                        failure = Some(Error::Spec(format!(
-                            "{}: `{name}` has shape {:?}, the target implies {:?}",
-                            path.display(),
-                            v.shape(),
-                            t.shape()
-                        )))
-                    }
+                    Ok(v) => failure = Some(Error::Spec(format!("{}: `{name}` has shape {:?}, the target implies {:?}", path.display(), v.shape(), t.shape()))),
                     Err(e) => failure = Some(e),
                 }
             }
@@ -295,13 +227,9 @@ impl MtpModules {
         let mut out: Vec<(String, Tensor)> = Vec::new();
         self.visit("", &mut |name, t| out.push((name.to_string(), t.detach())));
         let n = self.vocab.len();
-        out.push((
-            "mtp.vocab".into(),
-            Tensor::from_vec(self.vocab.iter().map(|&v| v as f32).collect(), &[n])?,
-        ));
+        out.push(("mtp.vocab".into(), Tensor::from_vec(self.vocab.iter().map(|&v| v as f32).collect(), &[n])?));
         let refs: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
-        augur_formats::safetensors::save(path, &refs)
-            .map_err(|e| Error::Spec(format!("writing MTP modules: {e}")))
+        augur_formats::safetensors::save(path, &refs).map_err(|e| Error::Spec(format!("writing MTP modules: {e}")))
     }
 
     /// Logits over the reduced vocabulary of `[.., dim]` states: the target's final norm and
@@ -331,12 +259,7 @@ impl Mtp {
     /// A drafter with `m` (tokens are embedded by the target's embedding).
     pub fn new(m: MtpModules) -> Self {
         let d = m.depth();
-        Mtp {
-            m,
-            h0: Vec::new(),
-            caches: vec![KvCache::default(); d],
-            outs: vec![Vec::new(); d],
-        }
+        Mtp { m, h0: Vec::new(), caches: vec![KvCache::default(); d], outs: vec![Vec::new(); d] }
     }
 
     fn dim(&self) -> usize {
@@ -345,14 +268,7 @@ impl Mtp {
 
     /// Run module `d` (0-based) over `rows` positions: `h` their previous-depth states, `toks`
     /// their next tokens; on the cache itself, or on a copy when `speculative`.
-    fn run(
-        &mut self,
-        target: &Llama,
-        d: usize,
-        h: Vec<f32>,
-        toks: &[u32],
-        speculative: bool,
-    ) -> Result<Vec<f32>> {
+    fn run(&mut self, target: &Llama, d: usize, h: Vec<f32>, toks: &[u32], speculative: bool) -> Result<Vec<f32>> {
         let (dim, rows) = (self.dim(), toks.len());
         let h = Tensor::from_vec(h, &[1, rows, dim])?;
         let e = Tensor::from_vec(target.embedding_rows(toks)?, &[1, rows, dim])?;
@@ -366,10 +282,7 @@ impl Mtp {
     }
 
     fn draft(&self, state: &[f32]) -> Result<u32> {
-        let l = self
-            .m
-            .logits(&Tensor::from_vec(state.to_vec(), &[1, self.dim()])?)?
-            .to_vec_f32()?;
+        let l = self.m.logits(&Tensor::from_vec(state.to_vec(), &[1, self.dim()])?)?.to_vec_f32()?;
         Ok(self.m.vocab[argmax(&l) as usize])
     }
 }
@@ -398,10 +311,7 @@ impl Mtp {
         }
         self.h0.extend_from_slice(ctx.context_hidden);
         if self.h0.len() != n * dim {
-            return Err(Error::Spec(format!(
-                "MTP: {} hidden states for {n} cached positions",
-                self.h0.len() / dim
-            )));
+            return Err(Error::Spec(format!("MTP: {} hidden states for {n} cached positions", self.h0.len() / dim)));
         }
         let mut drafts: Vec<u32> = Vec::new();
         // The previous depth's states of the speculative positions (module d reads positions
@@ -412,13 +322,7 @@ impl Mtp {
             if n < depth {
                 break;
             }
-            let token = |i: usize| {
-                if i + depth <= n {
-                    t[i + depth]
-                } else {
-                    drafts[i + depth - n - 1]
-                }
-            };
+            let token = |i: usize| if i + depth <= n { t[i + depth] } else { drafts[i + depth - n - 1] };
             // Module d's inputs at positions `rows`: the previous depth's states (settled, or
             // from the module before's draft-reading positions) and the next tokens.
             let inputs = |this: &Self, rows: std::ops::Range<usize>| -> (Vec<f32>, Vec<u32>) {
@@ -426,11 +330,7 @@ impl Mtp {
                 let c = settled.len() / dim;
                 let mut h = Vec::with_capacity(rows.len() * dim);
                 for i in rows.clone() {
-                    h.extend_from_slice(if i < c {
-                        &settled[i * dim..(i + 1) * dim]
-                    } else {
-                        &spec_prev[(i - c) * dim..(i - c + 1) * dim]
-                    });
+                    h.extend_from_slice(if i < c { &settled[i * dim..(i + 1) * dim] } else { &spec_prev[(i - c) * dim..(i - c + 1) * dim] });
                 }
                 (h, rows.map(token).collect())
             };
@@ -448,11 +348,7 @@ impl Mtp {
                 let (h, toks) = inputs(self, n + 1 - depth..n);
                 self.run(ctx.target, d, h, &toks, true)?
             };
-            let last = if spec.is_empty() {
-                &self.outs[d][(n - 1) * dim..n * dim]
-            } else {
-                &spec[spec.len() - dim..]
-            };
+            let last = if spec.is_empty() { &self.outs[d][(n - 1) * dim..n * dim] } else { &spec[spec.len() - dim..] };
             drafts.push(self.draft(last)?);
             spec_prev = spec;
         }

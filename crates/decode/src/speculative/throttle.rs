@@ -41,13 +41,7 @@ impl Throttle {
         }
         caps.push(k.max(1));
         let n = caps.len();
-        Throttle {
-            caps,
-            rate: vec![None; n],
-            round: 0,
-            phase: 0,
-            current: n - 1,
-        }
+        Throttle { caps, rate: vec![None; n], round: 0, phase: 0, current: n - 1 }
     }
 
     /// The cap for this round.
@@ -55,17 +49,10 @@ impl Throttle {
         self.round += 1;
         let n = self.caps.len();
         let rate = |i: usize| self.rate[i].unwrap_or(f64::NEG_INFINITY);
-        let best = (0..n)
-            .filter(|&i| self.rate[i].is_some())
-            .max_by(|&a, &b| rate(a).total_cmp(&rate(b)))
-            .unwrap_or(n - 1);
+        let best = (0..n).filter(|&i| self.rate[i].is_some()).max_by(|&a, &b| rate(a).total_cmp(&rate(b))).unwrap_or(n - 1);
         self.current = if self.round <= 2 {
             // The two extremes first: the drafter's own setting, then plain decoding.
-            if self.round == 1 {
-                n - 1
-            } else {
-                0
-            }
+            if self.round == 1 { n - 1 } else { 0 }
         } else if self.round.is_multiple_of(EXPLORE) {
             self.phase = (self.phase + 1) % 3;
             match self.phase {

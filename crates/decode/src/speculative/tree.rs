@@ -42,10 +42,7 @@ impl Tree {
 
     /// Append a node; returns its index. `parent` must be an existing node.
     pub fn push(&mut self, token: u32, parent: Option<usize>, q: Option<Vec<(u32, f32)>>) -> usize {
-        assert!(
-            parent.is_none_or(|p| p < self.tokens.len()),
-            "Tree::push: parent must come first"
-        );
+        assert!(parent.is_none_or(|p| p < self.tokens.len()), "Tree::push: parent must come first");
         self.tokens.push(token);
         self.parent.push(parent);
         self.q.push(q);
@@ -73,9 +70,7 @@ impl Tree {
     /// Compile for a pass whose row 0 is `pending`.
     pub fn compile(&self, pending: u32) -> Compiled {
         let rows = self.len() + 1;
-        let row_parent = |i: usize| -> Option<usize> {
-            (i > 0).then(|| self.parent[i - 1].map_or(0, |p| p + 1))
-        };
+        let row_parent = |i: usize| -> Option<usize> { (i > 0).then(|| self.parent[i - 1].map_or(0, |p| p + 1)) };
         let mut depth = vec![0usize; rows];
         let mut ancestors = vec![false; rows * rows];
         let mut children = vec![Vec::new(); rows];
@@ -92,12 +87,7 @@ impl Tree {
         let mut tokens = Vec::with_capacity(rows);
         tokens.push(pending);
         tokens.extend_from_slice(&self.tokens);
-        Compiled {
-            tokens,
-            depth,
-            ancestors,
-            children,
-        }
+        Compiled { tokens, depth, ancestors, children }
     }
 }
 

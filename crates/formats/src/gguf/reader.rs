@@ -56,13 +56,7 @@ pub struct Gguf {
 
 impl std::fmt::Debug for Gguf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "Gguf(v{}, {} metadata, {} tensors)",
-            self.version,
-            self.metadata.len(),
-            self.tensors.len()
-        )
+        write!(f, "Gguf(v{}, {} metadata, {} tensors)", self.version, self.metadata.len(), self.tensors.len())
     }
 }
 
@@ -73,10 +67,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err<T>(&self, what: impl Into<String>) -> Result<T> {
-        Err(Error::Gguf {
-            what: what.into(),
-            offset: self.pos as u64,
-        })
+        Err(Error::Gguf { what: what.into(), offset: self.pos as u64 })
     }
 
     fn remaining(&self) -> u64 {
@@ -85,10 +76,7 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if (n as u64) > self.remaining() {
-            return self.err(format!(
-                "{what}: need {n} bytes, only {} left",
-                self.remaining()
-            ));
+            return self.err(format!("{what}: need {n} bytes, only {} left", self.remaining()));
         }
         let s = &self.buf[self.pos..self.pos + n];
         self.pos += n;
@@ -112,10 +100,7 @@ impl<'a> Cursor<'a> {
         let len = self.u64(what)?;
         if len > self.remaining() {
             self.pos = start;
-            return self.err(format!(
-                "{what}: string length {len} exceeds the {} bytes left",
-                self.remaining()
-            ));
+            return self.err(format!("{what}: string length {len} exceeds the {} bytes left", self.remaining()));
         }
         let b = self.take(len as usize, what)?;
         match std::str::from_utf8(b) {
@@ -141,9 +126,7 @@ impl<'a> Cursor<'a> {
                 1 => Value::Bool(true),
                 b => {
                     self.pos -= 1;
-                    return self.err(format!(
-                        "metadata `{key}`: bool byte is {b}, must be 0 or 1"
-                    ));
+                    return self.err(format!("metadata `{key}`: bool byte is {b}, must be 0 or 1"));
                 }
             },
             ValueType::String => Value::String(self.string(key)?),
@@ -152,17 +135,12 @@ impl<'a> Cursor<'a> {
             ValueType::F64 => Value::F64(f64::from_le_bytes(self.array(key)?)),
             ValueType::Array => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return self.err(format!(
-                        "metadata `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}"
-                    ));
+                    return self.err(format!("metadata `{key}`: arrays nested deeper than {MAX_ARRAY_DEPTH}"));
                 }
                 let et = self.value_type(key)?;
                 let n = self.u64(key)?;
                 if n.saturating_mul(et.min_size()) > self.remaining() {
-                    return self.err(format!(
-                        "metadata `{key}`: array of {n} {et:?} cannot fit in the {} bytes left",
-                        self.remaining()
-                    ));
+                    return self.err(format!("metadata `{key}`: array of {n} {et:?} cannot fit in the {} bytes left", self.remaining()));
                 }
                 let mut v = Vec::with_capacity(n as usize);
                 for _ in 0..n {
@@ -189,10 +167,7 @@ impl Gguf {
     /// Open and mmap a GGUF file.
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let io = |err| Error::Io {
-            path: path.to_owned(),
-            err,
-        };
+        let io = |err| Error::Io { path: path.to_owned(), err };
         let file = std::fs::File::open(path).map_err(io)?;
         // SAFETY: the map is read-only; augur never writes the file while it is open. A file
         // changed by another process underneath is outside what any mmap reader can defend against.
@@ -208,22 +183,13 @@ impl Gguf {
     fn from_owner(data: Arc<dyn AsRef<[u8]> + Send + Sync>) -> Result<Self> {
         let buf: &[u8] = (*data).as_ref();
         let mut c = Cursor { buf, pos: 0 };
-        let magic = c.take(4, "magic").map_err(|_| Error::Gguf {
-            what: "file is shorter than the 4-byte magic".into(),
-            offset: 0,
-        })?;
+        let magic = c.take(4, "magic").map_err(|_| Error::Gguf { what: "file is shorter than the 4-byte magic".into(), offset: 0 })?;
         if magic != MAGIC {
-            return Err(Error::Gguf {
-                what: format!("bad magic {magic:02x?}: not a GGUF file"),
-                offset: 0,
-            });
+            return Err(Error::Gguf { what: format!("bad magic {magic:02x?}: not a GGUF file"), offset: 0 });
         }
         let version = c.u32("version")?;
         if !(2..=3).contains(&version) {
-            return Err(Error::Gguf {
-                what: format!("unsupported GGUF version {version} (augur reads 2 and 3)"),
-                offset: 4,
-            });
+            return Err(Error::Gguf { what: format!("unsupported GGUF version {version} (augur reads 2 and 3)"), offset: 4 });
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
@@ -242,10 +208,7 @@ impl Gguf {
             let ty = c.value_type(&key)?;
             let v = c.value(ty, &key, 0)?;
             if index.insert(key.clone(), metadata.len()).is_some() {
-                return Err(Error::Gguf {
-                    what: format!("duplicate metadata key `{key}`"),
-                    offset: at as u64,
-                });
+                return Err(Error::Gguf { what: format!("duplicate metadata key `{key}`"), offset: at as u64 });
             }
             metadata.push((key, v));
         }
@@ -253,12 +216,7 @@ impl Gguf {
             None => DEFAULT_ALIGNMENT,
             Some(v) => match v.as_u64() {
                 Some(a) if a > 0 && a.is_power_of_two() && a <= 1 << 16 => a,
-                _ => {
-                    return Err(Error::Metadata {
-                        key: "general.alignment".into(),
-                        msg: format!("{v} is not a power of two up to 65536"),
-                    })
-                }
+                _ => return Err(Error::Metadata { key: "general.alignment".into(), msg: format!("{v} is not a power of two up to 65536") }),
             },
         };
         let mut infos = Vec::with_capacity(n_tensors as usize);
@@ -267,10 +225,7 @@ impl Gguf {
             let name = c.string(&format!("tensor #{i} name"))?;
             let n_dims = c.u32(&name)?;
             if n_dims == 0 || n_dims > MAX_DIMS {
-                return Err(Error::Gguf {
-                    what: format!("tensor `{name}`: {n_dims} dims (1..={MAX_DIMS} allowed)"),
-                    offset: at,
-                });
+                return Err(Error::Gguf { what: format!("tensor `{name}`: {n_dims} dims (1..={MAX_DIMS} allowed)"), offset: at });
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for _ in 0..n_dims {
@@ -280,10 +235,7 @@ impl Gguf {
             let offset = c.u64(&name)?;
             let numel = dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d));
             let Some(numel) = numel.filter(|&n| n <= 1 << 40) else {
-                return Err(Error::Gguf {
-                    what: format!("tensor `{name}`: dims {dims:?} overflow"),
-                    offset: at,
-                });
+                return Err(Error::Gguf { what: format!("tensor `{name}`: dims {dims:?} overflow"), offset: at });
             };
             let size = match dtype_of(ggml_type) {
                 Some(dt) => {
@@ -299,23 +251,14 @@ impl Gguf {
                 }
                 None => None,
             };
-            infos.push(TensorInfo {
-                name,
-                shape: dims.iter().rev().map(|&d| d as usize).collect(),
-                ggml_type,
-                offset,
-                size,
-            });
+            infos.push(TensorInfo { name, shape: dims.iter().rev().map(|&d| d as usize).collect(), ggml_type, offset, size });
         }
         let data_offset = (c.pos as u64).div_ceil(alignment) * alignment;
         let file_len = buf.len() as u64;
         let mut tensor_index = HashMap::new();
         for (i, t) in infos.iter_mut().enumerate() {
             if t.offset % alignment != 0 {
-                return Err(Error::Tensor {
-                    name: t.name.clone(),
-                    msg: format!("data offset {} is not aligned to {alignment}", t.offset),
-                });
+                return Err(Error::Tensor { name: t.name.clone(), msg: format!("data offset {} is not aligned to {alignment}", t.offset) });
             }
             let start = data_offset.checked_add(t.offset);
             let end = start.and_then(|s| s.checked_add(t.size.unwrap_or(0)));
@@ -334,22 +277,10 @@ impl Gguf {
                 }
             }
             if tensor_index.insert(t.name.clone(), i).is_some() {
-                return Err(Error::Tensor {
-                    name: t.name.clone(),
-                    msg: "appears twice in the file".into(),
-                });
+                return Err(Error::Tensor { name: t.name.clone(), msg: "appears twice in the file".into() });
             }
         }
-        Ok(Gguf {
-            version,
-            metadata,
-            index,
-            tensors: infos,
-            tensor_index,
-            alignment,
-            data_offset,
-            data,
-        })
+        Ok(Gguf { version, metadata, index, tensors: infos, tensor_index, alignment, data_offset, data })
     }
 
     /// All metadata, in file order.
@@ -363,14 +294,8 @@ impl Gguf {
     }
 
     fn typed<T>(&self, key: &str, want: &str, f: impl Fn(&Value) -> Option<T>) -> Result<T> {
-        let v = self.get(key).ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: "missing".into(),
-        })?;
-        f(v).ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: format!("expected {want}, found {:?} {v}", v.value_type()),
-        })
+        let v = self.get(key).ok_or_else(|| Error::Metadata { key: key.into(), msg: "missing".into() })?;
+        f(v).ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected {want}, found {:?} {v}", v.value_type()) })
     }
 
     /// `key` as an unsigned integer (any integer type that fits), or an error naming it.
@@ -385,26 +310,14 @@ impl Gguf {
 
     /// `key` as a string, or an error naming it.
     pub fn get_str(&self, key: &str) -> Result<&str> {
-        let v = self.get(key).ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: "missing".into(),
-        })?;
-        v.as_str().ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: format!("expected a string, found {v}"),
-        })
+        let v = self.get(key).ok_or_else(|| Error::Metadata { key: key.into(), msg: "missing".into() })?;
+        v.as_str().ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected a string, found {v}") })
     }
 
     /// `key` as an array, or an error naming it.
     pub fn get_array(&self, key: &str) -> Result<&[Value]> {
-        let v = self.get(key).ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: "missing".into(),
-        })?;
-        v.as_array().ok_or_else(|| Error::Metadata {
-            key: key.into(),
-            msg: format!("expected an array, found {v}"),
-        })
+        let v = self.get(key).ok_or_else(|| Error::Metadata { key: key.into(), msg: "missing".into() })?;
+        v.as_array().ok_or_else(|| Error::Metadata { key: key.into(), msg: format!("expected an array, found {v}") })
     }
 
     /// Every tensor's description, in file order.
@@ -419,20 +332,16 @@ impl Gguf {
 
     /// The tensor `name` as an augur tensor sharing the mapped bytes (f32 data is copied).
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let t = self.tensor_info(name).ok_or_else(|| Error::Tensor {
-            name: name.into(),
-            msg: "not in the file (wrong model architecture?)".into(),
-        })?;
+        let t = self
+            .tensor_info(name)
+            .ok_or_else(|| Error::Tensor { name: name.into(), msg: "not in the file (wrong model architecture?)".into() })?;
         let dtype: DType = dtype_of(t.ggml_type).ok_or_else(|| Error::Tensor {
             name: name.into(),
             msg: format!("type {} is not supported by augur (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", t.type_name()),
         })?;
         let size = t.size.expect("size is known for supported types");
         let bytes = Bytes::from_owner(self.data.clone(), t.offset as usize, size as usize)
-            .ok_or_else(|| Error::Tensor {
-                name: name.into(),
-                msg: "data out of bounds".into(),
-            })?;
+            .ok_or_else(|| Error::Tensor { name: name.into(), msg: "data out of bounds".into() })?;
         Ok(Tensor::from_raw(dtype, bytes, &t.shape)?)
     }
 }

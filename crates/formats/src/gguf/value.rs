@@ -35,11 +35,7 @@ impl ValueType {
     /// The type with GGUF's numeric id `v`.
     pub fn from_u32(v: u32) -> Option<Self> {
         use ValueType::*;
-        [
-            U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64,
-        ]
-        .get(v as usize)
-        .copied()
+        [U8, I8, U16, I16, U32, I32, F32, Bool, String, Array, U64, I64, F64].get(v as usize).copied()
     }
 
     /// Smallest encoded size of one value of this type (used to bound array counts).
@@ -171,12 +167,7 @@ impl fmt::Display for Value {
     /// Short human form: long arrays are summarised.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Value::String(s) if s.len() > 80 => write!(
-                f,
-                "{:?}… ({} bytes)",
-                &s[..s.floor_char_boundary(80)],
-                s.len()
-            ),
+            Value::String(s) if s.len() > 80 => write!(f, "{:?}… ({} bytes)", &s[..s.floor_char_boundary(80)], s.len()),
             Value::String(s) => write!(f, "{s:?}"),
             Value::Array(t, v) if v.len() > 6 => {
                 write!(f, "[{:?} x {}: ", t, v.len())?;

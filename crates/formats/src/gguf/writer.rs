@@ -62,35 +62,13 @@ impl Writer {
         let name = name.into();
         let bytes = match (t.dtype(), t.storage().raw()) {
             (DType::Quant(_), Some(raw)) if t.layout().is_contiguous() => raw.to_vec(),
-            (DType::Quant(_), _) => {
-                return Err(Error::Tensor {
-                    name,
-                    msg: "quantized tensor view cannot be written".into(),
-                })
-            }
-            (DType::F32, _) => t
-                .to_vec_f32()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            (DType::F64, _) => t
-                .to_vec_f64()?
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect(),
-            (DType::F16, _) => t
-                .to_vec_f32()?
-                .iter()
-                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                .collect(),
-            (DType::BF16, _) => t
-                .to_vec_f32()?
-                .iter()
-                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                .collect(),
+            (DType::Quant(_), _) => return Err(Error::Tensor { name, msg: "quantized tensor view cannot be written".into() }),
+            (DType::F32, _) => t.to_vec_f32()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            (DType::F64, _) => t.to_vec_f64()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            (DType::F16, _) => t.to_vec_f32()?.iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect(),
+            (DType::BF16, _) => t.to_vec_f32()?.iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect(),
         };
-        self.tensors
-            .push((name, ggml_type_of(t.dtype()), t.shape().to_vec(), bytes));
+        self.tensors.push((name, ggml_type_of(t.dtype()), t.shape().to_vec(), bytes));
         Ok(self)
     }
 
@@ -130,10 +108,7 @@ impl Writer {
     pub fn write(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let tmp = path.with_extension("gguf.tmp");
-        let io = |err| Error::Io {
-            path: path.to_owned(),
-            err,
-        };
+        let io = |err| Error::Io { path: path.to_owned(), err };
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(&self.to_bytes()).map_err(io)?;
         f.sync_all().map_err(io)?;
@@ -162,33 +137,12 @@ mod tests {
             .metadata("a.u64", Value::U64(1 << 40))
             .metadata("a.i64", Value::I64(-(1 << 40)))
             .metadata("a.f64", Value::F64(-2.25))
-            .metadata(
-                "a.strs",
-                Value::Array(
-                    ValueType::String,
-                    vec![Value::String("x".into()), Value::String("héllo".into())],
-                ),
-            )
-            .metadata(
-                "a.nested",
-                Value::Array(
-                    ValueType::Array,
-                    vec![Value::Array(
-                        ValueType::I32,
-                        vec![Value::I32(1), Value::I32(2)],
-                    )],
-                ),
-            );
+            .metadata("a.strs", Value::Array(ValueType::String, vec![Value::String("x".into()), Value::String("héllo".into())]))
+            .metadata("a.nested", Value::Array(ValueType::Array, vec![Value::Array(ValueType::I32, vec![Value::I32(1), Value::I32(2)])]));
         let f = Tensor::from_vec((0..12).map(|v| v as f32).collect(), &[3, 4]).unwrap();
         let q = QuantType::Q4_1.quantize_row(&(0..64).map(|v| v as f32 / 10.0).collect::<Vec<_>>());
-        let q =
-            Tensor::from_raw(DType::Quant(QuantType::Q4_1), Bytes::from_vec(q), &[2, 32]).unwrap();
-        w.tensor("f", &f)
-            .unwrap()
-            .tensor("q", &q)
-            .unwrap()
-            .tensor("h", &f.to_dtype(DType::F16).unwrap())
-            .unwrap();
+        let q = Tensor::from_raw(DType::Quant(QuantType::Q4_1), Bytes::from_vec(q), &[2, 32]).unwrap();
+        w.tensor("f", &f).unwrap().tensor("q", &q).unwrap().tensor("h", &f.to_dtype(DType::F16).unwrap()).unwrap();
         w.to_bytes()
     }
 
@@ -200,14 +154,8 @@ mod tests {
         assert_eq!(g.get("a.i16"), Some(&Value::I16(-700)));
         assert_eq!(g.get("a.f64"), Some(&Value::F64(-2.25)));
         assert_eq!(g.get_u64("a.u64").unwrap(), 1 << 40);
-        assert_eq!(
-            g.get_array("a.strs").unwrap()[1],
-            Value::String("héllo".into())
-        );
-        assert_eq!(
-            g.get_array("a.nested").unwrap()[0].as_array().unwrap()[1],
-            Value::I32(2)
-        );
+        assert_eq!(g.get_array("a.strs").unwrap()[1], Value::String("héllo".into()));
+        assert_eq!(g.get_array("a.nested").unwrap()[0].as_array().unwrap()[1], Value::I32(2));
         let f = g.tensor("f").unwrap();
         assert_eq!(f.shape(), &[3, 4]);
         assert_eq!(f.to_vec_f32().unwrap()[5], 5.0);
@@ -215,11 +163,7 @@ mod tests {
         let q = g.tensor("q").unwrap();
         assert_eq!(q.dtype(), DType::Quant(QuantType::Q4_1));
         assert!((q.to_vec_f32().unwrap()[40] - 4.0).abs() < 0.3);
-        assert!(g
-            .tensor("missing")
-            .unwrap_err()
-            .to_string()
-            .contains("missing"));
+        assert!(g.tensor("missing").unwrap_err().to_string().contains("missing"));
         assert!(g.get_str("a.u8").unwrap_err().to_string().contains("a.u8"));
     }
 
@@ -231,33 +175,21 @@ mod tests {
             if let Err(e) = Gguf::from_bytes(b[..n].to_vec()) {
                 assert!(!e.to_string().is_empty());
             } else {
-                assert!(
-                    n >= b.len() - 32,
-                    "truncated at {n} of {} still parsed",
-                    b.len()
-                );
+                assert!(n >= b.len() - 32, "truncated at {n} of {} still parsed", b.len());
             }
         }
     }
 
     #[test]
     fn bad_header_messages_name_the_problem() {
-        let e = Gguf::from_bytes(b"GGML\x03\0\0\0".to_vec())
-            .unwrap_err()
-            .to_string();
+        let e = Gguf::from_bytes(b"GGML\x03\0\0\0".to_vec()).unwrap_err().to_string();
         assert!(e.contains("magic"), "{e}");
         let mut b = sample();
         b[4] = 1;
-        assert!(Gguf::from_bytes(b)
-            .unwrap_err()
-            .to_string()
-            .contains("version 1"));
+        assert!(Gguf::from_bytes(b).unwrap_err().to_string().contains("version 1"));
         let mut b = sample();
         b[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(Gguf::from_bytes(b)
-            .unwrap_err()
-            .to_string()
-            .contains("tensor count"));
+        assert!(Gguf::from_bytes(b).unwrap_err().to_string().contains("tensor count"));
     }
 
     proptest! {
