@@ -46,14 +46,30 @@ __device__ __forceinline__ u32 smem_u32(const void* p) {
     return r;
 }
 
-__device__ __forceinline__ void ldm4(u32* r, const u16* p) {
+// ldmatrix.x4 at shared-memory byte address `a`: a base computed once plus a constant, which
+// the compiler folds into the instruction.
+__device__ __forceinline__ void ldm4(u32* r, u32 a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
-__device__ __forceinline__ void ldm4t(u32* r, const u16* p) {
+__device__ __forceinline__ void ldm4t(u32* r, u32 a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+// This lane's row address in a 16x16 block (row stride L elements), as an element offset, for
+// the two orders of the four 8x8 tiles: `rows8` takes (rows 0-7, cols 0-7), (rows 8-15, cols
+// 0-7), (0-7, 8-15), (8-15, 8-15) (an A fragment; or a B fragment with .trans), `cols8` takes
+// (0-7, 0-7), (0-7, 8-15), (8-15, 0-7), (8-15, 8-15) (two B fragments; or A with .trans).
+__device__ __forceinline__ int rows8(int L) {
+    const int lane = threadIdx.x % 32;
+    return ((lane & 7) + ((lane >> 3) & 1) * 8) * L + (lane >> 4) * 8;
+}
+
+__device__ __forceinline__ int cols8(int L) {
+    const int lane = threadIdx.x % 32;
+    return ((lane & 7) + (lane >> 4) * 8) * L + ((lane >> 3) & 1) * 8;
 }
 
 template <bool BF> __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
@@ -153,6 +169,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) m[mt][0] = m[mt][1] = -FA_INF, l[mt][0] = l[mt][1] = 0.f;
     const int r0 = warp * 16 * MT;
+    const u32 qa = smem_u32(sq) + 2 * (r0 * LD + rows8(LD)), ka = smem_u32(sk) + 2 * cols8(LD), va = smem_u32(sv) + 2 * rows8(LD);
 
     for (int j = 0; j < ntiles; j++) {
         const int buf = j & 1, k0 = j * FA_BC;
@@ -165,8 +182,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
             cp_wait<0>();
         }
         __syncthreads();
-        const u16* ks = sk + buf * FA_BC * LD;
-        const u16* vs = sv + buf * FA_BC * LD;
+        const u32 kb = ka + buf * (2 * FA_BC * LD), vb = va + buf * (2 * FA_BC * LD);
 
         // s = q k^T over this tile: 16 MT rows x 64 keys per warp.
         float s[MT][FA_BC / 8][4];
@@ -179,11 +195,11 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
             u32 qf[MT][4];
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
-                ldm4(qf[mt], sq + (r0 + 16 * mt + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8);
+                ldm4(qf[mt], qa + 2 * (16 * mt * LD + kk * 16));
 #pragma unroll
             for (int np = 0; np < FA_BC / 16; np++) {
                 u32 bf[4];
-                ldm4(bf, ks + (np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8);
+                ldm4(bf, kb + 2 * (np * 16 * LD + kk * 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     mma<BF>(s[mt][2 * np], qf[mt], bf);
@@ -201,32 +217,25 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
                     for (int e = 0; e < 4; e++)
                         if (!visible(a, q0 + r0 + 16 * mt + g + 8 * (e / 2), k0 + nt * 8 + 2 * t + e % 2)) s[mt][nt][e] = -FA_INF;
         }
-        // Online softmax in base 2: p = 2^(s scale log2(e) - m).
+        // Online softmax on the raw scores (scale > 0): p = 2^(s sl - m sl), one FFMA each.
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
             float mx = m[mt][hr];
 #pragma unroll
-            for (int nt = 0; nt < FA_BC / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const float x = s[mt][nt][2 * hr + e] * sl;
-                    s[mt][nt][2 * hr + e] = x;
-                    mx = fmaxf(mx, x);
-                }
-            }
+            for (int nt = 0; nt < FA_BC / 8; nt++) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
-            const float base = mx == -FA_INF ? 0.f : mx;
-            const float alpha = ex2(m[mt][hr] - base);
+            const float base = mx == -FA_INF ? 0.f : mx * sl;
+            const float alpha = ex2(m[mt][hr] * sl - base);
             m[mt][hr] = mx;
             float rs = 0.f;
 #pragma unroll
             for (int nt = 0; nt < FA_BC / 8; nt++) {
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
-                    const float p = ex2(s[mt][nt][2 * hr + e] - base);
+                    const float p = ex2(fmaf(s[mt][nt][2 * hr + e], sl, -base));
                     s[mt][nt][2 * hr + e] = p;
                     rs += p;
                 }
@@ -252,7 +261,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
                 u32 bf[4];
-                ldm4t(bf, vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dp * 16 + (lane >> 4) * 8);
+                ldm4t(bf, vb + 2 * (kk * 16 * LD + dp * 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
                     mma<BF>(o[mt][2 * dp], pa[mt], bf);
@@ -277,7 +286,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
 #pragma unroll
         for (int dt = 0; dt < D / 8; dt++)
             *(u32*)(O + (size_t)qi * D + dt * 8 + 2 * t) = pack2<BF>(o[mt][dt][2 * hr] * inv, o[mt][dt][2 * hr + 1] * inv);
-        if (t == 0) ((float*)a.lse)[qrow + qi] = sum > 0.f ? (m[mt][hr] + __log2f(sum)) * LN2 : -FA_INF;
+        if (t == 0) ((float*)a.lse)[qrow + qi] = sum > 0.f ? (m[mt][hr] * sl + __log2f(sum)) * LN2 : -FA_INF;
     }
 }
 
@@ -372,8 +381,8 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
         }
         __syncthreads();
         const int h = hk * group + it / (nqt - qstart), q0 = (qstart + it % (nqt - qstart)) * BW_BR;
-        const u16* qs = sq + buf * T;
-        const u16* dos = sdo + buf * T;
+        const u32 qs = smem_u32(sq + buf * T), dos = smem_u32(sdo + buf * T);
+        const u32 ks = smem_u32(sk), vs = smem_u32(sv), ps = smem_u32(sp), dss = smem_u32(sds);
 
         // s = q k^T and dp = do v^T.
         {
@@ -385,15 +394,15 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
 #pragma unroll
             for (int kk = 0; kk < D / 16; kk++) {
                 u32 qa[4], da[4];
-                const int arow = (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 + (lane >> 4) * 8;
+                const int arow = 2 * (wr * 16 * LD + rows8(LD) + kk * 16);
                 ldm4(qa, qs + arow);
                 ldm4(da, dos + arow);
 #pragma unroll
                 for (int np = 0; np < NS / 2; np++) {
-                    const int brow = (wc * (BW_BC / 2) + np * 16 + (lane & 7) + (lane >> 4) * 8) * LD + kk * 16 + ((lane >> 3) & 1) * 8;
+                    const int brow = 2 * ((wc * (BW_BC / 2) + np * 16) * LD + cols8(LD) + kk * 16);
                     u32 kb[4], vb[4];
-                    ldm4(kb, sk + brow);
-                    ldm4(vb, sv + brow);
+                    ldm4(kb, ks + brow);
+                    ldm4(vb, vs + brow);
                     mma<BF>(s[2 * np], qa, kb);
                     mma<BF>(s[2 * np + 1], qa, kb + 2);
                     mma<BF>(dp[2 * np], da, vb);
@@ -440,13 +449,13 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
             u32 pa[MK][4], sa[MK][4];
 #pragma unroll
             for (int mt = 0; mt < MK; mt++) {
-                const int at = (kk * 16 + (lane & 7) + (lane >> 4) * 8) * LP + wr * (BW_BC / 4) + mt * 16 + ((lane >> 3) & 1) * 8;
-                ldm4t(pa[mt], sp + at);
-                ldm4t(sa[mt], sds + at);
+                const int at = 2 * (kk * 16 * LP + wr * (BW_BC / 4) + mt * 16 + cols8(LP));
+                ldm4t(pa[mt], ps + at);
+                ldm4t(sa[mt], dss + at);
             }
 #pragma unroll
             for (int dp2 = 0; dp2 < D / 32; dp2++) {
-                const int bt = (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wc * (D / 2) + dp2 * 16 + (lane >> 4) * 8;
+                const int bt = 2 * (kk * 16 * LD + wc * (D / 2) + dp2 * 16 + rows8(LD));
                 u32 ob[4], qb[4];
                 ldm4t(ob, dos + bt);
                 ldm4t(qb, qs + bt);
@@ -467,11 +476,11 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
 #pragma unroll
             for (int kk = 0; kk < BW_BC / 16; kk++) {
                 u32 sa[4];
-                ldm4(sa, sds + (wr * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LP + kk * 16 + (lane >> 4) * 8);
+                ldm4(sa, dss + 2 * (wr * 16 * LP + rows8(LP) + kk * 16));
 #pragma unroll
                 for (int dp2 = 0; dp2 < D / 32; dp2++) {
                     u32 kb[4];
-                    ldm4t(kb, sk + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + wc * (D / 2) + dp2 * 16 + (lane >> 4) * 8);
+                    ldm4t(kb, ks + 2 * (kk * 16 * LD + wc * (D / 2) + dp2 * 16 + rows8(LD)));
                     mma<BF>(dq[2 * dp2], sa, kb);
                     mma<BF>(dq[2 * dp2 + 1], sa, kb + 2);
                 }
