@@ -74,6 +74,9 @@ struct DModel {
 #ifndef DK_UNROLL_ROWS
 #define DK_UNROLL_ROWS 2  // rows' worth of weight chunks a warp loads at once (tuning knob)
 #endif
+#ifndef DK_MAX_CHUNKS
+#define DK_MAX_CHUNKS 16  // most attention partials per head (tuning knob)
+#endif
 #ifndef DK_PREFETCH
 #define DK_PREFETCH 1  // prefetch the next block's weights and cache into L2 (tuning knob)
 #endif
@@ -256,53 +259,62 @@ template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int st
     }
 }
 
-// Attention of the step's query (m.q) against cache rows 0..pos in chunks of 32 keys, one key
-// per lane. Chunk c of head h is item h * nchunk + c, taken by warp item / gridDim.x of block
-// item % gridDim.x: the chunks spread over every SM, so the cache streams at the device's
-// bandwidth rather than a few SMs'. Each warp writes its partial (max, sum, unnormalised
-// output); the last warp of a head to finish merges them (a counter per head, left at zero).
+// Attention of the step's query (m.q) against cache rows 0..pos in chunks of `span` keys, 32 at
+// a time, one key per lane (online softmax across a chunk's rounds). Chunk c of head h is item
+// h * nchunk + c, taken by warp item / gridDim.x of block item % gridDim.x: the chunks spread
+// over every SM, so the cache streams at the device's bandwidth rather than a few SMs'. Each
+// warp writes its partial (max, sum, unnormalised output); the last warp of a head to finish
+// merges them (a counter per head, left at zero). Chunks are 32 keys up to 512 cached keys and
+// grow beyond, so that a head never has more than DK_MAX_CHUNKS partials for one warp to merge.
 __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int nkeys = pos + 1, nchunk = (nkeys + 31) / 32;
+    int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+    int nchunk = (nkeys + span - 1) / span;
     int hd = m.hd, nd = hd / 32, kvd = m.nkv * hd, group = m.nh / m.nkv;
     for (int it = blockIdx.x + warp * gridDim.x; it < m.nh * nchunk; it += gridDim.x * DK_WARPS) {
         int h = it / nchunk, c = it % nchunk, kvh = h / group;
-        int j = c * 32 + lane;
-        bool ok = j < nkeys;
-        // q · k of this lane's key, q scaled first (as `attn`), eight 16-byte loads of each in
-        // flight at a time (hd is a multiple of 32).
-        const float4* kr = (const float4*)(L->kc + (size_t)(ok ? j : nkeys - 1) * kvd + kvh * hd);
-        const float4* qr = (const float4*)(m.q + h * hd);
-        float d = 0.f;
-        for (int i0 = 0; i0 < hd / 4; i0 += 8) {
-            float4 a[8], b[8];
-#pragma unroll
-            for (int e = 0; e < 8; e++) {
-                a[e] = __ldcg(kr + i0 + e);
-                b[e] = __ldcg(qr + i0 + e);
-            }
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-                d += a[e].x * (b[e].x * m.scale) + a[e].y * (b[e].y * m.scale) + a[e].z * (b[e].z * m.scale) +
-                     a[e].w * (b[e].w * m.scale);
-        }
-        float score = ok ? d : -INFINITY, mx = warp_max(score);
-        float p = ok ? expf(score - mx) : 0.f;
-        float l = warp_sum(p);
+        float mx = -INFINITY, l = 0.f;
         float acc[ATT_MAXD];
 #pragma unroll
         for (int i = 0; i < ATT_MAXD; i++) acc[i] = 0.f;
-        int nk = min(32, nkeys - c * 32);
-        const float* vbase = L->vc + (size_t)(c * 32) * kvd + kvh * hd;
-        switch (nd) {
-            case 1: attn_pv<1>(vbase, kvd, nk, p, acc); break;
-            case 2: attn_pv<2>(vbase, kvd, nk, p, acc); break;
-            case 3: attn_pv<3>(vbase, kvd, nk, p, acc); break;
-            case 4: attn_pv<4>(vbase, kvd, nk, p, acc); break;
-            case 5: attn_pv<5>(vbase, kvd, nk, p, acc); break;
-            case 6: attn_pv<6>(vbase, kvd, nk, p, acc); break;
-            case 7: attn_pv<7>(vbase, kvd, nk, p, acc); break;
-            default: attn_pv<8>(vbase, kvd, nk, p, acc); break;
+        for (int j0 = c * span; j0 < min((c + 1) * span, nkeys); j0 += 32) {
+            int j = j0 + lane;
+            bool ok = j < nkeys;
+            // q · k of this lane's key, q scaled first (as `attn`), eight 16-byte loads of each in
+            // flight at a time (hd is a multiple of 32).
+            const float4* kr = (const float4*)(L->kc + (size_t)(ok ? j : nkeys - 1) * kvd + kvh * hd);
+            const float4* qr = (const float4*)(m.q + h * hd);
+            float d = 0.f;
+            for (int i0 = 0; i0 < hd / 4; i0 += 8) {
+                float4 a[8], b[8];
+#pragma unroll
+                for (int e = 0; e < 8; e++) {
+                    a[e] = __ldcg(kr + i0 + e);
+                    b[e] = __ldcg(qr + i0 + e);
+                }
+#pragma unroll
+                for (int e = 0; e < 8; e++)
+                    d += a[e].x * (b[e].x * m.scale) + a[e].y * (b[e].y * m.scale) + a[e].z * (b[e].z * m.scale) +
+                         a[e].w * (b[e].w * m.scale);
+            }
+            float score = ok ? d : -INFINITY, mnew = fmaxf(mx, warp_max(score));
+            float p = ok ? expf(score - mnew) : 0.f, r = expf(mx - mnew);  // r = 0 on the first round
+            l = l * r + warp_sum(p);
+            mx = mnew;
+#pragma unroll
+            for (int i = 0; i < ATT_MAXD; i++) acc[i] *= r;
+            int nk = min(32, nkeys - j0);
+            const float* vbase = L->vc + (size_t)j0 * kvd + kvh * hd;
+            switch (nd) {
+                case 1: attn_pv<1>(vbase, kvd, nk, p, acc); break;
+                case 2: attn_pv<2>(vbase, kvd, nk, p, acc); break;
+                case 3: attn_pv<3>(vbase, kvd, nk, p, acc); break;
+                case 4: attn_pv<4>(vbase, kvd, nk, p, acc); break;
+                case 5: attn_pv<5>(vbase, kvd, nk, p, acc); break;
+                case 6: attn_pv<6>(vbase, kvd, nk, p, acc); break;
+                case 7: attn_pv<7>(vbase, kvd, nk, p, acc); break;
+                default: attn_pv<8>(vbase, kvd, nk, p, acc); break;
+            }
         }
         if (nchunk == 1) {
 #pragma unroll
