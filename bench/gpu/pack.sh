@@ -7,11 +7,11 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 model=${1:?usage: bench/gpu/pack.sh MODEL.gguf}
 cargo build -q --release -p augur-cli --features cuda
-tests=$(cargo test -q --release -p augur-cuda -p augur-models --features augur-models/cuda --no-run --message-format=json 2>/dev/null |
+tests=$(cargo test -q --release -p augur-cuda -p augur-models -p augur-cli --features augur-models/cuda,augur-cli/cuda --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference"): print(m["executable"])')
+    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference","ddp_nccl"): print(m["executable"])')
 rm -rf .gpu && mkdir -p .gpu/bin .gpu/part1 .gpu/part2
 strip -o .gpu/bin/augur target/release/augur
 for t in $tests; do

@@ -161,11 +161,28 @@ pub struct AllReduceArgs {
     pub mib: f64,
     #[arg(long, default_value_t = 20)]
     pub iters: usize,
+    /// `mpi` (host buffers, under `mpirun -np N`) or `nccl` (device buffers, one GPU per rank,
+    /// started with `--nproc N`).
+    #[arg(long, default_value = "mpi")]
+    pub backend: String,
+    /// Start N ranks of this command (with `--backend nccl`).
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// With `--backend nccl`: sizes in MiB to sweep (overrides `--mib`).
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<f64>,
 }
 
-/// All-reduce time and bus bandwidth over `mpirun -np N augur bench allreduce`.
+/// All-reduce time and bus bandwidth over `mpirun -np N augur bench allreduce`, or over NCCL
+/// ranks (`--backend nccl --nproc N`) on device buffers, as nccl-tests measures.
 pub fn allreduce(a: AllReduceArgs) -> Result<()> {
-    let group = crate::train::process_group(true)?;
+    if crate::train::launch(Some(&a.backend), a.nproc)? {
+        return Ok(());
+    }
+    if a.backend == "nccl" {
+        return nccl_allreduce(&a);
+    }
+    let group = crate::train::process_group(Some(&a.backend))?;
     let n = ((a.mib * (1 << 20) as f64) / 4.0) as usize;
     let mut buf = vec![1.0f32; n];
     group.all_reduce_sum(&mut buf); // warm-up
@@ -185,4 +202,24 @@ pub fn allreduce(a: AllReduceArgs) -> Result<()> {
             "algorithm_gb_s": bytes / t / 1e9, "bus_gb_s": 2.0 * (w - 1.0) / w * bytes / t / 1e9 }));
     }
     Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_allreduce(a: &AllReduceArgs) -> Result<()> {
+    let nccl = augur_cuda::Nccl::join(&augur_cuda::Place::from_env()?)?;
+    let sizes = if a.sweep.is_empty() { vec![a.mib] } else { a.sweep.clone() };
+    for mib in sizes {
+        let bytes = ((mib * (1 << 20) as f64) as usize / 4).max(1) * 4;
+        let t = nccl.time_all_reduce(bytes, a.iters)?;
+        if nccl.rank() == 0 {
+            println!("{}", json!({ "bench": "allreduce", "backend": "nccl", "device": nccl.device_name()?, "ranks": nccl.world(), "bytes": bytes,
+                "median_ms": t * 1e3, "algorithm_gb_s": bytes as f64 / t / 1e9, "bus_gb_s": augur_cuda::bus_bandwidth(bytes, t, nccl.world()) / 1e9 }));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_allreduce(_: &AllReduceArgs) -> Result<()> {
+    anyhow::bail!("--backend nccl: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`")
 }

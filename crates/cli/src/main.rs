@@ -8,6 +8,7 @@ mod common;
 mod distill;
 mod experiment;
 mod inspect;
+mod launch;
 mod run;
 mod run_gpt;
 mod serve;

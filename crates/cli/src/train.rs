@@ -55,17 +55,29 @@ pub struct Args {
     pub threads: Option<usize>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Data-parallel over MPI: run under `mpirun -np N`; each rank trains on `--batch` windows of
-    /// every step and gradients are averaged (needs a build with `--features mpi`).
+    /// Data-parallel training: each rank trains on `--batch` windows of every step and gradients
+    /// are averaged. `--ddp` or `--ddp mpi`: run under `mpirun -np N` (a `--features mpi` build);
+    /// `--ddp nccl`: NCCL between processes, one GPU each, started with `--nproc N` (a
+    /// `--features cuda` build).
+    #[arg(long, num_args = 0..=1, default_missing_value = "mpi", value_name = "BACKEND")]
+    pub ddp: Option<String>,
+    /// Start N ranks of this command (with `--ddp nccl`).
     #[arg(long)]
-    pub ddp: bool,
+    pub nproc: Option<usize>,
 }
 
-/// The process group for this run: MPI's world with `--ddp`, else a world of one.
-pub fn process_group(ddp: bool) -> Result<Box<dyn augur_dist::ProcessGroup>> {
-    if !ddp {
-        return Ok(Box::new(augur_dist::Solo));
+/// The process group for this run: `mpi` (MPI's world), `nccl` (the ranks `--nproc` started),
+/// or a world of one without `--ddp`.
+pub fn process_group(ddp: Option<&str>) -> Result<Box<dyn augur_dist::ProcessGroup>> {
+    match ddp {
+        None => Ok(Box::new(augur_dist::Solo)),
+        Some("mpi") => mpi_group(),
+        Some("nccl") => nccl_group(),
+        Some(other) => bail!("--ddp {other}: use mpi or nccl"),
     }
+}
+
+fn mpi_group() -> Result<Box<dyn augur_dist::ProcessGroup>> {
     #[cfg(feature = "mpi")]
     {
         let g = augur_dist::mpi_group::MpiGroup::init().context("MPI could not be initialised with serialized threading")?;
@@ -73,6 +85,26 @@ pub fn process_group(ddp: bool) -> Result<Box<dyn augur_dist::ProcessGroup>> {
     }
     #[cfg(not(feature = "mpi"))]
     bail!("this augur was built without MPI; rebuild with `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)")
+}
+
+fn nccl_group() -> Result<Box<dyn augur_dist::ProcessGroup>> {
+    #[cfg(feature = "cuda")]
+    {
+        let g = augur_dist::nccl_group::NcclGroup::from_env().context("joining the NCCL run")?;
+        Ok(Box::new(g))
+    }
+    #[cfg(not(feature = "cuda"))]
+    bail!("--ddp nccl: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`")
+}
+
+/// `--nproc N` given to this process (not to a rank it started): start the ranks and wait.
+/// Returns false when this process is itself a rank (or no launch was asked for).
+pub fn launch(ddp: Option<&str>, nproc: Option<usize>) -> Result<bool> {
+    let Some(n) = nproc else { return Ok(false) };
+    ensure!(ddp == Some("nccl"), "--nproc starts NCCL ranks: add --ddp nccl (MPI runs start with mpirun -np N)");
+    ensure!(std::env::var_os("AUGUR_RANK").is_none(), "--nproc inside a rank: the launcher removes it from the ranks' arguments");
+    crate::launch::spawn_ranks(n)?;
+    Ok(true)
 }
 
 /// The Python standard library's source directory, found by asking python3.
@@ -130,8 +162,11 @@ fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
 }
 
 pub fn main(a: Args) -> Result<()> {
+    if launch(a.ddp.as_deref(), a.nproc)? {
+        return Ok(());
+    }
     set_train_threads(a.threads)?;
-    let group = process_group(a.ddp)?;
+    let group = process_group(a.ddp.as_deref())?;
     let lead = group.rank() == 0;
     let (paths, py_only) = if a.data.is_empty() { (vec![default_corpus()?], true) } else { (a.data.clone(), false) };
     let text = read_text(&paths, a.max_bytes, py_only)?;

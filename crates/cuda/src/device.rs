@@ -31,6 +31,9 @@ pub enum Error {
     /// The kernels did not compile.
     #[error("NVRTC could not compile augur's kernels ({0})")]
     Compile(String),
+    /// NCCL is missing, or a collective or the rendezvous failed.
+    #[error("NCCL: {0}")]
+    Nccl(String),
     /// A shape or type the CUDA kernels do not handle.
     #[error("{0}")]
     Unsupported(String),

@@ -19,11 +19,13 @@ mod flash;
 mod flash_tests;
 mod mega;
 mod model;
+mod nccl;
 mod ops;
 #[cfg(test)]
 mod tests;
 
 pub use device::{Device, Error, Result};
 pub use flash::{forward_flops, Attention, Dtype, Flash, Io, Shape as FlashShape};
+pub use nccl::{bus_bandwidth, Nccl, Place};
 pub use model::{Decoder, Dims, GpuModel, GpuSeq, GreedyRun, LayerWeights, Out, Pass};
 pub use ops::DevMat;

@@ -2,7 +2,9 @@
 //!
 //! [`augur_nn::dist::ProcessGroup`] is the interface and [`augur_nn::dist::Ddp`] the bucketed,
 //! overlapped gradient averaging; this crate adds the MPI backend (feature `mpi`, through the
-//! `mpi` crate over the system's OpenMPI or MPICH). Launch with `mpirun -np N augur train --ddp`.
+//! `mpi` crate over the system's OpenMPI or MPICH; launch with `mpirun -np N augur train --ddp`)
+//! and the NCCL backend (feature `cuda`, one GPU per process; launch with
+//! `augur train --ddp nccl --nproc N`).
 
 #![warn(missing_docs)]
 
@@ -60,6 +62,51 @@ pub mod mpi_group {
         }
         fn barrier(&self) {
             self.world.barrier();
+        }
+    }
+}
+
+/// The NCCL process group (feature `cuda`): collectives between processes, one GPU each.
+#[cfg(feature = "cuda")]
+pub mod nccl_group {
+    use augur_cuda::{Nccl, Place};
+    use augur_nn::dist::ProcessGroup;
+
+    /// An NCCL communicator as a process group. The training state lives on the host, so each
+    /// collective stages its buffer through the rank's GPU.
+    pub struct NcclGroup(pub Nccl);
+
+    impl NcclGroup {
+        /// Join the run the launcher's environment describes (see [`Place::from_env`]).
+        pub fn from_env() -> augur_cuda::Result<Self> {
+            Ok(NcclGroup(Nccl::join(&Place::from_env()?)?))
+        }
+    }
+
+    /// A collective that fails leaves the ranks out of step: no rank can go on, so the process
+    /// ends with the reason (the launcher reports which rank failed).
+    fn or_exit(r: augur_cuda::Result<()>) {
+        if let Err(e) = r {
+            eprintln!("error: {e}; this rank cannot continue");
+            std::process::exit(3);
+        }
+    }
+
+    impl ProcessGroup for NcclGroup {
+        fn rank(&self) -> usize {
+            self.0.rank()
+        }
+        fn world(&self) -> usize {
+            self.0.world()
+        }
+        fn all_reduce_sum(&self, buf: &mut [f32]) {
+            or_exit(self.0.all_reduce_sum(buf));
+        }
+        fn broadcast(&self, buf: &mut [f32], root: usize) {
+            or_exit(self.0.broadcast(buf, root));
+        }
+        fn barrier(&self) {
+            or_exit(self.0.barrier());
         }
     }
 }

@@ -1,0 +1,235 @@
+//! NCCL between processes, one GPU each: the transport of data-parallel training
+//! (`augur_dist::NcclGroup`) and of the all-reduce benchmark.
+//!
+//! A process learns its place from the environment that `augur ... --nproc N` (or any launcher)
+//! sets: `AUGUR_RANK`, `AUGUR_WORLD`, and `AUGUR_NCCL_ID`, a file through which rank 0 hands the
+//! others NCCL's unique id. Rank r uses device r modulo the devices present.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+
+use crate::{Error, Result};
+
+/// How long a rank waits for rank 0's id file.
+const ID_WAIT: Duration = Duration::from_secs(120);
+
+/// One rank of an NCCL communicator over all the processes of a run.
+pub struct Nccl {
+    /// A context and stream of their own: collectives need no compiled kernels.
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    comm: Comm,
+    /// Device staging for host buffers, grown on demand.
+    scratch: Mutex<Option<CudaSlice<f32>>>,
+    rank: usize,
+    world: usize,
+}
+
+// SAFETY: the communicator is used under `scratch`'s lock (host collectives) or by the thread
+// that owns the `Nccl` (benchmarks); NCCL allows a communicator to be used from any thread as long
+// as calls do not overlap.
+unsafe impl Send for Nccl {}
+unsafe impl Sync for Nccl {}
+
+fn nccl_err(what: &str, e: cudarc::nccl::result::NcclError) -> Error {
+    Error::Nccl(format!("{what}: {:?}", e.0))
+}
+
+/// Where this process sits in the run, from the launcher's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Place {
+    /// This process's rank.
+    pub rank: usize,
+    /// Number of processes.
+    pub world: usize,
+    /// Rank 0 writes NCCL's unique id here; the others read it.
+    pub id_file: PathBuf,
+}
+
+impl Place {
+    /// Read `AUGUR_RANK`, `AUGUR_WORLD` and `AUGUR_NCCL_ID`.
+    pub fn from_env() -> Result<Self> {
+        let var = |k: &str| std::env::var(k).map_err(|_| Error::Nccl(format!("{k} is not set: start the ranks with `--nproc N` (which sets AUGUR_RANK, AUGUR_WORLD and AUGUR_NCCL_ID)")));
+        let num = |k: &str| -> Result<usize> { var(k)?.parse().map_err(|_| Error::Nccl(format!("{k} must be a non-negative integer"))) };
+        let (rank, world) = (num("AUGUR_RANK")?, num("AUGUR_WORLD")?);
+        if rank >= world {
+            return Err(Error::Nccl(format!("AUGUR_RANK {rank} is not below AUGUR_WORLD {world}")));
+        }
+        Ok(Place { rank, world, id_file: PathBuf::from(var("AUGUR_NCCL_ID")?) })
+    }
+}
+
+/// Rank 0: write `id` to `path` whole (a temporary file renamed into place).
+fn publish(id: &Id, path: &Path) -> Result<()> {
+    let bytes: Vec<u8> = id.internal().iter().map(|&c| c as u8).collect();
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| Error::Nccl(format!("writing the NCCL id to {}: {e}", path.display())))
+}
+
+/// Other ranks: wait for rank 0's id.
+fn fetch(path: &Path) -> Result<Id> {
+    let start = Instant::now();
+    loop {
+        if let Ok(b) = std::fs::read(path) {
+            let mut internal = [0 as std::ffi::c_char; 128];
+            if b.len() != internal.len() {
+                return Err(Error::Nccl(format!("{} holds {} bytes, not an NCCL id of 128", path.display(), b.len())));
+            }
+            for (d, s) in internal.iter_mut().zip(b) {
+                *d = s as std::ffi::c_char;
+            }
+            return Ok(Id::uninit(internal));
+        }
+        if start.elapsed() > ID_WAIT {
+            return Err(Error::Nccl(format!("rank 0 did not write the NCCL id to {} within {} s", path.display(), ID_WAIT.as_secs())));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Nccl {
+    /// Join the run described by `place`: open this rank's device and the communicator (which
+    /// waits for every rank).
+    pub fn join(place: &Place) -> Result<Self> {
+        // SAFETY: only tries to load the library.
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(Error::Nccl("libnccl.so.2 could not be loaded: put NCCL's lib directory on LD_LIBRARY_PATH".into()));
+        }
+        if std::env::var("NCCL_NVLS_ENABLE").map_or(true, |v| v != "0") {
+            // NVLink multicast can take shared GPUs out of service; never let NCCL choose it.
+            std::env::set_var("NCCL_NVLS_ENABLE", "0");
+        }
+        // SAFETY: only tries to load the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(Error::NoDriver);
+        }
+        let count = CudaContext::device_count()? as usize;
+        if count == 0 {
+            return Err(Error::NoDevice { ordinal: place.rank, count });
+        }
+        let ctx = CudaContext::new(place.rank % count)?;
+        let stream = ctx.new_stream()?;
+        let id = if place.rank == 0 {
+            let id = Id::new().map_err(|e| nccl_err("creating the NCCL id", e))?;
+            publish(&id, &place.id_file)?;
+            id
+        } else {
+            fetch(&place.id_file)?
+        };
+        let comm = Comm::from_rank(stream.clone(), place.rank, place.world, id).map_err(|e| nccl_err("joining the communicator", e))?;
+        Ok(Nccl { ctx, stream, comm, scratch: Mutex::new(None), rank: place.rank, world: place.world })
+    }
+
+    /// This process's rank.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of processes.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// The name of the device this rank uses.
+    pub fn device_name(&self) -> Result<String> {
+        Ok(self.ctx.name()?)
+    }
+
+    /// Run `op` on `buf` staged through device memory: copy in, collective, copy out.
+    fn staged(&self, buf: &mut [f32], op: impl FnOnce(&Comm, &mut CudaSlice<f32>) -> std::result::Result<(), cudarc::nccl::result::NcclError>) -> Result<()> {
+        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.as_ref().is_none_or(|s| s.len() != buf.len()) {
+            *guard = Some(self.stream.alloc_zeros::<f32>(buf.len().max(1))?);
+        }
+        let Some(s) = guard.as_mut() else { unreachable!() };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.stream.memcpy_htod(buf, s)?;
+        op(&self.comm, s).map_err(|e| nccl_err("collective", e))?;
+        self.stream.memcpy_dtoh(s, buf)?;
+        Ok(self.stream.synchronize()?)
+    }
+
+    /// Element-wise sum of `buf` over all ranks, in place.
+    pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        self.staged(buf, |c, s| c.all_reduce_in_place(s, &ReduceOp::Sum).map(|_| ()))
+    }
+
+    /// `root`'s `buf` on every rank.
+    pub fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.staged(buf, |c, s| c.broadcast_in_place(s, root as i32).map(|_| ()))
+    }
+
+    /// Return once every rank has called it.
+    pub fn barrier(&self) -> Result<()> {
+        self.all_reduce_sum(&mut [0.0])
+    }
+
+    /// Time of `iters` in-place sum all-reduces of `bytes` of f32 already on the device (after a
+    /// warm-up), each waited for: the median, in seconds.
+    pub fn time_all_reduce(&self, bytes: usize, iters: usize) -> Result<f64> {
+        let mut buf = self.stream.alloc_zeros::<f32>((bytes / 4).max(1))?;
+        let mut times = Vec::with_capacity(iters);
+        for i in 0..=iters {
+            self.barrier()?;
+            let t = Instant::now();
+            self.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum).map_err(|e| nccl_err("all-reduce", e))?;
+            self.stream.synchronize()?;
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+}
+
+/// NCCL's bus bandwidth of an all-reduce of `bytes` in `seconds` over `world` ranks:
+/// `bytes / seconds · 2 (world − 1) / world` (the nccl-tests convention, comparable across world
+/// sizes).
+pub fn bus_bandwidth(bytes: usize, seconds: f64, world: usize) -> f64 {
+    bytes as f64 / seconds * 2.0 * (world as f64 - 1.0) / world as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bus_bandwidth_follows_nccl_tests() {
+        // 1 GB in 10 ms over 8 ranks: algorithm bandwidth 100 GB/s, bus bandwidth 175.
+        assert!((bus_bandwidth(1_000_000_000, 0.01, 8) - 175e9).abs() < 1.0);
+        assert_eq!(bus_bandwidth(1_000_000, 0.01, 1), 0.0);
+    }
+
+    #[test]
+    fn place_comes_from_the_environment_with_clear_errors() {
+        // Read only (the test harness shares the environment): without the launcher's
+        // variables the error names them.
+        if std::env::var("AUGUR_RANK").is_err() {
+            let e = Place::from_env().unwrap_err().to_string();
+            assert!(e.contains("AUGUR_RANK") && e.contains("--nproc"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_id_travels_through_its_file() {
+        let dir = std::env::temp_dir().join(format!("augur-nccl-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("id");
+        let mut internal = [0 as std::ffi::c_char; 128];
+        for (i, c) in internal.iter_mut().enumerate() {
+            *c = (i as u8).wrapping_mul(37) as std::ffi::c_char;
+        }
+        publish(&Id::uninit(internal), &path).unwrap();
+        assert_eq!(fetch(&path).unwrap().internal(), &internal);
+        std::fs::write(&path, b"short").unwrap();
+        assert!(fetch(&path).unwrap_err().to_string().contains("not an NCCL id"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
