@@ -84,6 +84,12 @@ template <bool BF> __device__ __forceinline__ void mma(float* c, const u32* a, c
     }
 }
 
+// The two 16x8 products of one A fragment with an x4 load's two B fragments (b and b + 2).
+template <bool BF> __device__ __forceinline__ void mma2(float* c0, float* c1, const u32* a, const u32* b) {
+    mma<BF>(c0, a, b);
+    mma<BF>(c1, a, b + 2);
+}
+
 // Two floats as one register of two 16-bit values, `lo` in the low half.
 template <bool BF> __device__ __forceinline__ u32 pack2(float lo, float hi) {
     u32 r;
@@ -202,8 +208,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
                 ldm4(bf, kb + 2 * (np * 16 * LD + kk * 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    mma<BF>(s[mt][2 * np], qf[mt], bf);
-                    mma<BF>(s[mt][2 * np + 1], qf[mt], bf + 2);
+                    mma2<BF>(s[mt][2 * np], s[mt][2 * np + 1], qf[mt], bf);
                 }
             }
         }
@@ -264,8 +269,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_forward(const FaArg
                 ldm4t(bf, vb + 2 * (kk * 16 * LD + dp * 16));
 #pragma unroll
                 for (int mt = 0; mt < MT; mt++) {
-                    mma<BF>(o[mt][2 * dp], pa[mt], bf);
-                    mma<BF>(o[mt][2 * dp + 1], pa[mt], bf + 2);
+                    mma2<BF>(o[mt][2 * dp], o[mt][2 * dp + 1], pa[mt], bf);
                 }
             }
         }
@@ -403,10 +407,8 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
                     u32 kb[4], vb[4];
                     ldm4(kb, ks + brow);
                     ldm4(vb, vs + brow);
-                    mma<BF>(s[2 * np], qa, kb);
-                    mma<BF>(s[2 * np + 1], qa, kb + 2);
-                    mma<BF>(dp[2 * np], da, vb);
-                    mma<BF>(dp[2 * np + 1], da, vb + 2);
+                    mma2<BF>(s[2 * np], s[2 * np + 1], qa, kb);
+                    mma2<BF>(dp[2 * np], dp[2 * np + 1], da, vb);
                 }
             }
             // p and ds into shared memory as 16-bit [query][key]; a row that sees no key has
@@ -461,10 +463,8 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
                 ldm4t(qb, qs + bt);
 #pragma unroll
                 for (int mt = 0; mt < MK; mt++) {
-                    mma<BF>(dv[mt][2 * dp2], pa[mt], ob);
-                    mma<BF>(dv[mt][2 * dp2 + 1], pa[mt], ob + 2);
-                    mma<BF>(dk[mt][2 * dp2], sa[mt], qb);
-                    mma<BF>(dk[mt][2 * dp2 + 1], sa[mt], qb + 2);
+                    mma2<BF>(dv[mt][2 * dp2], dv[mt][2 * dp2 + 1], pa[mt], ob);
+                    mma2<BF>(dk[mt][2 * dp2], dk[mt][2 * dp2 + 1], sa[mt], qb);
                 }
             }
         }
@@ -481,8 +481,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
                 for (int dp2 = 0; dp2 < D / 32; dp2++) {
                     u32 kb[4];
                     ldm4t(kb, ks + 2 * (kk * 16 * LD + wc * (D / 2) + dp2 * 16 + rows8(LD)));
-                    mma<BF>(dq[2 * dp2], sa, kb);
-                    mma<BF>(dq[2 * dp2 + 1], sa, kb + 2);
+                    mma2<BF>(dq[2 * dp2], dq[2 * dp2 + 1], sa, kb);
                 }
             }
             // Lanes t and t^1 swap halves so that each holds four consecutive columns of one

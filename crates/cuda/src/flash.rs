@@ -208,6 +208,10 @@ impl Attention {
     /// Buffers for `shape` (head width 64 or 128), scores scaled by `scale`.
     pub fn new(f: &Flash, shape: Shape, causal: bool, ty: Dtype, scale: f32) -> Result<Self> {
         shape.check(causal).map_err(Error::Unsupported)?;
+        // The forward pass takes the running maximum of the raw scores (flash.cu).
+        if !(scale > 0.0 && scale.is_finite()) {
+            return Err(Error::Unsupported(format!("an attention scale of {scale}: it must be positive and finite")));
+        }
         if shape.dim != 64 && shape.dim != 128 {
             return Err(Error::Unsupported(format!("FlashAttention on the device takes heads of width 64 or 128, not {}", shape.dim)));
         }

@@ -106,6 +106,8 @@ fn flash_attention_refuses_what_it_cannot_do() {
     let s = Shape { dim: 64, q_len: 9, ..s };
     let e = Attention::new(&flash, s, true, Dtype::Bf16, 0.1).err().unwrap().to_string();
     assert!(e.contains("at least as many keys"), "{e}");
+    let e = Attention::new(&flash, Shape { q_len: 8, ..s }, true, Dtype::Bf16, -0.1).err().unwrap().to_string();
+    assert!(e.contains("positive"), "{e}");
     let mut a = Attention::new(&flash, Shape { q_len: 8, ..s }, true, Dtype::Bf16, 0.1).unwrap();
     assert!(a.set_allow(&flash, Some(&[true; 5])).is_err());
     assert!(a.write(&flash, Io::Q, &[0; 3]).is_err());
