@@ -332,7 +332,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
     u16* sdo = sq + 2 * T;       // 2 buffers
     u16* sp = sdo + 2 * T;       // p, [query][key]
     u16* sds = sp + BW_BR * LP;  // ds, [query][key]
-    float* sl = (float*)(sds + BW_BR * LP);  // lse * log2(e), 2 buffers
+    float* sl = (float*)(sds + BW_BR * LP);  // lse, 2 buffers
     float* sd = sl + 2 * BW_BR;              // delta, 2 buffers
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -354,11 +354,15 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
         const size_t row = (size_t)(b * a.heads + h) * a.q_len + q0;
         load_rows<D, BW_BR, BW_THREADS>(sq + buf * T, (const u16*)a.q + row * D, a.q_len - q0);
         load_rows<D, BW_BR, BW_THREADS>(sdo + buf * T, (const u16*)a.dout + row * D, a.q_len - q0);
-        if (threadIdx.x < BW_BR) {
-            const bool in = q0 + (int)threadIdx.x < a.q_len;
-            const float lse = in ? ((const float*)a.lse)[row + threadIdx.x] : -FA_INF;
-            sl[buf * BW_BR + threadIdx.x] = lse * LOG2E;
-            sd[buf * BW_BR + threadIdx.x] = in ? ((const float*)a.delta)[row + threadIdx.x] : 0.f;
+        // Asynchronous like the tiles: a plain load here would hold its warp, and with it the
+        // next barrier, for a memory round trip every step. Rows past the end read as 0 (their
+        // scores are masked).
+        if (threadIdx.x < 2 * BW_BR) {
+            const int r = threadIdx.x % BW_BR;
+            const bool in = q0 + r < a.q_len;
+            const float* src = (const float*)(threadIdx.x < BW_BR ? a.lse : a.delta) + row + (in ? r : 0);
+            float* dst = (threadIdx.x < BW_BR ? sl : sd) + buf * BW_BR + r;
+            asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_u32(dst)), "l"(src), "r"(in ? 4 : 0) : "memory");
         }
     };
     load_rows<D, BW_BC, BW_THREADS>(sk, (const u16*)a.k + kvrow * D, a.k_len - k0);
@@ -417,7 +421,7 @@ template <int D, bool BF> __device__ __forceinline__ void fa_backward(const FaAr
             for (int hr = 0; hr < 2; hr++) {
                 const int r = wr * 16 + g + 8 * hr;
                 const float lse = sl[buf * BW_BR + r];
-                const float base = lse == -FA_INF ? FA_INF : lse;
+                const float base = lse == -FA_INF ? FA_INF : lse * LOG2E;
 #pragma unroll
                 for (int nt = 0; nt < NS; nt++)
 #pragma unroll
