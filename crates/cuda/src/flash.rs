@@ -14,7 +14,7 @@ pub use augur_kernels::flash::Shape;
 use crate::device::{compile, Buf, Device, Program};
 use crate::{Error, Result};
 
-const FLASH: Program = Program { name: "flash", source: include_str!("flash.cu") };
+pub(crate) const FLASH: Program = Program { name: "flash", source: include_str!("flash.cu") };
 /// Threads of a forward block (`32 * FA_NW`) and of every other kernel's (`BW_THREADS`).
 const FWD_THREADS: u32 = 128;
 const THREADS: u32 = 256;

@@ -4,14 +4,13 @@
 
 use augur_kernels::flash::{backward, forward, Mask, Shape};
 
-use crate::device::{compile_uncached, Program};
-use crate::flash::{Attention, Dtype, Flash, Io};
+use crate::device::compile_uncached;
+use crate::flash::{Attention, Dtype, Flash, Io, FLASH};
 use crate::tests::{device, rel, Rng};
 
 #[test]
 fn flash_kernels_compile_for_hopper() {
-    let flash = Program { name: "flash", source: include_str!("flash.cu") };
-    match compile_uncached(&flash, "sm_90") {
+    match compile_uncached(&FLASH, "sm_90") {
         Ok(ptx) => assert!(ptx.to_src().contains("fa_bwd_d128_bf16")),
         Err(crate::Error::NoNvrtc) => eprintln!("skipped: NVRTC is not installed"),
         Err(e) => panic!("{e}"),
