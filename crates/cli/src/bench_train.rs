@@ -30,6 +30,9 @@ pub struct TrainArgs {
     /// f32, or bf16/f16 autocast.
     #[arg(long, default_value = "f32")]
     pub precision: String,
+    /// Where the step runs: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::common::DeviceArg,
 }
 
 /// The autocast dtype of a `--precision` value.
@@ -67,6 +70,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let cfg = GptConfig::from_arg(&a.config)?;
     let mut model = Gpt::new(cfg.clone())?;
     let params = model.num_parameters();
+    let dev = a.device.training()?;
+    model.to_device(dev.as_ref())?;
     let mut opt = AdamW::new(3e-4, (0.9, 0.95), 1e-8, 0.1);
     let mut rng = Rng::new(0);
     let n = a.batch * a.seq_len;
@@ -80,12 +85,17 @@ pub fn train(a: TrainArgs) -> Result<()> {
         l.backward()?;
         opt.step(&mut model)?;
         model.zero_grad();
+        // Reading the loss waits for a device's queued work, so the time is the whole step's.
+        loss = l.item()?;
         if step > 0 {
             times.push(t.elapsed().as_secs_f64());
         }
-        loss = l.item()?;
     }
     let step_s = median(times);
+    #[cfg(feature = "cuda")]
+    for (op, calls, secs) in augur_cuda::train::profile_report() {
+        eprintln!("{op:>24} {calls:>7} calls {:>9.2} ms/step", secs * 1e3 / (a.steps + 1) as f64);
+    }
     println!(
         "{}",
         json!({
@@ -96,6 +106,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
             "batch": a.batch,
             "seq_len": a.seq_len,
             "threads": threads,
+            "device": dev.as_ref().map_or_else(|| "cpu".to_string(), |d| d.name()),
             "precision": a.precision,
             "steps": a.steps,
             "step_ms": step_s * 1e3,

@@ -42,6 +42,20 @@ impl std::str::FromStr for DeviceArg {
     }
 }
 
+impl DeviceArg {
+    /// The device that training tensors go to: `None` for the CPU, else the CUDA training
+    /// backend (an error in a build without CUDA).
+    pub fn training(self) -> Result<Option<augur_core::Device>> {
+        match self {
+            DeviceArg::Cpu => Ok(None),
+            #[cfg(feature = "cuda")]
+            DeviceArg::Cuda(n) => Ok(Some(augur_cuda::train::backend(n).with_context(|| format!("opening cuda:{n} for training"))?)),
+            #[cfg(not(feature = "cuda"))]
+            DeviceArg::Cuda(n) => anyhow::bail!("--device cuda:{n}: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`"),
+        }
+    }
+}
+
 impl ModelArgs {
     pub fn load(&self) -> Result<Model> {
         if let Some(t) = self.threads {

@@ -64,6 +64,10 @@ pub struct Args {
     /// Start N ranks of this command (with `--ddp nccl`).
     #[arg(long)]
     pub nproc: Option<usize>,
+    /// Where the model trains: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`);
+    /// with `--ddp nccl`, rank r takes `cuda:r`.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::common::DeviceArg,
 }
 
 /// The process group for this run: `mpi` (MPI's world), `nccl` (the ranks `--nproc` started),
@@ -194,6 +198,11 @@ pub fn main(a: Args) -> Result<()> {
         }
     };
     augur_dist::Ddp::new(group.as_ref()).broadcast_parameters(&mut trainer.model)?;
+    let device = match a.device {
+        crate::common::DeviceArg::Cuda(_) if a.ddp.as_deref() == Some("nccl") => crate::common::DeviceArg::Cuda(group.rank()),
+        d => d,
+    };
+    trainer.to_device(device.training()?)?;
     if trainer.step >= trainer.settings.steps {
         bail!("the run is already at step {} of {}; pass a larger --steps to continue", trainer.step, trainer.settings.steps);
     }

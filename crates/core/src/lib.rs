@@ -15,9 +15,11 @@
 
 pub mod amp;
 pub mod autograd;
+pub mod device;
 mod dtype;
 mod error;
 mod float;
+pub mod gradcheck;
 mod layout;
 mod ops;
 mod storage;
@@ -25,6 +27,7 @@ pub mod registry;
 mod tensor;
 
 pub use autograd::{no_grad, NoGradGuard};
+pub use device::{AdamStep, Backend, Device, DeviceBuffer};
 pub use dtype::DType;
 pub use ops::{AttentionMask, BinaryOp, UnaryOp};
 pub use error::{Error, Result};

@@ -56,6 +56,8 @@ pub enum Storage {
         /// The raw bytes (often a view of a memory-mapped file).
         bytes: Bytes,
     },
+    /// Memory of a device (`crate::device`).
+    Device(Box<dyn crate::device::DeviceBuffer>),
 }
 
 impl Storage {
@@ -67,6 +69,7 @@ impl Storage {
             Storage::F16(_) => DType::F16,
             Storage::BF16(_) => DType::BF16,
             Storage::Raw { dtype, .. } => *dtype,
+            Storage::Device(b) => b.dtype(),
         }
     }
 

@@ -196,6 +196,9 @@ impl Tensor {
 
     /// All elements in row-major order as `T`, borrowed when the storage already is exactly that.
     pub(crate) fn values<T: Float>(&self) -> Result<Cow<'_, [T]>> {
+        if let Some(d) = self.device() {
+            return Ok(Cow::Owned(d.download(self)?.values::<T>()?.into_owned()));
+        }
         if self.layout.is_contiguous() {
             if let Some(v) = T::slice(&self.storage) {
                 return Ok(Cow::Borrowed(&v[self.layout.offset()..self.layout.offset() + self.numel()]));
@@ -234,6 +237,9 @@ impl Tensor {
         if let Some(s) = self.as_f32_slice() {
             return Ok(s.to_vec());
         }
+        if let Some(d) = self.device() {
+            return d.download(self)?.to_vec_f32();
+        }
         let l = &self.layout;
         Ok(match &*self.storage {
             Storage::F32(v) => l.gather(v, |x| x),
@@ -258,6 +264,7 @@ impl Tensor {
                     }
                 }
             }
+            Storage::Device(_) => unreachable!("downloaded above"),
         })
     }
 
@@ -273,10 +280,11 @@ impl Tensor {
             Storage::F16(v) => v.len() / k.max(1),
             Storage::BF16(v) => v.len() / k.max(1),
             Storage::Raw { dtype, bytes } => bytes.as_slice().len() / dtype.bytes_for(k).unwrap_or(usize::MAX).max(1),
+            Storage::Device(_) => return invalid("matrix", "the weight is in device memory: the host kernels cannot read it"),
         };
         let weights = match &*self.storage {
             Storage::F32(v) => Weights::F32(&v[..total_rows * k]),
-            Storage::F64(_) => unreachable!("rejected above"),
+            Storage::F64(_) | Storage::Device(_) => unreachable!("rejected above"),
             Storage::F16(v) => Weights::F16(&v[..total_rows * k]),
             Storage::BF16(v) => Weights::BF16(&v[..total_rows * k]),
             Storage::Raw { dtype, bytes } => match dtype {
@@ -309,6 +317,9 @@ impl Tensor {
     /// The tensor keeps its autograd identity; its data is copied first if the storage is shared
     /// (for example saved by a graph that has not been freed) or is not a whole f32 buffer.
     pub fn values_mut_f32(&mut self) -> Result<&mut [f32]> {
+        if self.device().is_some() {
+            return invalid("values_mut_f32", format!("the tensor is on {}: update it with device ops (Tensor::adamw_device)", self.device_name()));
+        }
         let whole = self.layout.is_contiguous() && self.layout.offset() == 0 && matches!(&*self.storage, Storage::F32(v) if v.len() == self.numel());
         if !whole || Arc::get_mut(&mut self.storage).is_none() {
             let v = self.to_vec_f32()?;

@@ -222,6 +222,16 @@ pub(crate) fn compile(program: &Program, major: i32, minor: i32) -> Result<Ptx> 
     Ok(ptx)
 }
 
+/// Compile every NVRTC program of this crate for compute capability `major.minor` into the disk
+/// cache (`$AUGUR_CACHE/cuda`), without a device: a machine whose first start should not wait
+/// for NVRTC can receive the cache ready (NVRTC must be no newer than the target's driver).
+pub fn warm_cache(major: i32, minor: i32) -> Result<()> {
+    for p in [&KERNELS, &crate::flash::FLASH, &crate::train::TRAIN] {
+        compile(p, major, minor)?;
+    }
+    Ok(())
+}
+
 /// Compile `program` for `arch` (`sm_90`) with NVRTC; needs NVRTC but no device.
 pub(crate) fn compile_uncached(program: &Program, arch: &str) -> Result<Ptx> {
     // SAFETY: only tries to load the library.

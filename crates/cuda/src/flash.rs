@@ -332,9 +332,8 @@ impl Attention {
         Ok(v)
     }
 
-    fn args(&self) -> FaArgs {
-        let s = &self.shape;
-        FaArgs {
+    fn ptrs(&self) -> Ptrs {
+        Ptrs {
             q: self.q.ptr,
             k: self.k.ptr,
             v: self.v.ptr,
@@ -347,45 +346,104 @@ impl Attention {
             dq: self.dq.ptr,
             dk: self.dk.ptr,
             dv: self.dv.ptr,
-            batch: s.batch as i32,
-            heads: s.heads as i32,
-            kv_heads: s.kv_heads as i32,
-            q_len: s.q_len as i32,
-            k_len: s.k_len as i32,
-            causal: i32::from(self.causal),
-            scale: self.scale,
-            pad: 0.0,
         }
     }
 
     /// Queue `o = softmax(q kᵀ · scale + mask) v` and the rows' log-sum-exp.
     pub fn forward(&mut self, f: &Flash) -> Result<()> {
-        let s = self.shape;
-        let mut a = self.args();
-        let mut args = [&mut a as *mut FaArgs as *mut c_void];
-        let grid = (s.q_len.div_ceil(FWD_ROWS) as u32, s.heads as u32, s.batch as u32);
-        // SAFETY: the buffers of `a` are sized for `s` (`Attention::new`).
-        unsafe { f.launch(&f.variant(s.dim, self.ty).fwd, (grid, FWD_THREADS), fwd_smem(s.dim), &mut args) }
+        // SAFETY: the buffers are sized for the shape (`Attention::new`).
+        unsafe { f.forward_ptrs(&self.shape, self.causal, self.ty, self.scale, &self.ptrs()) }
     }
 
     /// Queue the gradients of the last [`Attention::forward`] for the output gradient in
     /// [`Io::DOut`], into [`Io::DQ`], [`Io::DK`], [`Io::DV`].
     pub fn backward(&mut self, f: &Flash) -> Result<()> {
-        let s = self.shape;
-        let v = f.variant(s.dim, self.ty);
         f.dev.stream.memset_zeros(&mut self.dq_acc.slice)?;
-        let mut a = self.args();
+        // SAFETY: the buffers are sized for the shape; `delta` and `dq_acc` hold every row.
+        unsafe { f.backward_ptrs(&self.shape, self.causal, self.ty, self.scale, &self.ptrs()) }
+    }
+}
+
+/// Device addresses of one attention call's tensors (0 for `allow`: no explicit mask). `q`,
+/// `o`, `dout`, `dq` hold `[batch, heads, q_len, dim]` 16-bit values, `k`, `v`, `dk`, `dv`
+/// `[batch, kv_heads, k_len, dim]`; `lse` and `delta` one f32 per query row, `dq_acc` f32 of
+/// `q`'s size (zeroed before a backward pass), `allow` `q_len × k_len` bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Ptrs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub allow: u64,
+    pub dout: u64,
+    pub delta: u64,
+    pub dq_acc: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+}
+
+impl Flash {
+    /// Whether the tensor-core kernels take this call: heads of width 64 or 128, a positive
+    /// finite scale, and sizes that index in 32 bits.
+    pub(crate) fn supports(s: &Shape, scale: f32) -> bool {
+        let rows = s.batch * s.heads * s.q_len;
+        let keys = s.batch * s.kv_heads * s.k_len;
+        (s.dim == 64 || s.dim == 128) && scale > 0.0 && scale.is_finite() && rows.max(keys) * s.dim < i32::MAX as usize && s.q_len * s.k_len < i32::MAX as usize
+    }
+
+    fn args(s: &Shape, causal: bool, scale: f32, p: &Ptrs) -> FaArgs {
+        FaArgs {
+            q: p.q,
+            k: p.k,
+            v: p.v,
+            o: p.o,
+            lse: p.lse,
+            allow: p.allow,
+            dout: p.dout,
+            delta: p.delta,
+            dq_acc: p.dq_acc,
+            dq: p.dq,
+            dk: p.dk,
+            dv: p.dv,
+            batch: s.batch as i32,
+            heads: s.heads as i32,
+            kv_heads: s.kv_heads as i32,
+            q_len: s.q_len as i32,
+            k_len: s.k_len as i32,
+            causal: i32::from(causal),
+            scale,
+            pad: 0.0,
+        }
+    }
+
+    /// Queue the forward pass over the tensors at `p`.
+    ///
+    /// # Safety
+    /// `p` holds live buffers of the sizes [`Ptrs`] describes for `s`, and [`Flash::supports`].
+    pub(crate) unsafe fn forward_ptrs(&self, s: &Shape, causal: bool, ty: Dtype, scale: f32, p: &Ptrs) -> Result<()> {
+        let mut a = Self::args(s, causal, scale, p);
+        let mut args = [&mut a as *mut FaArgs as *mut c_void];
+        let grid = (s.q_len.div_ceil(FWD_ROWS) as u32, s.heads as u32, s.batch as u32);
+        self.launch(&self.variant(s.dim, ty).fwd, (grid, FWD_THREADS), fwd_smem(s.dim), &mut args)
+    }
+
+    /// Queue the backward pass over the tensors at `p` (`dq_acc` zeroed).
+    ///
+    /// # Safety
+    /// As [`Flash::forward_ptrs`].
+    pub(crate) unsafe fn backward_ptrs(&self, s: &Shape, causal: bool, ty: Dtype, scale: f32, p: &Ptrs) -> Result<()> {
+        let v = self.variant(s.dim, ty);
+        let mut a = Self::args(s, causal, scale, p);
         let rows = s.batch * s.heads * s.q_len;
         let mut args = [&mut a as *mut FaArgs as *mut c_void];
         let warps = THREADS as usize / 32;
-        // SAFETY: the buffers of `a` are sized for `s`; `delta` and `dq_acc` hold every row.
-        unsafe {
-            f.launch(&v.delta, ((rows.div_ceil(warps) as u32, 1, 1), THREADS), 0, &mut args)?;
-            f.launch(&v.bwd, ((s.k_len.div_ceil(BWD_KEYS) as u32, s.kv_heads as u32, s.batch as u32), THREADS), bwd_smem(s.dim), &mut args)?;
-            let mut n = (rows * s.dim) as u64;
-            let mut cast_args = [&mut a as *mut FaArgs as *mut c_void, &mut n as *mut u64 as *mut c_void];
-            f.launch(&f.dq_cast[self.ty.index()], ((f.dev.sm_count as u32 * 8, 1, 1), THREADS), 0, &mut cast_args)
-        }
+        self.launch(&v.delta, ((rows.div_ceil(warps) as u32, 1, 1), THREADS), 0, &mut args)?;
+        self.launch(&v.bwd, ((s.k_len.div_ceil(BWD_KEYS) as u32, s.kv_heads as u32, s.batch as u32), THREADS), bwd_smem(s.dim), &mut args)?;
+        let mut n = (rows * s.dim) as u64;
+        let mut cast_args = [&mut a as *mut FaArgs as *mut c_void, &mut n as *mut u64 as *mut c_void];
+        self.launch(&self.dq_cast[ty.index()], ((self.dev.sm_count as u32 * 8, 1, 1), THREADS), 0, &mut cast_args)
     }
 }
 

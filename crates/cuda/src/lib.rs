@@ -23,8 +23,9 @@ mod nccl;
 mod ops;
 #[cfg(test)]
 mod tests;
+pub mod train;
 
-pub use device::{Device, Error, Result};
+pub use device::{warm_cache, Device, Error, Result};
 pub use flash::{forward_flops, Attention, Dtype, Flash, Io, Shape as FlashShape};
 pub use nccl::{bus_bandwidth, Nccl, Place};
 pub use model::{Decoder, Dims, GpuModel, GpuSeq, GreedyRun, LayerWeights, Out, Pass};

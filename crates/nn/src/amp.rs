@@ -49,10 +49,23 @@ impl GradScaler {
         }
         let inv = 1.0 / self.scale;
         let mut found_inf = false;
+        // On a device, Σ 0·g is NaN exactly when some g is inf or NaN: one read for all.
+        let mut on_dev: Option<Tensor> = None;
         for p in crate::module::with_grads(model) {
             let g = p.grad().expect("with_grads").scale(inv)?;
-            found_inf |= g.to_vec_f32()?.iter().any(|v| !v.is_finite());
+            if g.device().is_some() {
+                let z = g.scale(0.0)?.sum_all()?;
+                on_dev = Some(match on_dev {
+                    Some(acc) => acc.add(&z)?,
+                    None => z,
+                });
+            } else {
+                found_inf |= g.to_vec_f32()?.iter().any(|v| !v.is_finite());
+            }
             p.set_grad(Some(g))?;
+        }
+        if let Some(z) = on_dev {
+            found_inf |= !z.item()?.is_finite();
         }
         Ok(found_inf)
     }

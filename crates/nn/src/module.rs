@@ -56,6 +56,18 @@ pub trait ModuleExt: Module {
         self.set_requires_grad(false);
     }
 
+    /// Move every parameter to `dev` (host memory for `None`), keeping whether it requires a
+    /// gradient; gradients are dropped.
+    fn to_device(&mut self, dev: Option<&augur_core::Device>) -> Result<()> {
+        let mut res = Ok(());
+        self.visit("", &mut |_, t| {
+            if res.is_ok() {
+                res = t.detach().to(dev).map(|m| *t = m.detach().requires_grad(t.is_requires_grad()));
+            }
+        });
+        Ok(res?)
+    }
+
     /// Drop every parameter's gradient.
     fn zero_grad(&mut self) {
         self.visit("", &mut |_, t| t.zero_grad());

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use augur_core::Tensor;
+use augur_core::{AdamStep, Tensor};
 use augur_formats::safetensors::Checkpoint;
 
 use crate::error::{invalid, Result};
@@ -46,6 +46,9 @@ fn for_each_grad(model: &mut dyn Module, mut f: impl FnMut(&str, &mut Tensor, &[
             return;
         }
         let Some(g) = p.grad() else { return };
+        if p.device().is_some() {
+            return; // stepped on the device
+        }
         res = match g.as_f32_slice() {
             Some(s) => f(name, p, s),
             None => g.to_vec_f32().map_err(Into::into).and_then(|g| f(name, p, &g)),
@@ -75,6 +78,15 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, model: &mut dyn Module) -> Result<()> {
+        let mut on_dev = None;
+        model.visit("", &mut |n, p| {
+            if p.device().is_some() && p.is_requires_grad() {
+                on_dev.get_or_insert_with(|| n.to_string());
+            }
+        });
+        if let Some(n) = on_dev {
+            return invalid(format!("SGD updates host parameters; `{n}` is on a device (train there with AdamW)"));
+        }
         let (lr, mu, wd) = (self.lr as f32, self.momentum as f32, self.weight_decay as f32);
         let bufs = &mut self.buf;
         for_each_grad(model, |name, p, g| {
@@ -119,17 +131,28 @@ pub struct AdamW {
     step: u64,
     m: HashMap<String, Vec<f32>>,
     v: HashMap<String, Vec<f32>>,
+    /// The moments of parameters on a device, there (host state moves there at their first step).
+    dev: HashMap<String, (Tensor, Tensor)>,
 }
 
 impl AdamW {
     /// AdamW with PyTorch's defaults for the rest of its state.
     pub fn new(lr: f64, betas: (f64, f64), eps: f64, weight_decay: f64) -> Self {
-        AdamW { lr, betas, eps, weight_decay, step: 0, m: HashMap::new(), v: HashMap::new() }
+        AdamW { lr, betas, eps, weight_decay, step: 0, m: HashMap::new(), v: HashMap::new(), dev: HashMap::new() }
     }
 
     /// Steps taken so far.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Bring the moments of device parameters back to host memory (for parameters moved back).
+    pub fn moments_to_host(&mut self) -> Result<()> {
+        for (n, (m, v)) in self.dev.drain() {
+            self.m.insert(n.clone(), m.to_vec_f32()?);
+            self.v.insert(n, v.to_vec_f32()?);
+        }
+        Ok(())
     }
 }
 
@@ -144,6 +167,26 @@ impl Optimizer for AdamW {
         let step_size = lr / bc1;
         let (eps, wd) = (self.eps as f32, self.weight_decay as f32);
         let (ms, vs) = (&mut self.m, &mut self.v);
+        // Parameters on a device: one fused kernel each, moments kept there.
+        let mut res = Ok(());
+        let on_dev = &mut self.dev;
+        model.visit("", &mut |name, p| {
+            let (Some(dev), Some(g), true) = (p.device(), p.grad(), res.is_ok()) else { return };
+            res = (|| -> Result<()> {
+                if !on_dev.contains_key(name) {
+                    let n = p.numel();
+                    let host = |s: &mut HashMap<String, Vec<f32>>| s.remove(name).unwrap_or_else(|| vec![0.0; n]);
+                    let (m, v) = (host(ms), host(vs));
+                    let up = |x: Vec<f32>| -> Result<Tensor> { Ok(Tensor::from_vec(x, &[n])?.to_device(&dev)?) };
+                    on_dev.insert(name.to_string(), (up(m)?, up(v)?));
+                }
+                let (m, v) = &on_dev[name];
+                let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
+                let h = AdamStep { lr, betas: (b1, b2), eps, decay, bias1: bc1, bias2_sqrt: bc2_sqrt };
+                Ok(p.adamw_device(&g, m, v, h)?)
+            })();
+        });
+        res?;
         for_each_grad(model, |name, p, g| {
             let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
             let m = ms.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
@@ -172,12 +215,17 @@ impl Optimizer for AdamW {
         let mut out = vec![("adamw.step".to_string(), Tensor::from_f64(vec![self.step as f64], &[1]).expect("1"))];
         out.extend(save_vectors("adamw.m.", &self.m));
         out.extend(save_vectors("adamw.v.", &self.v));
+        for (n, (m, v)) in &self.dev {
+            out.push((format!("adamw.m.{n}"), m.clone()));
+            out.push((format!("adamw.v.{n}"), v.clone()));
+        }
         out
     }
     fn load_state(&mut self, ck: &Checkpoint) -> Result<()> {
         self.step = ck.get("adamw.step")?.to_vec_f64()?[0] as u64;
         self.m = load_vectors(ck, "adamw.m.")?;
         self.v = load_vectors(ck, "adamw.v.")?;
+        self.dev.clear();
         Ok(())
     }
 }
@@ -214,8 +262,22 @@ impl LrSchedule {
 pub fn clip_grad_norm(model: &mut dyn Module, max_norm: f64) -> Result<f64> {
     let grads = crate::module::with_grads(model);
     let mut sq = 0f64;
+    // Device gradients add their squares up there: one read for all of them.
+    let mut on_dev: Option<Tensor> = None;
     for p in &grads {
-        sq += p.grad().expect("has grad").to_vec_f32()?.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+        let g = p.grad().expect("has grad");
+        if g.device().is_some() {
+            let s = g.to_dtype(augur_core::DType::F32)?.unary(augur_core::UnaryOp::Sqr)?.sum_all()?;
+            on_dev = Some(match on_dev {
+                Some(acc) => acc.add(&s)?,
+                None => s,
+            });
+        } else {
+            sq += g.to_vec_f32()?.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
+        }
+    }
+    if let Some(s) = on_dev {
+        sq += s.item()? as f64;
     }
     let norm = sq.sqrt();
     let coef = max_norm / (norm + 1e-6);

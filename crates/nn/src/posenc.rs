@@ -159,16 +159,27 @@ impl Rope {
     /// `cos, sin: [len, dim/2]` for positions `start..start+len` (the last tables made on this
     /// thread are kept: every layer of a forward pass asks for the same ones).
     pub fn tables(&self, start: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        type Key = (Rope, usize, usize);
+        self.tables_on(start, len, None)
+    }
+
+    /// [`Rope::tables`] in `dev`'s memory (host memory for `None`), kept there the same way.
+    pub fn tables_on(&self, start: usize, len: usize, dev: Option<&augur_core::Device>) -> Result<(Tensor, Tensor)> {
+        type Key = (Rope, usize, usize, String);
         thread_local! {
-            static LAST: std::cell::RefCell<Option<(Key, (Tensor, Tensor))>> = const { std::cell::RefCell::new(None) };
+            static LAST: std::cell::RefCell<Vec<(Key, (Tensor, Tensor))>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let key = (*self, start, len);
-        if let Some(hit) = LAST.with(|l| l.borrow().as_ref().filter(|(k, _)| *k == key).map(|(_, t)| t.clone())) {
+        let key = (*self, start, len, dev.map_or_else(String::new, |d| d.name()));
+        if let Some(hit) = LAST.with(|l| l.borrow().iter().find(|(k, _)| *k == key).map(|(_, t)| t.clone())) {
             return Ok(hit);
         }
-        let t = self.compute_tables(start, len)?;
-        LAST.with(|l| *l.borrow_mut() = Some((key, t.clone())));
+        let (c, s) = self.compute_tables(start, len)?;
+        let t = (c.to(dev)?, s.to(dev)?);
+        LAST.with(|l| {
+            let mut l = l.borrow_mut();
+            // The host tables and one set per device.
+            l.retain(|(k, _)| k.3 != key.3);
+            l.push((key, t.clone()));
+        });
         Ok(t)
     }
 
@@ -190,7 +201,7 @@ impl Rope {
     /// Rotate `x: [.., seq, dim]` whose rows sit at positions `start..start+seq`.
     pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
         let seq = x.shape()[x.rank().saturating_sub(2)];
-        let (c, s) = self.tables(start, seq)?;
+        let (c, s) = self.tables_on(start, seq, x.device().as_ref())?;
         Ok(x.rope(&c, &s, self.interleaved)?)
     }
 }

@@ -163,6 +163,16 @@ impl Trainer {
         })
     }
 
+    /// Move the model (and the optimizer's moments, at their next step) to `dev`, or back to
+    /// host memory for `None`.
+    pub fn to_device(&mut self, dev: Option<augur_core::Device>) -> Result<()> {
+        self.model.to_device(dev.as_ref())?;
+        if dev.is_none() {
+            self.opt.moments_to_host()?;
+        }
+        Ok(())
+    }
+
     /// One optimisation step on a fresh random batch.
     pub fn step(&mut self, corpus: &Corpus) -> Result<StepReport> {
         self.step_parallel(corpus, &Solo)

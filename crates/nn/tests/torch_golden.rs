@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use augur_core::{DType, Tensor};
+use augur_core::{DType, Device, Tensor};
 use augur_formats::safetensors::Checkpoint;
 use augur_nn::optim::{clip_grad_norm, AdamW, Optimizer};
 use augur_nn::{Gpt, GptConfig, Module, ModuleExt};
@@ -23,7 +23,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
     a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max) / scale
 }
 
-fn check(name: &str) {
+fn check(name: &str, dev: Option<&Device>) {
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(data(&format!("golden_{name}.json"))).unwrap()).unwrap();
     let train = cfg.as_object_mut().unwrap().remove("train").unwrap();
     let cfg: GptConfig = serde_json::from_value(cfg).unwrap();
@@ -35,6 +35,7 @@ fn check(name: &str) {
         loaded += 1;
     });
     assert_eq!(loaded, ck.names().filter(|n| n.starts_with("param.")).count(), "parameter sets differ");
+    model.to_device(dev).unwrap();
     let ids: Vec<u32> = ck.get("ids").unwrap().to_vec_f32().unwrap().iter().map(|&x| x as u32).collect();
     let targets: Vec<u32> = ck.get("targets").unwrap().to_vec_f32().unwrap().iter().map(|&x| x as u32).collect();
     let batch = train["batch"].as_u64().unwrap() as usize;
@@ -66,10 +67,21 @@ fn check(name: &str) {
 
 #[test]
 fn llama_style_step_equals_pytorch() {
-    check("llama");
+    check("llama", None);
 }
 
 #[test]
 fn gpt2_style_step_equals_pytorch() {
-    check("gpt2");
+    check("gpt2", None);
+}
+
+/// The same steps with the model, its gradients and AdamW on a CUDA device (skipped without one).
+#[test]
+fn steps_on_the_gpu_equal_pytorch() {
+    let dev = match augur_cuda::train::backend(0) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("skipped: the GPU golden steps need a CUDA device ({e})"),
+    };
+    check("llama", Some(&dev));
+    check("gpt2", Some(&dev));
 }

@@ -174,7 +174,7 @@ impl Tensor {
         if self.numel() != 1 {
             return invalid("backward", format!("needs a one-element tensor (a loss), got shape {:?}; use backward_with", self.shape()));
         }
-        self.backward_with(Tensor::ones(self.shape()), false)
+        self.backward_with(self.full_like_device(self.shape(), 1.0)?, false)
     }
 
     /// Identity of this tensor's autograd node (shared by its clones), if it requires a gradient.

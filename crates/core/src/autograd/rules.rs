@@ -29,8 +29,8 @@ fn autocast_in(t: &Tensor) -> Result<Tensor> {
 
 fn autocast_out(t: Tensor) -> Result<Tensor> {
     match autocast_dtype() {
-        Some(d) => ops::to_dtype(&t, d),
-        None => Ok(t),
+        Some(d) if t.dtype() != d => ops::to_dtype(&t, d),
+        _ => Ok(t),
     }
 }
 
@@ -265,19 +265,29 @@ impl Tensor {
     /// Runs in the autocast dtype inside an autocast scope.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         let (a, b) = (autocast_in(self)?, autocast_in(rhs)?);
-        let out = autocast_out(ops::matmul(&a, &b)?)?;
+        let out = ops::matmul_to(&a, &b, autocast_dtype())?;
         let (ad, bd) = (a.detach(), b.detach());
         Ok(record(out, "matmul", &[&a, &b], move |g, need| {
             let r = ad.rank();
-            let da = want(need[0], || like(ops::matmul(g, &bd.transpose_raw(bd.rank() - 2, bd.rank() - 1)?)?, &ad))?;
+            // The gradient of a 16-bit product is 16-bit (as under PyTorch's autocast), so its
+            // two products run on 16-bit inputs too.
+            let g16;
+            let g = match ad.dtype() {
+                d @ (DType::BF16 | DType::F16) if g.dtype() != d && bd.dtype() == d => {
+                    g16 = ops::to_dtype(g, d)?;
+                    &g16
+                }
+                _ => g,
+            };
+            let da = want(need[0], || like(ops::matmul_to(g, &bd.transpose_raw(bd.rank() - 2, bd.rank() - 1)?, Some(ad.dtype()))?, &ad))?;
             let db = want(need[1], || {
                 let d = if bd.rank() == 2 && r > 2 {
                     let (k, n) = (ad.shape()[r - 1], g.shape()[r - 1]);
                     let a2 = ad.reshape_raw(&[ad.numel() / k.max(1), k]).or_else(|_| ops::contiguous(&ad)?.reshape_raw(&[ad.numel() / k.max(1), k]))?;
                     let g2 = ops::contiguous(g)?.reshape_raw(&[g.numel() / n.max(1), n])?;
-                    ops::matmul(&a2.transpose_raw(0, 1)?, &g2)?
+                    ops::matmul_to(&a2.transpose_raw(0, 1)?, &g2, Some(bd.dtype()))?
                 } else {
-                    ops::matmul(&ad.transpose_raw(r - 2, r - 1)?, g)?
+                    ops::matmul_to(&ad.transpose_raw(r - 2, r - 1)?, g, Some(bd.dtype()))?
                 };
                 like(d, &bd)
             })?;
@@ -293,7 +303,8 @@ impl Tensor {
             if w.rank() != 2 {
                 return invalid("linear", format!("weight must be [out, in], got {:?}", w.shape()));
             }
-            return self.matmul(&w.transpose(0, 1)?);
+            // Cast before transposing: the product reads the transposed view in place.
+            return self.matmul(&autocast_in(w)?.transpose(0, 1)?);
         }
         let out = ops::linear_weights(self, w)?;
         let (x, wd) = (self.detach(), w.detach());

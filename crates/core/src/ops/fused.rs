@@ -6,6 +6,7 @@ use augur_kernels::flash;
 use augur_kernels::real::Real;
 use rayon::prelude::*;
 
+use crate::device::{device_of, on};
 use crate::error::{invalid, Error, Result};
 use crate::float::{compute_dtype, with_float};
 use crate::Tensor;
@@ -13,6 +14,9 @@ use crate::Tensor;
 /// Softmax (or log-softmax) over the last dim.
 pub(crate) fn softmax_last(x: &Tensor, log: bool) -> Result<Tensor> {
     let n = *x.shape().last().unwrap_or(&1);
+    if let Some(d) = device_of("softmax", &[x])? {
+        return d.softmax_last(x, log);
+    }
     with_float!(compute_dtype(&[x]), T => {
         let mut v = x.values::<T>()?.into_owned();
         v.par_chunks_mut(n.max(1)).for_each(|r| {
@@ -62,6 +66,9 @@ pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center:
     if let Some(b) = b {
         norm_shapes("norm", x, b)?;
     }
+    if let Some(d) = device_of("norm", &[x, w])? {
+        return d.norm(x, &on(&d, w)?, b.map(|b| on(&d, b)).transpose()?.as_ref(), eps, center);
+    }
     with_float!(compute_dtype(&[x, w]), T => {
         let (xv, wv) = (x.values::<T>()?, w.values::<T>()?);
         let bv = b.map(|b| b.values::<T>()).transpose()?;
@@ -79,6 +86,9 @@ pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center:
 /// Gradients of [`norm`]: `(dx, dw, db)` (`db` only when centering).
 pub(crate) fn norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, center: bool) -> Result<(Tensor, Tensor, Option<Tensor>)> {
     let n = norm_shapes("norm_backward", x, w)?;
+    if let Some(d) = device_of("norm_backward", &[x, w, g])? {
+        return d.norm_backward(&on(&d, x)?, &on(&d, w)?, &on(&d, g)?, eps, center);
+    }
     with_float!(compute_dtype(&[x, w, g]), T => {
         let (xv, wv, gv) = (x.values::<T>()?, w.values::<T>()?, g.values::<T>()?);
         let mut dx = vec![T::ZERO; xv.len()];
@@ -127,6 +137,9 @@ pub(crate) fn gather_rows(table: &Tensor, ids: &[u32]) -> Result<Tensor> {
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
         return invalid("gather_rows", format!("index {bad} out of range for {rows} rows"));
     }
+    if let Some(d) = device_of("gather_rows", &[table])? {
+        return d.gather_rows(table, ids);
+    }
     if table.dtype().is_quantized() {
         let m = table.matrix()?;
         let mut out = vec![0f32; ids.len() * dim];
@@ -151,6 +164,9 @@ pub(crate) fn scatter_add_rows(g: &Tensor, ids: &[u32], rows: usize) -> Result<T
     if n != ids.len() {
         return invalid("scatter_add_rows", format!("{n} gradient rows for {} ids", ids.len()));
     }
+    if let Some(d) = device_of("scatter_add_rows", &[g])? {
+        return d.scatter_add_rows(g, ids, rows);
+    }
     with_float!(compute_dtype(&[g]), T => {
         let v = g.values::<T>()?;
         let mut out = vec![T::ZERO; rows * dim];
@@ -165,6 +181,9 @@ pub(crate) fn scatter_add_rows(g: &Tensor, ids: &[u32], rows: usize) -> Result<T
 /// Returns the 0-d loss and the number of counted rows.
 pub(crate) fn cross_entropy(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(Tensor, usize)> {
     let (n, c) = ce_shapes(logits, targets, ignore)?;
+    if let Some(d) = device_of("cross_entropy", &[logits])? {
+        return d.cross_entropy(logits, targets, ignore);
+    }
     with_float!(compute_dtype(&[logits]), T => {
         let v = logits.values::<T>()?;
         let mut total = T::ZERO;
@@ -198,6 +217,9 @@ fn ce_shapes(logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(u
 /// `(softmax(row) − onehot(target)) × g / count`.
 pub(crate) fn cross_entropy_backward(logits: &Tensor, targets: &[u32], ignore: Option<u32>, count: usize, g: &Tensor) -> Result<Tensor> {
     let (_, c) = ce_shapes(logits, targets, ignore)?;
+    if let Some(d) = device_of("cross_entropy", &[logits, g])? {
+        return d.cross_entropy_backward(&on(&d, logits)?, targets, ignore, count, &on(&d, g)?);
+    }
     let scale = if count == 0 { 0.0 } else { g.to_vec_f64()?[0] / count as f64 };
     with_float!(compute_dtype(&[logits, g]), T => {
         let mut v = logits.values::<T>()?.into_owned();
@@ -227,6 +249,9 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) ->
     let s = x.shape();
     if s.len() < 2 || !s[s.len() - 1].is_multiple_of(2) || cos.shape() != [s[s.len() - 2], s[s.len() - 1] / 2] || sin.shape() != cos.shape() {
         return Err(Error::ShapeMismatch { op: "rope", lhs: s.to_vec(), rhs: cos.shape().to_vec() });
+    }
+    if let Some(dev) = device_of("rope", &[x, cos, sin])? {
+        return dev.rope(&on(&dev, x)?, &on(&dev, cos)?, &on(&dev, sin)?, interleaved);
     }
     let (seq, d) = (s[s.len() - 2], s[s.len() - 1]);
     let half = d / 2;
@@ -294,6 +319,10 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: Option<&Tensor
     let s = attention_shape(q, k, v, bias, m)?;
     let mut ins = vec![q, k, v];
     ins.extend(bias);
+    if let Some(d) = device_of("attention", &ins)? {
+        let bias = bias.map(|b| on(&d, b)).transpose()?;
+        return d.attention(&s, &on(&d, q)?, &on(&d, k)?, &on(&d, v)?, bias.as_ref(), m);
+    }
     with_float!(compute_dtype(&ins), T => {
         let (qv, kv, vv) = (q.values::<T>()?, k.values::<T>()?, v.values::<T>()?);
         let bv = bias.map(|b| b.values::<T>()).transpose()?;
@@ -319,6 +348,10 @@ pub(crate) fn attention_backward(
     let s = attention_shape(q, k, v, bias, m)?;
     let mut ins = vec![q, k, v, out, g];
     ins.extend(bias);
+    if let Some(d) = device_of("attention_backward", &ins)? {
+        let bias = bias.map(|b| on(&d, b)).transpose()?;
+        return d.attention_backward(&s, (&on(&d, q)?, &on(&d, k)?, &on(&d, v)?), bias.as_ref(), m, &on(&d, out)?, &on(&d, lse)?, &on(&d, g)?);
+    }
     with_float!(compute_dtype(&ins), T => {
         let (qv, kv, vv) = (q.values::<T>()?, k.values::<T>()?, v.values::<T>()?);
         let (ov, lv, gv) = (out.values::<T>()?, lse.values::<T>()?, g.values::<T>()?);

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use augur_kernels::real::Real;
 use rayon::prelude::*;
 
+use crate::device::{device_of, on};
 use crate::error::{invalid, Error, Result};
 use crate::float::{compute_dtype, with_float, Float};
 use crate::layout::broadcast_shape;
@@ -190,6 +191,9 @@ fn binary_c<const OP: usize, T: Real>(x: T, y: T) -> T {
 }
 
 pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
+    if let Some(d) = device_of("unary", &[x])? {
+        return d.unary(x, op);
+    }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let mut out = vec![T::ZERO; v.len()];
@@ -201,6 +205,9 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
 
 /// `x * mul + add`.
 pub(crate) fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
+    if let Some(d) = device_of("affine", &[x])? {
+        return d.affine(x, mul, add);
+    }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let (m, a) = (T::from_f64(mul), T::from_f64(add));
@@ -213,6 +220,9 @@ pub(crate) fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
 /// Elementwise `op(a, b)` with numpy broadcasting.
 pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     let shape = broadcast_shape("binary", a.shape(), b.shape())?;
+    if let Some(d) = device_of("binary", &[a, b])? {
+        return d.binary(&on(&d, a)?, &on(&d, b)?, op, &shape);
+    }
     let n: usize = shape.iter().product();
     with_float!(compute_dtype(&[a, b]), T => {
         let mut out = vec![T::ZERO; n];
@@ -251,6 +261,9 @@ pub(crate) fn sum_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     if broadcast_shape("sum_to", shape, x.shape())? != x.shape() {
         return Err(Error::ShapeMismatch { op: "sum_to", lhs: x.shape().to_vec(), rhs: shape.to_vec() });
     }
+    if let Some(d) = device_of("sum_to", &[x])? {
+        return d.sum_to(x, shape);
+    }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let mut out = vec![T::ZERO; shape.iter().product()];
@@ -276,6 +289,9 @@ pub(crate) fn max_last(x: &Tensor) -> Result<Tensor> {
     let Some(&n) = x.shape().last() else { return invalid("reduce", "cannot reduce the last dim of a 0-d tensor") };
     let mut shape = x.shape().to_vec();
     *shape.last_mut().expect("rank >= 1") = 1;
+    if let Some(d) = device_of("max_last", &[x])? {
+        return d.max_last(x);
+    }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let out: Vec<T> = if n == 0 {
@@ -299,6 +315,11 @@ fn strided<T: Float>(t: &Tensor) -> Result<(Cow<'_, [T]>, Layout)> {
 /// `[.., m, k] × [.., k, n] → [.., m, n]`; `b` may also be 2-d (shared by every batch). Strided
 /// inputs (transposed views) are read in place.
 pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    matmul_to(a, b, None)
+}
+
+/// [`matmul`] with its output in `out` (a device writes it directly; the host converts).
+pub(crate) fn matmul_to(a: &Tensor, b: &Tensor, out: Option<DType>) -> Result<Tensor> {
     let (sa, sb) = (a.shape(), b.shape());
     let r = sa.len();
     let bad = || Error::ShapeMismatch { op: "matmul", lhs: sa.to_vec(), rhs: sb.to_vec() };
@@ -314,11 +335,14 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         // A shared right-hand side: one [batch·m, k] × [k, n] product (one packing of `b`).
         let k = sa[r - 1];
         let a2 = if a.layout().is_contiguous() { a.reshape_raw(&[a.numel() / k.max(1), k])? } else { contiguous(a)?.reshape_raw(&[a.numel() / k.max(1), k])? };
-        return matmul(&a2, b)?.reshape_raw(&shape);
+        return matmul_to(&a2, b, out)?.reshape_raw(&shape);
+    }
+    if let Some(d) = device_of("matmul", &[a, b])? {
+        return d.matmul(&on(&d, a)?, &on(&d, b)?, &shape, out);
     }
     let (m, k, n) = (sa[r - 2], sa[r - 1], sb[sb.len() - 1]);
     let batch: usize = sa[..r - 2].iter().product();
-    with_float!(compute_dtype(&[a, b]), T => {
+    let product = with_float!(compute_dtype(&[a, b]), T => {
         let (x, lx) = strided::<T>(a)?;
         let (y, ly) = strided::<T>(b)?;
         let mut out = vec![T::ZERO; batch * m * n];
@@ -361,8 +385,12 @@ pub(crate) fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
                 one(bi, o, par);
             }
         }
-        Ok(Tensor::from_values(out, &shape))
-    })
+        Tensor::from_values(out, &shape)
+    });
+    match out {
+        Some(d) if d != product.dtype() => to_dtype(&product, d),
+        _ => Ok(product),
+    }
 }
 
 /// `(outer, inner)` sizes around `dim`: the tensor is `outer` slabs of `shape[dim] × inner`.
@@ -386,6 +414,10 @@ pub(crate) fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
         }
         shape[dim] += s[dim];
     }
+    if let Some(d) = device_of("cat", ts)? {
+        let on_dev: Vec<Tensor> = ts.iter().map(|t| on(&d, t)).collect::<Result<_>>()?;
+        return d.cat(&on_dev.iter().collect::<Vec<_>>(), dim, &shape);
+    }
     let (outer, inner) = around(&shape, dim);
     with_float!(compute_dtype(ts), T => {
         let vals: Vec<_> = ts.iter().map(|t| t.values::<T>()).collect::<Result<_>>()?;
@@ -402,6 +434,9 @@ pub(crate) fn cat(ts: &[&Tensor], dim: usize) -> Result<Tensor> {
 
 /// `g` placed at `start..start+len` of a zero tensor whose `dim` has size `full` (the adjoint of narrow).
 pub(crate) fn pad(g: &Tensor, dim: usize, start: usize, full: usize) -> Result<Tensor> {
+    if let Some(d) = device_of("pad", &[g])? {
+        return d.pad(g, dim, start, full);
+    }
     let mut shape = g.shape().to_vec();
     let len = shape[dim];
     shape[dim] = full;
@@ -419,11 +454,19 @@ pub(crate) fn pad(g: &Tensor, dim: usize, start: usize, full: usize) -> Result<T
 
 /// A contiguous copy in the compute dtype.
 pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
+    if let Some(d) = device_of("contiguous", &[x])? {
+        // On a device 16-bit tensors stay 16-bit (autocast activations, as in PyTorch).
+        let ty = if matches!(x.dtype(), DType::BF16 | DType::F16) { x.dtype() } else { compute_dtype(&[x]) };
+        return d.copy(x, ty);
+    }
     with_float!(compute_dtype(&[x]), T => Ok(Tensor::from_values(x.values::<T>()?.into_owned(), x.shape())))
 }
 
 /// Conversion to another unquantized dtype (rounding to nearest for f16/bf16).
 pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if let (Some(d), false) = (device_of("to_dtype", &[x])?, dtype.is_quantized()) {
+        return d.copy(x, dtype);
+    }
     match dtype {
         DType::F64 => Ok(Tensor::from_values(x.values::<f64>()?.into_owned(), x.shape())),
         DType::F32 => Ok(Tensor::from_values(x.values::<f32>()?.into_owned(), x.shape())),
@@ -436,6 +479,10 @@ pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
 /// `x · wᵀ` for a weight `[out, in]` in a kernel dtype (quantized, f16, bf16, f32): the inference
 /// kernels' batched dequantize-and-dot.
 pub(crate) fn linear_weights(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if let Some(d) = device_of("linear", &[x, w])? {
+        let w = on(&d, w)?;
+        return matmul(x, &w.transpose_raw(0, 1)?);
+    }
     let m = w.matrix()?;
     let k = *x.shape().last().unwrap_or(&0);
     if k != m.k {

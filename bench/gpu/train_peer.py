@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""GPU training speed, side by side: `augur bench train --device cuda` and the same GPT in PyTorch
+on the same GPU (eager, then torch.compile), same batch, sequence length and precision (bf16
+autocast, f32 master weights, AdamW), each timing full steps (forward, cross-entropy, backward,
+AdamW) after warm-up steps. Prints one JSON line per engine and the ratios.
+
+    python3 bench/gpu/train_peer.py --augur .gpu/bin/augur --config bench/gpu/gpt-100m.json
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from train_peer import Gpt  # noqa: E402  (the CPU peer's model: the same architecture as augur's)
+
+
+class GpuGpt(Gpt):
+    """The peer model with its RoPE tables made on the input's device."""
+
+    def forward(self, ids):
+        T = ids.shape[1]
+        x = self.tok(ids)
+        if self.pos is not None:
+            x = x + self.pos.weight[:T]
+        hd = self.c["dim"] // self.c["n_head"]
+        inv = 1.0 / (self.c["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32, device=ids.device) / hd))
+        ang = torch.arange(T, dtype=torch.float32, device=ids.device)[:, None] * inv[None, :]
+        cos, sin = ang.cos(), ang.sin()
+        for b in self.blocks:
+            x = b(x, cos, sin)
+        x = self.norm_f(x)
+        return F.linear(x, self.tok.weight) if self.head is None else self.head(x)
+
+
+def torch_run(c, batch, seq, steps, compiled):
+    torch.manual_seed(0)
+    model = GpuGpt(c).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    fwd = torch.compile(model) if compiled else model
+    times = []
+    for step in range(steps + 3):
+        ids = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
+        tgt = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = fwd(ids)
+        loss = F.cross_entropy(logits.float().reshape(-1, c["vocab"]), tgt.reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        if step >= 3:
+            times.append(time.perf_counter() - t)
+    times.sort()
+    return batch * seq / times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--augur", default=".gpu/bin/augur")
+    ap.add_argument("--config", default="bench/gpu/gpt-100m.json")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=10)
+    a = ap.parse_args()
+    cmd = [a.augur, "bench", "train", "--device", "cuda", "--config", a.config, "--batch", str(a.batch), "--seq-len", str(a.seq_len),
+           "--steps", str(a.steps), "--precision", "bf16"]
+    out = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+    print(json.dumps(out))
+    cfg = out["model"]
+    eager = torch_run(cfg, a.batch, a.seq_len, a.steps, False)
+    print(json.dumps({"engine": "torch eager", "tokens_per_s": eager}))
+    try:
+        compiled = torch_run(cfg, a.batch, a.seq_len, a.steps, True)
+    except Exception as e:  # torch.compile needs a C compiler and Triton; say so instead of failing
+        print(f"torch.compile unavailable: {e}", file=sys.stderr)
+        compiled = None
+    print(json.dumps({"engine": "torch.compile", "tokens_per_s": compiled}))
+    print(json.dumps({
+        "bench": "train_gpu", "parameters": out["parameters"], "batch": a.batch, "seq_len": a.seq_len, "precision": "bf16",
+        "augur_tok_s": out["tokens_per_s"], "torch_eager_tok_s": eager, "torch_compile_tok_s": compiled,
+        "ratio_eager": out["tokens_per_s"] / eager, "ratio_compile": compiled and out["tokens_per_s"] / compiled,
+        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+    }))
+
+
+if __name__ == "__main__":
+    main()
