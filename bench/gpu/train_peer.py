@@ -2,7 +2,8 @@
 """GPU training speed, side by side: `augur bench train --device cuda` and the same GPT in PyTorch
 on the same GPU (eager, then torch.compile), same batch, sequence length and precision (bf16
 autocast, f32 master weights, AdamW), each timing full steps (forward, cross-entropy, backward,
-AdamW) after warm-up steps. Prints one JSON line per engine and the ratios.
+AdamW) after warm-up steps; augur and eager alternate for --rounds, medians reported. Prints one
+JSON line per run and the ratios.
 
     python3 bench/gpu/train_peer.py --augur .gpu/bin/augur --config bench/gpu/gpt-100m.json
 """
@@ -16,8 +17,15 @@ import time
 import torch
 import torch.nn.functional as F
 
+import importlib.util  # noqa: E402
+
+# The CPU peer's model (bench/train_peer.py): the same architecture as augur's GPT.
+_spec = importlib.util.spec_from_file_location("cpu_train_peer", os.path.join(os.path.dirname(__file__), "..", "train_peer.py"))
+_cpu = importlib.util.module_from_spec(_spec)
+sys.modules["cpu_train_peer"] = _cpu  # torch.compile re-imports the model's module by name
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from train_peer import Gpt  # noqa: E402  (the CPU peer's model: the same architecture as augur's)
+_spec.loader.exec_module(_cpu)
+Gpt = _cpu.Gpt
 
 
 class GpuGpt(Gpt):
@@ -69,14 +77,21 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     cmd = [a.augur, "bench", "train", "--device", "cuda", "--config", a.config, "--batch", str(a.batch), "--seq-len", str(a.seq_len),
            "--steps", str(a.steps), "--precision", "bf16"]
-    out = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
-    print(json.dumps(out))
-    cfg = out["model"]
-    eager = torch_run(cfg, a.batch, a.seq_len, a.steps, False)
-    print(json.dumps({"engine": "torch eager", "tokens_per_s": eager}))
+    # Alternate the engines (the GPU is shared: sittings differ); medians of --rounds each.
+    ours, eager_runs = [], []
+    for _ in range(a.rounds):
+        out = json.loads(subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout)
+        print(json.dumps(out))
+        ours.append(out["tokens_per_s"])
+        cfg = out["model"]
+        eager_runs.append(torch_run(cfg, a.batch, a.seq_len, a.steps, False))
+        print(json.dumps({"engine": "torch eager", "tokens_per_s": eager_runs[-1]}))
+    med = lambda v: sorted(v)[len(v) // 2]
+    out["tokens_per_s"], eager = med(ours), med(eager_runs)
     try:
         compiled = torch_run(cfg, a.batch, a.seq_len, a.steps, True)
     except Exception as e:  # torch.compile needs a C compiler and Triton; say so instead of failing
@@ -87,7 +102,7 @@ def main():
         "bench": "train_gpu", "parameters": out["parameters"], "batch": a.batch, "seq_len": a.seq_len, "precision": "bf16",
         "augur_tok_s": out["tokens_per_s"], "torch_eager_tok_s": eager, "torch_compile_tok_s": compiled,
         "ratio_eager": out["tokens_per_s"] / eager, "ratio_compile": compiled and out["tokens_per_s"] / compiled,
-        "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
+        "rounds": a.rounds, "augur_runs": ours, "torch_eager_runs": eager_runs, "torch": torch.__version__, "gpu": torch.cuda.get_device_name(),
     }))
 
 

@@ -2,7 +2,6 @@
 //! differentiable op in the registry, over random shapes with broadcasting and with strided
 //! (transposed) inputs, on the host or on a device: the CPU tests and each backend's tests run
 //! the same cases.
-#![allow(clippy::type_complexity, missing_docs)]
 
 use crate::registry::OPS;
 use crate::{no_grad, AttentionMask, DType, Device, Result, Tensor, UnaryOp};
@@ -215,72 +214,72 @@ fn inputs(leaves: &[Tensor], strided: bool) -> Result<Vec<Tensor>> {
     leaves.iter().map(|l| if strided && l.rank() >= 2 { l.transpose(l.rank() - 2, l.rank() - 1) } else { Ok(l.clone()) }).collect()
 }
 
-fn make_leaves(case: &Case, strided: bool, values: &[Vec<f64>], dev: Option<&Device>) -> Vec<Tensor> {
+fn make_leaves(case: &Case, strided: bool, values: &[Vec<f64>], dev: Option<&Device>) -> Result<Vec<Tensor>> {
     case.leaves
         .iter()
         .zip(values)
         .map(|((shape, _), v)| {
             let r = shape.len();
-            if strided && r >= 2 {
+            let t = if strided && r >= 2 {
                 // Store the transpose; `inputs` views it back to `shape`.
                 let mut ts = shape.clone();
                 ts.swap(r - 2, r - 1);
-                let t = Tensor::from_f64(v.clone(), shape).unwrap().transpose(r - 2, r - 1).unwrap().contiguous().unwrap();
-                placed(Tensor::from_f64(t.to_vec_f64().unwrap(), &ts).unwrap(), dev)
+                let t = Tensor::from_f64(v.clone(), shape)?.transpose(r - 2, r - 1)?.contiguous()?;
+                Tensor::from_f64(t.to_vec_f64()?, &ts)?
             } else {
-                placed(Tensor::from_f64(v.clone(), shape).unwrap(), dev)
-            }
+                Tensor::from_f64(v.clone(), shape)?
+            };
+            // A leaf on `dev` (or the host) that requires a gradient.
+            Ok(t.to(dev)?.detach().requires_grad(true))
         })
         .collect()
 }
 
-/// A leaf on `dev` (or the host) that requires a gradient.
-fn placed(t: Tensor, dev: Option<&Device>) -> Tensor {
-    t.to(dev).expect("the device takes the leaf").detach().requires_grad(true)
-}
-
-fn check(name: &str, case: &Case, strided: bool, r: &mut Rng, dev: Option<&Device>) -> std::result::Result<(), String> {
+fn check(name: &str, case: &Case, strided: bool, r: &mut Rng, dev: Option<&Device>) -> Result<std::result::Result<(), String>> {
     let values: Vec<Vec<f64>> = case.leaves.iter().map(|(_, v)| v.clone()).collect();
-    let leaves = make_leaves(case, strided, &values, dev);
-    let out = (case.f)(&inputs(&leaves, strided).unwrap()).unwrap();
-    let weights = Tensor::from_f64(r.vals(out.numel(), 0.2, 1.0, true), out.shape()).unwrap();
-    out.mul(&weights).unwrap().sum_all().unwrap().backward().unwrap();
-    let loss = |vals: &[Vec<f64>]| -> f64 {
+    let leaves = make_leaves(case, strided, &values, dev)?;
+    let out = (case.f)(&inputs(&leaves, strided)?)?;
+    let weights = Tensor::from_f64(r.vals(out.numel(), 0.2, 1.0, true), out.shape())?;
+    out.mul(&weights)?.sum_all()?.backward()?;
+    let loss = |vals: &[Vec<f64>]| -> Result<f64> {
         no_grad(|| {
-            let l = make_leaves(case, strided, vals, dev);
-            let o = (case.f)(&inputs(&l, strided).unwrap()).unwrap();
-            o.mul(&weights).unwrap().sum_all().unwrap().to_vec_f64().unwrap()[0]
+            let l = make_leaves(case, strided, vals, dev)?;
+            let o = (case.f)(&inputs(&l, strided)?)?;
+            Ok(o.mul(&weights)?.sum_all()?.to_vec_f64()?[0])
         })
     };
     let eps = 1e-6;
     for (li, l) in leaves.iter().enumerate() {
-        let g = l.grad().map(|g| g.to_vec_f64().unwrap()).unwrap_or_else(|| vec![0.0; l.numel()]);
+        let g = match l.grad() {
+            Some(g) => g.to_vec_f64()?,
+            None => vec![0.0; l.numel()],
+        };
         // The gradient is of the stored leaf, laid out like it (transposed when strided).
-        let stored = l.to_vec_f64().unwrap();
+        let stored = l.to_vec_f64()?;
         let rank = l.rank();
+        let back = |s: Vec<f64>| -> Result<Vec<f64>> {
+            if strided && rank >= 2 {
+                Tensor::from_f64(s, l.shape())?.transpose(rank - 2, rank - 1)?.to_vec_f64()
+            } else {
+                Ok(s)
+            }
+        };
         for (e, &ga) in g.iter().enumerate() {
             let mut plus = stored.clone();
             let mut minus = stored.clone();
             plus[e] += eps;
             minus[e] -= eps;
-            let back = |s: Vec<f64>| -> Vec<f64> {
-                if strided && rank >= 2 {
-                    Tensor::from_f64(s, l.shape()).unwrap().transpose(rank - 2, rank - 1).unwrap().to_vec_f64().unwrap()
-                } else {
-                    s
-                }
-            };
             let mut vp = values.clone();
-            vp[li] = back(plus);
+            vp[li] = back(plus)?;
             let mut vm = values.clone();
-            vm[li] = back(minus);
-            let num = (loss(&vp) - loss(&vm)) / (2.0 * eps);
+            vm[li] = back(minus)?;
+            let num = (loss(&vp)? - loss(&vm)?) / (2.0 * eps);
             if (ga - num).abs() > 1e-6 + 1e-5 * num.abs() {
-                return Err(format!("{name} (strided {strided}): input {li} element {e}: analytic {ga} vs numeric {num}"));
+                return Ok(Err(format!("{name} (strided {strided}): input {li} element {e}: analytic {ga} vs numeric {num}")));
             }
         }
     }
-    Ok(())
+    Ok(Ok(()))
 }
 
 /// Check every differentiable op of the registry on `dev` (the host for `None`): six random
@@ -294,7 +293,7 @@ pub fn check_every_op(dev: Option<&Device>) -> std::result::Result<(), String> {
             (true, Some(make)) => {
                 for seed in 0..6 {
                     let case = make(&mut r);
-                    check(op.name, &case, seed % 2 == 1, &mut r, dev)?;
+                    check(op.name, &case, seed % 2 == 1, &mut r, dev).map_err(|e| format!("{}: {e}", op.name))??;
                 }
             }
             (true, None) => missing.push(op.name),

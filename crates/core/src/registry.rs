@@ -25,8 +25,9 @@ pub struct OpInfo {
 /// `gather_rows` and `to_dtype` only, as noted in their docs).
 pub const DTYPES: &[&str] = &["f32", "f64", "bf16", "f16"];
 
-/// Devices the ops run on in this build (CUDA kernels live with the CUDA backend).
-pub const DEVICES: &[&str] = &["cpu"];
+/// Devices the ops run on: the host, and NVIDIA GPUs through a `Backend` (augur-cuda's training
+/// backend runs every op of this list; `augur_core::gradcheck` checks them there).
+pub const DEVICES: &[&str] = &["cpu", "cuda"];
 
 macro_rules! op {
     ($name:literal, [$($alias:literal),*], $rust:literal, $args:literal, $diff:literal, $doc:literal) => {

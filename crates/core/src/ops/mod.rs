@@ -452,18 +452,29 @@ pub(crate) fn pad(g: &Tensor, dim: usize, start: usize, full: usize) -> Result<T
     })
 }
 
-/// A contiguous copy in the compute dtype.
+/// The values contiguous in the compute dtype: `x` itself when it already is (tensors are
+/// immutable), else a copy.
 pub(crate) fn contiguous(x: &Tensor) -> Result<Tensor> {
     if let Some(d) = device_of("contiguous", &[x])? {
         // On a device 16-bit tensors stay 16-bit (autocast activations, as in PyTorch).
         let ty = if matches!(x.dtype(), DType::BF16 | DType::F16) { x.dtype() } else { compute_dtype(&[x]) };
+        if x.layout().is_contiguous() && x.dtype() == ty {
+            return Ok(x.detach());
+        }
         return d.copy(x, ty);
+    }
+    if x.layout().is_contiguous() && x.layout().offset() == 0 && x.dtype() == compute_dtype(&[x]) {
+        return Ok(x.detach());
     }
     with_float!(compute_dtype(&[x]), T => Ok(Tensor::from_values(x.values::<T>()?.into_owned(), x.shape())))
 }
 
-/// Conversion to another unquantized dtype (rounding to nearest for f16/bf16).
+/// Conversion to another unquantized dtype (rounding to nearest for f16/bf16); `x` itself when it
+/// is already contiguous in that type.
 pub(crate) fn to_dtype(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    if x.dtype() == dtype && x.layout().is_contiguous() && x.layout().offset() == 0 && !dtype.is_quantized() {
+        return Ok(x.detach());
+    }
     if let (Some(d), false) = (device_of("to_dtype", &[x])?, dtype.is_quantized()) {
         return d.copy(x, dtype);
     }

@@ -84,6 +84,7 @@ pub(super) fn matmul(be: &Cuda, a: &Tensor, b: &Tensor, shape: &[usize], out: Op
     } else {
         (&one32 as *const f32 as *const c_void, &zero32 as *const f32 as *const c_void, Compute::CUBLAS_COMPUTE_32F)
     };
+    let _p = be.prof_named(|| format!("matmul {m}x{k}x{n} ×{batch} {}{} {}→{}", if tra { "T" } else { "N" }, if trb { "T" } else { "N" }, in_ty.name(), out_ty.name()));
     let blas = be.blas.lock().unwrap_or_else(|e| e.into_inner());
     let i32_of = |x: usize| i32::try_from(x).map_err(|_| cuda_err(format!("a matrix dimension of {x} is past cuBLAS's 32-bit sizes")));
     // Column-major: Cᵀ [n × m] = Bᵀ [n × k] · Aᵀ [k × m].
@@ -91,31 +92,17 @@ pub(super) fn matmul(be: &Cuda, a: &Tensor, b: &Tensor, shape: &[usize], out: Op
     // strides) were derived from their layouts; `c` holds batch × m × n outputs; the handle
     // runs on the stream every other op of this backend uses.
     unsafe {
-        cudarc::cublas::result::gemm_strided_batched_ex(
-            *blas.handle(),
-            op(trb),
-            op(tra),
-            i32_of(n)?,
-            i32_of(m)?,
-            i32_of(k)?,
-            alpha,
-            bp as *const c_void,
-            ty(in_ty),
-            i32_of(ldb)?,
-            sb as i64,
-            ap as *const c_void,
-            ty(in_ty),
-            i32_of(lda)?,
-            sa as i64,
-            beta,
-            c.ptr as *mut c_void,
-            ty(out_ty),
-            i32_of(n)?,
-            (m * n) as i64,
-            i32_of(batch)?,
-            compute,
-            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT,
-        )
+        let (h, ta, tb) = (*blas.handle(), op(trb), op(tra));
+        let (mm, nn, kk, la, lb, lc) = (i32_of(n)?, i32_of(m)?, i32_of(k)?, i32_of(ldb)?, i32_of(lda)?, i32_of(n)?);
+        let (pa, pb, pc) = (bp as *const c_void, ap as *const c_void, c.ptr as *mut c_void);
+        let (ti, to) = (ty(in_ty), ty(out_ty));
+        let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DFALT;
+        if batch == 1 {
+            // The plain call: cuBLAS's heuristics serve it better than a batch of one.
+            cudarc::cublas::result::gemm_ex(h, ta, tb, mm, nn, kk, alpha, pa, ti, la, pb, ti, lb, beta, pc, to, lc, compute, algo)
+        } else {
+            cudarc::cublas::result::gemm_strided_batched_ex(h, ta, tb, mm, nn, kk, alpha, pa, ti, la, sb as i64, pb, ti, lb, sa as i64, beta, pc, to, lc, (m * n) as i64, i32_of(batch)?, compute, algo)
+        }
     }
     .map_err(|e| cuda_err(format!("cuBLAS gemm ({m}×{k} · {k}×{n}, batch {batch}, {}): {e}", in_ty.name())))?;
     Cuda::tensor(c, shape)

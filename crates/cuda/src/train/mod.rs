@@ -29,6 +29,8 @@ pub(crate) const TRAIN: Program = Program { name: "train", source: include_str!(
 
 const THREADS: u32 = 256;
 const MAX_RANK: usize = 8;
+/// cuBLAS's workspace (what PyTorch gives it on Hopper).
+const BLAS_WORKSPACE: usize = 32 << 20;
 /// Most dynamic shared memory the general attention kernels may take (scores of a row).
 const ATTN_SMEM: usize = 200 * 1024;
 
@@ -52,17 +54,17 @@ impl Lay {
     fn merged(ls: &[&Layout]) -> core::Result<Vec<Lay>> {
         let shape = ls[0].shape();
         let mut dims: Vec<(usize, Vec<usize>)> = vec![];
-        for d in 0..shape.len() {
-            if shape[d] == 1 {
+        for (d, &len) in shape.iter().enumerate() {
+            if len == 1 {
                 continue;
             }
             let strides: Vec<usize> = ls.iter().map(|l| l.strides()[d]).collect();
             match dims.last_mut() {
-                Some((size, st)) if st.iter().zip(&strides).all(|(&outer, &inner)| outer == inner * shape[d]) => {
-                    *size *= shape[d];
+                Some((size, st)) if st.iter().zip(&strides).all(|(&outer, &inner)| outer == inner * len) => {
+                    *size *= len;
                     *st = strides;
                 }
-                _ => dims.push((shape[d], strides)),
+                _ => dims.push((len, strides)),
             }
         }
         if dims.len() > MAX_RANK {
@@ -172,6 +174,7 @@ pub struct Cuda {
     dev: Arc<Device>,
     k: Kernels,
     blas: Mutex<CudaBlas>,
+    _workspace: CudaSlice<u8>,
     flash: OnceLock<std::result::Result<Flash, String>>,
     me: Weak<Cuda>,
     _module: Arc<CudaModule>,
@@ -277,12 +280,39 @@ impl Cuda {
         }
         keep_freed_memory(dev)?;
         let blas = CudaBlas::new(dev.stream.clone()).map_err(|e| crate::Error::Unsupported(format!("cuBLAS could not start ({e}); put libcublas on LD_LIBRARY_PATH")))?;
-        Ok(Arc::new_cyclic(|me| Cuda { dev: dev.clone(), k, blas: Mutex::new(blas), flash: OnceLock::new(), me: me.clone(), _module: module }))
+        // A workspace of its own lets cuBLAS pick its fastest (split-K, stream-K) kernels.
+        let workspace = dev.stream.alloc_zeros::<u8>(BLAS_WORKSPACE)?;
+        // SAFETY: the workspace lives as long as the handle (both are fields of `Cuda`) and is
+        // used only by this handle on its stream.
+        unsafe {
+            let (ptr, _) = workspace.device_ptr(&dev.stream);
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut std::ffi::c_void, BLAS_WORKSPACE).result().map_err(|e| crate::Error::Unsupported(format!("cuBLAS workspace: {e}")))?;
+        }
+        Ok(Arc::new_cyclic(|me| Cuda { dev: dev.clone(), k, blas: Mutex::new(blas), _workspace: workspace, flash: OnceLock::new(), me: me.clone(), _module: module }))
     }
 
     /// The device the backend runs on.
     pub fn device(&self) -> &Arc<Device> {
         &self.dev
+    }
+
+    /// A profile entry named at run time (leaked: profiling runs only).
+    fn prof_named(&self, op: impl FnOnce() -> String) -> Option<Prof<'_>> {
+        profiling().then(|| {
+            static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+            let name = op();
+            let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+            let s = match names.iter().find(|n| **n == name) {
+                Some(n) => *n,
+                None => {
+                    let n: &'static str = Box::leak(name.into_boxed_str());
+                    names.push(n);
+                    n
+                }
+            };
+            let _ = self.dev.stream.synchronize();
+            Prof { be: self, op: s, start: std::time::Instant::now() }
+        })
     }
 
     fn prof(&self, op: &'static str) -> Option<Prof<'_>> {
@@ -581,7 +611,6 @@ impl Backend for Cuda {
     }
 
     fn matmul(&self, a: &Tensor, b: &Tensor, shape: &[usize], out: Option<DType>) -> core::Result<Tensor> {
-        let _p = self.prof(if a.dtype() == b.dtype() && matches!(a.dtype(), DType::BF16 | DType::F16) { "matmul (16-bit)" } else { "matmul (f32/f64)" });
         matmul::matmul(self, a, b, shape, out)
     }
 
@@ -782,6 +811,7 @@ impl Backend for Cuda {
         lse: &Tensor,
         g: &Tensor,
     ) -> core::Result<AttentionGrads> {
+        let _p = self.prof("attention_backward");
         attn::backward(self, s, qkv, bias, m, (out, lse, g))
     }
 
@@ -808,7 +838,10 @@ impl Cuda {
         let (sp, st, dp, dty, nn) = (src.ptr, dt_code(src.dtype), dst.ptr, dt_code(dst.dtype), n as i64);
         let mut b = self.builder(&self.k.copy);
         b.arg(&sp).arg(&st).arg(&l[0]).arg(&dp).arg(&dty).arg(&l[1]).arg(&nn);
-        Self::run(&mut b, Self::grid(n))
+        // Eight elements a thread when the innermost dimension holds whole groups of eight.
+        let flat = |l: &Lay| l.rank == 1 && l.stride[0] == 1;
+        let per = if !(flat(&l[0]) && flat(&l[1])) && l[0].shape[l[0].rank as usize - 1] % 8 == 0 { 8 } else { 1 };
+        Self::run(&mut b, Self::grid(n / per))
     }
 
     /// Targets as i32 on the device (-1 for ignored rows) and the number counted.
