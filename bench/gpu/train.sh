@@ -10,7 +10,7 @@ mkdir -p "$out" "$AUGUR_CACHE/cuda"
 [ -d .gpu/cache/cuda ] && cp .gpu/cache/cuda/* "$AUGUR_CACHE/cuda/"
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
-echo "== training backend vs host"; .gpu/bin/test-augur_cuda train:: --test-threads 1 2>&1 | tail -15
+echo "== CUDA conformance and the training backend vs host"; .gpu/bin/test-augur_cuda --test-threads 1 2>&1 | tail -15
 echo "== golden steps on the GPU"; .gpu/bin/test-torch_golden steps_on_the_gpu --nocapture 2>&1 | tail -5
 echo "== GPT training: augur, PyTorch eager, torch.compile"
 python3 bench/gpu/train_peer.py "$@" 2>&1 | tee -a "$out/train_gpu.jsonl"

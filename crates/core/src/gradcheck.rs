@@ -6,28 +6,31 @@
 use crate::registry::OPS;
 use crate::{no_grad, AttentionMask, DType, Device, Result, Tensor, UnaryOp};
 
-struct Rng(u64);
+/// The checks' random numbers (SplitMix64), seeded by its field.
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    /// The next 64 random bits.
+    pub fn bits(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.bits() >> 11) as f64 / (1u64 << 53) as f64
     }
     fn size(&mut self, lo: usize, hi: usize) -> usize {
-        lo + (self.next() as usize) % (hi - lo + 1)
+        lo + (self.bits() as usize) % (hi - lo + 1)
     }
     /// Values in ±[lo, hi] (kept away from zero where an op has a kink or pole there).
-    fn vals(&mut self, n: usize, lo: f64, hi: f64, signed: bool) -> Vec<f64> {
+    pub fn vals(&mut self, n: usize, lo: f64, hi: f64, signed: bool) -> Vec<f64> {
         (0..n)
             .map(|_| {
                 let m = lo + (hi - lo) * self.unit();
-                if signed && self.next().is_multiple_of(2) { -m } else { m }
+                if signed && self.bits().is_multiple_of(2) { -m } else { m }
             })
             .collect()
     }
@@ -58,10 +61,10 @@ fn away(r: &mut Rng, shape: &[usize], signed: bool) -> (Vec<usize>, Vec<f64>) {
 
 /// A broadcast partner for shape `s`: the same shape, a suffix, or with some dims set to 1.
 fn partner(r: &mut Rng, s: &[usize]) -> Vec<usize> {
-    match r.next() % 4 {
+    match r.bits() % 4 {
         0 => s.to_vec(),
         1 => s[1..].to_vec(),
-        2 => s.iter().map(|&d| if r.next().is_multiple_of(2) { 1 } else { d }).collect(),
+        2 => s.iter().map(|&d| if r.bits().is_multiple_of(2) { 1 } else { d }).collect(),
         _ => vec![1],
     }
 }
@@ -78,7 +81,7 @@ fn binary(f: fn(&Tensor, &Tensor) -> Result<Tensor>, denominator: bool) -> impl 
     move |r| {
         let s = vec![r.size(1, 3), r.size(1, 4)];
         let p = partner(r, &s);
-        let (a, b) = if r.next() % 2 == 0 { (s, p) } else { (p, s) };
+        let (a, b) = if r.bits() % 2 == 0 { (s, p) } else { (p, s) };
         let b = if denominator { away(r, &b, true) } else { normal(r, &b) };
         Case { leaves: vec![normal(r, &a), b], f: Box::new(move |t| f(&t[0], &t[1])) }
     }
@@ -88,10 +91,10 @@ fn attention_case(r: &mut Rng) -> Case {
     let (b, hk, g, tq, d) = (r.size(1, 2), r.size(1, 2), r.size(1, 2), r.size(1, 4), r.size(1, 4));
     let tk = tq + r.size(0, 3);
     let h = hk * g;
-    let causal = r.next().is_multiple_of(2);
-    let allow: Option<std::sync::Arc<[bool]>> = r.next().is_multiple_of(2).then(|| (0..tq * tk).map(|i| i % 3 != 1 || i == 0).collect());
-    let alibi = r.next().is_multiple_of(2).then(|| (0..h).map(|i| 0.25 * (i + 1) as f32).collect());
-    let biased = r.next().is_multiple_of(2);
+    let causal = r.bits().is_multiple_of(2);
+    let allow: Option<std::sync::Arc<[bool]>> = r.bits().is_multiple_of(2).then(|| (0..tq * tk).map(|i| i % 3 != 1 || i == 0).collect());
+    let alibi = r.bits().is_multiple_of(2).then(|| (0..h).map(|i| 0.25 * (i + 1) as f32).collect());
+    let biased = r.bits().is_multiple_of(2);
     let mask = AttentionMask { causal, allow, alibi, scale: None };
     let mut leaves = vec![normal(r, &[b, h, tq, d]), normal(r, &[b, hk, tk, d]), normal(r, &[b, hk, tk, d])];
     if biased {
@@ -157,7 +160,7 @@ fn case_for(name: &str) -> Option<MakeCase> {
         }),
         "tensor.matmul" => Box::new(|r: &mut Rng| {
             let (b, m, k, n) = (r.size(1, 3), r.size(1, 4), r.size(1, 4), r.size(1, 4));
-            let rhs = if r.next().is_multiple_of(2) { vec![b, k, n] } else { vec![k, n] };
+            let rhs = if r.bits().is_multiple_of(2) { vec![b, k, n] } else { vec![k, n] };
             Case { leaves: vec![normal(r, &[b, m, k]), normal(r, &rhs)], f: Box::new(|t| t[0].matmul(&t[1])) }
         }),
         "nn.functional.linear" => Box::new(|r: &mut Rng| {
@@ -176,18 +179,18 @@ fn case_for(name: &str) -> Option<MakeCase> {
         }),
         "nn.functional.embedding" => Box::new(|r: &mut Rng| {
             let rows = r.size(2, 5);
-            let ids: Vec<u32> = (0..r.size(1, 6)).map(|_| (r.next() % rows as u64) as u32).collect();
+            let ids: Vec<u32> = (0..r.size(1, 6)).map(|_| (r.bits() % rows as u64) as u32).collect();
             Case { leaves: vec![normal(r, &[rows, 3])], f: Box::new(move |t| t[0].gather_rows(&ids)) }
         }),
         "nn.functional.cross_entropy" => Box::new(|r: &mut Rng| {
             let (n, c) = (r.size(1, 5), r.size(2, 6));
-            let mut targets: Vec<u32> = (0..n).map(|_| (r.next() % c as u64) as u32).collect();
+            let mut targets: Vec<u32> = (0..n).map(|_| (r.bits() % c as u64) as u32).collect();
             targets[0] = 999; // ignored
             Case { leaves: vec![normal(r, &[n, c])], f: Box::new(move |t| t[0].cross_entropy(&targets, Some(999))) }
         }),
         "nn.functional.rope" => Box::new(|r: &mut Rng| {
             let (seq, half) = (r.size(1, 4), r.size(1, 3));
-            let interleaved = r.next().is_multiple_of(2);
+            let interleaved = r.bits().is_multiple_of(2);
             let ang: Vec<f64> = (0..seq * half).map(|i| (i as f64) * 0.37).collect();
             let cos = Tensor::from_f64(ang.iter().map(|a| a.cos()).collect(), &[seq, half]).unwrap();
             let sin = Tensor::from_f64(ang.iter().map(|a| a.sin()).collect(), &[seq, half]).unwrap();

@@ -1,30 +1,8 @@
 //! The finite-difference gradient checks of `augur_core::gradcheck` on the host, and checks
 //! of FlashAttention against the plain definition.
 
-use augur_core::{gradcheck, AttentionMask, Tensor};
-
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn vals(&mut self, n: usize, lo: f64, hi: f64, signed: bool) -> Vec<f64> {
-        (0..n)
-            .map(|_| {
-                let m = lo + (hi - lo) * self.unit();
-                if signed && self.next().is_multiple_of(2) { -m } else { m }
-            })
-            .collect()
-    }
-}
+use augur_core::gradcheck::{self, Rng};
+use augur_core::{AttentionMask, Tensor};
 
 #[test]
 fn every_differentiable_op_passes_a_gradient_check() {

@@ -58,23 +58,20 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
 
 #define GRID_STRIDE(i, n) for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < (n); i += (i64)gridDim.x * blockDim.x)
 
-__device__ __forceinline__ double load_any(const void* p, int ty, i64 i) {
-    switch (ty) {
-        case D_F32: return (double)((const float*)p)[i];
-        case D_F64: return ((const double*)p)[i];
-        case D_F16: return (double)f16_to_f32(((const u16*)p)[i]);
-        default: return (double)bf16_to_f32(((const u16*)p)[i]);
-    }
+// Reads and writes of any float type, computing in T (float, or double for f64).
+template <typename T> __device__ __forceinline__ T ldv(const void* p, int ty, i64 i) {
+    if (ty == D_F32) return (T)((const float*)p)[i];
+    if (ty == D_F64) return (T)((const double*)p)[i];
+    if (ty == D_BF16) return (T)bf16_to_f32(((const u16*)p)[i]);
+    return (T)f16_to_f32(((const u16*)p)[i]);
 }
-
-__device__ __forceinline__ void store_any(void* p, int ty, i64 i, double v) {
-    switch (ty) {
-        case D_F32: ((float*)p)[i] = (float)v; break;
-        case D_F64: ((double*)p)[i] = v; break;
-        case D_F16: ((u16*)p)[i] = f32_to_f16((float)v); break;
-        default: ((u16*)p)[i] = f32_to_bf16((float)v); break;
-    }
+template <typename T> __device__ __forceinline__ void stv(void* p, int ty, i64 i, T v) {
+    if (ty == D_F32) ((float*)p)[i] = (float)v;
+    else if (ty == D_F64) ((double*)p)[i] = (double)v;
+    else if (ty == D_BF16) ((u16*)p)[i] = f32_to_bf16((float)v);
+    else ((u16*)p)[i] = f32_to_f16((float)v);
 }
+__device__ __forceinline__ i64 at(const Lay& l, i64 i) { return l.rank == 1 && l.stride[0] == 1 ? l.offset + i : lay_off(l, i); }
 
 template <int T> __device__ __forceinline__ double ld(const void* p, i64 i) {
     if (T == D_F32) return (double)((const float*)p)[i];
@@ -123,7 +120,7 @@ extern "C" __global__ void copy_any(const void* src, int sty, Lay sl, void* dst,
         i64 d = dflat ? dl.offset + i : lay_off(dl, i);
         if (sty == D_F32 && dty == D_BF16) ((u16*)dst)[d] = f32_to_bf16(((const float*)src)[s]);
         else if (sty == D_BF16 && dty == D_F32) ((float*)dst)[d] = bf16_to_f32(((const u16*)src)[s]);
-        else store_any(dst, dty, d, load_any(src, sty, s));
+        else stv<double>(dst, dty, d, ldv<double>(src, sty, s));
     }
 }
 
@@ -179,79 +176,36 @@ template <typename T> __device__ __forceinline__ T binary_op(int op, T a, T b) {
 }
 
 
-template <typename T> __device__ void unary_t(const T* x, T* out, i64 n, int op) {
-    GRID_STRIDE(i, n) out[i] = unary_op<T>(op, x[i]);
+// The elementwise kernels compute in T and read and write any float type in any layout (`Lay`),
+// so 16-bit activations under autocast are neither converted nor copied first.
+template <typename T> __device__ void unary_t(const void* x, int xt, Lay lx, void* out, int ot, i64 n, int op) {
+    GRID_STRIDE(i, n) stv<T>(out, ot, i, unary_op<T>(op, ldv<T>(x, xt, at(lx, i))));
 }
 
-template <typename T> __device__ void affine_t(const T* x, T* out, i64 n, double mul, double add) {
-    GRID_STRIDE(i, n) out[i] = x[i] * (T)mul + (T)add;
+template <typename T> __device__ void affine_t(const void* x, int xt, Lay lx, void* out, int ot, i64 n, double mul, double add) {
+    GRID_STRIDE(i, n) stv<T>(out, ot, i, ldv<T>(x, xt, at(lx, i)) * (T)mul + (T)add);
 }
 
-// mode 0: a and b contiguous of the output's shape; 1: b repeats every m elements (a bias);
-// 2: a repeats every m; 3: both strided (broadcast views).
-template <typename T> __device__ void binary_t(const T* a, Lay la, const T* b, Lay lb, T* out, i64 n, int op, int mode, i64 m) {
+// mode 1: b is a contiguous block repeated every m elements (a bias), a in any layout;
+// 3: both in any layout (broadcast views).
+template <typename T> __device__ void binary_t(const void* a, int at_, Lay la, const void* b, int bt, Lay lb, void* out, int ot, i64 n, int op, int mode, i64 m) {
     GRID_STRIDE(i, n) {
-        i64 ia = mode == 0 || mode == 1 ? la.offset + i : (mode == 2 ? la.offset + i % m : lay_off(la, i));
-        i64 ib = mode == 0 || mode == 2 ? lb.offset + i : (mode == 1 ? lb.offset + i % m : lay_off(lb, i));
-        out[i] = binary_op<T>(op, a[ia], b[ib]);
+        i64 ib = mode == 1 ? lb.offset + i % m : at(lb, i);
+        stv<T>(out, ot, i, binary_op<T>(op, ldv<T>(a, at_, at(la, i)), ldv<T>(b, bt, ib)));
     }
 }
 
-template <typename T> __device__ void rope_t(const T* x, const T* cs, const T* sn, T* out, i64 rows, int seq, int d, int interleaved) {
+// x: [rows / seq, seq, d] in any layout, tables [seq, d/2] in T; the output contiguous.
+template <typename T> __device__ void rope_t(const void* x, int xt, Lay lx, const T* cs, const T* sn, void* out, int ot, i64 rows, int seq, int d, int interleaved) {
     int half = d / 2;
     GRID_STRIDE(p, rows * half) {
         i64 row = p / half;
         int i = (int)(p - row * half), t = (int)(row % seq);
         int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
         T c = cs[t * half + i], s = sn[t * half + i];
-        T x0 = x[row * d + a], x1 = x[row * d + b];
-        out[row * d + a] = x0 * c - x1 * s;
-        out[row * d + b] = x0 * s + x1 * c;
-    }
-}
-
-// The f32-compute elementwise kernels read and write f32, bf16 or f16 in any layout (`Lay`), so
-// 16-bit activations under autocast are neither converted nor copied first.
-__device__ __forceinline__ float ldf(const void* p, int ty, i64 i) {
-    if (ty == D_F32) return ((const float*)p)[i];
-    if (ty == D_BF16) return bf16_to_f32(((const u16*)p)[i]);
-    return f16_to_f32(((const u16*)p)[i]);
-}
-__device__ __forceinline__ void stf(void* p, int ty, i64 i, float v) {
-    if (ty == D_F32) ((float*)p)[i] = v;
-    else if (ty == D_BF16) ((u16*)p)[i] = f32_to_bf16(v);
-    else ((u16*)p)[i] = f32_to_f16(v);
-}
-__device__ __forceinline__ i64 at(const Lay& l, i64 i) { return l.rank == 1 && l.stride[0] == 1 ? l.offset + i : lay_off(l, i); }
-
-extern "C" __global__ void unary_any(const void* x, int xt, Lay lx, void* out, int ot, i64 n, int op) {
-    GRID_STRIDE(i, n) stf(out, ot, i, unary_op<float>(op, ldf(x, xt, at(lx, i))));
-}
-
-extern "C" __global__ void affine_any(const void* x, int xt, Lay lx, void* out, int ot, i64 n, double mul, double add) {
-    GRID_STRIDE(i, n) stf(out, ot, i, ldf(x, xt, at(lx, i)) * (float)mul + (float)add);
-}
-
-// mode 1: b is a contiguous block repeated every m elements (a bias), a in any layout;
-// 3: both in any layout (broadcast views).
-extern "C" __global__ void binary_any(const void* a, int at_, Lay la, const void* b, int bt, Lay lb, void* out, int ot, i64 n, int op, int mode, i64 m) {
-    GRID_STRIDE(i, n) {
-        i64 ib = mode == 1 ? lb.offset + i % m : at(lb, i);
-        stf(out, ot, i, binary_op<float>(op, ldf(a, at_, at(la, i)), ldf(b, bt, ib)));
-    }
-}
-
-// x: [rows / seq, seq, d] in any layout, tables f32 [seq, d/2]; the output contiguous.
-extern "C" __global__ void rope_any(const void* x, int xt, Lay lx, const float* cs, const float* sn, void* out, int ot, i64 rows, int seq, int d, int interleaved) {
-    int half = d / 2;
-    GRID_STRIDE(p, rows * half) {
-        i64 row = p / half;
-        int i = (int)(p - row * half), t = (int)(row % seq);
-        int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-        float c = cs[t * half + i], s = sn[t * half + i];
-        float x0 = ldf(x, xt, at(lx, row * d + a)), x1 = ldf(x, xt, at(lx, row * d + b));
-        stf(out, ot, row * d + a, x0 * c - x1 * s);
-        stf(out, ot, row * d + b, x0 * s + x1 * c);
+        T x0 = ldv<T>(x, xt, at(lx, row * d + a)), x1 = ldv<T>(x, xt, at(lx, row * d + b));
+        stv<T>(out, ot, row * d + a, x0 * c - x1 * s);
+        stv<T>(out, ot, row * d + b, x0 * s + x1 * c);
     }
 }
 
@@ -581,10 +535,21 @@ extern "C" __global__ void adamw(float* p, const float* g, float* m, float* v, i
 
 // ---- entry points -----------------------------------------------------------------------------
 
-extern "C" __global__ void unary_f64(const double* x, double* out, i64 n, int op) { unary_t<double>(x, out, n, op); }
-extern "C" __global__ void affine_f64(const double* x, double* out, i64 n, double mul, double add) { affine_t<double>(x, out, n, mul, add); }
-extern "C" __global__ void binary_f64(const double* a, Lay la, const double* b, Lay lb, double* out, i64 n, int op, int mode, i64 m) { binary_t<double>(a, la, b, lb, out, n, op, mode, m); }
-extern "C" __global__ void rope_f64(const double* x, const double* c, const double* s, double* out, i64 rows, int seq, int d, int il) { rope_t<double>(x, c, s, out, rows, seq, d, il); }
+#define ELEMENTWISE(T, S)                                                                                                              \
+    extern "C" __global__ void unary_##S(const void* x, int xt, Lay lx, void* out, int ot, i64 n, int op) { unary_t<T>(x, xt, lx, out, ot, n, op); } \
+    extern "C" __global__ void affine_##S(const void* x, int xt, Lay lx, void* out, int ot, i64 n, double mul, double add) {                   \
+        affine_t<T>(x, xt, lx, out, ot, n, mul, add);                                                                                          \
+    }                                                                                                                                           \
+    extern "C" __global__ void binary_##S(const void* a, int at_, Lay la, const void* b, int bt, Lay lb, void* out, int ot, i64 n, int op,    \
+                                          int mode, i64 m) {                                                                                   \
+        binary_t<T>(a, at_, la, b, bt, lb, out, ot, n, op, mode, m);                                                                           \
+    }                                                                                                                                           \
+    extern "C" __global__ void rope_##S(const void* x, int xt, Lay lx, const T* c, const T* s, void* out, int ot, i64 rows, int seq, int d,    \
+                                        int il) {                                                                                              \
+        rope_t<T>(x, xt, lx, c, s, out, ot, rows, seq, d, il);                                                                                 \
+    }
+ELEMENTWISE(float, f32)
+ELEMENTWISE(double, f64)
 extern "C" __global__ void reduce_rows_f32(const float* x, float* out, i64 rows, i64 n, int mx) { reduce_rows_t<float>(x, out, rows, n, mx); }
 extern "C" __global__ void reduce_rows_f64(const double* x, double* out, i64 rows, i64 n, int mx) { reduce_rows_t<double>(x, out, rows, n, mx); }
 extern "C" __global__ void reduce_cols_f32(const float* x, float* out, i64 rows, i64 m) { reduce_cols_t<float>(x, out, rows, m); }

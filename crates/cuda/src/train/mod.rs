@@ -144,16 +144,11 @@ impl DeviceBuffer for Buffer {
 struct Kernels {
     copy: CudaFunction,
     adamw: CudaFunction,
-    // [f32, f64] each
-    // f64 (`_f64`), and f32 compute over f32/bf16/f16 in any layout (`_any`)
-    unary: CudaFunction,
-    unary_any: CudaFunction,
-    affine: CudaFunction,
-    affine_any: CudaFunction,
-    binary: CudaFunction,
-    binary_any: CudaFunction,
-    rope: CudaFunction,
-    rope_any: CudaFunction,
+    // [f32 compute, f64] each
+    unary: [CudaFunction; 2],
+    affine: [CudaFunction; 2],
+    binary: [CudaFunction; 2],
+    rope: [CudaFunction; 2],
     reduce_rows: [CudaFunction; 2],
     reduce_cols: [CudaFunction; 2],
     reduce_all: [CudaFunction; 2],
@@ -252,14 +247,10 @@ impl Cuda {
         let k = Kernels {
             copy: f("copy_any")?,
             adamw: f("adamw")?,
-            unary: f("unary_f64")?,
-            unary_any: f("unary_any")?,
-            affine: f("affine_f64")?,
-            affine_any: f("affine_any")?,
-            binary: f("binary_f64")?,
-            binary_any: f("binary_any")?,
-            rope: f("rope_f64")?,
-            rope_any: f("rope_any")?,
+            unary: two("unary")?,
+            affine: two("affine")?,
+            binary: two("binary")?,
+            rope: two("rope")?,
             reduce_rows: two("reduce_rows")?,
             reduce_cols: two("reduce_cols")?,
             reduce_all: two("reduce_all")?,
@@ -406,6 +397,11 @@ impl Cuda {
         }
     }
 
+    /// The kernel index of an output type: `_f64` for f64, `_f32` (f32 compute) for the rest.
+    fn index(ty: DType) -> usize {
+        usize::from(ty == DType::F64)
+    }
+
     /// The compute type (f64 if any input is, else f32) and its kernel index.
     fn compute(ts: &[&Tensor]) -> (DType, usize) {
         if ts.iter().any(|t| t.dtype() == DType::F64) {
@@ -485,16 +481,9 @@ impl Backend for Cuda {
         let _p = self.prof("unary");
         let (ty, n) = (Self::elementwise_ty(&[x]), x.numel());
         let out = self.alloc(ty, n)?;
-        let op = op as i32;
-        if ty == DType::F64 {
-            let x = self.dense(x, ty)?;
-            let (xp, nn) = (Self::ptr(&x)?, n as i64);
-            let mut b = self.builder(&self.k.unary);
-            b.arg(&xp).arg(&out.ptr).arg(&nn).arg(&op);
-            Self::run(&mut b, Self::grid(n))?;
-        } else if n > 0 {
-            let (xp, xt, lx, ot, nn) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], dt_code(ty), n as i64);
-            let mut b = self.builder(&self.k.unary_any);
+        if n > 0 {
+            let (xp, xt, lx, ot, nn, op) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], dt_code(ty), n as i64, op as i32);
+            let mut b = self.builder(&self.k.unary[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&out.ptr).arg(&ot).arg(&nn).arg(&op);
             Self::run(&mut b, Self::grid(n))?;
         }
@@ -505,15 +494,9 @@ impl Backend for Cuda {
         let _p = self.prof("affine");
         let (ty, n) = (Self::elementwise_ty(&[x]), x.numel());
         let out = self.alloc(ty, n)?;
-        if ty == DType::F64 {
-            let x = self.dense(x, ty)?;
-            let (xp, nn) = (Self::ptr(&x)?, n as i64);
-            let mut b = self.builder(&self.k.affine);
-            b.arg(&xp).arg(&out.ptr).arg(&nn).arg(&mul).arg(&add);
-            Self::run(&mut b, Self::grid(n))?;
-        } else if n > 0 {
+        if n > 0 {
             let (xp, xt, lx, ot, nn) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], dt_code(ty), n as i64);
-            let mut b = self.builder(&self.k.affine_any);
+            let mut b = self.builder(&self.k.affine[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&out.ptr).arg(&ot).arg(&nn).arg(&mul).arg(&add);
             Self::run(&mut b, Self::grid(n))?;
         }
@@ -528,16 +511,6 @@ impl Backend for Cuda {
         if n == 0 {
             return Self::tensor(out, shape);
         }
-        let (op, nn) = (op as i32, n as i64);
-        if ty == DType::F64 {
-            let (a, b) = (self.dense(&a.detach().broadcast_to(shape)?, ty)?, self.dense(&b.detach().broadcast_to(shape)?, ty)?);
-            let flat = Lay::merged(&[&Layout::contiguous(shape)])?[0];
-            let (ap, bp, mode, m) = (Self::ptr(&a)?, Self::ptr(&b)?, 0i32, 0i64);
-            let mut l = self.builder(&self.k.binary);
-            l.arg(&ap).arg(&flat).arg(&bp).arg(&flat).arg(&out.ptr).arg(&nn).arg(&op).arg(&mode).arg(&m);
-            Self::run(&mut l, Self::grid(n))?;
-            return Self::tensor(out, shape);
-        }
         // A contiguous trailing block of b repeated along the leading dims (a bias) is indexed
         // modulo its size; anything else through both broadcast layouts.
         let bs = b.shape();
@@ -550,8 +523,8 @@ impl Backend for Cuda {
             let l = Lay::merged(&[&a.layout().broadcast_to(shape)?, &b.layout().broadcast_to(shape)?])?;
             (l[0], l[1], 3, 0)
         };
-        let (ap, at, bp, bt, ot) = (Self::buffer(a)?.ptr, dt_code(a.dtype()), Self::buffer(b)?.ptr, dt_code(b.dtype()), dt_code(ty));
-        let mut l = self.builder(&self.k.binary_any);
+        let (ap, at, bp, bt, ot, nn, op) = (Self::buffer(a)?.ptr, dt_code(a.dtype()), Self::buffer(b)?.ptr, dt_code(b.dtype()), dt_code(ty), n as i64, op as i32);
+        let mut l = self.builder(&self.k.binary[Self::index(ty)]);
         l.arg(&ap).arg(&at).arg(&la).arg(&bp).arg(&bt).arg(&lb).arg(&out.ptr).arg(&ot).arg(&nn).arg(&op).arg(&mode).arg(&m);
         Self::run(&mut l, Self::grid(n))?;
         Self::tensor(out, shape)
@@ -776,20 +749,13 @@ impl Backend for Cuda {
         let (seq, d) = (sh[sh.len() - 2], sh[sh.len() - 1]);
         let rows = x.numel() / d.max(1);
         let out = self.alloc(ty, x.numel())?;
-        if x.numel() == 0 {
-            return Self::tensor(out, &sh);
-        }
-        let (r, sq, dd, il) = (rows as i64, seq as i32, d as i32, i32::from(interleaved));
-        if ty == DType::F64 {
-            let (x, c, s) = (self.dense(x, ty)?, self.dense(cos, ty)?, self.dense(sin, ty)?);
-            let (xp, cp, sp) = (Self::ptr(&x)?, Self::ptr(&c)?, Self::ptr(&s)?);
-            let mut b = self.builder(&self.k.rope);
-            b.arg(&xp).arg(&cp).arg(&sp).arg(&out.ptr).arg(&r).arg(&sq).arg(&dd).arg(&il);
-            Self::run(&mut b, Self::grid(rows * d / 2))?;
-        } else {
-            let (c, s) = (self.dense(cos, DType::F32)?, self.dense(sin, DType::F32)?);
+        if x.numel() > 0 {
+            // The tables in the compute type.
+            let tt = if ty == DType::F64 { DType::F64 } else { DType::F32 };
+            let (c, s) = (self.dense(cos, tt)?, self.dense(sin, tt)?);
             let (xp, xt, lx, cp, sp, ot) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], Self::ptr(&c)?, Self::ptr(&s)?, dt_code(ty));
-            let mut b = self.builder(&self.k.rope_any);
+            let (r, sq, dd, il) = (rows as i64, seq as i32, d as i32, i32::from(interleaved));
+            let mut b = self.builder(&self.k.rope[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&cp).arg(&sp).arg(&out.ptr).arg(&ot).arg(&r).arg(&sq).arg(&dd).arg(&il);
             Self::run(&mut b, Self::grid(rows * d / 2))?;
         }
