@@ -109,7 +109,9 @@ fn show<'a>(b: &'a indicatif::ProgressBar, what: &'static str) -> impl FnMut(aug
 
 pub fn medusa_main(a: MedusaArgs) -> Result<()> {
     let (model, set) = model_and_states(&a.model, &a.data)?;
-    let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, ..Default::default() };
+    // `--device cuda`: the model's forward passes and the heads' training both run there.
+    let device = a.model.device.training()?;
+    let cfg = MedusaConfig { heads: a.heads, layers: a.layers, vocab: a.vocab, epochs: a.epochs, batch: a.batch, lr: a.lr, device, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
     let trained = medusa::train(&model.llama, &set, &cfg, show(&b, "loss"))?;
@@ -213,7 +215,8 @@ pub struct MtpArgs {
 
 pub fn mtp_main(a: MtpArgs) -> Result<()> {
     let (model, set) = model_and_states(&a.model, &a.data)?;
-    let cfg = MtpConfig { depth: a.depth, vocab: a.vocab, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
+    let device = a.model.device.training()?;
+    let cfg = MtpConfig { depth: a.depth, vocab: a.vocab, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, device, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "train");
     let mut trained = mtp::train(&model, &set, &cfg, show(&b, "loss"))?;

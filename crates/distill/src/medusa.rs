@@ -40,11 +40,13 @@ pub struct MedusaConfig {
     pub ranks: usize,
     /// Seed of the shuffling.
     pub seed: u64,
+    /// Where the heads train (`None`: the CPU); the hidden states go there batch by batch.
+    pub device: Option<augur_core::Device>,
 }
 
 impl Default for MedusaConfig {
     fn default() -> Self {
-        MedusaConfig { heads: 3, layers: 1, vocab: 8192, epochs: 2, batch: 256, lr: 1e-3, decay: 0.8, ranks: 8, seed: 1 }
+        MedusaConfig { heads: 3, layers: 1, vocab: 8192, epochs: 2, batch: 256, lr: 1e-3, decay: 0.8, ranks: 8, seed: 1, device: None }
     }
 }
 
@@ -141,7 +143,7 @@ struct Batch {
     targets: Vec<Vec<u32>>,
 }
 
-fn batch(set: &DistillSet, offsets: &[usize], index: &[u32], heads: usize, pos: &[(usize, usize)]) -> Result<Batch> {
+fn batch(set: &DistillSet, offsets: &[usize], index: &[u32], heads: usize, pos: &[(usize, usize)], dev: Option<&augur_core::Device>) -> Result<Batch> {
     let (dim, hidden) = (set.dim, set.hidden.as_ref().expect("checked by train"));
     let mut h = Vec::with_capacity(pos.len() * dim);
     let mut targets = vec![Vec::with_capacity(pos.len()); heads];
@@ -152,7 +154,7 @@ fn batch(set: &DistillSet, offsets: &[usize], index: &[u32], heads: usize, pos: 
             tk.push(ids.get(t + k + 2).map_or(IGNORE, |&id| index.get(id as usize).copied().unwrap_or(IGNORE)));
         }
     }
-    Ok(Batch { h: Tensor::from_vec(h, &[pos.len(), dim])?, targets })
+    Ok(Batch { h: Tensor::from_vec(h, &[pos.len(), dim])?.to(dev)?, targets })
 }
 
 /// Train heads for `target` on `set` (which must carry hidden states; see
@@ -167,7 +169,8 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
     }
     let vocab = draft_vocab(&set.samples, target.cfg.vocab, cfg.vocab);
     let index = vocab_index(&vocab, target.cfg.vocab);
-    let head_w = Tensor::from_vec(target.output_rows(&vocab)?, &[vocab.len(), dim])?;
+    let dev = cfg.device.as_ref();
+    let head_w = Tensor::from_vec(target.output_rows(&vocab)?, &[vocab.len(), dim])?.to(dev)?;
     let offsets = set.offsets();
     let held_out = |i: usize| crate::held_out(i, set.samples.len());
     let mut train_pos = positions(set, |i| !held_out(i));
@@ -188,9 +191,10 @@ pub fn train(target: &Llama, set: &DistillSet, cfg: &MedusaConfig, mut progress:
 
     let mut rng = Rng::new(cfg.seed);
     let mut heads = Heads { blocks: (0..cfg.heads).map(|_| (0..cfg.layers).map(|_| Linear::new(dim, dim, true, 0.0, &mut rng)).collect()).collect() };
+    augur_nn::ModuleExt::to_device(&mut heads, dev)?;
     let l = crate::Loop { epochs: cfg.epochs, group: cfg.batch, lr: cfg.lr, betas: (0.9, 0.999) };
     crate::train_loop(&mut train_pos, &mut heads, &mut rng, l, |heads, chunk| {
-        let b = batch(set, &offsets, &index, cfg.heads, chunk)?;
+        let b = batch(set, &offsets, &index, cfg.heads, chunk, dev)?;
         let logits = heads.forward(&b.h, &head_w)?;
         let mut loss: Option<Tensor> = None;
         for (k, (l, t)) in logits.iter().zip(&b.targets).enumerate() {
@@ -219,7 +223,7 @@ fn accuracy(heads: &Heads, head_w: &Tensor, set: &DistillSet, offsets: &[usize],
     let mut hits = vec![vec![0usize; cfg.ranks]; cfg.heads];
     let mut total = vec![0usize; cfg.heads];
     for chunk in pos.chunks(cfg.batch) {
-        let b = batch(set, offsets, index, cfg.heads, chunk)?;
+        let b = batch(set, offsets, index, cfg.heads, chunk, cfg.device.as_ref())?;
         for (k, l) in heads.forward(&b.h, head_w)?.iter().enumerate() {
             let v = l.to_vec_f32()?;
             let width = v.len() / chunk.len();

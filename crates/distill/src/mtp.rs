@@ -37,11 +37,13 @@ pub struct MtpConfig {
     pub accumulate: usize,
     /// Seed of the shuffling.
     pub seed: u64,
+    /// Where the modules train (`None`: the CPU); they come back to the host when done.
+    pub device: Option<augur_core::Device>,
 }
 
 impl Default for MtpConfig {
     fn default() -> Self {
-        MtpConfig { depth: 1, vocab: 8192, epochs: 1, lr: 5e-4, max_len: 256, accumulate: 4, seed: 1 }
+        MtpConfig { depth: 1, vocab: 8192, epochs: 1, lr: 5e-4, max_len: 256, accumulate: 4, seed: 1, device: None }
     }
 }
 
@@ -67,9 +69,9 @@ struct Item {
 
 /// Per depth, the mean cross-entropy over the sample's scored targets (as a graph when
 /// gradients are on) and (hits, scored) of the top-1 guess.
-fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item) -> Result<Vec<(Tensor, usize, usize)>> {
+fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item, dev: Option<&augur_core::Device>) -> Result<Vec<(Tensor, usize, usize)>> {
     let (t, dim) = (it.ids.len(), target.llama.cfg.dim);
-    let mut h = Tensor::from_vec(it.h0.clone(), &[1, t, dim])?;
+    let mut h = Tensor::from_vec(it.h0.clone(), &[1, t, dim])?.to(dev)?;
     let mut out = Vec::new();
     for (d, module) in m.modules.iter().enumerate() {
         let depth = d + 1;
@@ -82,7 +84,7 @@ fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item) -> Result<V
                 _ => IGNORE,
             })
             .collect();
-        let emb = Tensor::from_vec(target.llama.embedding_rows(&toks)?, &[1, t, dim])?;
+        let emb = Tensor::from_vec(target.llama.embedding_rows(&toks)?, &[1, t, dim])?.to(dev)?;
         h = module.forward(&h, &emb, &m.pos, None)?;
         let logits = m.logits(&h)?.reshape(&[t, m.vocab.len()])?;
         let scored = targets.iter().filter(|&&x| x != IGNORE).count();
@@ -101,10 +103,10 @@ fn forward(m: &MtpModules, target: &Model, index: &[u32], it: &Item) -> Result<V
     Ok(out)
 }
 
-fn accuracy(m: &MtpModules, target: &Model, index: &[u32], items: &[Item]) -> Result<Vec<f64>> {
+fn accuracy(m: &MtpModules, target: &Model, index: &[u32], items: &[Item], dev: Option<&augur_core::Device>) -> Result<Vec<f64>> {
     let mut acc = vec![(0usize, 0usize); m.depth()];
     for it in items {
-        for (d, (_, hits, n)) in no_grad(|| forward(m, target, index, it))?.into_iter().enumerate() {
+        for (d, (_, hits, n)) in no_grad(|| forward(m, target, index, it, dev))?.into_iter().enumerate() {
             acc[d].0 += hits;
             acc[d].1 += n;
         }
@@ -142,6 +144,8 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
     };
     let mut modules = MtpModules::init(&target.llama, cfg.depth, vocab, load)?;
     modules.visit("", &mut |_, t| *t = t.detach().requires_grad(true));
+    let dev = cfg.device.as_ref();
+    augur_nn::ModuleExt::to_device(&mut modules, dev)?;
 
     let offsets = set.offsets();
     let item = |i: usize, s: &Sample| {
@@ -155,13 +159,13 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
     if train_set.is_empty() {
         return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
-    let before = accuracy(&modules, target, &index, &eval_set)?;
+    let before = accuracy(&modules, target, &index, &eval_set, dev)?;
 
     let l = crate::Loop { epochs: cfg.epochs, group: cfg.accumulate, lr: cfg.lr, betas: (0.9, 0.95) };
     crate::train_loop(&mut train_set, &mut modules, &mut Rng::new(cfg.seed), l, |modules, group| {
         let mut total = 0f64;
         for it in group {
-            let per_depth = forward(modules, target, &index, it)?;
+            let per_depth = forward(modules, target, &index, it, dev)?;
             let n = per_depth.len().max(1) as f64;
             let mut loss: Option<Tensor> = None;
             for (l, _, _) in per_depth {
@@ -178,7 +182,9 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &MtpConfig, mut progress: im
         }
         Ok(total / group.len() as f64)
     }, &mut progress)?;
-    let after = accuracy(&modules, target, &index, &eval_set)?;
+    let after = accuracy(&modules, target, &index, &eval_set, dev)?;
     let samples = (train_set.len(), eval_set.len());
+    // The drafter decodes on the host.
+    augur_nn::ModuleExt::to_device(&mut modules, None)?;
     Ok(Trained { modules, before, after, samples })
 }

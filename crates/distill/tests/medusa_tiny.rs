@@ -62,3 +62,37 @@ fn trained_heads_learn_and_decode_losslessly() {
     assert!(err.contains("not a Medusa heads file"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Training on the GPU follows the CPU's run: the same losses step by step (up to rounding) and
+/// the same held-out accuracy (skipped without a CUDA device).
+#[test]
+fn heads_train_the_same_on_the_gpu() {
+    let dev = match augur_cuda::train::backend(0) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("skipped: GPU training needs a CUDA device ({e})"),
+    };
+    let dir = std::env::temp_dir().join(format!("augur-medusa-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("target.gguf");
+    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 5).unwrap();
+    let model = Model::open(&path).unwrap();
+    let prompts: Vec<Prompt> = (0..40u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
+    let samples = data::respond(&model, &prompts, 24, SamplerConfig::default(), |_, _| {}).unwrap();
+    let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
+    let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    let cfg = MedusaConfig { heads: 2, vocab: 64, epochs: 6, batch: 64, lr: 3e-3, ..Default::default() };
+    let run = |device| {
+        let mut losses = Vec::new();
+        let t = train::train(&model.llama, &set, &MedusaConfig { device, ..cfg.clone() }, |p| losses.push(p.loss)).unwrap();
+        (losses, t.accuracy)
+    };
+    let (cpu, cpu_acc) = run(None);
+    let (gpu, gpu_acc) = run(Some(dev));
+    for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+        assert!((a - b).abs() <= 2e-3 * b.abs().max(1.0), "step {i}: GPU loss {a} vs CPU {b}");
+    }
+    for (a, b) in gpu_acc.iter().flatten().zip(cpu_acc.iter().flatten()) {
+        assert!((a - b).abs() < 0.03, "held-out accuracy: GPU {gpu_acc:?} vs CPU {cpu_acc:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -100,3 +100,41 @@ fn mtp_modules_train_save_draft_incrementally_and_decode_losslessly() {
     assert!(e.contains("not an MTP modules file") || e.contains("safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Training on the GPU follows the CPU's run: the same losses step by step (up to rounding) and
+/// the same held-out accuracy, and the modules come back to the host (skipped without a device).
+#[test]
+fn mtp_modules_train_the_same_on_the_gpu() {
+    let dev = match augur_cuda::train::backend(0) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("skipped: GPU training needs a CUDA device ({e})"),
+    };
+    let dir = std::env::temp_dir().join(format!("augur-mtp-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("target.gguf");
+    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 11).unwrap();
+    let model = Model::open(&path).unwrap();
+    let prompts: Vec<Prompt> = (0..24u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
+    let samples = data::respond(&model, &prompts, 16, SamplerConfig::default(), |_, _| {}).unwrap();
+    let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
+    let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    let cfg = MtpConfig { depth: 2, vocab: 300, epochs: 2, lr: 2e-3, accumulate: 4, ..Default::default() };
+    let run = |device| {
+        let mut losses = Vec::new();
+        let t = mtp::train(&model, &set, &MtpConfig { device, ..cfg.clone() }, |p| losses.push(p.loss)).unwrap();
+        let mut on_host = true;
+        let mut modules = t.modules;
+        augur_nn::Module::visit(&mut modules, "", &mut |_, p| on_host &= p.device().is_none());
+        assert!(on_host, "trained modules come back to the host");
+        (losses, t.after)
+    };
+    let (cpu, cpu_acc) = run(None);
+    let (gpu, gpu_acc) = run(Some(dev));
+    for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+        assert!((a - b).abs() <= 2e-3 * b.abs().max(1.0), "step {i}: GPU loss {a} vs CPU {b}");
+    }
+    for (a, b) in gpu_acc.iter().zip(&cpu_acc) {
+        assert!((a - b).abs() < 0.05, "held-out accuracy: GPU {gpu_acc:?} vs CPU {cpu_acc:?}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
