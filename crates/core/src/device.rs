@@ -55,8 +55,10 @@ pub struct AdamStep {
 }
 
 /// The primitive ops of one device. Inputs may be any float dtype and any layout; outputs are
-/// contiguous, in f64 when an input is f64 and f32 otherwise, as on the host. Shapes have been
-/// checked by the caller (`ops`), which passes the output shape where it computed one.
+/// contiguous, in f64 when an input is f64 and f32 otherwise, as on the host, except that a
+/// backend may keep elementwise results of 16-bit inputs (all of one type) in that type, as
+/// PyTorch's autocast does. Shapes have been checked by the caller (`ops`), which passes the
+/// output shape where it computed one.
 #[allow(missing_docs)]
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// `cuda:0`.
