@@ -12,20 +12,26 @@ use augur_distill::data::{self, DistillSet, Prompt};
 use augur_distill::medusa::{self as train, MedusaConfig};
 use augur_models::{tiny, Model};
 
-#[test]
-fn trained_heads_learn_and_decode_losslessly() {
-    let dir = std::env::temp_dir().join(format!("augur-medusa-tiny-{}", std::process::id()));
+/// A tiny target written to a fresh directory named for `name`, `n` prompts of 3-6 tokens, and
+/// their greedy responses of `len` tokens with hidden states.
+fn tiny_target(name: &str, seed: u64, n: u32, len: usize) -> (std::path::PathBuf, Model, Vec<Prompt>, DistillSet) {
+    let dir = std::env::temp_dir().join(format!("augur-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("target.gguf");
-    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 5).unwrap();
+    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), seed).unwrap();
     let model = Model::open(&path).unwrap();
-
-    // 40 prompts of 3-6 tokens; greedy responses of 24 tokens.
-    let prompts: Vec<Prompt> = (0..40u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
-    let samples = data::respond(&model, &prompts, 24, SamplerConfig::default(), |_, _| {}).unwrap();
-    assert!(samples.iter().all(|s| s.ids.len() > s.prompt_len), "every prompt got a response");
+    let prompts: Vec<Prompt> = (0..n).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
+    let samples = data::respond(&model, &prompts, len, SamplerConfig::default(), |_, _| {}).unwrap();
     let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
     let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    (dir, model, prompts, set)
+}
+
+#[test]
+fn trained_heads_learn_and_decode_losslessly() {
+    // 40 prompts of 3-6 tokens; greedy responses of 24 tokens.
+    let (dir, model, prompts, set) = tiny_target("medusa-tiny", 5, 40, 24);
+    assert!(set.samples.iter().all(|s| s.ids.len() > s.prompt_len), "every prompt got a response");
     set.save(&dir.join("data")).unwrap();
     let set = DistillSet::open(&dir.join("data")).unwrap();
     assert_eq!(set.samples.len(), 40);
@@ -71,15 +77,7 @@ fn heads_train_the_same_on_the_gpu() {
         Ok(d) => d,
         Err(e) => return eprintln!("skipped: GPU training needs a CUDA device ({e})"),
     };
-    let dir = std::env::temp_dir().join(format!("augur-medusa-gpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("target.gguf");
-    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 5).unwrap();
-    let model = Model::open(&path).unwrap();
-    let prompts: Vec<Prompt> = (0..40u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
-    let samples = data::respond(&model, &prompts, 24, SamplerConfig::default(), |_, _| {}).unwrap();
-    let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
-    let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    let (dir, model, _, set) = tiny_target("medusa-gpu", 5, 40, 24);
     let cfg = MedusaConfig { heads: 2, vocab: 64, epochs: 6, batch: 64, lr: 3e-3, ..Default::default() };
     let run = |device| {
         let mut losses = Vec::new();

@@ -38,18 +38,24 @@ fn drafts_from_scratch(m: &MtpModules, model: &Model, tokens: &[u32]) -> Vec<u32
     out
 }
 
-#[test]
-fn mtp_modules_train_save_draft_incrementally_and_decode_losslessly() {
-    let dir = std::env::temp_dir().join(format!("augur-mtp-tiny-{}", std::process::id()));
+/// A tiny target written to a fresh directory named for `name`, `n` prompts of 3-6 tokens, and
+/// their greedy responses of `len` tokens with hidden states.
+fn tiny_target(name: &str, seed: u64, n: u32, len: usize) -> (std::path::PathBuf, Model, Vec<Prompt>, DistillSet) {
+    let dir = std::env::temp_dir().join(format!("augur-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("target.gguf");
-    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 11).unwrap();
+    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), seed).unwrap();
     let model = Model::open(&path).unwrap();
-
-    let prompts: Vec<Prompt> = (0..40u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
-    let samples = data::respond(&model, &prompts, 24, SamplerConfig::default(), |_, _| {}).unwrap();
+    let prompts: Vec<Prompt> = (0..n).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
+    let samples = data::respond(&model, &prompts, len, SamplerConfig::default(), |_, _| {}).unwrap();
     let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
     let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    (dir, model, prompts, set)
+}
+
+#[test]
+fn mtp_modules_train_save_draft_incrementally_and_decode_losslessly() {
+    let (dir, model, prompts, set) = tiny_target("mtp-tiny", 11, 40, 24);
     let cfg = MtpConfig { depth: 2, vocab: 300, epochs: 8, lr: 2e-3, accumulate: 4, ..Default::default() };
     let mut losses = Vec::new();
     let mut trained = mtp::train(&model, &set, &cfg, |p| losses.push(p.loss)).unwrap();
@@ -96,7 +102,7 @@ fn mtp_modules_train_save_draft_incrementally_and_decode_losslessly() {
         assert!(stats.drafted > 0, "the modules drafted");
     }
     // Not an MTP file: a clear error.
-    let e = MtpModules::open(&path, &model.llama).map(|_| ()).unwrap_err().to_string();
+    let e = MtpModules::open(&dir.join("target.gguf"), &model.llama).map(|_| ()).unwrap_err().to_string();
     assert!(e.contains("not an MTP modules file") || e.contains("safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -109,15 +115,7 @@ fn mtp_modules_train_the_same_on_the_gpu() {
         Ok(d) => d,
         Err(e) => return eprintln!("skipped: GPU training needs a CUDA device ({e})"),
     };
-    let dir = std::env::temp_dir().join(format!("augur-mtp-gpu-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("target.gguf");
-    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 11).unwrap();
-    let model = Model::open(&path).unwrap();
-    let prompts: Vec<Prompt> = (0..24u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
-    let samples = data::respond(&model, &prompts, 16, SamplerConfig::default(), |_, _| {}).unwrap();
-    let hidden = data::hidden_states(&model.llama, &samples, |_, _| {}).unwrap();
-    let set = DistillSet { samples, hidden: Some(hidden), dim: model.llama.cfg.dim };
+    let (dir, model, _, set) = tiny_target("mtp-gpu", 11, 24, 16);
     let cfg = MtpConfig { depth: 2, vocab: 300, epochs: 2, lr: 2e-3, accumulate: 4, ..Default::default() };
     let run = |device| {
         let mut losses = Vec::new();

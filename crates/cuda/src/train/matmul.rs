@@ -49,11 +49,12 @@ fn ty(d: DType) -> Ty {
 /// f32 and may write 16 bits) or the compute type.
 pub(super) fn matmul(be: &Cuda, a: &Tensor, b: &Tensor, shape: &[usize], out: Option<DType>) -> core::Result<Tensor> {
     let half = a.dtype() == b.dtype() && matches!(a.dtype(), DType::BF16 | DType::F16);
-    if !half && out.is_some_and(|o| o != Cuda::compute(&[a, b]).0) {
+    let wide = Cuda::compute(&[a, b]).0;
+    if !half && out.is_some_and(|o| o != wide) {
         // cuBLAS writes 16 bits only from 16-bit inputs: compute, then convert.
         return be.copy(&matmul(be, a, b, shape, None)?, out.expect("checked"));
     }
-    let (in_ty, out_ty) = if half { (a.dtype(), out.unwrap_or(DType::F32)) } else { (Cuda::compute(&[a, b]).0, Cuda::compute(&[a, b]).0) };
+    let (in_ty, out_ty) = if half { (a.dtype(), out.unwrap_or(DType::F32)) } else { (wide, wide) };
     let r = a.rank();
     let (m, k, n) = (a.shape()[r - 2], a.shape()[r - 1], b.shape()[r - 1]);
     let batch: usize = a.shape()[..r - 2].iter().product();
