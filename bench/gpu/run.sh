@@ -3,7 +3,7 @@
 # CUDA tests, the reference test on the device, then augur's decode speed beside HF transformers'
 # (bench/gpu/hf_peer.py) and FlashAttention's TFLOP/s beside PyTorch SDPA's
 # (bench/gpu/flash_peer.py). Results also go to $OUT (or bench/gpu/out). Model: /root/model.gguf,
-# assembled from the two parts pack.sh made.
+# assembled from the parts pack.sh made (bench/gpu/unpack.sh).
 set -uo pipefail
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
 export AUGUR_CACHE=/root/augur-cache
@@ -13,10 +13,8 @@ mkdir -p "$out"
 [ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv
 model=/root/model.gguf
-if [ ! -f $model ] && [ -f /root/model.00 ] && [ -f .gpu/part2/model.01 ]; then
-  cat /root/model.00 .gpu/part2/model.01 > $model
-fi
-[ -f $model ] || echo "NO MODEL: part 1 did not wait on this machine; model tests and bench skipped"
+bash bench/gpu/unpack.sh
+[ -f $model ] || echo "NO MODEL: its parts did not all wait on this machine; model tests and bench skipped"
 echo "== conformance (kernels vs CPU)"; .gpu/bin/test-augur_cuda --test-threads 1 2>&1 | tail -15
 echo "== tiny models vs CPU"; .gpu/bin/test-cuda --test-threads 1 2>&1 | tail -15
 if [ -f $model ]; then

@@ -30,9 +30,20 @@ pub struct TrainArgs {
     /// f32, or bf16/f16 autocast.
     #[arg(long, default_value = "f32")]
     pub precision: String,
-    /// Where the step runs: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`).
+    /// Where the step runs: `cpu`, or `cuda` / `cuda:N` (a build with `--features cuda`);
+    /// with `--ddp nccl`, rank r takes `cuda:r`.
     #[arg(long, default_value = "cpu")]
     pub device: crate::common::DeviceArg,
+    /// Data-parallel steps, `--batch` windows per rank: `mpi` (under `mpirun -np N`) or `nccl`
+    /// (with `--nproc N`). Tokens/s counts every rank's windows.
+    #[arg(long, value_name = "BACKEND")]
+    pub ddp: Option<String>,
+    /// Start N ranks of this command (with `--ddp nccl`).
+    #[arg(long)]
+    pub nproc: Option<usize>,
+    /// Gradient bucket size in MiB for `--ddp`.
+    #[arg(long, default_value_t = 25)]
+    pub bucket_mib: usize,
 }
 
 /// The autocast dtype of a `--precision` value.
@@ -64,16 +75,24 @@ pub fn set_train_threads(threads: Option<usize>) -> Result<usize> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    ensure!(a.steps > 0 && a.batch > 0 && a.seq_len > 0, "--steps, --batch and --seq-len must be positive");
+    ensure!(a.steps > 0 && a.batch > 0 && a.seq_len > 0 && a.bucket_mib > 0, "--steps, --batch, --seq-len and --bucket-mib must be positive");
+    if crate::train::launch(a.ddp.as_deref(), a.nproc)? {
+        return Ok(());
+    }
     let threads = set_train_threads(a.threads)?;
     let precision = parse_precision(&a.precision)?;
+    let group = crate::train::process_group(a.ddp.as_deref())?;
+    let world = group.world();
+    let ddp = augur_dist::Ddp { group: group.as_ref(), bucket_bytes: a.bucket_mib << 20 };
     let cfg = GptConfig::from_arg(&a.config)?;
     let mut model = Gpt::new(cfg.clone())?;
     let params = model.num_parameters();
-    let dev = a.device.training()?;
+    ddp.broadcast_parameters(&mut model)?;
+    let dev = a.device.of_rank(a.ddp.as_deref(), group.rank()).training()?;
     model.to_device(dev.as_ref())?;
     let mut opt = AdamW::new(3e-4, (0.9, 0.95), 1e-8, 0.1);
-    let mut rng = Rng::new(0);
+    // Each rank its own windows.
+    let mut rng = Rng::new(group.rank() as u64);
     let n = a.batch * a.seq_len;
     let mut times = vec![];
     let mut host = vec![];
@@ -83,7 +102,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let tgt: Vec<u32> = (0..n).map(|_| rng.below(cfg.vocab) as u32).collect();
         let t = Instant::now();
         let l = autocast(precision, || model.loss(&ids, &tgt, a.batch))??;
-        l.backward()?;
+        if world > 1 {
+            ddp.backward(&l, &mut model)?;
+        } else {
+            l.backward()?;
+        }
         opt.step(&mut model)?;
         model.zero_grad();
         if step > 0 {
@@ -101,6 +124,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
     }
     let step_s = median(times);
+    if group.rank() != 0 {
+        return Ok(());
+    }
     #[cfg(feature = "cuda")]
     for (op, calls, secs) in augur_cuda::train::profile_report() {
         eprintln!("{op:>24} {calls:>7} calls {:>9.2} ms/step", secs * 1e3 / a.steps as f64);
@@ -120,7 +146,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
             "steps": a.steps,
             "step_ms": step_s * 1e3,
             "host_ms": median(host) * 1e3,
-            "tokens_per_s": n as f64 / step_s,
+            "ranks": world,
+            "bucket_mib": (world > 1).then_some(a.bucket_mib),
+            "tokens_per_s": (n * world) as f64 / step_s,
             "last_loss": loss,
             "peak_rss_mib": peak_rss_mib(),
         })

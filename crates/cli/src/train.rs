@@ -198,11 +198,7 @@ pub fn main(a: Args) -> Result<()> {
         }
     };
     augur_dist::Ddp::new(group.as_ref()).broadcast_parameters(&mut trainer.model)?;
-    let device = match a.device {
-        crate::common::DeviceArg::Cuda(_) if a.ddp.as_deref() == Some("nccl") => crate::common::DeviceArg::Cuda(group.rank()),
-        d => d,
-    };
-    trainer.to_device(device.training()?)?;
+    trainer.to_device(a.device.of_rank(a.ddp.as_deref(), group.rank()).training()?)?;
     if trainer.step >= trainer.settings.steps {
         bail!("the run is already at step {} of {}; pass a larger --steps to continue", trainer.step, trainer.settings.steps);
     }

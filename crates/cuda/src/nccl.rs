@@ -9,17 +9,33 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use augur_core::Tensor;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nccl::result as nc;
+use cudarc::nccl::sys::{ncclComm_t, ncclDataType_t, ncclRedOp_t, ncclUniqueId};
+use cudarc::nccl::Id;
 
+use crate::train::Cuda;
 use crate::{Error, Result};
 
 /// How long a rank waits for rank 0's id file.
 const ID_WAIT: Duration = Duration::from_secs(120);
 
-/// One rank of an NCCL communicator over all the processes of a run.
+/// An NCCL communicator handle, destroyed on drop.
+struct Comm(ncclComm_t);
+
+impl Drop for Comm {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `ncclCommInitRank` and is destroyed once; the owner's
+        // stream work is finished or abandoned with the process.
+        let _ = unsafe { nc::comm_destroy(self.0) };
+    }
+}
+
+/// One rank of an NCCL communicator over all the processes of a run. Its collectives run on a
+/// stream of their own, so that on device tensors they overlap the training stream's work (see
+/// [`Nccl::all_reduce_tensor`]).
 pub struct Nccl {
-    /// A context and stream of their own: collectives need no compiled kernels.
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     comm: Comm,
@@ -29,9 +45,9 @@ pub struct Nccl {
     world: usize,
 }
 
-// SAFETY: the communicator is used under `scratch`'s lock (host collectives) or by the thread
-// that owns the `Nccl` (benchmarks); NCCL allows a communicator to be used from any thread as long
-// as calls do not overlap.
+// SAFETY: NCCL allows a communicator to be used from any thread as long as calls do not overlap:
+// host collectives hold `scratch`'s lock, and device-tensor collectives are queued by the one
+// thread that runs the training step (`Ddp`), which issues no host collective meanwhile.
 unsafe impl Send for Nccl {}
 unsafe impl Sync for Nccl {}
 
@@ -120,8 +136,11 @@ impl Nccl {
         } else {
             fetch(&place.id_file)?
         };
-        let comm = Comm::from_rank(stream.clone(), place.rank, place.world, id).map_err(|e| nccl_err("joining the communicator", e))?;
-        Ok(Nccl { ctx, stream, comm, scratch: Mutex::new(None), rank: place.rank, world: place.world })
+        let mut comm: ncclComm_t = std::ptr::null_mut();
+        ctx.bind_to_thread()?;
+        // SAFETY: `comm` receives the new handle; the id is rank 0's, shared by every rank.
+        unsafe { nc::comm_init_rank(&mut comm, place.world as i32, ncclUniqueId { internal: *id.internal() }, place.rank as i32) }.map_err(|e| nccl_err("joining the communicator", e))?;
+        Ok(Nccl { ctx, stream, comm: Comm(comm), scratch: Mutex::new(None), rank: place.rank, world: place.world })
     }
 
     /// This process's rank.
@@ -139,30 +158,66 @@ impl Nccl {
         Ok(self.ctx.name()?)
     }
 
-    /// Run `op` on `buf` staged through device memory: copy in, collective, copy out.
-    fn staged(&self, buf: &mut [f32], op: impl FnOnce(&Comm, &mut CudaSlice<f32>) -> std::result::Result<(), cudarc::nccl::result::NcclError>) -> Result<()> {
+    /// An in-place f32 all-reduce (`op`) of `count` elements at `ptr`, queued on the
+    /// communicator's stream.
+    fn all_reduce_at(&self, ptr: u64, count: usize, op: ncclRedOp_t) -> Result<()> {
+        self.ctx.bind_to_thread()?;
+        // SAFETY: callers pass the address of `count` live f32 elements on this rank's device,
+        // kept alive until the stream's work on them is done.
+        unsafe { nc::all_reduce(ptr as *const _, ptr as *mut _, count, ncclDataType_t::ncclFloat32, op, self.comm.0, self.stream.cu_stream() as _) }.map(|_| ()).map_err(|e| nccl_err("all-reduce", e))
+    }
+
+    /// Run `op` (given the device address) on `buf` staged through device memory: copy in,
+    /// collective, copy out.
+    fn staged(&self, buf: &mut [f32], op: impl FnOnce(u64) -> Result<()>) -> Result<()> {
         let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.as_ref().is_none_or(|s| s.len() != buf.len()) {
+        if guard.as_ref().is_none_or(|s| s.len() < buf.len()) {
             *guard = Some(self.stream.alloc_zeros::<f32>(buf.len().max(1))?);
         }
         let Some(s) = guard.as_mut() else { unreachable!() };
         if buf.is_empty() {
             return Ok(());
         }
-        self.stream.memcpy_htod(buf, s)?;
-        op(&self.comm, s).map_err(|e| nccl_err("collective", e))?;
-        self.stream.memcpy_dtoh(s, buf)?;
+        let mut view = s.slice_mut(..buf.len());
+        self.stream.memcpy_htod(buf, &mut view)?;
+        op(view.device_ptr(&self.stream).0)?;
+        self.stream.memcpy_dtoh(&view, buf)?;
         Ok(self.stream.synchronize()?)
     }
 
     /// Element-wise sum of `buf` over all ranks, in place.
     pub fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        self.staged(buf, |c, s| c.all_reduce_in_place(s, &ReduceOp::Sum).map(|_| ()))
+        let n = buf.len();
+        self.staged(buf, |p| self.all_reduce_at(p, n, ncclRedOp_t::ncclSum))
     }
 
     /// `root`'s `buf` on every rank.
     pub fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        self.staged(buf, |c, s| c.broadcast_in_place(s, root as i32).map(|_| ()))
+        let n = buf.len();
+        self.staged(buf, |p| {
+            self.ctx.bind_to_thread()?;
+            // SAFETY: `p` addresses `n` staged f32 elements, alive until the staging syncs.
+            unsafe { nc::broadcast(p as *const _, p as *mut _, n, ncclDataType_t::ncclFloat32, root as i32, self.comm.0, self.stream.cu_stream() as _) }.map(|_| ()).map_err(|e| nccl_err("broadcast", e))
+        })
+    }
+
+    /// The mean (`mean`) or sum of the contiguous f32 device tensor `t` over all ranks, written
+    /// into `t`. It is queued after the work already queued on `t`'s device and runs on the
+    /// communicator's stream beside the work queued there later; call [`Nccl::fence`] before that
+    /// device's stream reads `t` again, and keep `t` alive until then.
+    pub fn all_reduce_tensor(&self, t: &Tensor, mean: bool) -> Result<()> {
+        let (ptr, n, stream, ordinal) = Cuda::raw_f32(t)?;
+        if ordinal != self.ctx.ordinal() {
+            return Err(Error::Nccl(format!("rank {} communicates through cuda:{}, but the tensor is on cuda:{ordinal}", self.rank, self.ctx.ordinal())));
+        }
+        self.stream.join(&stream)?;
+        self.all_reduce_at(ptr, n, if mean { ncclRedOp_t::ncclAvg } else { ncclRedOp_t::ncclSum })
+    }
+
+    /// Make the work queued on `t`'s device from now on wait for every collective queued so far.
+    pub fn fence(&self, t: &Tensor) -> Result<()> {
+        let (_, _, stream, _) = Cuda::raw_f32(t)?;
+        Ok(stream.join(&self.stream)?)
     }
 
     /// Return once every rank has called it.
@@ -173,12 +228,13 @@ impl Nccl {
     /// Time of `iters` in-place sum all-reduces of `bytes` of f32 already on the device (after a
     /// warm-up), each waited for: the median, in seconds.
     pub fn time_all_reduce(&self, bytes: usize, iters: usize) -> Result<f64> {
-        let mut buf = self.stream.alloc_zeros::<f32>((bytes / 4).max(1))?;
+        let buf = self.stream.alloc_zeros::<f32>((bytes / 4).max(1))?;
+        let ptr = buf.device_ptr(&self.stream).0;
         let mut times = Vec::with_capacity(iters);
         for i in 0..=iters {
             self.barrier()?;
             let t = Instant::now();
-            self.comm.all_reduce_in_place(&mut buf, &ReduceOp::Sum).map_err(|e| nccl_err("all-reduce", e))?;
+            self.all_reduce_at(ptr, buf.len(), ncclRedOp_t::ncclSum)?;
             self.stream.synchronize()?;
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64());

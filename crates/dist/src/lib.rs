@@ -8,7 +8,7 @@
 
 #![warn(missing_docs)]
 
-pub use augur_nn::dist::{Ddp, ProcessGroup, Solo, ThreadGroup};
+pub use augur_nn::dist::{Ddp, DeviceCollectives, ProcessGroup, Solo, ThreadGroup};
 
 /// The MPI process group (feature `mpi`).
 #[cfg(feature = "mpi")]
@@ -69,11 +69,12 @@ pub mod mpi_group {
 /// The NCCL process group (feature `cuda`): collectives between processes, one GPU each.
 #[cfg(feature = "cuda")]
 pub mod nccl_group {
+    use augur_core::Tensor;
     use augur_cuda::{Nccl, Place};
-    use augur_nn::dist::ProcessGroup;
+    use augur_nn::dist::{DeviceCollectives, ProcessGroup};
 
-    /// An NCCL communicator as a process group. The training state lives on the host, so each
-    /// collective stages its buffer through the rank's GPU.
+    /// An NCCL communicator as a process group: gradients on the rank's GPU are averaged where
+    /// they are ([`DeviceCollectives`]); host buffers are staged through the GPU.
     pub struct NcclGroup(pub Nccl);
 
     impl NcclGroup {
@@ -107,6 +108,22 @@ pub mod nccl_group {
         }
         fn barrier(&self) {
             or_exit(self.0.barrier());
+        }
+        fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+            Some(self)
+        }
+    }
+
+    fn nn_err(e: augur_cuda::Error) -> augur_nn::Error {
+        augur_nn::Error::Invalid(e.to_string())
+    }
+
+    impl DeviceCollectives for NcclGroup {
+        fn all_reduce_mean(&self, t: &Tensor) -> augur_nn::Result<()> {
+            self.0.all_reduce_tensor(t, true).map_err(nn_err)
+        }
+        fn fence(&self, t: &Tensor) -> augur_nn::Result<()> {
+            self.0.fence(t).map_err(nn_err)
         }
     }
 }

@@ -1,6 +1,9 @@
 //! Data parallelism: a [`ProcessGroup`] (rank, world size, all-reduce, broadcast, barrier) and
 //! [`Ddp`], which averages gradients across ranks in buckets while the backward pass is still
-//! running. Backends: [`Solo`] (one process) here, MPI in the `augur-dist` crate, NCCL later.
+//! running. Backends: [`Solo`] (one process) and [`ThreadGroup`] here, MPI and NCCL in the
+//! `augur-dist` crate. A group that reaches device memory ([`DeviceCollectives`], NCCL) reduces
+//! device gradients where they are, on a stream beside the backward pass; the others stage them
+//! through the host.
 
 use std::collections::HashMap;
 use std::sync::mpsc;
@@ -22,6 +25,20 @@ pub trait ProcessGroup: Send + Sync {
     fn broadcast(&self, buf: &mut [f32], root: usize);
     /// Wait until every process reaches this point.
     fn barrier(&self);
+    /// Collectives on device tensors, when this group has them.
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
+}
+
+/// Collectives on device memory, ordered with the device's queued work (NCCL's model).
+pub trait DeviceCollectives {
+    /// Replace the contiguous f32 device tensor `t` with its mean over the ranks. The collective
+    /// is queued after the work already queued on `t`'s device and may run beside work queued
+    /// later; `t` must stay alive, and unread, until [`DeviceCollectives::fence`].
+    fn all_reduce_mean(&self, t: &Tensor) -> Result<()>;
+    /// Make the work queued on `t`'s device from now on wait for every collective queued so far.
+    fn fence(&self, t: &Tensor) -> Result<()>;
 }
 
 /// A world of one process.
@@ -69,8 +86,10 @@ impl<'g> Ddp<'g> {
     }
 
     /// Backpropagate `loss` and leave every parameter's gradient averaged over the ranks. Buckets
-    /// (parameters in reverse order, as their gradients become final) are reduced on a
-    /// communication thread while the backward pass continues.
+    /// (parameters in reverse order, as their gradients become final) are reduced while the
+    /// backward pass continues: on the device's collective stream when the gradients are on a
+    /// device and the group reaches device memory, else on a communication thread through host
+    /// memory.
     pub fn backward(&self, loss: &Tensor, model: &mut dyn Module) -> Result<()> {
         let mut params: Vec<Tensor> = vec![];
         model.visit("", &mut |_, p| {
@@ -79,31 +98,75 @@ impl<'g> Ddp<'g> {
             }
         });
         params.reverse();
-        // Buckets of consecutive parameters (reverse order: the last layers' gradients come first).
-        let mut buckets: Vec<Vec<usize>> = vec![vec![]];
-        let mut bytes = 0;
-        for (i, p) in params.iter().enumerate() {
-            if bytes > 0 && bytes + p.numel() * 4 > self.bucket_bytes {
-                buckets.push(vec![]);
-                bytes = 0;
-            }
-            buckets.last_mut().expect("one bucket").push(i);
-            bytes += p.numel() * 4;
+        let plan = Buckets::new(&params, self.bucket_bytes);
+        match self.group.device_collectives() {
+            Some(dc) if params.first().is_some_and(|p| p.device().is_some()) => self.backward_on_device(loss, &params, plan, dc),
+            _ => self.backward_through_host(loss, &params, plan),
         }
-        let mut where_: HashMap<usize, usize> = HashMap::new();
-        for (b, idx) in buckets.iter().enumerate() {
-            for &i in idx {
-                if let Some(id) = params[i].grad_id() {
-                    where_.insert(id, b);
-                }
+    }
+
+    /// Buckets flattened on the device and averaged there by the group's collectives.
+    fn backward_on_device(&self, loss: &Tensor, params: &[Tensor], mut plan: Buckets, dc: &dyn DeviceCollectives) -> Result<()> {
+        let flatten = |b: &[usize]| -> Result<Tensor> {
+            let parts = b.iter().map(|&i| -> Result<Tensor> {
+                let p = &params[i];
+                let g = match p.grad() {
+                    Some(g) => g,
+                    None => p.full_like_device(p.shape(), 0.0)?,
+                };
+                Ok(g.to_dtype(augur_core::DType::F32)?.reshape(&[p.numel()])?)
+            });
+            let parts = parts.collect::<Result<Vec<_>>>()?;
+            Ok(Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?)
+        };
+        let members = std::mem::take(&mut plan.members);
+        let mut flat: Vec<Option<Tensor>> = vec![None; members.len()];
+        let mut failed: Option<crate::Error> = None;
+        let mut reduce = |b: usize, flat: &mut Vec<Option<Tensor>>| {
+            if failed.is_some() {
+                return;
+            }
+            match flatten(&members[b]).and_then(|t| dc.all_reduce_mean(&t).map(|()| t)) {
+                Ok(t) => flat[b] = Some(t),
+                Err(e) => failed = Some(e),
+            }
+        };
+        loss.backward_hooked(Tensor::ones(loss.shape()), false, &mut |id| {
+            if let Some(b) = plan.arrived(id) {
+                reduce(b, &mut flat);
+            }
+        })?;
+        for b in plan.unsent() {
+            reduce(b, &mut flat);
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        // One fence orders the training stream after every bucket's collective.
+        if let Some(Some(t)) = flat.first() {
+            dc.fence(t)?;
+        }
+        for (b, t) in flat.iter().enumerate() {
+            let Some(t) = t else { return invalid("a gradient bucket was never reduced") };
+            // Each gradient is a view of its reduced bucket: no copies.
+            let mut off = 0;
+            for &i in &members[b] {
+                let n = params[i].numel();
+                params[i].set_grad(Some(t.narrow(0, off, n)?.reshape(params[i].shape())?))?;
+                off += n;
             }
         }
-        let mut pending: Vec<usize> = buckets.iter().map(Vec::len).collect();
-        let flatten = |b: usize| -> Vec<f32> {
-            buckets[b].iter().flat_map(|&i| params[i].grad().map(|g| g.to_vec_f32().unwrap_or_default()).unwrap_or_else(|| vec![0.0; params[i].numel()])).collect()
+        Ok(())
+    }
+
+    /// Buckets copied to host memory and reduced on a communication thread.
+    fn backward_through_host(&self, loss: &Tensor, params: &[Tensor], mut plan: Buckets) -> Result<()> {
+        let flatten = |b: &[usize]| -> Vec<f32> {
+            b.iter().flat_map(|&i| params[i].grad().map(|g| g.to_vec_f32().unwrap_or_default()).unwrap_or_else(|| vec![0.0; params[i].numel()])).collect()
         };
         let world = self.group.world() as f32;
         let group = self.group;
+        let members = std::mem::take(&mut plan.members);
         let reduced: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| -> Result<Vec<(usize, Vec<f32>)>> {
             let (tx, rx) = mpsc::channel::<(usize, Vec<f32>)>();
             let comm = s.spawn(move || {
@@ -114,20 +177,14 @@ impl<'g> Ddp<'g> {
                 }
                 out
             });
-            let mut sent = vec![false; buckets.len()];
             let mut send_err = false;
-            loss.backward_hooked(augur_core::Tensor::ones(loss.shape()), false, &mut |id| {
-                let Some(&b) = where_.get(&id) else { return };
-                pending[b] -= 1;
-                if pending[b] == 0 {
-                    sent[b] = true;
-                    send_err |= tx.send((b, flatten(b))).is_err();
+            loss.backward_hooked(Tensor::ones(loss.shape()), false, &mut |id| {
+                if let Some(b) = plan.arrived(id) {
+                    send_err |= tx.send((b, flatten(&members[b]))).is_err();
                 }
             })?;
-            // Buckets with a parameter the loss did not reach still take part (with zeros), so
-            // every rank issues the same reductions in the same order.
-            for (b, _) in sent.iter().enumerate().filter(|(_, &s)| !s) {
-                send_err |= tx.send((b, flatten(b))).is_err();
+            for b in plan.unsent() {
+                send_err |= tx.send((b, flatten(&members[b]))).is_err();
             }
             drop(tx);
             let out = comm.join().map_err(|_| crate::Error::Invalid("the gradient communication thread panicked".into()))?;
@@ -138,7 +195,7 @@ impl<'g> Ddp<'g> {
         })?;
         for (b, v) in reduced {
             let mut off = 0;
-            for &i in &buckets[b] {
+            for &i in &members[b] {
                 let n = params[i].numel();
                 let g: Vec<f32> = v[off..off + n].iter().map(|x| x / world).collect();
                 params[i].set_grad(Some(Tensor::from_vec(g, params[i].shape())?))?;
@@ -146,6 +203,59 @@ impl<'g> Ddp<'g> {
             }
         }
         Ok(())
+    }
+}
+
+/// Parameters grouped into buckets of consecutive parameters (in the reverse order given: the
+/// last layers' gradients come first), and which buckets are complete as gradients arrive.
+struct Buckets {
+    members: Vec<Vec<usize>>,
+    /// Gradient id → bucket.
+    of: HashMap<usize, usize>,
+    /// Gradients each bucket still waits for.
+    pending: Vec<usize>,
+    sent: Vec<bool>,
+}
+
+impl Buckets {
+    fn new(params: &[Tensor], bucket_bytes: usize) -> Self {
+        let mut members: Vec<Vec<usize>> = vec![vec![]];
+        let mut bytes = 0;
+        for (i, p) in params.iter().enumerate() {
+            if bytes > 0 && bytes + p.numel() * 4 > bucket_bytes {
+                members.push(vec![]);
+                bytes = 0;
+            }
+            members.last_mut().expect("one bucket").push(i);
+            bytes += p.numel() * 4;
+        }
+        let mut of = HashMap::new();
+        for (b, idx) in members.iter().enumerate() {
+            for &i in idx {
+                if let Some(id) = params[i].grad_id() {
+                    of.insert(id, b);
+                }
+            }
+        }
+        let pending = members.iter().map(Vec::len).collect();
+        let sent = vec![false; members.len()];
+        Buckets { members, of, pending, sent }
+    }
+
+    /// Gradient `id` is final: the bucket it completes, if it does.
+    fn arrived(&mut self, id: usize) -> Option<usize> {
+        let &b = self.of.get(&id)?;
+        self.pending[b] -= 1;
+        (self.pending[b] == 0).then(|| {
+            self.sent[b] = true;
+            b
+        })
+    }
+
+    /// Buckets with a parameter the loss did not reach: they still take part (with zeros), so
+    /// every rank issues the same reductions in the same order.
+    fn unsent(&self) -> Vec<usize> {
+        self.sent.iter().enumerate().filter(|(_, &s)| !s).map(|(b, _)| b).collect()
     }
 }
 

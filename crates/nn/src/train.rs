@@ -196,7 +196,9 @@ impl Trainer {
             scaled.backward()?;
         }
         let mut found_inf = self.scaler.unscale(&mut self.model)?;
-        if group.world() > 1 {
+        // Without loss scaling no rank can find an overflow: no flag to agree on (and no wait
+        // for the gradients' collectives before the optimizer step is queued).
+        if group.world() > 1 && self.scaler.enabled {
             let mut flag = [if found_inf { 1.0 } else { 0.0 }];
             group.all_reduce_sum(&mut flag);
             found_inf = flag[0] > 0.0;

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use augur_core::device::{AdamStep, AttentionGrads, DeviceBuffer};
 use augur_core::{AttentionMask, Backend, BinaryOp, DType, Layout, Tensor, UnaryOp};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::device::{compile, Device, Program};
 use crate::flash::Flash;
@@ -290,6 +290,16 @@ impl Cuda {
 
     fn buffer(t: &Tensor) -> core::Result<&Buffer> {
         t.device_buffer().and_then(|b| b.as_any().downcast_ref::<Buffer>()).ok_or_else(|| cuda_err("a tensor of another device reached the CUDA backend"))
+    }
+
+    /// A contiguous f32 tensor on this backend as the collectives see it: its first element's
+    /// address, its length, the stream its work is queued on, and the device ordinal.
+    pub(crate) fn raw_f32(t: &Tensor) -> crate::Result<(u64, usize, Arc<CudaStream>, usize)> {
+        let b = Self::buffer(t).map_err(|e| crate::Error::Nccl(e.to_string()))?;
+        if b.dtype != DType::F32 || !t.layout().is_contiguous() {
+            return Err(crate::Error::Nccl(format!("collectives take contiguous f32 tensors, not {} of layout {:?}", b.dtype.name(), t.layout())));
+        }
+        Ok((Self::ptr(t).map_err(|e| crate::Error::Nccl(e.to_string()))?, t.numel(), b.owner.dev.stream.clone(), b.owner.dev.ctx.ordinal()))
     }
 
     /// Address of `t`'s first element (its layout's offset).
