@@ -19,9 +19,10 @@ nvidia-smi topo -m | head -4
 echo "== Ddp's device path vs plain backward (one rank)"; .gpu/bin/test-nccl_device --nocapture 2>&1 | grep -E "skipped|test result|panicked|assert" | head
 echo "== augur train --ddp nccl vs one process"; AUGUR_BIN=$PWD/.gpu/bin/augur .gpu/bin/test-ddp_nccl --test-threads 1 --nocapture 2>&1 | grep -E "rank\(s\) on|skipped|test result|panicked" | head
 bench() { .gpu/bin/augur bench train --config bench/gpu/gpt-100m.json --batch 8 --seq-len 1024 --precision bf16 --device cuda --steps "$steps" "$@"; }
+gpus=$(nvidia-smi -L | grep -c '^GPU ')
 for r in $(seq "$rounds"); do
   echo "== round $r"
   bench | tee -a "$out/ddp.jsonl"
   bench --ddp nccl --nproc 1 | tee -a "$out/ddp.jsonl"
-  bench --ddp nccl --nproc 2 | tee -a "$out/ddp.jsonl"
+  [ "$gpus" -lt 2 ] || bench --ddp nccl --nproc 2 | tee -a "$out/ddp.jsonl"
 done
