@@ -1,8 +1,9 @@
 //! `Ddp` over an NCCL group with the model on the GPU: gradients are flattened into buckets on
 //! the device, averaged by NCCL on its own stream while the backward pass continues, and handed
 //! back as views of the reduced buckets. With one rank the mean is the identity, so the gradients
-//! and the AdamW step after them must equal plain `backward`'s exactly. Skips without a GPU or
-//! NCCL, saying so (CUDA builds: `cargo test -p augur-dist --features cuda`).
+//! and the AdamW step after them must equal plain `backward`'s, up to the last bits that the
+//! device's atomic accumulations (embedding scatter-add, attention's dq) vary in between runs.
+//! Skips without a GPU or NCCL, saying so (CUDA builds: `cargo test -p augur-dist --features cuda`).
 #![cfg(feature = "cuda")]
 
 use augur_cuda::{Nccl, Place};
@@ -56,7 +57,17 @@ fn device_buckets_leave_the_gradients_of_plain_backward() {
     assert_eq!(got_g.len(), want_g.len());
     for (i, (a, b)) in got_g.iter().zip(&want_g).enumerate() {
         assert!(!b.is_empty(), "parameter {i} has no gradient");
-        assert_eq!(a, b, "gradient of parameter {i}");
+        close(a, b, 1e-5, &format!("gradient of parameter {i}"));
     }
-    assert_eq!(got_p, want_p, "parameters after AdamW on bucket views");
+    for (i, (a, b)) in got_p.iter().zip(&want_p).enumerate() {
+        close(a, b, 1e-5, &format!("parameter {i} after AdamW on bucket views"));
+    }
+}
+
+fn close(got: &[f32], want: &[f32], tol: f32, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+    for (j, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= tol * scale.max(1e-6), "{what}, element {j}: {a} vs {b} (largest magnitude {scale})");
+    }
 }
