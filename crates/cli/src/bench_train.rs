@@ -35,7 +35,7 @@ pub struct TrainArgs {
     #[arg(long, default_value = "cpu")]
     pub device: crate::common::DeviceArg,
     /// Data-parallel steps, `--batch` windows per rank: `mpi` (under `mpirun -np N`) or `nccl`
-    /// (with `--nproc N`). Tokens/s counts every rank's windows.
+    /// (with `--nproc N`, or under `mpirun -np N`). Tokens/s counts every rank's windows.
     #[arg(long, value_name = "BACKEND")]
     pub ddp: Option<String>,
     /// Start N ranks of this command (with `--ddp nccl`).

@@ -57,8 +57,8 @@ pub struct Args {
     pub seed: u64,
     /// Data-parallel training: each rank trains on `--batch` windows of every step and gradients
     /// are averaged. `--ddp` or `--ddp mpi`: run under `mpirun -np N` (a `--features mpi` build);
-    /// `--ddp nccl`: NCCL between processes, one GPU each, started with `--nproc N` (a
-    /// `--features cuda` build).
+    /// `--ddp nccl`: NCCL between processes, one GPU each, started with `--nproc N` or by
+    /// `mpirun -np N` (a `--features cuda` build).
     #[arg(long, num_args = 0..=1, default_missing_value = "mpi", value_name = "BACKEND")]
     pub ddp: Option<String>,
     /// Start N ranks of this command (with `--ddp nccl`).

@@ -67,15 +67,32 @@ pub struct Place {
 }
 
 impl Place {
-    /// Read `AUGUR_RANK`, `AUGUR_WORLD` and `AUGUR_NCCL_ID`.
+    /// Where this process sits, from `augur ... --nproc N` (`AUGUR_RANK`, `AUGUR_WORLD`,
+    /// `AUGUR_NCCL_ID`) or from `mpirun` (Open MPI's `OMPI_COMM_WORLD_RANK`/`_SIZE`, MPICH's
+    /// `PMI_RANK`/`PMI_SIZE`). Under Open MPI the id file defaults to one named after the job in the
+    /// temporary directory (one host); otherwise set `AUGUR_NCCL_ID` to a path every rank can read.
     pub fn from_env() -> Result<Self> {
-        let var = |k: &str| std::env::var(k).map_err(|_| Error::Nccl(format!("{k} is not set: start the ranks with `--nproc N` (which sets AUGUR_RANK, AUGUR_WORLD and AUGUR_NCCL_ID)")));
-        let num = |k: &str| -> Result<usize> { var(k)?.parse().map_err(|_| Error::Nccl(format!("{k} must be a non-negative integer"))) };
-        let (rank, world) = (num("AUGUR_RANK")?, num("AUGUR_WORLD")?);
+        Self::from_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`Place::from_env`] over any variable lookup.
+    pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let first = |keys: &[&'static str]| -> Option<(&'static str, String)> { keys.iter().find_map(|&k| var(k).map(|v| (k, v))) };
+        let num = |keys: &[&'static str]| -> Result<usize> {
+            let (k, v) = first(keys).ok_or_else(|| Error::Nccl(format!("{} is not set: start the ranks with `--nproc N` (which sets AUGUR_RANK, AUGUR_WORLD and AUGUR_NCCL_ID) or with mpirun", keys[0])))?;
+            v.trim().parse().map_err(|_| Error::Nccl(format!("{k} must be a non-negative integer, not `{v}`")))
+        };
+        let rank = num(&["AUGUR_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"])?;
+        let world = num(&["AUGUR_WORLD", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])?;
         if rank >= world {
-            return Err(Error::Nccl(format!("AUGUR_RANK {rank} is not below AUGUR_WORLD {world}")));
+            return Err(Error::Nccl(format!("rank {rank} is not below the world size {world}")));
         }
-        Ok(Place { rank, world, id_file: PathBuf::from(var("AUGUR_NCCL_ID")?) })
+        let id_file = match (var("AUGUR_NCCL_ID"), first(&["PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"])) {
+            (Some(p), _) => PathBuf::from(p),
+            (None, Some((_, job))) => std::env::temp_dir().join(format!("augur-nccl-id-job-{job}")),
+            (None, None) => return Err(Error::Nccl("AUGUR_NCCL_ID is not set: under this launcher give every rank the same path to pass NCCL's id through (e.g. `mpirun -env AUGUR_NCCL_ID /shared/id ...`)".into())),
+        };
+        Ok(Place { rank, world, id_file })
     }
 }
 
@@ -140,6 +157,10 @@ impl Nccl {
         ctx.bind_to_thread()?;
         // SAFETY: `comm` receives the new handle; the id is rank 0's, shared by every rank.
         unsafe { nc::comm_init_rank(&mut comm, place.world as i32, ncclUniqueId { internal: *id.internal() }, place.rank as i32) }.map_err(|e| nccl_err("joining the communicator", e))?;
+        if place.rank == 0 {
+            // Every rank has read it: joining returns once all have joined.
+            let _ = std::fs::remove_file(&place.id_file);
+        }
         Ok(Nccl { ctx, stream, comm: Comm(comm), scratch: Mutex::new(None), rank: place.rank, world: place.world })
     }
 
@@ -264,13 +285,23 @@ mod tests {
     }
 
     #[test]
-    fn place_comes_from_the_environment_with_clear_errors() {
-        // Read only (the test harness shares the environment): without the launcher's
-        // variables the error names them.
-        if std::env::var("AUGUR_RANK").is_err() {
-            let e = Place::from_env().unwrap_err().to_string();
-            assert!(e.contains("AUGUR_RANK") && e.contains("--nproc"), "{e}");
-        }
+    fn place_comes_from_the_launchers_variables_with_clear_errors() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+        let e = Place::from_vars(vars(&[])).unwrap_err().to_string();
+        assert!(e.contains("AUGUR_RANK") && e.contains("--nproc"), "{e}");
+        let p = Place::from_vars(vars(&[("AUGUR_RANK", "1"), ("AUGUR_WORLD", "2"), ("AUGUR_NCCL_ID", "/x/id")])).unwrap();
+        assert_eq!(p, Place { rank: 1, world: 2, id_file: "/x/id".into() });
+        // Open MPI: the job names the id file.
+        let p = Place::from_vars(vars(&[("OMPI_COMM_WORLD_RANK", "0"), ("OMPI_COMM_WORLD_SIZE", "4"), ("PMIX_NAMESPACE", "77")])).unwrap();
+        assert_eq!((p.rank, p.world), (0, 4));
+        assert!(p.id_file.ends_with("augur-nccl-id-job-77"), "{:?}", p.id_file);
+        // MPICH without a job id: the path must be given.
+        let e = Place::from_vars(vars(&[("PMI_RANK", "0"), ("PMI_SIZE", "2")])).unwrap_err().to_string();
+        assert!(e.contains("AUGUR_NCCL_ID"), "{e}");
+        let e = Place::from_vars(vars(&[("AUGUR_RANK", "2"), ("AUGUR_WORLD", "2"), ("AUGUR_NCCL_ID", "/x")])).unwrap_err().to_string();
+        assert!(e.contains("not below"), "{e}");
+        let e = Place::from_vars(vars(&[("AUGUR_RANK", "one"), ("AUGUR_WORLD", "2")])).unwrap_err().to_string();
+        assert!(e.contains("AUGUR_RANK must be") && e.contains("`one`"), "{e}");
     }
 
     #[test]
