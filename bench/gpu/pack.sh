@@ -16,7 +16,7 @@ tests=$(cargo test -q --release -p augur-cuda -p augur-models -p augur-cli -p au
   python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference","ddp_nccl","torch_golden","medusa_tiny","mtp_tiny","nccl_device"): print(m["executable"])')
+    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference","ddp_nccl","torch_golden","medusa_tiny","mtp_tiny","draft_tiny","nccl_device"): print(m["executable"])')
 rm -rf .gpu && mkdir -p .gpu/bin
 if [ -n "${NVRTC_LIB:-}" ]; then
   cargo build -q --release -p augur-cuda --example warm_cache

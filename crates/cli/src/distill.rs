@@ -163,7 +163,9 @@ pub struct DraftArgs {
 pub fn draft_main(a: DraftArgs) -> Result<()> {
     let model = a.model.load()?;
     let set = DistillSet::open(&a.data)?;
-    let cfg = DraftConfig { layers: a.layers, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, ..Default::default() };
+    // `--device cuda`: the target's forward passes and the draft's training both run there.
+    let device = a.model.device.training()?;
+    let cfg = DraftConfig { layers: a.layers, epochs: a.epochs, lr: a.lr, max_len: a.max_len, accumulate: a.accumulate, device, ..Default::default() };
     let t0 = Instant::now();
     let b = progress_bar(0, "distil");
     let mut trained = draft::train(&model, &set, &cfg, show(&b, "KL"))?;

@@ -38,11 +38,14 @@ pub struct DraftConfig {
     pub accumulate: usize,
     /// Seed of the shuffling.
     pub seed: u64,
+    /// Where the draft trains (`None`: the host). The target's forward passes run wherever its
+    /// model was loaded.
+    pub device: Option<augur_core::Device>,
 }
 
 impl Default for DraftConfig {
     fn default() -> Self {
-        DraftConfig { layers: 4, epochs: 1, lr: 2e-4, max_len: 256, accumulate: 4, seed: 1 }
+        DraftConfig { layers: 4, epochs: 1, lr: 2e-4, max_len: 256, accumulate: 4, seed: 1, device: None }
     }
 }
 
@@ -141,29 +144,26 @@ struct Cut {
 }
 
 /// Cross-entropy of the draft against the target's softmax on the response rows of `s` (soft
-/// labels), with the target's entropy and the rows where their argmaxes agree, all per row.
+/// labels), with the target's entropy and the rows where their argmaxes agree, all per row. The
+/// soft labels are computed where the draft is.
 fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, s: &Cut) -> Result<(Tensor, f64, usize)> {
-    let (v, ids) = (target.llama.cfg.vocab, &s.ids);
-    let rows = ids.len() - s.from;
+    let (v, ids, n) = (target.llama.cfg.vocab, &s.ids, s.ids.len());
+    let rows = n - s.from;
     st.truncate(0);
-    let mut p = target.llama.forward(st, ids, Logits::All)?.to_vec();
-    p[..s.from * v].fill(0.0);
-    let (mut entropy, mut agree) = (0f64, 0usize);
-    let z = gpt.forward(ids, 1, None)?.reshape(&[ids.len(), v])?;
+    let p = target.llama.forward(st, ids, Logits::All)?.to_vec();
+    let z = gpt.forward(ids, 1, None)?.reshape(&[n, v])?;
+    let dev = z.device();
     let zs = z.detach().to_vec_f32()?;
-    for (row, zr) in p.chunks_exact_mut(v).zip(zs.chunks_exact(v)).skip(s.from) {
-        agree += (argmax(row) == argmax(zr)) as usize;
-        let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-        let sum: f64 = row.iter().map(|&x| ((x - m) as f64).exp()).sum();
-        for x in row.iter_mut() {
-            let q = ((*x - m) as f64).exp() / sum;
-            if q > 0.0 {
-                entropy -= q * q.ln();
-            }
-            *x = q as f32;
-        }
-    }
-    let pt = Tensor::from_vec(p, &[ids.len(), v])?;
+    let agree = p.chunks_exact(v).zip(zs.chunks_exact(v)).skip(s.from).filter(|(a, b)| argmax(a) == argmax(b)).count();
+    let (logp, mask) = no_grad(|| -> Result<(Tensor, Tensor)> {
+        let mask: Vec<f32> = (0..n).map(|i| if i < s.from { 0.0 } else { 1.0 }).collect();
+        Ok((Tensor::from_vec(p, &[n, v])?.to(dev.as_ref())?.log_softmax_last()?, Tensor::from_vec(mask, &[n, 1])?.to(dev.as_ref())?))
+    })?;
+    let (pt, entropy) = no_grad(|| -> Result<(Tensor, f64)> {
+        let pt = logp.exp()?.mul(&mask)?;
+        let entropy = -pt.mul(&logp)?.sum_all()?.item()? as f64;
+        Ok((pt, entropy))
+    })?;
     let loss = z.log_softmax_last()?.mul(&pt)?.sum_all()?.scale(-1.0 / rows as f64)?;
     Ok((loss, entropy / rows as f64, agree))
 }
@@ -197,6 +197,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
         return Err(Error::Invalid(format!("no sample has response tokens within its first {} tokens; raise --max-len", cfg.max_len)));
     }
     let mut gpt = from_target(target, cfg.layers)?;
+    augur_nn::ModuleExt::to_device(&mut gpt, cfg.device.as_ref())?;
     let mut st = State::new(&target.llama.cfg);
     st.activations = Activations::F32;
     let before = evaluate(&gpt, target, &mut st, &eval_set)?;
@@ -212,6 +213,7 @@ pub fn train(target: &Model, set: &DistillSet, cfg: &DraftConfig, mut progress: 
         Ok(total / group.len() as f64)
     }, &mut progress)?;
     let after = evaluate(&gpt, target, &mut st, &eval_set)?;
+    augur_nn::ModuleExt::to_device(&mut gpt, None)?;
     Ok(Trained { gpt, before, after, train_positions: train_set.iter().map(|s| s.ids.len() - s.from).sum() })
 }
 

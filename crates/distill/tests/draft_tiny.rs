@@ -80,3 +80,40 @@ fn distilled_draft_matches_the_target_better_and_decodes_losslessly() {
     assert!(e.contains("qwen2"), "{e}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Distilling on the GPU follows the host's run: the same KL step by step (up to rounding), the
+/// same held-out KL and agreement, and the draft comes back to the host (skipped without a
+/// device).
+#[test]
+fn the_draft_distils_the_same_on_the_gpu() {
+    let dev = match augur_cuda::train::backend(0) {
+        Ok(d) => d,
+        Err(e) => return eprintln!("skipped: GPU training needs a CUDA device ({e})"),
+    };
+    let dir = std::env::temp_dir().join(format!("augur-draft-gpu-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("target.gguf");
+    tiny::write_gguf(&path, false, Some(augur_core::QuantType::Q8_0), 11).unwrap();
+    let model = Model::open(&path).unwrap();
+    let prompts: Vec<Prompt> = (0..16u32).map(|i| Prompt { group: "t".into(), ids: (0..3 + i % 4).map(|j| 40 + (i * 7 + j * 13) % 150).collect() }).collect();
+    let samples = data::respond(&model, &prompts, 16, SamplerConfig::default(), |_, _| {}).unwrap();
+    let set = DistillSet { samples, hidden: None, dim: 0 };
+    let cfg = DraftConfig { layers: 1, epochs: 3, lr: 1e-3, accumulate: 4, ..Default::default() };
+    let run = |device| {
+        let mut losses = Vec::new();
+        let mut t = draft::train(&model, &set, &DraftConfig { device, ..cfg.clone() }, |p| losses.push(p.loss)).unwrap();
+        let mut on_host = true;
+        augur_nn::Module::visit(&mut t.gpt, "", &mut |_, p| on_host &= p.device().is_none());
+        assert!(on_host, "the trained draft comes back to the host");
+        (losses, t.after)
+    };
+    let (cpu, cpu_after) = run(None);
+    let (gpu, gpu_after) = run(Some(dev));
+    assert_eq!(cpu.len(), gpu.len());
+    for (i, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+        assert!((a - b).abs() <= 2e-3 * b.abs().max(1.0), "step {i}: GPU KL {a} vs host {b}");
+    }
+    assert!((gpu_after.kl - cpu_after.kl).abs() <= 2e-3 * cpu_after.kl.max(1.0), "held-out KL: GPU {gpu_after:?} vs host {cpu_after:?}");
+    assert!((gpu_after.agreement - cpu_after.agreement).abs() < 0.05, "held-out agreement: GPU {gpu_after:?} vs host {cpu_after:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}
