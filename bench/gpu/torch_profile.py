@@ -29,4 +29,4 @@ for _ in range(3):
     step()
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as p:
     step()
-print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+print(p.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))

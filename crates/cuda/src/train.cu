@@ -73,6 +73,47 @@ template <typename T> __device__ __forceinline__ void stv(void* p, int ty, i64 i
 }
 __device__ __forceinline__ i64 at(const Lay& l, i64 i) { return l.rank == 1 && l.stride[0] == 1 ? l.offset + i : lay_off(l, i); }
 
+// Flat and starting on a multiple of eight elements: eight at a time move as one 16-byte access
+// per 16-bit operand and two per f32 one (allocations are 256-byte aligned). `train/mod.rs`'s
+// `Lay::flat8` is the same test, to size the grid.
+__device__ __forceinline__ bool flat8(const Lay& l) { return l.rank == 1 && l.stride[0] == 1 && (l.offset & 7) == 0; }
+
+__device__ __forceinline__ float h16_to_f32(int ty, u16 h) { return ty == D_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
+__device__ __forceinline__ u16 f32_to_h16(int ty, float f) { return ty == D_BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
+
+// v[0..8] = elements i..i+8 of a flat array of type ty (i a multiple of 8).
+template <typename T> __device__ __forceinline__ void ld8(const void* p, int ty, i64 i, T* v) {
+    if (ty == D_F32) {
+        float4 a = *(const float4*)((const float*)p + i), b = *(const float4*)((const float*)p + i + 4);
+        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+    } else if (ty == D_F64) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = (T)((const double*)p)[i + k];
+    } else {
+        uint4 a = *(const uint4*)((const u16*)p + i);
+        u32 w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            v[2 * k] = (T)h16_to_f32(ty, (u16)(w[k] & 0xffffu));
+            v[2 * k + 1] = (T)h16_to_f32(ty, (u16)(w[k] >> 16));
+        }
+    }
+}
+template <typename T> __device__ __forceinline__ void st8(void* p, int ty, i64 i, const T* v) {
+    if (ty == D_F32) {
+        *(float4*)((float*)p + i) = make_float4((float)v[0], (float)v[1], (float)v[2], (float)v[3]);
+        *(float4*)((float*)p + i + 4) = make_float4((float)v[4], (float)v[5], (float)v[6], (float)v[7]);
+    } else if (ty == D_F64) {
+#pragma unroll
+        for (int k = 0; k < 8; k++) ((double*)p)[i + k] = (double)v[k];
+    } else {
+        u32 w[4];
+#pragma unroll
+        for (int k = 0; k < 4; k++) w[k] = (u32)f32_to_h16(ty, (float)v[2 * k]) | ((u32)f32_to_h16(ty, (float)v[2 * k + 1]) << 16);
+        *(uint4*)((u16*)p + i) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+}
+
 template <int T> __device__ __forceinline__ double ld(const void* p, i64 i) {
     if (T == D_F32) return (double)((const float*)p)[i];
     if (T == D_F64) return ((const double*)p)[i];
@@ -114,7 +155,15 @@ extern "C" __global__ void copy_any(const void* src, int sty, Lay sl, void* dst,
 #undef ROW
 #undef C8
     }
-    // Contiguous to contiguous (a conversion): one element a thread, coalesced.
+    // Contiguous to contiguous (a conversion): eight elements a thread where aligned, else one.
+    if (sflat && dflat && flat8(sl) && flat8(dl) && n % 8 == 0) {
+        if (sty == D_F64 || dty == D_F64) {
+            GRID_STRIDE(t, n / 8) { double v[8]; ld8<double>(src, sty, sl.offset + t * 8, v); st8<double>(dst, dty, dl.offset + t * 8, v); }
+        } else {
+            GRID_STRIDE(t, n / 8) { float v[8]; ld8<float>(src, sty, sl.offset + t * 8, v); st8<float>(dst, dty, dl.offset + t * 8, v); }
+        }
+        return;
+    }
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
         i64 s = sflat ? sl.offset + i : lay_off(sl, i);
         i64 d = dflat ? dl.offset + i : lay_off(dl, i);
@@ -178,17 +227,50 @@ template <typename T> __device__ __forceinline__ T binary_op(int op, T a, T b) {
 
 // The elementwise kernels compute in T and read and write any float type in any layout (`Lay`),
 // so 16-bit activations under autocast are neither converted nor copied first.
+// The output is always flat; flat inputs on a multiple of eight go eight at a time.
 template <typename T> __device__ void unary_t(const void* x, int xt, Lay lx, void* out, int ot, i64 n, int op) {
+    if (flat8(lx) && n % 8 == 0) {
+        GRID_STRIDE(t, n / 8) {
+            T v[8];
+            ld8<T>(x, xt, lx.offset + t * 8, v);
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = unary_op<T>(op, v[k]);
+            st8<T>(out, ot, t * 8, v);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) stv<T>(out, ot, i, unary_op<T>(op, ldv<T>(x, xt, at(lx, i))));
 }
 
 template <typename T> __device__ void affine_t(const void* x, int xt, Lay lx, void* out, int ot, i64 n, double mul, double add) {
+    if (flat8(lx) && n % 8 == 0) {
+        GRID_STRIDE(t, n / 8) {
+            T v[8];
+            ld8<T>(x, xt, lx.offset + t * 8, v);
+#pragma unroll
+            for (int k = 0; k < 8; k++) v[k] = v[k] * (T)mul + (T)add;
+            st8<T>(out, ot, t * 8, v);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) stv<T>(out, ot, i, ldv<T>(x, xt, at(lx, i)) * (T)mul + (T)add);
 }
 
 // mode 1: b is a contiguous block repeated every m elements (a bias), a in any layout;
 // 3: both in any layout (broadcast views).
 template <typename T> __device__ void binary_t(const void* a, int at_, Lay la, const void* b, int bt, Lay lb, void* out, int ot, i64 n, int op, int mode, i64 m) {
+    // Eight at a time when a is flat and b is flat too (same shape) or a bias of whole eights.
+    if (flat8(la) && n % 8 == 0 && (mode == 1 ? (lb.offset & 7) == 0 && m % 8 == 0 : flat8(lb))) {
+        GRID_STRIDE(t, n / 8) {
+            T x[8], y[8];
+            ld8<T>(a, at_, la.offset + t * 8, x);
+            ld8<T>(b, bt, mode == 1 ? lb.offset + (t * 8) % m : lb.offset + t * 8, y);
+#pragma unroll
+            for (int k = 0; k < 8; k++) x[k] = binary_op<T>(op, x[k], y[k]);
+            st8<T>(out, ot, t * 8, x);
+        }
+        return;
+    }
     GRID_STRIDE(i, n) {
         i64 ib = mode == 1 ? lb.offset + i % m : at(lb, i);
         stv<T>(out, ot, i, binary_op<T>(op, ldv<T>(a, at_, at(la, i)), ldv<T>(b, bt, ib)));

@@ -51,6 +51,12 @@ struct Lay {
 unsafe impl DeviceRepr for Lay {}
 
 impl Lay {
+    /// Flat and starting on a multiple of eight elements: the kernels then move eight elements
+    /// a thread (`flat8` in train.cu).
+    fn flat8(&self) -> bool {
+        self.rank == 1 && self.stride[0] == 1 && self.offset % 8 == 0
+    }
+
     /// The layouts (of one shape) with adjacent dimensions merged where all of them allow it,
     /// size-1 dimensions dropped (fewer divisions per element in the kernels).
     fn merged(ls: &[&Layout]) -> core::Result<Vec<Lay>> {
@@ -317,6 +323,12 @@ impl Cuda {
         }
     }
 
+    /// The grid of an elementwise kernel that moves eight elements a thread when `by8` (its
+    /// operands pass `Lay::flat8`) and `n` is a multiple of eight, else one.
+    fn grid_by8(n: usize, by8: bool) -> LaunchConfig {
+        Self::grid(if by8 && n % 8 == 0 { n / 8 } else { n })
+    }
+
     fn grid(n: usize) -> LaunchConfig {
         let blocks = n.div_ceil(THREADS as usize).clamp(1, 1 << 16) as u32;
         LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -435,7 +447,7 @@ impl Backend for Cuda {
             let (xp, xt, lx, ot, nn, op) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], dt_code(ty), n as i64, op as i32);
             let mut b = self.builder(&self.k.unary[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&out.ptr).arg(&ot).arg(&nn).arg(&op);
-            Self::run(&mut b, Self::grid(n))?;
+            Self::run(&mut b, Self::grid_by8(n, lx.flat8()))?;
         }
         Self::tensor(out, x.shape())
     }
@@ -448,7 +460,7 @@ impl Backend for Cuda {
             let (xp, xt, lx, ot, nn) = (Self::buffer(x)?.ptr, dt_code(x.dtype()), Lay::merged(&[x.layout()])?[0], dt_code(ty), n as i64);
             let mut b = self.builder(&self.k.affine[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&out.ptr).arg(&ot).arg(&nn).arg(&mul).arg(&add);
-            Self::run(&mut b, Self::grid(n))?;
+            Self::run(&mut b, Self::grid_by8(n, lx.flat8()))?;
         }
         Self::tensor(out, x.shape())
     }
@@ -476,7 +488,8 @@ impl Backend for Cuda {
         let (ap, at, bp, bt, ot, nn, op) = (Self::buffer(a)?.ptr, dt_code(a.dtype()), Self::buffer(b)?.ptr, dt_code(b.dtype()), dt_code(ty), n as i64, op as i32);
         let mut l = self.builder(&self.k.binary[Self::index(ty)]);
         l.arg(&ap).arg(&at).arg(&la).arg(&bp).arg(&bt).arg(&lb).arg(&out.ptr).arg(&ot).arg(&nn).arg(&op).arg(&mode).arg(&m);
-        Self::run(&mut l, Self::grid(n))?;
+        let by8 = la.flat8() && if bias { lb.offset % 8 == 0 && m % 8 == 0 } else { lb.flat8() };
+        Self::run(&mut l, Self::grid_by8(n, by8))?;
         Self::tensor(out, shape)
     }
 
@@ -754,9 +767,11 @@ impl Cuda {
         let (sp, st, dp, dty, nn) = (src.ptr, dt_code(src.dtype), dst.ptr, dt_code(dst.dtype), n as i64);
         let mut b = self.builder(&self.k.copy);
         b.arg(&sp).arg(&st).arg(&l[0]).arg(&dp).arg(&dty).arg(&l[1]).arg(&nn);
-        // Eight elements a thread when the innermost dimension holds whole groups of eight.
+        // Eight elements a thread when the innermost dimension holds whole groups of eight, or
+        // when both are flat and aligned (a conversion).
         let flat = |l: &Lay| l.rank == 1 && l.stride[0] == 1;
-        let per = if !(flat(&l[0]) && flat(&l[1])) && l[0].shape[l[0].rank as usize - 1] % 8 == 0 { 8 } else { 1 };
+        let strided8 = !(flat(&l[0]) && flat(&l[1])) && l[0].shape[l[0].rank as usize - 1] % 8 == 0;
+        let per = if strided8 || (l[0].flat8() && l[1].flat8() && n % 8 == 0) { 8 } else { 1 };
         Self::run(&mut b, Self::grid(n / per))
     }
 

@@ -1,19 +1,29 @@
-//! Per-op device time when `AUGUR_CUDA_PROFILE=1`: each op of the training backend waits for
-//! the device before and after (serialising the stream, so the sum is slower than a real step),
-//! and [`profile_report`] lists where a step's time goes.
+//! Per-op device time when `AUGUR_CUDA_PROFILE=1`: each op of the training backend records a
+//! timing event on its stream before and after its kernels (nothing waits, so the step runs as
+//! it does unprofiled), and [`profile_report`] reads the events and lists where a step's device
+//! time goes. An op that calls another op counts the inner one too.
 
 use std::sync::{Mutex, OnceLock};
 
+
 use super::Cuda;
+
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::CudaEvent;
 
 /// One op's timing, recorded when dropped.
 pub(super) struct Prof<'a> {
     be: &'a Cuda,
     op: &'static str,
-    start: std::time::Instant,
+    start: Option<CudaEvent>,
 }
 
-static PROFILE: Mutex<Option<std::collections::BTreeMap<&'static str, (u64, f64)>>> = Mutex::new(None);
+/// Ops with their start and end events, not yet read.
+static PENDING: Mutex<Vec<(&'static str, CudaEvent, CudaEvent)>> = Mutex::new(Vec::new());
+
+fn timing_event(be: &Cuda) -> Option<CudaEvent> {
+    be.dev.stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
+}
 
 fn profiling() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -22,20 +32,23 @@ fn profiling() -> bool {
 
 impl Drop for Prof<'_> {
     fn drop(&mut self) {
-        let _ = self.be.dev.stream.synchronize();
-        let dt = self.start.elapsed().as_secs_f64();
-        let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
-        let e = p.get_or_insert_with(Default::default).entry(self.op).or_default();
-        e.0 += 1;
-        e.1 += dt;
+        if let (Some(start), Some(end)) = (self.start.take(), timing_event(self.be)) {
+            PENDING.lock().unwrap_or_else(|e| e.into_inner()).push((self.op, start, end));
+        }
     }
 }
 
-/// The per-op totals gathered under `AUGUR_CUDA_PROFILE=1` (op, calls, seconds), largest first,
-/// and the totals are reset.
+/// The per-op device time gathered under `AUGUR_CUDA_PROFILE=1` since the last call (op, calls,
+/// seconds), largest first. Waits for the events.
 pub fn profile_report() -> Vec<(&'static str, u64, f64)> {
-    let mut p = PROFILE.lock().unwrap_or_else(|e| e.into_inner());
-    let mut v: Vec<_> = p.take().unwrap_or_default().into_iter().map(|(k, (n, t))| (k, n, t)).collect();
+    let pending = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut totals: std::collections::BTreeMap<&'static str, (u64, f64)> = Default::default();
+    for (op, start, end) in pending {
+        let e = totals.entry(op).or_default();
+        e.0 += 1;
+        e.1 += start.elapsed_ms(&end).map_or(0.0, |ms| ms as f64 / 1e3);
+    }
+    let mut v: Vec<_> = totals.into_iter().map(|(k, (n, t))| (k, n, t)).collect();
     v.sort_by(|a, b| b.2.total_cmp(&a.2));
     v
 }
@@ -55,16 +68,12 @@ impl Cuda {
                     n
                 }
             };
-            let _ = self.dev.stream.synchronize();
-            Prof { be: self, op: s, start: std::time::Instant::now() }
+            Prof { be: self, op: s, start: timing_event(self) }
         })
     }
 
     pub(super) fn prof(&self, op: &'static str) -> Option<Prof<'_>> {
-        profiling().then(|| {
-            let _ = self.dev.stream.synchronize();
-            Prof { be: self, op, start: std::time::Instant::now() }
-        })
+        profiling().then(|| Prof { be: self, op, start: timing_event(self) })
     }
 
 }

@@ -74,6 +74,18 @@ fn ops_match_the_host_at_scale() {
         agree(d, &format!("{op:?}"), &[&[300, 1000]], Box::new(move |t| t[0].unary(op)), 1e-5);
     }
     agree(d, "bias add", &[&[64, 513], &[513]], Box::new(|t| t[0].add(&t[1])), 1e-6);
+    // Eight elements a thread: flat operands on multiples of eight, in f32, bf16 and mixed, and
+    // views whose offset is (1000) or is not (1001) a multiple of eight.
+    let bf = DType::BF16;
+    agree(d, "bias add by eights", &[&[64, 512], &[512]], Box::new(|t| t[0].add(&t[1])), 1e-6);
+    agree(d, "bf16 gelu", &[&[300, 1000]], Box::new(move |t| t[0].to_dtype(bf)?.unary(UnaryOp::Gelu)), 1e-2);
+    agree(d, "bf16 add", &[&[300, 1000], &[300, 1000]], Box::new(move |t| t[0].to_dtype(bf)?.add(&t[1].to_dtype(bf)?)), 1e-2);
+    agree(d, "bf16 times f32", &[&[300, 1000], &[300, 1000]], Box::new(move |t| t[0].to_dtype(bf)?.mul(&t[1])), 1e-2);
+    agree(d, "bf16 affine", &[&[300, 1000]], Box::new(move |t| t[0].to_dtype(bf)?.affine(0.5, 1.0)), 1e-2);
+    for cols in [1000, 1001] {
+        agree(d, &format!("offset views, rows of {cols}"), &[&[300, cols]], Box::new(|t| t[0].narrow(0, 1, 299)?.unary(UnaryOp::Exp)?.sub(&t[0].narrow(0, 0, 299)?)), 1e-5);
+        agree(d, &format!("offset conversion, rows of {cols}"), &[&[300, cols]], Box::new(move |t| t[0].narrow(0, 1, 299)?.to_dtype(bf)?.to_dtype(DType::F32)), 1e-2);
+    }
     agree(d, "broadcast mul", &[&[64, 1, 7], &[1, 5, 7]], Box::new(|t| t[0].mul(&t[1])), 1e-6);
     agree(d, "transposed div", &[&[40, 30], &[30, 40]], Box::new(|t| t[0].div(&t[1].transpose(0, 1)?.affine(0.1, 3.0)?)), 1e-5);
     agree(d, "maximum", &[&[50, 60], &[60]], Box::new(|t| t[0].maximum(&t[1])), 1e-6);
