@@ -89,6 +89,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn scatter_add_rows(&self, g: &Tensor, ids: &[u32], rows: usize) -> Result<Tensor>;
     /// The 0-d mean loss over the rows whose target is not `ignore`, and their count.
     fn cross_entropy(&self, logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> Result<(Tensor, usize)>;
+    /// `d loss / d logits` times the upstream scalar `g`, in the logits' type or the compute
+    /// type (16-bit logits may get a 16-bit gradient, as autocast's products do).
     fn cross_entropy_backward(&self, logits: &Tensor, targets: &[u32], ignore: Option<u32>, count: usize, g: &Tensor) -> Result<Tensor>;
     fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor>;
     /// `(out, lse)`; the shape `s` has been checked.

@@ -455,39 +455,45 @@ template <typename T> __device__ void scatter_add_t(const T* g, const u32* ids, 
     GRID_STRIDE(i, n * dim) atomicAdd(&out[(i64)ids[i / dim] * dim + i % dim], g[i]);
 }
 
-// loss[0] += (lse(row) − row[target]) · inv_count over the rows whose target is not -1.
-template <typename T> __device__ void ce_fwd_t(const T* x, const int* targets, T* loss, i64 c, double inv_count) {
+// The max and Σ exp(x − max) of one row of c elements of type xt, with every thread of the block.
+template <typename T> __device__ void row_lse(const void* x, int xt, i64 base, i64 c, T* sh, T& mx, T& z) {
+    mx = (T)-INFINITY;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) {
+        T v = ldv<T>(x, xt, base + j);
+        mx = v > mx ? v : mx;
+    }
+    mx = block_reduce(mx, true, sh);
+    z = (T)0;
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) z += ex(ldv<T>(x, xt, base + j) - mx);
+    z = block_reduce(z, false, sh);
+}
+
+// loss[0] += (lse(row) − row[target]) · inv_count over the rows whose target is not -1. The
+// logits are read in their own type (16-bit under autocast), contiguous rows of c.
+template <typename T> __device__ void ce_fwd_t(const void* x, int xt, const int* targets, T* loss, i64 c, double inv_count) {
     __shared__ T sh[32];
     int t = targets[blockIdx.x];
     if (t < 0) return;
-    const T* r = x + blockIdx.x * c;
-    T mx = (T)-INFINITY;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
-    mx = block_reduce(mx, true, sh);
-    T z = (T)0;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) z += ex(r[j] - mx);
-    z = block_reduce(z, false, sh);
-    if (threadIdx.x == 0) atomicAdd(loss, (mx + log(z) - r[t]) * (T)inv_count);
+    i64 base = blockIdx.x * c;
+    T mx, z;
+    row_lse<T>(x, xt, base, c, sh, mx, z);
+    if (threadIdx.x == 0) atomicAdd(loss, (mx + log(z) - ldv<T>(x, xt, base + t)) * (T)inv_count);
 }
 
-// dx = (softmax(row) − onehot(target)) · g[0] · inv_count; zero rows for ignored targets.
-template <typename T> __device__ void ce_bwd_t(const T* x, const int* targets, const T* g, T* dx, i64 c, double inv_count) {
+// dx = (softmax(row) − onehot(target)) · g[0] · inv_count, written in dx's type dt; zero rows
+// for ignored targets.
+template <typename T> __device__ void ce_bwd_t(const void* x, int xt, const int* targets, const T* g, void* dx, int dt, i64 c, double inv_count) {
     __shared__ T sh[32];
     int t = targets[blockIdx.x];
-    const T* r = x + blockIdx.x * c;
-    T* o = dx + blockIdx.x * c;
+    i64 base = blockIdx.x * c;
     if (t < 0) {
-        for (i64 j = threadIdx.x; j < c; j += blockDim.x) o[j] = (T)0;
+        for (i64 j = threadIdx.x; j < c; j += blockDim.x) stv<T>(dx, dt, base + j, (T)0);
         return;
     }
-    T mx = (T)-INFINITY;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) mx = r[j] > mx ? r[j] : mx;
-    mx = block_reduce(mx, true, sh);
-    T z = (T)0;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) z += ex(r[j] - mx);
-    z = block_reduce(z, false, sh);
+    T mx, z;
+    row_lse<T>(x, xt, base, c, sh, mx, z);
     T s = g[0] * (T)inv_count, inv = s / z;
-    for (i64 j = threadIdx.x; j < c; j += blockDim.x) o[j] = ex(r[j] - mx) * inv - (j == t ? s : (T)0);
+    for (i64 j = threadIdx.x; j < c; j += blockDim.x) stv<T>(dx, dt, base + j, ex(ldv<T>(x, xt, base + j) - mx) * inv - (j == t ? s : (T)0));
 }
 
 // ---- general attention (one block per query row; scores in shared memory) ---------------------
@@ -654,10 +660,10 @@ extern "C" __global__ void gather_f32(const float* t, const u32* ids, float* out
 extern "C" __global__ void gather_f64(const double* t, const u32* ids, double* out, i64 n, i64 dim) { gather_t<double>(t, ids, out, n, dim); }
 extern "C" __global__ void scatter_add_f32(const float* g, const u32* ids, float* out, i64 n, i64 dim) { scatter_add_t<float>(g, ids, out, n, dim); }
 extern "C" __global__ void scatter_add_f64(const double* g, const u32* ids, double* out, i64 n, i64 dim) { scatter_add_t<double>(g, ids, out, n, dim); }
-extern "C" __global__ void ce_fwd_f32(const float* x, const int* t, float* loss, i64 c, double ic) { ce_fwd_t<float>(x, t, loss, c, ic); }
-extern "C" __global__ void ce_fwd_f64(const double* x, const int* t, double* loss, i64 c, double ic) { ce_fwd_t<double>(x, t, loss, c, ic); }
-extern "C" __global__ void ce_bwd_f32(const float* x, const int* t, const float* g, float* dx, i64 c, double ic) { ce_bwd_t<float>(x, t, g, dx, c, ic); }
-extern "C" __global__ void ce_bwd_f64(const double* x, const int* t, const double* g, double* dx, i64 c, double ic) { ce_bwd_t<double>(x, t, g, dx, c, ic); }
+extern "C" __global__ void ce_fwd_f32(const void* x, int xt, const int* t, float* loss, i64 c, double ic) { ce_fwd_t<float>(x, xt, t, loss, c, ic); }
+extern "C" __global__ void ce_fwd_f64(const void* x, int xt, const int* t, double* loss, i64 c, double ic) { ce_fwd_t<double>(x, xt, t, loss, c, ic); }
+extern "C" __global__ void ce_bwd_f32(const void* x, int xt, const int* t, const float* g, void* dx, int dt, i64 c, double ic) { ce_bwd_t<float>(x, xt, t, g, dx, dt, c, ic); }
+extern "C" __global__ void ce_bwd_f64(const void* x, int xt, const int* t, const double* g, void* dx, int dt, i64 c, double ic) { ce_bwd_t<double>(x, xt, t, g, dx, dt, c, ic); }
 extern "C" __global__ void attn_fwd_f32(AttnArgs a) { attn_fwd_t<float>(a); }
 extern "C" __global__ void attn_fwd_f64(AttnArgs a) { attn_fwd_t<double>(a); }
 extern "C" __global__ void attn_bwd_f32(AttnArgs a) { attn_bwd_t<float>(a); }

@@ -675,15 +675,17 @@ impl Backend for Cuda {
 
     fn cross_entropy(&self, logits: &Tensor, targets: &[u32], ignore: Option<u32>) -> core::Result<(Tensor, usize)> {
         let _p = self.prof("cross_entropy");
+        // The logits in their own type (16-bit under autocast: no f32 copy of the largest
+        // activation of a step), computed in f32 or f64.
         let (ty, i) = Self::compute(&[logits]);
-        let x = self.dense(logits, ty)?;
+        let x = self.dense(logits, logits.dtype())?;
         let (rows, c) = (x.shape()[0], x.shape()[1]);
         let (t, count) = self.targets(targets, ignore)?;
         let loss = self.zeros(ty, 1)?;
         if count > 0 {
-            let (xp, cc, ic) = (Self::ptr(&x)?, c as i64, 1.0 / count as f64);
+            let (xp, xt, cc, ic) = (Self::ptr(&x)?, dt_code(x.dtype()), c as i64, 1.0 / count as f64);
             let mut b = self.builder(&self.k.ce_fwd[i]);
-            b.arg(&xp).arg(&t.ptr).arg(&loss.ptr).arg(&cc).arg(&ic);
+            b.arg(&xp).arg(&xt).arg(&t.ptr).arg(&loss.ptr).arg(&cc).arg(&ic);
             Self::run(&mut b, Self::rows(rows, THREADS, 0))?;
         }
         Ok((Self::tensor(loss, &[])?, count))
@@ -691,15 +693,16 @@ impl Backend for Cuda {
 
     fn cross_entropy_backward(&self, logits: &Tensor, targets: &[u32], ignore: Option<u32>, count: usize, g: &Tensor) -> core::Result<Tensor> {
         let _p = self.prof("cross_entropy_backward");
+        // The gradient in the logits' type, as autograd hands it on.
         let (ty, i) = Self::compute(&[logits, g]);
-        let (x, g) = (self.dense(logits, ty)?, self.dense(g, ty)?);
+        let (x, g) = (self.dense(logits, logits.dtype())?, self.dense(g, ty)?);
         let (rows, c) = (x.shape()[0], x.shape()[1]);
         let (t, _) = self.targets(targets, ignore)?;
-        let out = self.alloc(ty, rows * c)?;
+        let out = self.alloc(x.dtype(), rows * c)?;
         if rows > 0 {
-            let (xp, gp, cc, ic) = (Self::ptr(&x)?, Self::ptr(&g)?, c as i64, if count == 0 { 0.0 } else { 1.0 / count as f64 });
+            let (xp, xt, gp, dt, cc, ic) = (Self::ptr(&x)?, dt_code(x.dtype()), Self::ptr(&g)?, dt_code(x.dtype()), c as i64, if count == 0 { 0.0 } else { 1.0 / count as f64 });
             let mut b = self.builder(&self.k.ce_bwd[i]);
-            b.arg(&xp).arg(&t.ptr).arg(&gp).arg(&out.ptr).arg(&cc).arg(&ic);
+            b.arg(&xp).arg(&xt).arg(&t.ptr).arg(&gp).arg(&out.ptr).arg(&dt).arg(&cc).arg(&ic);
             Self::run(&mut b, Self::rows(rows, THREADS, 0))?;
         }
         Self::tensor(out, &[rows, c])

@@ -103,7 +103,10 @@ fn ops_match_the_host_at_scale() {
     let ids: Vec<u32> = (0..900u32).map(|i| (i * 7919) % 300).collect();
     agree(d, "embedding", &[&[300, 64]], Box::new(move |t| t[0].gather_rows(&ids)), 1e-6);
     let targets: Vec<u32> = (0..200u32).map(|i| if i % 9 == 0 { 7 } else { (i * 31) % 5000 }).collect();
+    let t16 = targets.clone();
     agree(d, "cross entropy", &[&[200, 5000]], Box::new(move |t| t[0].cross_entropy(&targets, Some(7))), 1e-5);
+    // 16-bit logits are read as they are and get a 16-bit gradient.
+    agree(d, "bf16 cross entropy", &[&[200, 5000]], Box::new(move |t| t[0].to_dtype(bf)?.cross_entropy(&t16, Some(7))), 1e-2);
     let (c, s) = rope_tables(64, 16);
     agree(d, "rope", &[&[2, 4, 64, 32]], Box::new(move |t| t[0].rope(&c, &s, false)), 1e-6);
     agree(d, "cat and narrow", &[&[6, 40], &[6, 24]], Box::new(|t| Tensor::cat(&[&t[0], &t[1]], 1)?.narrow(1, 10, 50)), 1e-6);
