@@ -78,6 +78,14 @@ __device__ __forceinline__ i64 at(const Lay& l, i64 i) { return l.rank == 1 && l
 // `Lay::flat8` is the same test, to size the grid.
 __device__ __forceinline__ bool flat8(const Lay& l) { return l.rank == 1 && l.stride[0] == 1 && (l.offset & 7) == 0; }
 
+// Rows of d elements (d/2 a multiple of eight) that are contiguous runs starting on multiples of
+// eight: `Lay::rope_rows8` in train/mod.rs is the same test.
+__device__ __forceinline__ bool rope_rows8(const Lay& l, int d) {
+    bool ok = d % 16 == 0 && l.stride[l.rank - 1] == 1 && l.shape[l.rank - 1] % d == 0 && (l.offset & 7) == 0;
+    for (int k = 0; k + 1 < l.rank; k++) ok = ok && (l.stride[k] & 7) == 0;
+    return ok;
+}
+
 __device__ __forceinline__ float h16_to_f32(int ty, u16 h) { return ty == D_BF16 ? bf16_to_f32(h) : f16_to_f32(h); }
 __device__ __forceinline__ u16 f32_to_h16(int ty, float f) { return ty == D_BF16 ? f32_to_bf16(f) : f32_to_f16(f); }
 
@@ -133,6 +141,20 @@ template <int S, int D> __device__ void copy8(const void* src, Lay sl, void* dst
     i64 inner = sl.shape[sl.rank - 1], ss = sl.stride[sl.rank - 1], ds = dl.stride[dl.rank - 1];
     GRID_STRIDE(t, n / 8) {
         i64 i = t * 8, s = lay_off(sl, i), d = lay_off(dl, i);
+        // Both runs contiguous and aligned (a transpose that keeps the innermost dimension):
+        // one vector access each.
+        if (ss == 1 && ds == 1 && ((s | d) & 7) == 0) {
+            if (S == D_F64 || D == D_F64) {
+                double v[8];
+                ld8<double>(src, S, s, v);
+                st8<double>(dst, D, d, v);
+            } else {
+                float v[8];
+                ld8<float>(src, S, s, v);
+                st8<float>(dst, D, d, v);
+            }
+            continue;
+        }
 #pragma unroll
         for (int k = 0; k < 8; k++) {
             if (S == D && (S == D_F16 || S == D_BF16)) ((u16*)dst)[d + k * ds] = ((const u16*)src)[s + k * ss];
@@ -280,6 +302,27 @@ template <typename T> __device__ void binary_t(const void* a, int at_, Lay la, c
 // x: [rows / seq, seq, d] in any layout, tables [seq, d/2] in T; the output contiguous.
 template <typename T> __device__ void rope_t(const void* x, int xt, Lay lx, const T* cs, const T* sn, void* out, int ot, i64 rows, int seq, int d, int interleaved) {
     int half = d / 2;
+    if (!interleaved && rope_rows8(lx, d)) {
+        // Eight pairs a thread: each half of a row is a contiguous, aligned run.
+        int per = half / 8;
+        GRID_STRIDE(p, rows * per) {
+            i64 row = p / per;
+            int i = (int)(p - row * per) * 8, t = (int)(row % seq);
+            i64 src = lay_off(lx, row * d);
+            T x0[8], x1[8];
+            ld8<T>(x, xt, src + i, x0);
+            ld8<T>(x, xt, src + i + half, x1);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                T c = cs[t * half + i + k], s = sn[t * half + i + k], a = x0[k];
+                x0[k] = a * c - x1[k] * s;
+                x1[k] = a * s + x1[k] * c;
+            }
+            st8<T>(out, ot, row * d + i, x0);
+            st8<T>(out, ot, row * d + i + half, x1);
+        }
+        return;
+    }
     GRID_STRIDE(p, rows * half) {
         i64 row = p / half;
         int i = (int)(p - row * half), t = (int)(row % seq);

@@ -57,6 +57,13 @@ impl Lay {
         self.rank == 1 && self.stride[0] == 1 && self.offset % 8 == 0
     }
 
+    /// Rows of `d` elements that are contiguous runs on multiples of eight, `d / 2` a multiple of
+    /// eight: RoPE then turns eight pairs a thread (`rope_rows8` in train.cu).
+    fn rope_rows8(&self, d: usize) -> bool {
+        let r = self.rank as usize;
+        d % 16 == 0 && r > 0 && self.stride[r - 1] == 1 && self.shape[r - 1] % d as i64 == 0 && self.offset % 8 == 0 && self.stride[..r - 1].iter().all(|s| s % 8 == 0)
+    }
+
     /// The layouts (of one shape) with adjacent dimensions merged where all of them allow it,
     /// size-1 dimensions dropped (fewer divisions per element in the kernels).
     fn merged(ls: &[&Layout]) -> core::Result<Vec<Lay>> {
@@ -723,7 +730,8 @@ impl Backend for Cuda {
             let (r, sq, dd, il) = (rows as i64, seq as i32, d as i32, i32::from(interleaved));
             let mut b = self.builder(&self.k.rope[Self::index(ty)]);
             b.arg(&xp).arg(&xt).arg(&lx).arg(&cp).arg(&sp).arg(&out.ptr).arg(&ot).arg(&r).arg(&sq).arg(&dd).arg(&il);
-            Self::run(&mut b, Self::grid(rows * d / 2))?;
+            let pairs = rows * d / 2;
+            Self::run(&mut b, Self::grid(if !interleaved && lx.rope_rows8(d) { pairs / 8 } else { pairs }))?;
         }
         Self::tensor(out, &sh)
     }

@@ -108,7 +108,14 @@ fn ops_match_the_host_at_scale() {
     // 16-bit logits are read as they are and get a 16-bit gradient.
     agree(d, "bf16 cross entropy", &[&[200, 5000]], Box::new(move |t| t[0].to_dtype(bf)?.cross_entropy(&t16, Some(7))), 1e-2);
     let (c, s) = rope_tables(64, 16);
+    let (c2, s2) = (c.clone(), s.clone());
     agree(d, "rope", &[&[2, 4, 64, 32]], Box::new(move |t| t[0].rope(&c, &s, false)), 1e-6);
+    // Eight pairs a thread from a transposed 16-bit view (as attention's q and k), and the
+    // one-pair path where half a row is not a multiple of eight.
+    agree(d, "rope of a transposed bf16 view", &[&[2, 64, 4, 32]], Box::new(move |t| t[0].to_dtype(bf)?.transpose(1, 2)?.rope(&c2, &s2, false)), 1e-2);
+    let (c3, s3) = rope_tables(64, 12);
+    agree(d, "rope, rows of 24", &[&[2, 4, 64, 24]], Box::new(move |t| t[0].rope(&c3, &s3, false)), 1e-6);
+    agree(d, "bf16 transpose", &[&[2, 64, 4, 32]], Box::new(move |t| t[0].to_dtype(bf)?.transpose(1, 2)?.contiguous()), 1e-2);
     agree(d, "cat and narrow", &[&[6, 40], &[6, 24]], Box::new(|t| Tensor::cat(&[&t[0], &t[1]], 1)?.narrow(1, 10, 50)), 1e-6);
     agree(d, "pad", &[&[6, 40]], Box::new(|t| t[0].pad(0, 3, 12)), 1e-6);
     let mask = AttentionMask { causal: true, ..Default::default() };
