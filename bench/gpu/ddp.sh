@@ -8,12 +8,8 @@
 set -uo pipefail
 rounds=${1:-3}
 steps=${2:-10}
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
-export AUGUR_CACHE=/root/augur-cache NCCL_NVLS_ENABLE=0
-out=${OUT:-bench/gpu/out}
-mkdir -p "$out" "$AUGUR_CACHE/cuda"
-[ -d .gpu/cache/cuda ] && cp .gpu/cache/cuda/* "$AUGUR_CACHE/cuda/"
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+source bench/gpu/env.sh
+export NCCL_NVLS_ENABLE=0
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
 nvidia-smi topo -m | head -4
 echo "== Ddp's device path vs plain backward (one rank)"; .gpu/bin/test-nccl_device --nocapture 2>&1 | grep -E "skipped|test result|panicked|assert" | head

@@ -5,12 +5,7 @@
 # (bench/gpu/flash_peer.py). Results also go to $OUT (or bench/gpu/out). Model: /root/model.gguf,
 # assembled from the parts pack.sh made (bench/gpu/unpack.sh).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
-export AUGUR_CACHE=/root/augur-cache
-out=${OUT:-bench/gpu/out}
-mkdir -p "$out"
-# Test binaries find their data through the path they were built at.
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.used --format=csv
 model=/root/model.gguf
 bash bench/gpu/unpack.sh

@@ -6,11 +6,7 @@
 # Usage: bash bench/gpu/speculators.sh [medusa] [mtp] [draft]   (default: all three; Medusa and
 # MTP need the data's cached hidden states)
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
-export AUGUR_CACHE=/root/augur-cache
-out=${OUT:-bench/gpu/out}
-mkdir -p "$out" "$AUGUR_CACHE/cuda"
-[ -d .gpu/cache/cuda ] && cp .gpu/cache/cuda/* "$AUGUR_CACHE/cuda/"
+source bench/gpu/env.sh
 bash bench/gpu/unpack.sh
 [ -f /root/model.gguf ] && [ -d /root/data ] || { echo "the model and data have not all arrived"; exit 1; }
 m=/root/model.gguf

@@ -3,12 +3,7 @@
 # and ops against the host), the tiny-GPT golden steps on the GPU, then `augur bench train`
 # beside PyTorch eager and torch.compile on the same ~100M GPT (bench/gpu/train_peer.py).
 set -uo pipefail
-export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:/usr/lib/x86_64-linux-gnu
-export AUGUR_CACHE=/root/augur-cache
-out=${OUT:-bench/gpu/out}
-mkdir -p "$out" "$AUGUR_CACHE/cuda"
-[ -d .gpu/cache/cuda ] && cp .gpu/cache/cuda/* "$AUGUR_CACHE/cuda/"
-[ -e /work/main ] || { mkdir -p /work && ln -s "$PWD" /work/main; }
+source bench/gpu/env.sh
 nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv
 echo "== CUDA conformance and the training backend vs host"; .gpu/bin/test-augur_cuda --test-threads 1 2>&1 | tail -15
 echo "== golden steps on the GPU"; .gpu/bin/test-torch_golden steps_on_the_gpu --nocapture 2>&1 | tail -5
