@@ -39,15 +39,15 @@ pub struct Nccl {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     comm: Comm,
-    /// Device staging for host buffers, grown on demand.
+    /// Device staging for host buffers, grown on demand. Every NCCL call holds this lock, so
+    /// calls from different threads never overlap.
     scratch: Mutex<Option<CudaSlice<f32>>>,
     rank: usize,
     world: usize,
 }
 
-// SAFETY: NCCL allows a communicator to be used from any thread as long as calls do not overlap:
-// host collectives hold `scratch`'s lock, and device-tensor collectives are queued by the one
-// thread that runs the training step (`Ddp`), which issues no host collective meanwhile.
+// SAFETY: NCCL allows a communicator to be used from any thread as long as calls do not overlap,
+// and every call is made under `scratch`'s lock.
 unsafe impl Send for Nccl {}
 unsafe impl Sync for Nccl {}
 
@@ -179,8 +179,13 @@ impl Nccl {
         Ok(self.ctx.name()?)
     }
 
+    /// The turn to call NCCL (see `scratch`), and the staging buffer with it.
+    fn turn(&self) -> std::sync::MutexGuard<'_, Option<CudaSlice<f32>>> {
+        self.scratch.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// An in-place f32 all-reduce (`op`) of `count` elements at `ptr`, queued on the
-    /// communicator's stream.
+    /// communicator's stream. The caller holds the turn.
     fn all_reduce_at(&self, ptr: u64, count: usize, op: ncclRedOp_t) -> Result<()> {
         self.ctx.bind_to_thread()?;
         // SAFETY: callers pass the address of `count` live f32 elements on this rank's device,
@@ -191,7 +196,7 @@ impl Nccl {
     /// Run `op` (given the device address) on `buf` staged through device memory: copy in,
     /// collective, copy out.
     fn staged(&self, buf: &mut [f32], op: impl FnOnce(u64) -> Result<()>) -> Result<()> {
-        let mut guard = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        let mut guard = self.turn();
         if guard.as_ref().is_none_or(|s| s.len() < buf.len()) {
             *guard = Some(self.stream.alloc_zeros::<f32>(buf.len().max(1))?);
         }
@@ -231,6 +236,7 @@ impl Nccl {
         if ordinal != self.ctx.ordinal() {
             return Err(Error::Nccl(format!("rank {} communicates through cuda:{}, but the tensor is on cuda:{ordinal}", self.rank, self.ctx.ordinal())));
         }
+        let _turn = self.turn();
         self.stream.join(&stream)?;
         self.all_reduce_at(ptr, n, if mean { ncclRedOp_t::ncclAvg } else { ncclRedOp_t::ncclSum })
     }
@@ -255,7 +261,10 @@ impl Nccl {
         for i in 0..=iters {
             self.barrier()?;
             let t = Instant::now();
-            self.all_reduce_at(ptr, buf.len(), ncclRedOp_t::ncclSum)?;
+            {
+                let _turn = self.turn();
+                self.all_reduce_at(ptr, buf.len(), ncclRedOp_t::ncclSum)?;
+            }
             self.stream.synchronize()?;
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64());

@@ -98,15 +98,15 @@ impl<'g> Ddp<'g> {
             }
         });
         params.reverse();
-        let plan = Buckets::new(&params, self.bucket_bytes);
+        let (members, arrivals) = buckets(&params, self.bucket_bytes);
         match self.group.device_collectives() {
-            Some(dc) if params.first().is_some_and(|p| p.device().is_some()) => self.backward_on_device(loss, &params, plan, dc),
-            _ => self.backward_through_host(loss, &params, plan),
+            Some(dc) if params.first().is_some_and(|p| p.device().is_some()) => self.backward_on_device(loss, &params, &members, arrivals, dc),
+            _ => self.backward_through_host(loss, &params, &members, arrivals),
         }
     }
 
     /// Buckets flattened on the device and averaged there by the group's collectives.
-    fn backward_on_device(&self, loss: &Tensor, params: &[Tensor], mut plan: Buckets, dc: &dyn DeviceCollectives) -> Result<()> {
+    fn backward_on_device(&self, loss: &Tensor, params: &[Tensor], members: &[Vec<usize>], mut arrivals: Arrivals, dc: &dyn DeviceCollectives) -> Result<()> {
         let flatten = |b: &[usize]| -> Result<Tensor> {
             let parts = b.iter().map(|&i| -> Result<Tensor> {
                 let p = &params[i];
@@ -119,7 +119,6 @@ impl<'g> Ddp<'g> {
             let parts = parts.collect::<Result<Vec<_>>>()?;
             Ok(Tensor::cat(&parts.iter().collect::<Vec<_>>(), 0)?)
         };
-        let members = std::mem::take(&mut plan.members);
         let mut flat: Vec<Option<Tensor>> = vec![None; members.len()];
         let mut failed: Option<crate::Error> = None;
         let mut reduce = |b: usize, flat: &mut Vec<Option<Tensor>>| {
@@ -132,11 +131,11 @@ impl<'g> Ddp<'g> {
             }
         };
         loss.backward_hooked(Tensor::ones(loss.shape()), false, &mut |id| {
-            if let Some(b) = plan.arrived(id) {
+            if let Some(b) = arrivals.arrived(id) {
                 reduce(b, &mut flat);
             }
         })?;
-        for b in plan.unsent() {
+        for b in arrivals.unsent() {
             reduce(b, &mut flat);
         }
         if let Some(e) = failed {
@@ -160,13 +159,12 @@ impl<'g> Ddp<'g> {
     }
 
     /// Buckets copied to host memory and reduced on a communication thread.
-    fn backward_through_host(&self, loss: &Tensor, params: &[Tensor], mut plan: Buckets) -> Result<()> {
+    fn backward_through_host(&self, loss: &Tensor, params: &[Tensor], members: &[Vec<usize>], mut arrivals: Arrivals) -> Result<()> {
         let flatten = |b: &[usize]| -> Vec<f32> {
             b.iter().flat_map(|&i| params[i].grad().map(|g| g.to_vec_f32().unwrap_or_default()).unwrap_or_else(|| vec![0.0; params[i].numel()])).collect()
         };
         let world = self.group.world() as f32;
         let group = self.group;
-        let members = std::mem::take(&mut plan.members);
         let reduced: Vec<(usize, Vec<f32>)> = std::thread::scope(|s| -> Result<Vec<(usize, Vec<f32>)>> {
             let (tx, rx) = mpsc::channel::<(usize, Vec<f32>)>();
             let comm = s.spawn(move || {
@@ -179,11 +177,11 @@ impl<'g> Ddp<'g> {
             });
             let mut send_err = false;
             loss.backward_hooked(Tensor::ones(loss.shape()), false, &mut |id| {
-                if let Some(b) = plan.arrived(id) {
+                if let Some(b) = arrivals.arrived(id) {
                     send_err |= tx.send((b, flatten(&members[b]))).is_err();
                 }
             })?;
-            for b in plan.unsent() {
+            for b in arrivals.unsent() {
                 send_err |= tx.send((b, flatten(&members[b]))).is_err();
             }
             drop(tx);
@@ -206,42 +204,43 @@ impl<'g> Ddp<'g> {
     }
 }
 
-/// Parameters grouped into buckets of consecutive parameters (in the reverse order given: the
-/// last layers' gradients come first), and which buckets are complete as gradients arrive.
-struct Buckets {
-    members: Vec<Vec<usize>>,
+/// Parameters grouped into buckets of consecutive parameters of about `bucket_bytes` (in the
+/// reverse order given: the last layers' gradients come first), and the tracker of which buckets
+/// are complete as gradients arrive.
+fn buckets(params: &[Tensor], bucket_bytes: usize) -> (Vec<Vec<usize>>, Arrivals) {
+    let mut members: Vec<Vec<usize>> = vec![vec![]];
+    let mut bytes = 0;
+    for (i, p) in params.iter().enumerate() {
+        if bytes > 0 && bytes + p.numel() * 4 > bucket_bytes {
+            members.push(vec![]);
+            bytes = 0;
+        }
+        members.last_mut().expect("one bucket").push(i);
+        bytes += p.numel() * 4;
+    }
+    let mut of = HashMap::new();
+    for (b, idx) in members.iter().enumerate() {
+        for &i in idx {
+            if let Some(id) = params[i].grad_id() {
+                of.insert(id, b);
+            }
+        }
+    }
+    let arrivals = Arrivals { of, pending: members.iter().map(Vec::len).collect(), sent: vec![false; members.len()] };
+    (members, arrivals)
+}
+
+/// Which buckets are complete as the backward pass makes gradients final.
+struct Arrivals {
     /// Gradient id → bucket.
     of: HashMap<usize, usize>,
     /// Gradients each bucket still waits for.
     pending: Vec<usize>,
+    /// Buckets already handed to the collectives.
     sent: Vec<bool>,
 }
 
-impl Buckets {
-    fn new(params: &[Tensor], bucket_bytes: usize) -> Self {
-        let mut members: Vec<Vec<usize>> = vec![vec![]];
-        let mut bytes = 0;
-        for (i, p) in params.iter().enumerate() {
-            if bytes > 0 && bytes + p.numel() * 4 > bucket_bytes {
-                members.push(vec![]);
-                bytes = 0;
-            }
-            members.last_mut().expect("one bucket").push(i);
-            bytes += p.numel() * 4;
-        }
-        let mut of = HashMap::new();
-        for (b, idx) in members.iter().enumerate() {
-            for &i in idx {
-                if let Some(id) = params[i].grad_id() {
-                    of.insert(id, b);
-                }
-            }
-        }
-        let pending = members.iter().map(Vec::len).collect();
-        let sent = vec![false; members.len()];
-        Buckets { members, of, pending, sent }
-    }
-
+impl Arrivals {
     /// Gradient `id` is final: the bucket it completes, if it does.
     fn arrived(&mut self, id: usize) -> Option<usize> {
         let &b = self.of.get(&id)?;
