@@ -46,24 +46,35 @@ class GpuGpt(Gpt):
         return F.linear(x, self.tok.weight) if self.head is None else self.head(x)
 
 
-def torch_run(c, batch, seq, steps, compiled):
+def setup(c):
+    """The peer model on the GPU with AdamW, as augur's bench sets them up."""
     torch.manual_seed(0)
     model = GpuGpt(c).cuda()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+
+def train_step(fwd, opt, c, batch, seq):
+    """One full step on random windows: bf16 autocast forward, f32 cross-entropy, backward,
+    AdamW; waits for the GPU (reads the loss)."""
+    ids = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
+    tgt = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = fwd(ids)
+    loss = F.cross_entropy(logits.float().reshape(-1, c["vocab"]), tgt.reshape(-1))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    loss.item()
+
+
+def torch_run(c, batch, seq, steps, compiled):
+    model, opt = setup(c)
     fwd = torch.compile(model) if compiled else model
     times = []
     for step in range(steps + 3):
-        ids = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
-        tgt = torch.randint(0, c["vocab"], (batch, seq), device="cuda")
         torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            logits = fwd(ids)
-        loss = F.cross_entropy(logits.float().reshape(-1, c["vocab"]), tgt.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
+        train_step(fwd, opt, c, batch, seq)
         if step >= 3:
             times.append(time.perf_counter() - t)
     times.sort()

@@ -43,8 +43,6 @@ impl std::str::FromStr for DeviceArg {
 }
 
 impl DeviceArg {
-    /// The device that training tensors go to: `None` for the CPU, else the CUDA training
-    /// backend (an error in a build without CUDA).
     /// The device of rank `rank` of a run: with `--ddp nccl`, rank r takes `cuda:r`.
     pub fn of_rank(self, ddp: Option<&str>, rank: usize) -> Self {
         match self {
@@ -53,6 +51,8 @@ impl DeviceArg {
         }
     }
 
+    /// The device that training tensors go to: `None` for the CPU, else the CUDA training
+    /// backend (an error in a build without CUDA).
     pub fn training(self) -> Result<Option<augur_core::Device>> {
         match self {
             DeviceArg::Cpu => Ok(None),

@@ -34,7 +34,7 @@ impl Drop for Comm {
 
 /// One rank of an NCCL communicator over all the processes of a run. Its collectives run on a
 /// stream of their own, so that on device tensors they overlap the training stream's work (see
-/// [`Nccl::all_reduce_tensor`]).
+/// [`Nccl::all_reduce_mean`]).
 pub struct Nccl {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
@@ -227,18 +227,18 @@ impl Nccl {
         })
     }
 
-    /// The mean (`mean`) or sum of the contiguous f32 device tensor `t` over all ranks, written
-    /// into `t`. It is queued after the work already queued on `t`'s device and runs on the
-    /// communicator's stream beside the work queued there later; call [`Nccl::fence`] before that
-    /// device's stream reads `t` again, and keep `t` alive until then.
-    pub fn all_reduce_tensor(&self, t: &Tensor, mean: bool) -> Result<()> {
+    /// The mean of the contiguous f32 device tensor `t` over all ranks, written into `t`. It is
+    /// queued after the work already queued on `t`'s device and runs on the communicator's stream
+    /// beside the work queued there later; call [`Nccl::fence`] before that device's stream reads
+    /// `t` again, and keep `t` alive until then.
+    pub fn all_reduce_mean(&self, t: &Tensor) -> Result<()> {
         let (ptr, n, stream, ordinal) = Cuda::raw_f32(t)?;
         if ordinal != self.ctx.ordinal() {
             return Err(Error::Nccl(format!("rank {} communicates through cuda:{}, but the tensor is on cuda:{ordinal}", self.rank, self.ctx.ordinal())));
         }
         let _turn = self.turn();
         self.stream.join(&stream)?;
-        self.all_reduce_at(ptr, n, if mean { ncclRedOp_t::ncclAvg } else { ncclRedOp_t::ncclSum })
+        self.all_reduce_at(ptr, n, ncclRedOp_t::ncclAvg)
     }
 
     /// Make the work queued on `t`'s device from now on wait for every collective queued so far.

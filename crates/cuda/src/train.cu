@@ -122,23 +122,10 @@ template <typename T> __device__ __forceinline__ void st8(void* p, int ty, i64 i
     }
 }
 
-template <int T> __device__ __forceinline__ double ld(const void* p, i64 i) {
-    if (T == D_F32) return (double)((const float*)p)[i];
-    if (T == D_F64) return ((const double*)p)[i];
-    if (T == D_F16) return (double)f16_to_f32(((const u16*)p)[i]);
-    return (double)bf16_to_f32(((const u16*)p)[i]);
-}
-template <int T> __device__ __forceinline__ void st(void* p, i64 i, double v) {
-    if (T == D_F32) ((float*)p)[i] = (float)v;
-    else if (T == D_F64) ((double*)p)[i] = v;
-    else if (T == D_F16) ((u16*)p)[i] = f32_to_f16((float)v);
-    else ((u16*)p)[i] = f32_to_bf16((float)v);
-}
-
 // Eight elements per thread along the innermost dimension: one index computation per eight.
 // Same-type copies move the bits (no conversion).
 template <int S, int D> __device__ void copy8(const void* src, Lay sl, void* dst, Lay dl, i64 n) {
-    i64 inner = sl.shape[sl.rank - 1], ss = sl.stride[sl.rank - 1], ds = dl.stride[dl.rank - 1];
+    i64 ss = sl.stride[sl.rank - 1], ds = dl.stride[dl.rank - 1];
     GRID_STRIDE(t, n / 8) {
         i64 i = t * 8, s = lay_off(sl, i), d = lay_off(dl, i);
         // Both runs contiguous and aligned (a transpose that keeps the innermost dimension):
@@ -159,10 +146,9 @@ template <int S, int D> __device__ void copy8(const void* src, Lay sl, void* dst
         for (int k = 0; k < 8; k++) {
             if (S == D && (S == D_F16 || S == D_BF16)) ((u16*)dst)[d + k * ds] = ((const u16*)src)[s + k * ss];
             else if (S == D && S == D_F32) ((float*)dst)[d + k * ds] = ((const float*)src)[s + k * ss];
-            else st<D>(dst, d + k * ds, ld<S>(src, s + k * ss));
+            else stv<double>(dst, D, d + k * ds, ldv<double>(src, S, s + k * ss));
         }
     }
-    (void)inner;
 }
 
 // dst[dl(i)] = src[sl(i)] converted, for the n elements of the shared shape.
@@ -281,8 +267,9 @@ template <typename T> __device__ void affine_t(const void* x, int xt, Lay lx, vo
 // mode 1: b is a contiguous block repeated every m elements (a bias), a in any layout;
 // 3: both in any layout (broadcast views).
 template <typename T> __device__ void binary_t(const void* a, int at_, Lay la, const void* b, int bt, Lay lb, void* out, int ot, i64 n, int op, int mode, i64 m) {
-    // Eight at a time when a is flat and b is flat too (same shape) or a bias of whole eights.
-    if (flat8(la) && n % 8 == 0 && (mode == 1 ? (lb.offset & 7) == 0 && m % 8 == 0 : flat8(lb))) {
+    // Eight at a time when both are flat: b of the same shape, or a bias of whole eights (mode 3
+    // passes m = 0).
+    if (flat8(la) && flat8(lb) && n % 8 == 0 && m % 8 == 0) {
         GRID_STRIDE(t, n / 8) {
             T x[8], y[8];
             ld8<T>(a, at_, la.offset + t * 8, x);

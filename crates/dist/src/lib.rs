@@ -120,7 +120,7 @@ pub mod nccl_group {
 
     impl DeviceCollectives for NcclGroup {
         fn all_reduce_mean(&self, t: &Tensor) -> augur_nn::Result<()> {
-            self.0.all_reduce_tensor(t, true).map_err(nn_err)
+            self.0.all_reduce_mean(t).map_err(nn_err)
         }
         fn fence(&self, t: &Tensor) -> augur_nn::Result<()> {
             self.0.fence(t).map_err(nn_err)

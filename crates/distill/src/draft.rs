@@ -155,12 +155,11 @@ fn soft_loss(gpt: &Gpt, target: &Model, st: &mut State, s: &Cut) -> Result<(Tens
     let dev = z.device();
     let zs = z.detach().to_vec_f32()?;
     let agree = p.chunks_exact(v).zip(zs.chunks_exact(v)).skip(s.from).filter(|(a, b)| argmax(a) == argmax(b)).count();
-    let (logp, mask) = no_grad(|| -> Result<(Tensor, Tensor)> {
-        let mask: Vec<f32> = (0..n).map(|i| if i < s.from { 0.0 } else { 1.0 }).collect();
-        Ok((Tensor::from_vec(p, &[n, v])?.to(dev.as_ref())?.log_softmax_last()?, Tensor::from_vec(mask, &[n, 1])?.to(dev.as_ref())?))
-    })?;
+    // The target's softmax on the response rows (zero on the context rows) and its entropy.
     let (pt, entropy) = no_grad(|| -> Result<(Tensor, f64)> {
-        let pt = logp.exp()?.mul(&mask)?;
+        let mask: Vec<f32> = (0..n).map(|i| if i < s.from { 0.0 } else { 1.0 }).collect();
+        let logp = Tensor::from_vec(p, &[n, v])?.to(dev.as_ref())?.log_softmax_last()?;
+        let pt = logp.exp()?.mul(&Tensor::from_vec(mask, &[n, 1])?.to(dev.as_ref())?)?;
         let entropy = -pt.mul(&logp)?.sum_all()?.item()? as f64;
         Ok((pt, entropy))
     })?;

@@ -10,6 +10,7 @@
 //! the device's one stream; only reads to the host wait for it.
 
 mod attn;
+mod lay;
 mod matmul;
 mod profile;
 #[cfg(test)]
@@ -21,87 +22,20 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use augur_core::device::{AdamStep, AttentionGrads, DeviceBuffer};
 use augur_core::{AttentionMask, Backend, BinaryOp, DType, Layout, Tensor, UnaryOp};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use crate::device::{compile, Device, Program};
 use crate::flash::Flash;
+use lay::Lay;
 pub use profile::profile_report;
 
 pub(crate) const TRAIN: Program = Program { name: "train", source: include_str!("../train.cu") };
 
 const THREADS: u32 = 256;
-const MAX_RANK: usize = 8;
 /// cuBLAS's workspace (what PyTorch gives it on Hopper).
 const BLAS_WORKSPACE: usize = 32 << 20;
 /// Most dynamic shared memory the general attention kernels may take (scores of a row).
 const ATTN_SMEM: usize = 200 * 1024;
-
-/// `Lay` in train.cu: a strided view of up to eight dimensions.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct Lay {
-    shape: [i64; MAX_RANK],
-    stride: [i64; MAX_RANK],
-    offset: i64,
-    rank: i32,
-    pad: i32,
-}
-
-// SAFETY: `Lay` is `repr(C)` plain data matching the kernels' parameter.
-unsafe impl DeviceRepr for Lay {}
-
-impl Lay {
-    /// Flat and starting on a multiple of eight elements: the kernels then move eight elements
-    /// a thread (`flat8` in train.cu).
-    fn flat8(&self) -> bool {
-        self.rank == 1 && self.stride[0] == 1 && self.offset % 8 == 0
-    }
-
-    /// Rows of `d` elements that are contiguous runs on multiples of eight, `d / 2` a multiple of
-    /// eight: RoPE then turns eight pairs a thread (`rope_rows8` in train.cu).
-    fn rope_rows8(&self, d: usize) -> bool {
-        let r = self.rank as usize;
-        d % 16 == 0 && r > 0 && self.stride[r - 1] == 1 && self.shape[r - 1] % d as i64 == 0 && self.offset % 8 == 0 && self.stride[..r - 1].iter().all(|s| s % 8 == 0)
-    }
-
-    /// The layouts (of one shape) with adjacent dimensions merged where all of them allow it,
-    /// size-1 dimensions dropped (fewer divisions per element in the kernels).
-    fn merged(ls: &[&Layout]) -> core::Result<Vec<Lay>> {
-        let shape = ls[0].shape();
-        let mut dims: Vec<(usize, Vec<usize>)> = vec![];
-        for (d, &len) in shape.iter().enumerate() {
-            if len == 1 {
-                continue;
-            }
-            let strides: Vec<usize> = ls.iter().map(|l| l.strides()[d]).collect();
-            match dims.last_mut() {
-                Some((size, st)) if st.iter().zip(&strides).all(|(&outer, &inner)| outer == inner * len) => {
-                    *size *= len;
-                    *st = strides;
-                }
-                _ => dims.push((len, strides)),
-            }
-        }
-        if dims.len() > MAX_RANK {
-            return Err(core::Error::Invalid { op: "cuda", msg: format!("views of more than {MAX_RANK} dimensions that cannot be merged: {shape:?}") });
-        }
-        if dims.is_empty() {
-            dims.push((1, vec![1; ls.len()]));
-        }
-        Ok(ls
-            .iter()
-            .enumerate()
-            .map(|(i, l)| {
-                let mut lay = Lay { offset: l.offset() as i64, rank: dims.len() as i32, ..Default::default() };
-                for (d, (size, st)) in dims.iter().enumerate() {
-                    lay.shape[d] = *size as i64;
-                    lay.stride[d] = st[i] as i64;
-                }
-                lay
-            })
-            .collect())
-    }
-}
 
 /// augur-core's error and result, which every backend method returns.
 mod core {
@@ -495,8 +429,8 @@ impl Backend for Cuda {
         let (ap, at, bp, bt, ot, nn, op) = (Self::buffer(a)?.ptr, dt_code(a.dtype()), Self::buffer(b)?.ptr, dt_code(b.dtype()), dt_code(ty), n as i64, op as i32);
         let mut l = self.builder(&self.k.binary[Self::index(ty)]);
         l.arg(&ap).arg(&at).arg(&la).arg(&bp).arg(&bt).arg(&lb).arg(&out.ptr).arg(&ot).arg(&nn).arg(&op).arg(&mode).arg(&m);
-        let by8 = la.flat8() && if bias { lb.offset % 8 == 0 && m % 8 == 0 } else { lb.flat8() };
-        Self::run(&mut l, Self::grid_by8(n, by8))?;
+        // A bias is flat too (m is 0 otherwise).
+        Self::run(&mut l, Self::grid_by8(n, la.flat8() && lb.flat8() && m % 8 == 0))?;
         Self::tensor(out, shape)
     }
 

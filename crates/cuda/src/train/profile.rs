@@ -5,11 +5,10 @@
 
 use std::sync::{Mutex, OnceLock};
 
-
-use super::Cuda;
-
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::CudaEvent;
+
+use super::Cuda;
 
 /// One op's timing, recorded when dropped.
 pub(super) struct Prof<'a> {
@@ -75,5 +74,4 @@ impl Cuda {
     pub(super) fn prof(&self, op: &'static str) -> Option<Prof<'_>> {
         profiling().then(|| Prof { be: self, op, start: timing_event(self) })
     }
-
 }
