@@ -88,8 +88,10 @@ impl ModelArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrecisionArgs {
-    /// Matmul inputs: `i22` (three int8 planes, logits within ~1e-4 of f32; default) or `f32`.
-    #[arg(long, default_value = "i22")]
+    /// Matmul inputs: `auto` (the faster integer format on this CPU: `i22` with AVX-512 VNNI,
+    /// else `i16`), `i16` (16-bit integers, logits within ~1e-2 of f32), `i22` (three int8
+    /// planes, within ~1e-4) or `f32`.
+    #[arg(long, default_value = "auto")]
     pub activations: Activations,
     /// Same as `--activations f32`.
     #[arg(long)]

@@ -1,7 +1,7 @@
 //! Kernel benchmarks (`cargo bench -p augur-kernels`): quantized matvec per block type (f32 and
 //! integer-activation paths), batched matmul, attention, RMSNorm and RoPE, at SmolLM2-135M shapes.
 
-use augur_kernels::actq::ActQ;
+use augur_kernels::actq::{ActQ, Format};
 use augur_kernels::attention::{attention, Mask, Shape};
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, Weights};
 use augur_kernels::vec::{rms_norm, rope, rope_angles};
@@ -37,15 +37,57 @@ fn matvec_f32_activations<const T: usize>(b: Bencher) {
     b.counter(ItemsCount::new(ROWS * k)).bench_local(|| matmul(&m, &x, 1, &mut y));
 }
 
+/// Integer activations in three int8 planes (22 bits).
 #[divan::bench(consts = [0, 1, 4])]
-fn matvec_int_activations<const T: usize>(b: Bencher) {
-    let ty = QuantType::ALL[T];
+fn matvec_int_planes<const T: usize>(b: Bencher) {
+    matvec_int(b, QuantType::ALL[T], Format::Planes)
+}
+
+/// Integer activations as i16 (16 bits).
+#[divan::bench(consts = [0, 1, 4])]
+fn matvec_int_wide<const T: usize>(b: Bencher) {
+    matvec_int(b, QuantType::ALL[T], Format::Wide)
+}
+
+/// One long row (the kernel's inner loop without per-row costs), one thread.
+#[divan::bench(args = [Format::Planes, Format::Wide])]
+fn dot_long_row_one_thread(b: Bencher, format: Format) {
+    let ty = QuantType::Q4_1;
+    let k = ROWS * K;
+    let w = ty.quantize_row(&data(k));
+    let mut a = ActQ::new(format);
+    a.quantize(&data(k));
+    let mut y = [0f32];
+    b.counter(ItemsCount::new(k)).bench_local(|| {
+        augur_kernels::dot_actq::dot_many(ty, &w, &[&a], &mut y);
+        divan::black_box(y[0]);
+    });
+}
+
+/// The integer dot alone on one thread (no pool, no quantization): rows of 576 Q4_1 weights.
+#[divan::bench(args = [Format::Planes, Format::Wide])]
+fn dot_rows_one_thread(b: Bencher, format: Format) {
+    let ty = QuantType::Q4_1;
+    let w = weights(ty);
+    let mut a = ActQ::new(format);
+    a.quantize(&data(K));
+    let rb = ty.row_bytes(K).unwrap();
+    let mut y = [0f32];
+    b.counter(ItemsCount::new(ROWS * K)).bench_local(|| {
+        for r in w.chunks_exact(rb) {
+            augur_kernels::dot_actq::dot_many(ty, r, &[&a], &mut y);
+            divan::black_box(y[0]);
+        }
+    });
+}
+
+fn matvec_int(b: Bencher, ty: QuantType, format: Format) {
     let w = weights(ty);
     let m = Matrix::new(Weights::Quant(ty, &w), ROWS, K).unwrap();
     if !actq_supported(&m) {
         return;
     }
-    let mut a = ActQ::default();
+    let mut a = ActQ::new(format);
     let x = data(K);
     let mut y = vec![0f32; ROWS];
     b.counter(ItemsCount::new(ROWS * K)).bench_local(|| {

@@ -142,21 +142,28 @@ pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32];
     let refs: [&ActQ; ACTQ_MAX_BATCH] = std::array::from_fn(|i| &acts[i.min(n - 1)]);
     let pool = pool::global();
     let chunk = (total / (pool.threads() * 8)).clamp(16, 1024);
+    // Rows per kernel call: the kernels take consecutive rows of one matrix together.
+    const RUN: usize = 16;
     pool.for_chunks(total, chunk, &|range| {
-        let mut out = [0f32; ACTQ_MAX_BATCH];
+        let mut out = [0f32; RUN * ACTQ_MAX_BATCH];
         let (mut part, mut base) = (0, 0);
-        for g in range {
+        let mut g = range.start;
+        while g < range.end {
             while g >= base + parts[part].as_ref().unwrap().4 {
                 base += parts[part].as_ref().unwrap().4;
                 part += 1;
             }
             let (ty, w, rb, yp, rows) = parts[part].as_ref().unwrap();
-            let r = g - base;
-            crate::dot_actq::dot_many_unchecked(*ty, &w[r * rb..(r + 1) * rb], &refs[..n], &mut out[..n]);
-            for (t, v) in out[..n].iter().enumerate() {
-                // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
-                unsafe { yp.slice(t * rows + r, 1)[0] = *v };
+            let r0 = g - base;
+            let len = RUN.min(range.end - g).min(rows - r0);
+            crate::dot_actq::dot_rows_unchecked(*ty, &w[r0 * rb..(r0 + len) * rb], *rb, &refs[..n], &mut out[..len * n]);
+            for (i, row) in out[..len * n].chunks_exact(n).enumerate() {
+                for (t, v) in row.iter().enumerate() {
+                    // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
+                    unsafe { yp.slice(t * rows + r0 + i, 1)[0] = *v };
+                }
             }
+            g += len;
         }
     });
 }

@@ -4,11 +4,11 @@
 
 use augur_core::Tensor;
 use augur_kernels::attention::{attention, Mask, Shape};
-use augur_kernels::actq::ActQ;
+use augur_kernels::actq::{ActQ, Format};
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, ACTQ_MAX_BATCH};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
-use crate::state::{Activations, State};
+use crate::state::State;
 use crate::{Config, Error, Result};
 
 /// Which positions of a forward pass produce logits.
@@ -276,7 +276,7 @@ impl Llama {
         let half = hd / 2;
         // The integer path serves decode and small batches (speculative verification); long
         // prompts use the f32 gemm path, which is faster there.
-        let fast = st.activations == Activations::I22 && n <= ACTQ_MAX_BATCH;
+        let fast = st.activations.format().filter(|_| n <= ACTQ_MAX_BATCH);
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -367,12 +367,13 @@ type Projection<'a, 'b> = (&'a Tensor, &'b mut [f32], Option<&'a [f32]>);
 /// Projections that share one input: the input is quantized for the integer path at most once.
 struct Quantized<'a> {
     actq: &'a mut [ActQ],
-    fast: bool,
+    /// The integer path's format, or `None` for f32 activations.
+    fast: Option<Format>,
     ready: bool,
 }
 
 impl<'a> Quantized<'a> {
-    fn new(actq: &'a mut [ActQ], fast: bool) -> Self {
+    fn new(actq: &'a mut [ActQ], fast: Option<Format>) -> Self {
         Quantized { actq, fast, ready: false }
     }
 
@@ -385,7 +386,7 @@ impl<'a> Quantized<'a> {
         }
         let mats: [Matrix; M] = mats.map(|m| m.expect("filled above"));
         let k = mats[0].k;
-        let integer = self.fast && n <= self.actq.len() && k.is_multiple_of(augur_kernels::actq::BLOCK) && mats.iter().all(|m| m.k == k && actq_supported(m));
+        let integer = self.fast.is_some() && n <= self.actq.len() && k.is_multiple_of(augur_kernels::actq::BLOCK) && mats.iter().all(|m| m.k == k && actq_supported(m));
         if !integer {
             for (w, y, b) in outs {
                 self.linear(w, x, n, y, b)?;
@@ -405,7 +406,9 @@ impl<'a> Quantized<'a> {
 
     fn quantize(&mut self, x: &[f32], k: usize) {
         if !self.ready {
+            let format = self.fast.expect("quantize: only on the integer path");
             for (a, xr) in self.actq.iter_mut().zip(x.chunks_exact(k)) {
+                a.format = format;
                 a.quantize(xr);
             }
             self.ready = true;
@@ -415,7 +418,7 @@ impl<'a> Quantized<'a> {
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
     fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
         let m: Matrix = w.matrix()?;
-        if self.fast && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
+        if self.fast.is_some() && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
             self.quantize(x, m.k);
             matmul_actq(&m, &self.actq[..n], y);
             add_bias(y, bias);

@@ -1,6 +1,7 @@
 //! Fidelity against HF transformers on the real default model (tests/data/smollm2_ref.json, made
 //! by shared/reference/make_ref.py): top-10 logits at the first 8 generated positions within 5e-3,
-//! and greedy ids equal up to the first step where HF's top-1 margin is below 1e-2.
+//! and greedy ids equal up to the first step where HF's top-1 margin is below 1e-2 (f32 and 22-bit
+//! activations); 16-bit activations within 2e-2 and 5e-2 (llama.cpp's 8-bit ones are 0.54 off).
 //!
 //! The model comes from `AUGUR_MODEL`, or the cache (fetched through pip on first use).
 
@@ -39,20 +40,25 @@ fn argmax(v: &[f32]) -> u32 {
 #[test]
 fn matches_hf_transformers_logits_and_greedy_ids() {
     let model = Model::open(&model_path()).unwrap();
-    // Both the default path (integer activations on single-token steps) and --exact.
-    for act in [Activations::I22, Activations::F32] {
+    // Both integer formats (single-token steps) and --exact.
+    for act in [Activations::I22, Activations::I16, Activations::F32] {
         check_against_reference(&model, act);
     }
 }
 
-/// Both activation precisions meet the f32-engine bounds: max |Δlogit| on HF's top-10 below
-/// 5e-3, and greedy ids equal until HF's top-1 margin first drops below 1e-2.
-const TOL: f32 = 5e-3;
-const MIN_MARGIN: f64 = 1e-2;
+/// The bounds for `act`: max |Δlogit| on HF's top-10, and the top-1 margin above which greedy ids
+/// must equal HF's. f32 and 22-bit activations meet the f32-engine bounds (5e-3, 1e-2).
+fn bounds(act: Activations) -> (f32, f64) {
+    match act {
+        Activations::I16 => (2e-2, 5e-2),
+        Activations::F32 | Activations::I22 => (5e-3, 1e-2),
+    }
+}
 
 /// Feeds HF's greedy ids (teacher forcing), so every position is comparable; while all earlier
 /// margins are above the bound this is the same as augur's own greedy run.
 fn check_against_reference(model: &Model, act: Activations) {
+    let (tol, min_margin) = bounds(act);
     let reference = data("smollm2_ref.json");
     let mut worst = 0f32;
     for p in reference["prompts"].as_array().unwrap() {
@@ -61,7 +67,7 @@ fn check_against_reference(model: &Model, act: Activations) {
         let want = ids(&p["greedy_ids"]);
         let margins: Vec<f64> = p["top1_margin"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
         let positions = p["positions"].as_array().unwrap();
-        let stable = margins.iter().position(|&m| m < MIN_MARGIN).unwrap_or(want.len());
+        let stable = margins.iter().position(|&m| m < min_margin).unwrap_or(want.len());
         let mut st = State::new(&model.llama.cfg);
         st.activations = act;
         let mut logits = model.llama.forward(&mut st, &prompt, Logits::Last).unwrap().to_vec();
@@ -72,7 +78,7 @@ fn check_against_reference(model: &Model, act: Activations) {
                     let (id, hf) = (pair[0].as_u64().unwrap() as usize, pair[1].as_f64().unwrap() as f32);
                     let d = (logits[id] - hf).abs();
                     worst = worst.max(d);
-                    assert!(d < TOL, "{name} ({act:?}) pos {step} token {id}: augur {} vs HF {hf}", logits[id]);
+                    assert!(d < tol, "{name} ({act:?}) pos {step} token {id}: augur {} vs HF {hf}", logits[id]);
                 }
             }
             let got = argmax(&logits);
