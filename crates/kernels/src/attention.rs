@@ -134,8 +134,13 @@ impl Head<'_> {
                 }
             }
             if isa() >= Isa::Avx2 {
-                // SAFETY: AVX2+FMA detected at run time.
-                return unsafe { self.run_avx2(scores, out) };
+                // SAFETY: AVX2+FMA detected at run time; NV * 8 == head_dim.
+                match self.q.len() {
+                    32 => return unsafe { avx2::head::<4>(self, scores, out) },
+                    64 => return unsafe { avx2::head::<8>(self, scores, out) },
+                    // SAFETY: AVX2+FMA detected at run time.
+                    _ => return unsafe { self.run_avx2(scores, out) },
+                }
             }
         }
         self.body(scores, out)
@@ -167,6 +172,118 @@ impl Head<'_> {
             for (o, &x) in out.iter_mut().zip(v) {
                 *o = p.mul_add(x, *o);
             }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::Head;
+    use std::arch::x86_64::*;
+
+    /// `e^x` for 8 lanes with `x <= 0` (scores minus their maximum): the reduction and
+    /// polynomial of [`crate::vec::exp`], `2^n` built in the exponent field (n >= -126 after the
+    /// clamp); lanes below -87.3 (masked scores are -inf) give exactly 0.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp(x: __m256) -> __m256 {
+        let xc = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+        let c = |v: f32| _mm256_set1_ps(v);
+        let mut p = _mm256_fmadd_ps(r, c(1.0 / 720.0), c(1.0 / 120.0));
+        p = _mm256_fmadd_ps(r, p, c(1.0 / 24.0));
+        p = _mm256_fmadd_ps(r, p, c(1.0 / 6.0));
+        p = _mm256_fmadd_ps(r, p, c(0.5));
+        p = _mm256_fmadd_ps(r, p, c(1.0));
+        p = _mm256_fmadd_ps(r, p, c(1.0));
+        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
+        _mm256_and_ps(keep, _mm256_mul_ps(p, two_n))
+    }
+
+    /// Sums of each of eight vectors, as the eight lanes of one (the same addition tree for
+    /// every lane, so a score does not depend on its slot).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn sums8(a: &[__m256; 8]) -> __m256 {
+        let h0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        let h1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+        _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(h0, h1), _mm256_permute2f128_ps::<0x31>(h0, h1))
+    }
+
+    /// One head with `head_dim = 8 · NV` (NV <= 8): scores eight positions at a time (eight
+    /// independent FMA chains, then one addition tree), softmax over eight lanes at a time, and
+    /// the weighted sum of values kept in NV registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+        let q: [__m256; NV] = std::array::from_fn(|c| _mm256_loadu_ps(h.q.as_ptr().add(8 * c)));
+        let (kp, vp) = (h.k.as_ptr().add(h.offset), h.v.as_ptr().add(h.offset));
+        let n = scores.len();
+        let pos = |i: usize| h.positions.map_or(i, |p| p[i] as usize);
+        let scale = _mm256_set1_ps(h.scale);
+        let mut i = 0;
+        while i < n {
+            // Past the end, repeat the last position and drop its scores.
+            let acc: [__m256; 8] = std::array::from_fn(|j| {
+                let k = kp.add(pos((i + j).min(n - 1)) * h.stride);
+                let mut acc = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
+                for (c, qc) in q.iter().enumerate().skip(1) {
+                    acc = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(k.add(8 * c)), acc);
+                }
+                acc
+            });
+            let s = _mm256_mul_ps(sums8(&acc), scale);
+            if i + 8 <= n {
+                _mm256_storeu_ps(scores.as_mut_ptr().add(i), s);
+            } else {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), s);
+                scores[i..].copy_from_slice(&tmp[..n - i]);
+            }
+            i += 8;
+        }
+        // softmax
+        let full = n / 8 * 8;
+        let sp = scores.as_mut_ptr();
+        let mut mx = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..full).step_by(8) {
+            mx = _mm256_max_ps(mx, _mm256_loadu_ps(sp.add(i)));
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mx);
+        let m = scores[full..].iter().chain(&lanes).copied().fold(f32::NEG_INFINITY, f32::max);
+        let mv = _mm256_set1_ps(m);
+        let mut sum = _mm256_setzero_ps();
+        for i in (0..full).step_by(8) {
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), mv));
+            _mm256_storeu_ps(sp.add(i), e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if full < n {
+            let mut tail = [f32::NEG_INFINITY; 8];
+            tail[..n - full].copy_from_slice(&scores[full..]);
+            let e = exp(_mm256_sub_ps(_mm256_loadu_ps(tail.as_ptr()), mv));
+            _mm256_storeu_ps(tail.as_mut_ptr(), e);
+            scores[full..].copy_from_slice(&tail[..n - full]);
+            sum = _mm256_add_ps(sum, e);
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
+        let inv = 1.0 / super::hsum8(lanes);
+        // weighted sum of values
+        let mut o = [_mm256_setzero_ps(); NV];
+        for (i, &p) in scores.iter().enumerate() {
+            if p == 0.0 {
+                continue;
+            }
+            let (pv, v) = (_mm256_set1_ps(p * inv), vp.add(pos(i) * h.stride));
+            for (c, oc) in o.iter_mut().enumerate() {
+                *oc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(8 * c)), *oc);
+            }
+        }
+        for (c, oc) in o.iter().enumerate() {
+            _mm256_storeu_ps(out.as_mut_ptr().add(8 * c), *oc);
         }
     }
 }
@@ -252,6 +369,12 @@ mod avx512 {
     }
 }
 
+/// Pairwise sum of 8 lanes.
+#[cfg(target_arch = "x86_64")]
+fn hsum8(a: [f32; 8]) -> f32 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
 /// Dot product with 16 independent lanes (vectorizes without reassociation).
 #[inline(always)]
 fn dot16(a: &[f32], b: &[f32]) -> f32 {
@@ -275,10 +398,10 @@ mod tests {
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]
-        fn matches_naive(seed in 1u64..10_000, seq in 1usize..40, n_tok_raw in 1usize..5, groups in 1usize..4, wide: bool) {
+        fn matches_naive(seed in 1u64..10_000, seq in 1usize..40, n_tok_raw in 1usize..5, groups in 1usize..4, width in 0usize..3) {
             let n_tok = n_tok_raw.min(seq);
-            // 8 exercises the scalar/AVX2 tails, 64 the 16-lane vector path.
-            let hd = if wide { 64 } else { 8 };
+            // 8 takes the generic loop, 32 and 64 the AVX2 head kernels, 64 the AVX-512 one.
+            let hd = [8, 32, 64][width];
             let shape = Shape { n_head: 2 * groups, n_kv_head: 2, head_dim: hd };
             let mut s = seed;
             let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 40) as f32 / 16777216.0) - 0.5 }).collect() };
