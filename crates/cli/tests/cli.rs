@@ -35,26 +35,29 @@ fn fails_with(out: &Output, needle: &str) {
 fn json_output_matches_the_hf_reference() {
     let reference: Value = serde_json::from_str(&std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/smollm2_ref.json")).unwrap()).unwrap();
     let model = real_model();
-    for p in reference["prompts"].as_array().unwrap() {
-        let ids: Vec<String> = p["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
-        let out = augur(&["run", "-m", &model, "--json", "--top-logits", "10", "--ignore-eos", "-n", "8", "--prompt-ids", &ids.join(",")]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines.len(), 9, "8 tokens and a summary");
-        for (k, line) in lines[..8].iter().enumerate() {
-            assert_eq!(line["pos"], k);
-            assert_eq!(line["token"], p["greedy_ids"][k]);
-            let top: Vec<(u64, f64)> = line["top"].as_array().unwrap().iter().map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap())).collect();
-            for want in p["positions"][k]["top10"].as_array().unwrap() {
-                let id = want[0].as_u64().unwrap();
-                let got = top.iter().find(|e| e.0 == id).unwrap_or_else(|| panic!("token {id} missing from augur's top-10"));
-                assert!((got.1 - want[1].as_f64().unwrap()).abs() < 5e-3);
+    // The default (integer activations: 16 or 22 bits by CPU; 2e-2 covers both) and f32.
+    for ((flag, value), tol) in [(("--activations", "auto"), 2e-2), (("--activations", "f32"), 5e-3)] {
+        for p in reference["prompts"].as_array().unwrap() {
+            let ids: Vec<String> = p["prompt_ids"].as_array().unwrap().iter().map(|v| v.to_string()).collect();
+            let out = augur(&["run", "-m", &model, flag, value, "--json", "--top-logits", "10", "--ignore-eos", "-n", "8", "--prompt-ids", &ids.join(",")]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let lines: Vec<Value> = String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            assert_eq!(lines.len(), 9, "8 tokens and a summary");
+            for (k, line) in lines[..8].iter().enumerate() {
+                assert_eq!(line["pos"], k);
+                assert_eq!(line["token"], p["greedy_ids"][k]);
+                let top: Vec<(u64, f64)> = line["top"].as_array().unwrap().iter().map(|e| (e[0].as_u64().unwrap(), e[1].as_f64().unwrap())).collect();
+                for want in p["positions"][k]["top10"].as_array().unwrap() {
+                    let id = want[0].as_u64().unwrap();
+                    let got = top.iter().find(|e| e.0 == id).unwrap_or_else(|| panic!("token {id} missing from augur's top-10"));
+                    assert!((got.1 - want[1].as_f64().unwrap()).abs() < tol, "{value}: token {id}: {} vs HF {}", got.1, want[1]);
+                }
             }
+            let s = &lines[8]["summary"];
+            assert_eq!(s["prompt_tokens"], p["n_prompt"]);
+            assert_eq!(s["generated_tokens"], 8);
+            assert!(s["prefill_tok_per_s"].as_f64().unwrap() > 0.0 && s["decode_tok_per_s"].as_f64().unwrap() > 0.0);
         }
-        let s = &lines[8]["summary"];
-        assert_eq!(s["prompt_tokens"], p["n_prompt"]);
-        assert_eq!(s["generated_tokens"], 8);
-        assert!(s["prefill_tok_per_s"].as_f64().unwrap() > 0.0 && s["decode_tok_per_s"].as_f64().unwrap() > 0.0);
     }
 }
 

@@ -284,7 +284,7 @@ mod wide {
     /// `out[r * n + t]` for the rows of `w` (`rb` bytes each) and up to four vectors: rows in
     /// pairs for one or two vectors.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ], out: &mut [f32]) {
+    pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ], out: &mut [f32]) {
         let (n, p) = (acts.len(), w.as_ptr());
         let nrows = w.len() / rb;
         let mut r = 0;
