@@ -234,3 +234,20 @@ impl State {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activation_names_parse_and_auto_is_this_cpus_default() {
+        assert_eq!("f32".parse::<Activations>(), Ok(Activations::F32));
+        assert_eq!("i16".parse::<Activations>(), Ok(Activations::I16));
+        assert_eq!("i22".parse::<Activations>(), Ok(Activations::I22));
+        assert_eq!("auto".parse::<Activations>(), Ok(Activations::default()));
+        let err = "i8".parse::<Activations>().unwrap_err();
+        assert!(err.contains("`i8`") && err.contains("auto, i16, i22, f32"), "{err}");
+        assert_eq!(Activations::default().format(), Some(Format::native()));
+        assert_eq!(Activations::F32.format(), None);
+    }
+}
