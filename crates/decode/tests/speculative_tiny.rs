@@ -39,7 +39,7 @@ fn greedy_equals_plain_for_every_drafter_and_precision() {
     let dir = tmp("greedy");
     let (target, draft_model) = models(&dir);
     let prompt: Vec<u32> = [40u32, 41, 42, 43, 40, 41, 42, 50, 60, 40, 41].to_vec();
-    for act in [Activations::I22, Activations::F32] {
+    for act in [Activations::I16, Activations::I22, Activations::F32] {
         let plain = generate(&target, &prompt, &cfg(0.0, 40, act), |_| ControlFlow::Continue(())).unwrap();
         let mut drafters: Vec<(&str, Box<dyn Drafter>)> = vec![
             ("prompt-lookup", Box::new(PromptLookup::new(2, 2))),

@@ -39,7 +39,7 @@ fn decode_steps_allocate_nothing_after_warm_up() {
         let path = dir.join(format!("{name}.gguf"));
         tiny::write_gguf(&path, true, quant, 11).unwrap();
         let model = Model::open(&path).unwrap();
-        for act in [Activations::I22, Activations::F32] {
+        for act in [Activations::I16, Activations::I22, Activations::F32] {
             let mut st = State::new(&model.llama.cfg);
             st.activations = act;
             st.reserve(&model.llama.cfg, 64);

@@ -89,7 +89,7 @@ fn forward_many_equals_each_sequence_alone() {
     let m = Model::open(&p).unwrap();
     let cfg = &m.llama.cfg;
     let prompts: [&[u32]; 3] = [&[5, 6, 7], &[100, 3], &[9, 9, 9, 9, 9]];
-    for act in [Activations::I22, Activations::F32] {
+    for act in [Activations::I16, Activations::I22, Activations::F32] {
         let mut solo: Vec<State> = Vec::new();
         let mut batched: Vec<State> = Vec::new();
         for p in prompts {
