@@ -179,6 +179,7 @@ impl Head<'_> {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Head;
+    use crate::vec::{EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     /// `e^x` for 8 lanes with `x <= 0` (scores minus their maximum): the reduction and
@@ -187,19 +188,16 @@ mod avx2 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn exp(x: __m256) -> __m256 {
-        let xc = _mm256_max_ps(x, _mm256_set1_ps(-87.3));
+        let xc = _mm256_max_ps(x, _mm256_set1_ps(EXP_MIN));
         let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), xc);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
-        let c = |v: f32| _mm256_set1_ps(v);
-        let mut p = _mm256_fmadd_ps(r, c(1.0 / 720.0), c(1.0 / 120.0));
-        p = _mm256_fmadd_ps(r, p, c(1.0 / 24.0));
-        p = _mm256_fmadd_ps(r, p, c(1.0 / 6.0));
-        p = _mm256_fmadd_ps(r, p, c(0.5));
-        p = _mm256_fmadd_ps(r, p, c(1.0));
-        p = _mm256_fmadd_ps(r, p, c(1.0));
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_HI), xc);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(LN2_LO), r);
+        let mut p = _mm256_set1_ps(EXP_TAYLOR[0]);
+        for k in &EXP_TAYLOR[1..] {
+            p = _mm256_fmadd_ps(r, p, _mm256_set1_ps(*k));
+        }
         let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127))));
-        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(-87.3));
+        let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, _mm256_set1_ps(EXP_MIN));
         _mm256_and_ps(keep, _mm256_mul_ps(p, two_n))
     }
 
@@ -291,6 +289,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::Head;
+    use crate::vec::{EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     /// `e^x` for 16 lanes: the same reduction and polynomial as [`crate::vec::exp`], with
@@ -298,18 +297,15 @@ mod avx512 {
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
     unsafe fn exp(x: __m512) -> __m512 {
-        let xc = _mm512_max_ps(x, _mm512_set1_ps(-87.3));
+        let xc = _mm512_max_ps(x, _mm512_set1_ps(EXP_MIN));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)));
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_145_75), xc);
-        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428_606_8e-6), r);
-        let c = |v: f32| _mm512_set1_ps(v);
-        let mut p = _mm512_fmadd_ps(r, c(1.0 / 720.0), c(1.0 / 120.0));
-        p = _mm512_fmadd_ps(r, p, c(1.0 / 24.0));
-        p = _mm512_fmadd_ps(r, p, c(1.0 / 6.0));
-        p = _mm512_fmadd_ps(r, p, c(0.5));
-        p = _mm512_fmadd_ps(r, p, c(1.0));
-        p = _mm512_fmadd_ps(r, p, c(1.0));
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(-87.3));
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_HI), xc);
+        let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(LN2_LO), r);
+        let mut p = _mm512_set1_ps(EXP_TAYLOR[0]);
+        for k in &EXP_TAYLOR[1..] {
+            p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(*k));
+        }
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, _mm512_set1_ps(EXP_MIN));
         _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
     }
 

@@ -45,6 +45,15 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Below this, [`exp`] and its vector twins give exactly 0 (masked scores are -inf).
+pub(crate) const EXP_MIN: f32 = -87.3;
+/// `ln 2` split in two for the Cody-Waite reduction: `LN2_HI` has trailing zero bits, so
+/// `n · LN2_HI` is exact for the `n` that occur.
+pub(crate) const LN2_HI: f32 = 0.693_145_75;
+pub(crate) const LN2_LO: f32 = 1.428_606_8e-6;
+/// The degree-6 Taylor coefficients of `e^r`, highest degree first (for Horner's scheme).
+pub(crate) const EXP_TAYLOR: [f32; 7] = [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
 /// `e^x` as a straight-line sequence the compiler can vectorise (no libm call, no saturating
 /// float-to-int cast): Cody-Waite range reduction `x = n·ln2 + r`, `|r| <= ln2/2`, a degree-6
 /// Taylor polynomial (truncation < 1.2e-7 relative), and `2^n` built in the exponent bits.
@@ -52,12 +61,10 @@ pub fn softmax(x: &mut [f32]) {
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
     // 88.72283 is the largest f32 whose exponential is finite in f32.
     const HI: f32 = 88.722_83;
-    let xc = x.clamp(-87.3, HI);
+    let xc = x.clamp(EXP_MIN, HI);
     let n = (xc * LOG2E + ROUND) - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
@@ -66,7 +73,7 @@ pub fn exp(x: f32) -> f32 {
     let ni = ((xc * LOG2E + ROUND).to_bits() as i32) - 0x4B40_0000;
     let (n1, n2) = (ni >> 1, ni - (ni >> 1));
     let y = p * f32::from_bits(((n1 + 127) << 23) as u32) * f32::from_bits(((n2 + 127) << 23) as u32);
-    let y = if x < -87.3 { 0.0 } else { y };
+    let y = if x < EXP_MIN { 0.0 } else { y };
     if x > HI {
         f32::INFINITY
     } else {
