@@ -179,7 +179,7 @@ impl Head<'_> {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::Head;
-    use crate::vec::{EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
+    use crate::vec::{hsum_m256, EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
     /// `e^x` for 8 lanes with `x <= 0` (scores minus their maximum): the reduction and
@@ -267,8 +267,7 @@ mod avx2 {
             scores[full..].copy_from_slice(&tail[..n - full]);
             sum = _mm256_add_ps(sum, e);
         }
-        _mm256_storeu_ps(lanes.as_mut_ptr(), sum);
-        let inv = 1.0 / super::hsum8(lanes);
+        let inv = 1.0 / hsum_m256(sum);
         // weighted sum of values
         let mut o = [_mm256_setzero_ps(); NV];
         for (i, &p) in scores.iter().enumerate() {
@@ -363,12 +362,6 @@ mod avx512 {
             _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *oc);
         }
     }
-}
-
-/// Pairwise sum of 8 lanes.
-#[cfg(target_arch = "x86_64")]
-fn hsum8(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
 }
 
 /// Dot product with 16 independent lanes (vectorizes without reassociation).

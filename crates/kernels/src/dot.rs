@@ -53,18 +53,8 @@ fn dot_by_block(ty: QuantType, row: &[u8], x: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use crate::quant::f16_at;
+    use crate::vec::hsum_m256 as hsum;
     use std::arch::x86_64::*;
-
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn hsum(v: __m256) -> f32 {
-        let lo = _mm256_castps256_ps128(v);
-        let hi = _mm256_extractf128_ps(v, 1);
-        let s = _mm_add_ps(lo, hi);
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-        _mm_cvtss_f32(s)
-    }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn dot_f32(x: &[f32], y: &[f32]) -> f32 {

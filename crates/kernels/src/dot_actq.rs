@@ -190,6 +190,7 @@ fn dot_row_planes(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::avx512::{Q4_0, Q4_1, Q8_0};
+    use crate::vec::hsum_m256 as hsum;
     use super::*;
     use std::arch::x86_64::*;
 
@@ -209,13 +210,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<u16>().read_unaligned() as i32)))
     }
 
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn hsum(v: __m256) -> f32 {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
-    }
 
     /// One block's 32 weights as unsigned bytes in activation order, and (signed kinds) the
     /// signed weights, whose signs `vpsignb` moves onto the activations.
@@ -277,8 +271,8 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod wide {
-    use super::avx2::hsum;
     use super::avx512::{block_bytes, Q4_0, Q4_1, Q8_0};
+    use crate::vec::hsum_m256 as hsum;
     use super::*;
     use std::arch::x86_64::*;
 
@@ -354,7 +348,7 @@ mod wide {
     /// go; each block then broadcasts its lane. Several rows share the activation loads and give
     /// the core independent chains to interleave.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn rows<const KIND: u8, const R: usize, const N: usize>(w: *const u8, rb: usize, acts: [&ActQ; N], out: &mut [f32]) {
+    unsafe fn rows<const KIND: u8, const R: usize, const N: usize>(w: *const u8, rb: usize, acts: [&ActQ; N], out: &mut [f32]) {
         let bb = block_bytes(KIND);
         let nb = acts[0].d.len();
         let lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);

@@ -45,6 +45,17 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Sum of the eight lanes of an AVX vector: the halves added, then pairs, then the last two.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "avx")]
+pub(crate) unsafe fn hsum_m256(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
+}
+
 /// Below this, [`exp`] and its vector twins give exactly 0 (masked scores are -inf).
 pub(crate) const EXP_MIN: f32 = -87.3;
 /// `ln 2` split in two for the Cody-Waite reduction: `LN2_HI` has trailing zero bits, so
