@@ -88,9 +88,9 @@ impl ModelArgs {
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PrecisionArgs {
-    /// Matmul inputs: `auto` (the faster integer format on this CPU: `i22` with AVX-512 VNNI,
-    /// else `i16`), `i16` (16-bit integers, logits within ~1e-2 of f32), `i22` (three int8
-    /// planes, within ~1e-4) or `f32`.
+    /// Matmul inputs: `auto` (the fastest integer format on this CPU: `i16` on AVX2 and
+    /// AVX-512), `i16` (16-bit integers, logits within ~1e-2 of f32), `i22` (three int8 planes,
+    /// within ~1e-4, slower) or `f32`.
     #[arg(long, default_value = "auto")]
     pub activations: Activations,
     /// Same as `--activations f32`.

@@ -8,7 +8,8 @@
 //!   instruction per plane and 64 weights.
 //! - **Wide** (16 bits): one i16 per value, `d = max|x| / 32767`, error at most `d / 2`. A dot with
 //!   a weight block is one exact i32 dot product (`vpmaddwd` against weights widened to i16 in
-//!   registers): a third of the planes' multiplies, which is what an AVX2 core without VNNI needs.
+//!   registers): a third of the planes' multiplies on AVX2, and on AVX-512 one instruction per
+//!   block where the planes need three VNNI dots and a sign fix-up. The default ([`Format::native`]).
 //!
 //! Measured on the reference prompts (see BENCHMARKS.md): one int8 plane (llama.cpp's Q8 scheme)
 //! moved top-10 logits by up to 1.12, two planes (15 bits) by up to 7.5e-3, three planes match the
@@ -33,14 +34,12 @@ pub enum Format {
 }
 
 impl Format {
-    /// The format with the fastest kernels on this CPU: planes where AVX-512 VNNI multiplies
-    /// bytes four at a time, i16 elsewhere.
+    /// The format with the fastest kernels on this CPU: i16 on AVX2 and on AVX-512 alike. With
+    /// AVX-512 VNNI a byte product costs a quarter of an i16 one, but the planes need three of
+    /// them and a sign fix-up per block where i16 needs one `vpmaddwd`: decode measured 1.55x
+    /// faster with i16 on a 2-core Emerald Rapids (BENCHMARKS.md).
     pub fn native() -> Format {
-        if crate::dot_actq::vnni() {
-            Format::Planes
-        } else {
-            Format::Wide
-        }
+        Format::Wide
     }
 }
 

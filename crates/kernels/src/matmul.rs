@@ -105,7 +105,7 @@ fn grow(v: &mut Vec<f32>, n: usize) {
     }
 }
 
-/// Whether [`matmul_actq`] can run this matrix (quantized type with a VNNI kernel on this CPU).
+/// Whether [`matmul_actq`] can run this matrix (Q4_0/Q4_1/Q8_0 with an integer kernel on this CPU).
 pub fn actq_supported(m: &Matrix) -> bool {
     matches!(m.weights, Weights::Quant(ty, _) if crate::dot_actq::supported(ty))
 }

@@ -14,10 +14,10 @@ pub enum Activations {
     F32,
     /// One i16 per value with a scale per 32 (16 bits) in matmuls of up to `ACTQ_MAX_BATCH`
     /// tokens on Q4_0/Q4_1/Q8_0 weights: logits within ~1e-2 of f32 (llama.cpp's 8-bit scheme:
-    /// ~0.5). The default on CPUs without AVX-512 VNNI.
+    /// ~0.5). The default: the fastest kernels on AVX2 and on AVX-512.
     I16,
-    /// Three int8 planes (about 22 bits), same matmuls: logits within ~1e-4 of f32. The default
-    /// on CPUs with AVX-512 VNNI, where a byte product costs a quarter of an i16 one.
+    /// Three int8 planes (about 22 bits), same matmuls: logits within ~1e-4 of f32, at about
+    /// two thirds of i16's decode speed (AVX-512 VNNI kernels; AVX2 ones elsewhere).
     I22,
 }
 
