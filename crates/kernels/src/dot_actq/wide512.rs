@@ -50,7 +50,7 @@ pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ
 
 /// How far ahead of the current group the kernel prefetches weights, in bytes (decode on a 2-core
 /// Emerald Rapids, alternating runs: 4096 about 4% faster than 2048, 8192 no better than 4096).
-const PREFETCH: usize = 8192;
+const PREFETCH: usize = 4096;
 
 /// Byte shuffle that spreads a block's 16 packed bytes (broadcast to all four 128-bit lanes) over
 /// 32 i16 lanes: lanes 0-15 take bytes 0-15 (their low nibbles are values 0-15), lanes 16-31 take
