@@ -113,8 +113,8 @@ pub fn dot(ty: QuantType, row: &[u8], a: &ActQ) -> f32 {
 }
 
 /// `out[t] = row · x_t` for several quantized activation vectors (all in one format): the
-/// weights are unpacked once per block for up to four vectors at a time (speculative
-/// verification, small batches).
+/// weights are unpacked once per block for up to four vectors at a time, eight with the AVX-512
+/// i16 kernel (speculative verification, small batches).
 pub fn dot_many(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
     assert_eq!(acts.len(), out.len(), "dot_many: one output per activation vector");
     for a in acts {
