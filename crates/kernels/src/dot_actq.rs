@@ -140,9 +140,9 @@ pub(crate) fn dot_rows_unchecked(ty: QuantType, w: &[u8], rb: usize, acts: &[&Ac
         // SAFETY: AVX-512 F/BW, FMA and F16C detected by avx512bw(); sizes checked by the caller.
         return unsafe {
             match ty {
-                QuantType::Q4_0 => wide512::dispatch::<{ avx512::Q4_0 }>(w, rb, acts, out),
-                QuantType::Q4_1 => wide512::dispatch::<{ avx512::Q4_1 }>(w, rb, acts, out),
-                _ => wide512::dispatch::<{ avx512::Q8_0 }>(w, rb, acts, out),
+                QuantType::Q4_0 => wide512::dispatch::<{ kind::Q4_0 }>(w, rb, acts, out),
+                QuantType::Q4_1 => wide512::dispatch::<{ kind::Q4_1 }>(w, rb, acts, out),
+                _ => wide512::dispatch::<{ kind::Q8_0 }>(w, rb, acts, out),
             }
         };
     }
@@ -151,9 +151,9 @@ pub(crate) fn dot_rows_unchecked(ty: QuantType, w: &[u8], rb: usize, acts: &[&Ac
         // SAFETY: AVX2, FMA and F16C detected by avx2(); sizes checked by the caller.
         let run = |w: &[u8], acts: &[&ActQ], out: &mut [f32]| unsafe {
             match ty {
-                QuantType::Q4_0 => wide::dispatch::<{ avx512::Q4_0 }>(w, rb, acts, out),
-                QuantType::Q4_1 => wide::dispatch::<{ avx512::Q4_1 }>(w, rb, acts, out),
-                _ => wide::dispatch::<{ avx512::Q8_0 }>(w, rb, acts, out),
+                QuantType::Q4_0 => wide::dispatch::<{ kind::Q4_0 }>(w, rb, acts, out),
+                QuantType::Q4_1 => wide::dispatch::<{ kind::Q4_1 }>(w, rb, acts, out),
+                _ => wide::dispatch::<{ kind::Q8_0 }>(w, rb, acts, out),
             }
         };
         if n <= 4 {
@@ -180,9 +180,9 @@ fn dot_row_planes(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
             // SAFETY: features detected by vnni(); sizes checked above.
             unsafe {
                 match (ty, acts.len()) {
-                    (QuantType::Q4_0, n) => avx512::dispatch::<{ avx512::Q4_0 }>(row, acts, out, n),
-                    (QuantType::Q4_1, n) => avx512::dispatch::<{ avx512::Q4_1 }>(row, acts, out, n),
-                    (QuantType::Q8_0, n) => avx512::dispatch::<{ avx512::Q8_0 }>(row, acts, out, n),
+                    (QuantType::Q4_0, n) => avx512::dispatch::<{ kind::Q4_0 }>(row, acts, out, n),
+                    (QuantType::Q4_1, n) => avx512::dispatch::<{ kind::Q4_1 }>(row, acts, out, n),
+                    (QuantType::Q8_0, n) => avx512::dispatch::<{ kind::Q8_0 }>(row, acts, out, n),
                     _ => {
                         for (o, a) in out.iter_mut().zip(acts) {
                             *o = dot_reference(ty, row, a);
@@ -199,9 +199,9 @@ fn dot_row_planes(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
             // SAFETY: AVX2, FMA and F16C detected by avx2(); sizes checked by the caller.
             unsafe {
                 match ty {
-                    QuantType::Q4_0 => avx2::dispatch::<{ avx512::Q4_0 }>(row, acts, out),
-                    QuantType::Q4_1 => avx2::dispatch::<{ avx512::Q4_1 }>(row, acts, out),
-                    _ => avx2::dispatch::<{ avx512::Q8_0 }>(row, acts, out),
+                    QuantType::Q4_0 => avx2::dispatch::<{ kind::Q4_0 }>(row, acts, out),
+                    QuantType::Q4_1 => avx2::dispatch::<{ kind::Q4_1 }>(row, acts, out),
+                    _ => avx2::dispatch::<{ kind::Q8_0 }>(row, acts, out),
                 }
             }
         }
@@ -209,6 +209,34 @@ fn dot_row_planes(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
     }
     for (o, a) in out.iter_mut().zip(acts) {
         *o = dot_reference(ty, row, a);
+    }
+}
+
+/// The block types of the SIMD kernels, as their const-generic parameter.
+#[cfg(target_arch = "x86_64")]
+mod kind {
+    use crate::quant::QuantType;
+
+    pub const Q4_0: u8 = 0;
+    pub const Q4_1: u8 = 1;
+    pub const Q8_0: u8 = 2;
+
+    /// Bytes per block of `kind`.
+    pub const fn block_bytes(kind: u8) -> usize {
+        match kind {
+            Q4_0 => 18,
+            Q4_1 => 20,
+            _ => 34,
+        }
+    }
+
+    /// The block type of `kind`.
+    pub const fn quant_type(kind: u8) -> QuantType {
+        match kind {
+            Q4_0 => QuantType::Q4_0,
+            Q4_1 => QuantType::Q4_1,
+            _ => QuantType::Q8_0,
+        }
     }
 }
 
@@ -246,6 +274,26 @@ mod tests {
         a
     }
 
+    /// `nrows` random rows of `ty` against `n` vectors in `format`, through `run(w, rb, acts, out)`
+    /// (`out[r * n + t]`; it returns how many leading rows it computed), each result checked
+    /// against [`dot_reference`].
+    fn rows_equal(ty: QuantType, format: Format, seed: u64, blocks: usize, n: usize, nrows: usize, run: impl FnOnce(&[u8], usize, &[&ActQ], &mut [f32]) -> usize) -> Result<(), TestCaseError> {
+        let k = blocks * 32;
+        let rows: Vec<Vec<u8>> = (0..nrows).map(|r| ty.quantize_row(&data(seed ^ (r as u64 * 31), k, false))).collect();
+        let acts: Vec<ActQ> = (0..n).map(|t| quantized(format, &data(seed ^ (t as u64 + 7), k, t % 2 == 1))).collect();
+        let refs: Vec<&ActQ> = acts.iter().collect();
+        let mut out = vec![0f32; n * nrows];
+        let checked = run(&rows.concat(), rows[0].len(), &refs, &mut out);
+        for (r, row) in rows.iter().enumerate().take(checked) {
+            for (t, a) in acts.iter().enumerate() {
+                let (o, want) = (out[r * n + t], dot_reference(ty, row, a));
+                let scale = 1.0 + (0..k).map(|i| a.value(i).abs()).sum::<f32>();
+                prop_assert!((o - want).abs() <= 1e-5 * scale, "{} {format:?} row {r} vector {t}: {} vs {}", ty.name(), o, want);
+            }
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn many_equals_one_at_a_time(seed in 1u64..u64::MAX, blocks in 1usize..40, n in 1usize..7) {
@@ -270,33 +318,22 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             if avx2() {
                 for (ty, format) in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0].into_iter().flat_map(|t| FORMATS.map(|f| (t, f))) {
-                    let k = blocks * 32;
-                    let rows: Vec<Vec<u8>> = (0..nrows).map(|r| ty.quantize_row(&data(seed ^ (r as u64 * 31), k, false))).collect();
-                    let w = rows.concat();
-                    let rb = rows[0].len();
-                    let acts: Vec<ActQ> = (0..n).map(|t| quantized(format, &data(seed ^ (t as u64 + 7), k, t % 2 == 1))).collect();
-                    let refs: Vec<&ActQ> = acts.iter().collect();
-                    let mut out = vec![0f32; n * nrows];
-                    // SAFETY: AVX2, FMA and F16C detected by avx2(); rows and vectors are k long,
-                    // in the format each kernel reads.
-                    unsafe {
-                        match (ty, format) {
-                            (QuantType::Q4_0, Format::Planes) => avx2::dispatch::<{ avx512::Q4_0 }>(&w[..rb], &refs, &mut out[..n]),
-                            (QuantType::Q4_1, Format::Planes) => avx2::dispatch::<{ avx512::Q4_1 }>(&w[..rb], &refs, &mut out[..n]),
-                            (_, Format::Planes) => avx2::dispatch::<{ avx512::Q8_0 }>(&w[..rb], &refs, &mut out[..n]),
-                            (QuantType::Q4_0, Format::Wide) => wide::dispatch::<{ avx512::Q4_0 }>(&w, rb, &refs, &mut out),
-                            (QuantType::Q4_1, Format::Wide) => wide::dispatch::<{ avx512::Q4_1 }>(&w, rb, &refs, &mut out),
-                            (_, Format::Wide) => wide::dispatch::<{ avx512::Q8_0 }>(&w, rb, &refs, &mut out),
+                    rows_equal(ty, format, seed, blocks, n, nrows, |w, rb, refs, out| {
+                        // SAFETY: AVX2, FMA and F16C detected by avx2(); rows and vectors are k
+                        // long, in the format each kernel reads.
+                        unsafe {
+                            match (ty, format) {
+                                (QuantType::Q4_0, Format::Planes) => avx2::dispatch::<{ kind::Q4_0 }>(&w[..rb], refs, &mut out[..n]),
+                                (QuantType::Q4_1, Format::Planes) => avx2::dispatch::<{ kind::Q4_1 }>(&w[..rb], refs, &mut out[..n]),
+                                (_, Format::Planes) => avx2::dispatch::<{ kind::Q8_0 }>(&w[..rb], refs, &mut out[..n]),
+                                (QuantType::Q4_0, Format::Wide) => wide::dispatch::<{ kind::Q4_0 }>(w, rb, refs, out),
+                                (QuantType::Q4_1, Format::Wide) => wide::dispatch::<{ kind::Q4_1 }>(w, rb, refs, out),
+                                (_, Format::Wide) => wide::dispatch::<{ kind::Q8_0 }>(w, rb, refs, out),
+                            }
                         }
-                    }
-                    let checked = if format == Format::Wide { nrows } else { 1 };
-                    for (r, row) in rows.iter().enumerate().take(checked) {
-                        for (t, a) in acts.iter().enumerate() {
-                            let (o, want) = (out[r * n + t], dot_reference(ty, row, a));
-                            let scale = 1.0 + (0..k).map(|i| a.value(i).abs()).sum::<f32>();
-                            prop_assert!((o - want).abs() <= 1e-5 * scale, "{} {format:?} row {r}: avx2 {} ref {}", ty.name(), o, want);
-                        }
-                    }
+                        // The planes kernel takes one row.
+                        if format == Format::Wide { nrows } else { 1 }
+                    })?;
                 }
             }
         }
@@ -306,19 +343,10 @@ mod tests {
         #[test]
         fn rows_equal_reference(seed in 1u64..u64::MAX, blocks in 1usize..40, n in 1usize..17, nrows in 1usize..6) {
             for (ty, format) in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0].into_iter().flat_map(|t| FORMATS.map(|f| (t, f))) {
-                let k = blocks * 32;
-                let rows: Vec<Vec<u8>> = (0..nrows).map(|r| ty.quantize_row(&data(seed ^ (r as u64 * 31), k, false))).collect();
-                let acts: Vec<ActQ> = (0..n).map(|t| quantized(format, &data(seed ^ (t as u64 + 7), k, t % 2 == 1))).collect();
-                let refs: Vec<&ActQ> = acts.iter().collect();
-                let mut out = vec![0f32; n * nrows];
-                dot_rows_unchecked(ty, &rows.concat(), rows[0].len(), &refs, &mut out);
-                for (r, row) in rows.iter().enumerate() {
-                    for (t, a) in acts.iter().enumerate() {
-                        let (o, want) = (out[r * n + t], dot_reference(ty, row, a));
-                        let scale = 1.0 + (0..k).map(|i| a.value(i).abs()).sum::<f32>();
-                        prop_assert!((o - want).abs() <= 1e-5 * scale, "{} {format:?} row {r} vector {t}: {} vs {}", ty.name(), o, want);
-                    }
-                }
+                rows_equal(ty, format, seed, blocks, n, nrows, |w, rb, refs, out| {
+                    dot_rows_unchecked(ty, w, rb, refs, out);
+                    nrows
+                })?;
             }
         }
 

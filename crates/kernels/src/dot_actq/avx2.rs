@@ -1,6 +1,6 @@
 //! [`Format::Planes`] dots on AVX2 without VNNI: `vpmaddubsw` + `vpmaddwd` per plane, one block at a time.
 
-use super::avx512::{Q4_0, Q4_1, Q8_0};
+use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use crate::vec::hsum_m256 as hsum;
 use super::*;
 use std::arch::x86_64::*;
@@ -47,7 +47,7 @@ unsafe fn weights<const KIND: u8>(p: *const u8) -> (__m256i, __m256i) {
 /// vector, even and odd blocks, measured no faster: 9.0 vs 10.3 G weights/s.)
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows<const KIND: u8, const N: usize>(row: &[u8], acts: [&ActQ; N], out: &mut [f32]) {
-    let bb = super::avx512::block_bytes(KIND);
+    let bb = block_bytes(KIND);
     let nb = acts[0].d.len();
     let ones = _mm256_set1_epi16(1);
     let (s1, s2) = (_mm256_set1_ps(1.0 / STEP), _mm256_set1_ps(1.0 / (STEP * STEP)));

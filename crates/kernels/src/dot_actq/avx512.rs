@@ -1,27 +1,8 @@
 //! [`Format::Planes`] dots on AVX-512 VNNI: one `vpdpbusd` per plane and 64 weights, two blocks per step.
 
+use super::kind::{block_bytes, quant_type, Q4_0, Q4_1, Q8_0};
 use super::*;
 use std::arch::x86_64::*;
-
-pub const Q4_0: u8 = 0;
-pub const Q4_1: u8 = 1;
-pub const Q8_0: u8 = 2;
-
-pub(super) const fn block_bytes(kind: u8) -> usize {
-    match kind {
-        Q4_0 => 18,
-        Q4_1 => 20,
-        _ => 34,
-    }
-}
-
-const fn quant_type(kind: u8) -> QuantType {
-    match kind {
-        Q4_0 => QuantType::Q4_0,
-        Q4_1 => QuantType::Q4_1,
-        _ => QuantType::Q8_0,
-    }
-}
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vl,f16c,fma")]
 pub unsafe fn dispatch<const KIND: u8>(row: &[u8], acts: &[&ActQ], out: &mut [f32], n: usize) {

@@ -1,6 +1,6 @@
 //! [`Format::Wide`] dots on AVX2: weights widened to i16 in registers, two `vpmaddwd` per block.
 
-use super::avx512::{block_bytes, Q4_0, Q4_1, Q8_0};
+use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use crate::vec::hsum_m256 as hsum;
 use super::*;
 use std::arch::x86_64::*;

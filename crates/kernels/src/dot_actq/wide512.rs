@@ -6,7 +6,7 @@
 //! convert), against about six for the planes (three byte dots, converts and sign fix-ups per
 //! pair of blocks).
 
-use super::avx512::{block_bytes, Q4_0, Q4_1, Q8_0};
+use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::*;
 use std::arch::x86_64::*;
 
