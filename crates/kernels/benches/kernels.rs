@@ -81,6 +81,24 @@ fn dot_rows_one_thread(b: Bencher, format: Format) {
     });
 }
 
+/// A batch of `n` i16 vectors against the 1536 x 576 Q4_1 matrix (in cache): the integer
+/// kernel's compute throughput for speculative verification (counter: multiply-adds).
+#[divan::bench(args = [1, 2, 4, 8, 16])]
+fn matmul_int_wide_batch(b: Bencher, n: usize) {
+    let ty = QuantType::Q4_1;
+    let w = weights(ty);
+    let acts: Vec<ActQ> = (0..n)
+        .map(|t| {
+            let mut a = ActQ::new(Format::Wide);
+            a.quantize(&data(K + t * 32)[t * 32..]);
+            a
+        })
+        .collect();
+    let m = Matrix::new(Weights::Quant(ty, &w), ROWS, K).unwrap();
+    let mut y = vec![0f32; ROWS * n];
+    b.counter(ItemsCount::new(ROWS * K * n)).bench_local(|| matmul_actq(&m, &acts, &mut y));
+}
+
 fn matvec_int(b: Bencher, ty: QuantType, format: Format) {
     let w = weights(ty);
     let m = Matrix::new(Weights::Quant(ty, &w), ROWS, K).unwrap();

@@ -43,6 +43,12 @@ impl Format {
     }
 }
 
+/// 32 i16 values on one 64-byte cache line: one register of the AVX-512 kernel, so that no load
+/// of it splits a line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[repr(C, align(64))]
+pub struct Line(pub [i16; BLOCK]);
+
 /// A quantized activation vector (length a multiple of [`BLOCK`]). Buffers are reused across calls.
 #[derive(Debug, Clone)]
 pub struct ActQ {
@@ -52,6 +58,10 @@ pub struct ActQ {
     pub planes: [Vec<i8>; 3],
     /// [`Format::Wide`]: the values, `[k]` (empty otherwise).
     pub wide: Vec<i16>,
+    /// [`Format::Wide`] on CPUs with the AVX-512 VNNI kernel: `wide` reordered four blocks at a
+    /// time as that kernel reads it (`dot_actq::INTERLEAVE`), a last partial group padded with
+    /// zeros (empty otherwise).
+    pub interleaved: Vec<Line>,
     /// Scale per block, `[k / 32]`.
     pub d: Vec<f32>,
     /// Exact f32 sum of each block's values, `[k / 32]` (for the `m` term of Q4_1).
@@ -75,7 +85,7 @@ fn round(v: f64) -> f64 {
 impl ActQ {
     /// An empty vector in `format`.
     pub fn new(format: Format) -> ActQ {
-        ActQ { format, planes: Default::default(), wide: Vec::new(), d: Vec::new(), sum: Vec::new() }
+        ActQ { format, planes: Default::default(), wide: Vec::new(), interleaved: Vec::new(), d: Vec::new(), sum: Vec::new() }
     }
 
     /// Number of values.
@@ -99,8 +109,11 @@ impl ActQ {
                     // SAFETY: AVX-512F detected; buffers sized by resize().
                     return unsafe { self.quantize_avx512(x) };
                 }
-                // SAFETY: AVX2 and FMA detected by isa(); buffers sized by resize().
-                Format::Wide => return unsafe { self.quantize_wide_avx2(x) },
+                Format::Wide => {
+                    // SAFETY: AVX2 and FMA detected by isa(); buffers sized by resize().
+                    unsafe { self.quantize_wide_avx2(x) };
+                    return self.interleave();
+                }
                 Format::Planes => {}
             }
         }
@@ -202,6 +215,22 @@ impl ActQ {
                 }
             }
         }
+        if self.format == Format::Wide {
+            self.interleave();
+        }
+    }
+
+    /// Fill [`ActQ::interleaved`] from `wide` where the kernel that reads it runs.
+    fn interleave(&mut self) {
+        self.interleaved.clear();
+        if !crate::dot_actq::interleaved_kernel() {
+            return;
+        }
+        let order = &crate::dot_actq::INTERLEAVE;
+        for src in self.wide.chunks(order.len()) {
+            let value = |i: u8| src.get(i as usize).copied().unwrap_or(0);
+            self.interleaved.extend(order.chunks_exact(BLOCK).map(|line| Line(std::array::from_fn(|j| value(line[j])))));
+        }
     }
 
     /// Block `b`'s three planes; returns its scale.
@@ -268,6 +297,7 @@ mod tests {
                 r.quantize_reference(&x);
                 prop_assert_eq!(&q.d, &r.d);
                 prop_assert_eq!(&q.wide, &r.wide);
+                prop_assert_eq!(&q.interleaved, &r.interleaved);
                 for (b, xs) in x.chunks_exact(BLOCK).enumerate() {
                     let size: f32 = xs.iter().map(|v| v.abs()).sum();
                     prop_assert!((q.sum[b] - r.sum[b]).abs() <= 1e-6 * size, "{format:?}: block sums {} vs {}", q.sum[b], r.sum[b]);

@@ -10,8 +10,9 @@
 //!   then two `vpmaddwd` against the i16 activations (a pair of products: 2·128·32767 < 2³¹).
 //!   Block scales come eight blocks at a time from one gather; rows go in pairs (shared
 //!   activation loads, two independent chains), with the weights prefetched 2 KiB ahead.
-//!   With AVX-512 BW (`wide512`): one register of 32 i16 weights per block, one `vpmaddwd` per
-//!   block and vector, up to eight vectors per pass over the weights.
+//!   With AVX-512 VNNI and VBMI (`wide512`): four blocks at a time against activations stored in
+//!   the interleaved order of [`ActQ::interleaved`], so the products of four blocks add up in i32
+//!   (`vpdpwssd`) before one convert and one FMA; up to eight vectors per pass over the weights.
 //!
 //! [`dot_reference`] is the scalar twin: the same integer arithmetic, so the two agree up to the
 //! order of the final f32 additions.
@@ -33,17 +34,44 @@ fn avx2() -> bool {
     false
 }
 
-/// Whether this CPU has the AVX-512 F/BW instructions of the AVX-512 [`Format::Wide`] kernel.
-pub(crate) fn avx512bw() -> bool {
+/// Whether this CPU runs the AVX-512 [`Format::Wide`] kernel (`wide512`: F, BW, VL, VNNI, VBMI),
+/// which reads [`ActQ::interleaved`].
+pub(crate) fn interleaved_kernel() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::sync::OnceLock;
         static OK: OnceLock<bool> = OnceLock::new();
-        *OK.get_or_init(|| avx2() && is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw"))
+        *OK.get_or_init(|| vnni() && avx2() && is_x86_feature_detected!("avx512vbmi") && is_x86_feature_detected!("avx512vl"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false
 }
+
+/// Blocks per interleaved group.
+const GROUP: usize = 4;
+
+/// Which value of a four-block group lane `l` (0-31) of the group's `v`-th i16 vector (0-3)
+/// holds: block `(l % 8) / 2`, so that each i32 lane of a `vpdpwssd` sums products of one block
+/// (block = i32 lane mod 4) and four vectors' products add up in i32 before one conversion.
+/// Within the block, the value that the AVX-512 kernel's nibble unpacking puts there: vectors 0
+/// and 1 take low nibbles (values 0-15), 2 and 3 high ones (16-31), four bytes per 128-bit lane.
+const fn interleaved_source(v: usize, l: usize) -> usize {
+    let (lane, block, e) = (l / 8, (l % 8) / 2, l % 2);
+    let value = 4 * lane + 2 * (v % 2) + e + 16 * (v / 2);
+    BLOCK * block + value
+}
+
+/// Source index within a group of [`GROUP`] blocks of each position of the interleaved layout
+/// ([`interleaved_source`]).
+pub(crate) const INTERLEAVE: [u8; GROUP * BLOCK] = {
+    let mut t = [0u8; GROUP * BLOCK];
+    let mut i = 0;
+    while i < t.len() {
+        t[i] = interleaved_source(i / BLOCK, i % BLOCK) as u8;
+        i += 1;
+    }
+    t
+};
 
 /// Whether this CPU has the AVX-512 VNNI byte dots that [`Format::Planes`] is built for.
 pub(crate) fn vnni() -> bool {
@@ -136,8 +164,9 @@ pub(crate) fn dot_rows_unchecked(ty: QuantType, w: &[u8], rb: usize, acts: &[&Ac
     let n = acts.len();
     let format = acts.first().map_or(Format::Planes, |a| a.format);
     #[cfg(target_arch = "x86_64")]
-    if format == Format::Wide && avx512bw() && matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0) {
-        // SAFETY: AVX-512 F/BW, FMA and F16C detected by avx512bw(); sizes checked by the caller.
+    if format == Format::Wide && interleaved_kernel() && matches!(ty, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q8_0) {
+        // SAFETY: AVX-512 F/BW/VNNI/VBMI, FMA and F16C detected by interleaved_kernel(); sizes
+        // checked by the caller; quantize() filled the interleaved values on such a CPU.
         return unsafe {
             match ty {
                 QuantType::Q4_0 => wide512::dispatch::<{ kind::Q4_0 }>(w, rb, acts, out),
@@ -347,6 +376,28 @@ mod tests {
                     dot_rows_unchecked(ty, w, rb, refs, out);
                     nrows
                 })?;
+            }
+        }
+
+        /// A vector's dot products are the same bits whatever batch it is in (speculative
+        /// verification must reproduce plain decoding exactly), for every row of a run.
+        #[test]
+        fn batch_does_not_change_a_vector(seed in 1u64..u64::MAX, blocks in 1usize..40, n in 2usize..17, nrows in 1usize..6) {
+            for (ty, format) in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0].into_iter().flat_map(|t| FORMATS.map(|f| (t, f))) {
+                let k = blocks * 32;
+                let w: Vec<u8> = (0..nrows).flat_map(|r| ty.quantize_row(&data(seed ^ (r as u64 * 31), k, false))).collect();
+                let rb = w.len() / nrows;
+                let acts: Vec<ActQ> = (0..n).map(|t| quantized(format, &data(seed ^ (t as u64 + 3), k, t % 3 == 0))).collect();
+                let refs: Vec<&ActQ> = acts.iter().collect();
+                let mut batch = vec![0f32; n * nrows];
+                dot_rows_unchecked(ty, &w, rb, &refs, &mut batch);
+                for (t, a) in refs.iter().enumerate() {
+                    let mut alone = vec![0f32; nrows];
+                    dot_rows_unchecked(ty, &w, rb, &[a], &mut alone);
+                    for r in 0..nrows {
+                        prop_assert_eq!(batch[r * n + t].to_bits(), alone[r].to_bits(), "{} {:?} row {} vector {} of {}", ty.name(), format, r, t, n);
+                    }
+                }
             }
         }
 

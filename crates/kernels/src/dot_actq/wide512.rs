@@ -1,10 +1,12 @@
-//! [`Format::Wide`] dots on AVX-512 (F + BW): a block's 32 weights widened to one register of 32
-//! i16, one `vpmaddwd` per block and activation vector (32 products into 16 i32 lanes), converted
-//! and scaled by one FMA whose scale is broadcast from memory. The 32 vector registers hold the
-//! accumulators of up to eight vectors, so a batch of tokens unpacks each block once. A vector
-//! costs three instructions per block, two of them on port 0 of an Intel server core (multiply,
-//! convert), against about six for the planes (three byte dots, converts and sign fix-ups per
-//! pair of blocks).
+//! [`Format::Wide`] dots on AVX-512 (F, BW, VNNI, VBMI), in groups of four blocks. One `vpermt2b`
+//! gathers a group's packed bytes in the order of [`INTERLEAVE`], masks and unpacks spread them
+//! over four registers of 32 i16 (each i32 lane of a product belongs to one block), and a vector
+//! takes one `vpmaddwd` and three `vpdpwssd` against its interleaved activations, then one
+//! convert and one FMA with the four blocks' scales: five port-0 instructions per four blocks of
+//! an Intel server core where one block at a time needs eight (multiply and convert per block).
+//! Blocks past the last whole group take the one-block path. The 32 vector registers hold the
+//! accumulators of up to eight vectors, so a batch of tokens unpacks each group once; a vector's
+//! arithmetic does not depend on how many share the pass.
 
 use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::*;
@@ -15,37 +17,32 @@ const MAX_N: usize = 8;
 
 /// `out[r * acts.len() + t]` for the rows of `w` (`rb` bytes each): rows in pairs for up to four
 /// vectors, one at a time for five to eight, vectors in runs of eight beyond.
-#[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")]
 pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ], out: &mut [f32]) {
     let n = acts.len();
     let nrows = w.len() / rb;
     for (c, part) in acts.chunks(MAX_N).enumerate() {
         let o = out.as_mut_ptr().add(c * MAX_N);
-        let mut r = 0;
-        if part.len() <= 4 {
-            while r + 2 <= nrows {
-                let (p, o) = (w.as_ptr().add(r * rb), o.add(r * n));
-                match part.len() {
-                    1 => rows::<KIND, 2, 1>(p, rb, part.try_into().unwrap(), o, n),
-                    2 => rows::<KIND, 2, 2>(p, rb, part.try_into().unwrap(), o, n),
-                    3 => rows::<KIND, 2, 3>(p, rb, part.try_into().unwrap(), o, n),
-                    _ => rows::<KIND, 2, 4>(p, rb, part.try_into().unwrap(), o, n),
-                }
-                r += 2;
-            }
+        let p = w.as_ptr();
+        let pairs = if part.len() <= 4 { nrows / 2 } else { 0 };
+        match part.len() {
+            1 => rows::<KIND, 2, 1>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            2 => rows::<KIND, 2, 2>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            3 => rows::<KIND, 2, 3>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            4 => rows::<KIND, 2, 4>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            _ => {}
         }
-        for r in r..nrows {
-            let (p, o) = (w.as_ptr().add(r * rb), o.add(r * n));
-            match part.len() {
-                1 => rows::<KIND, 1, 1>(p, rb, part.try_into().unwrap(), o, n),
-                2 => rows::<KIND, 1, 2>(p, rb, part.try_into().unwrap(), o, n),
-                3 => rows::<KIND, 1, 3>(p, rb, part.try_into().unwrap(), o, n),
-                4 => rows::<KIND, 1, 4>(p, rb, part.try_into().unwrap(), o, n),
-                5 => rows::<KIND, 1, 5>(p, rb, part.try_into().unwrap(), o, n),
-                6 => rows::<KIND, 1, 6>(p, rb, part.try_into().unwrap(), o, n),
-                7 => rows::<KIND, 1, 7>(p, rb, part.try_into().unwrap(), o, n),
-                _ => rows::<KIND, 1, 8>(p, rb, part.try_into().unwrap(), o, n),
-            }
+        let (r, single) = (2 * pairs, nrows - 2 * pairs);
+        let (p, o) = (p.add(r * rb), o.add(r * n));
+        match part.len() {
+            1 => rows::<KIND, 1, 1>(p, rb, single, part.try_into().unwrap(), o, n),
+            2 => rows::<KIND, 1, 2>(p, rb, single, part.try_into().unwrap(), o, n),
+            3 => rows::<KIND, 1, 3>(p, rb, single, part.try_into().unwrap(), o, n),
+            4 => rows::<KIND, 1, 4>(p, rb, single, part.try_into().unwrap(), o, n),
+            5 => rows::<KIND, 1, 5>(p, rb, single, part.try_into().unwrap(), o, n),
+            6 => rows::<KIND, 1, 6>(p, rb, single, part.try_into().unwrap(), o, n),
+            7 => rows::<KIND, 1, 7>(p, rb, single, part.try_into().unwrap(), o, n),
+            _ => rows::<KIND, 1, 8>(p, rb, single, part.try_into().unwrap(), o, n),
         }
     }
 }
@@ -54,100 +51,185 @@ pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ
 /// Emerald Rapids, alternating runs: 4096 about 4% faster than 2048, 8192 no better than 4096).
 const PREFETCH: usize = 4096;
 
-/// Byte shuffle that spreads a block's 16 packed bytes (broadcast to all four 128-bit lanes) over
-/// 32 i16 lanes: lanes 0-15 take bytes 0-15 (their low nibbles are values 0-15), lanes 16-31 take
-/// them again (their high nibbles are values 16-31). -1 zeroes the high byte of each i16.
-static SPREAD: [i8; 64] = {
-    let mut s = [-1i8; 64];
+/// `vpermt2b` index that gathers a Q4 group's packed bytes (from the 128 bytes at its start) so
+/// that masking and unpacking yield the weights in [`INTERLEAVE`] order: byte `p` of 128-bit lane
+/// `L` is byte `4L + 2(p / 8) + p % 2` of block `(p % 8) / 2`, whose low nibble lands in vector
+/// `p / 8` and high nibble in vector `2 + p / 8`.
+const fn q4_gather(kind: u8) -> [u8; 64] {
+    let (bb, header) = (block_bytes(kind), if kind == Q4_0 { 2 } else { 4 });
+    let mut t = [0u8; 64];
     let mut i = 0;
-    while i < 32 {
-        s[2 * i] = (i % 16) as i8;
+    while i < 64 {
+        let (lane, p) = (i / 16, i % 16);
+        t[i] = ((p % 8) / 2 * bb + header + 4 * lane + 2 * (p / 8) + p % 2) as u8;
         i += 1;
     }
-    s
-};
+    t
+}
 
-/// One block's 32 weights as 32 i16, in activation order.
+static Q4_0_GATHER: [u8; 64] = q4_gather(Q4_0);
+static Q4_1_GATHER: [u8; 64] = q4_gather(Q4_1);
+
+/// The weights of the group at `p` as four registers of 32 i16, in [`INTERLEAVE`] order. `blocks`
+/// (1-4) of its blocks exist; the others read as zero (nothing past them is loaded).
 #[inline]
-#[target_feature(enable = "avx512f,avx512bw")]
-unsafe fn weights<const KIND: u8>(p: *const u8) -> __m512i {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vbmi")]
+unsafe fn group_weights<const KIND: u8>(p: *const u8, blocks: usize) -> [__m512i; GROUP] {
     if KIND == Q8_0 {
-        return _mm512_cvtepi8_epi16(_mm256_loadu_si256(p.add(2) as *const __m256i));
+        // The four blocks' values side by side, then INTERLEAVE itself as the byte gather.
+        let qs = |b: usize| _mm256_maskz_loadu_epi8(if b < blocks { !0 } else { 0 }, p.add(b * 34 + 2) as *const i8);
+        let (lo, hi) = (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(qs(0)), qs(1)), _mm512_inserti64x4::<1>(_mm512_castsi256_si512(qs(2)), qs(3)));
+        let order = INTERLEAVE.as_ptr() as *const __m512i;
+        let (a, b) = (_mm512_permutex2var_epi8(lo, _mm512_loadu_si512(order as *const _), hi), _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(order.add(1) as *const _), hi));
+        let wide = |v: __m512i, half: bool| _mm512_cvtepi8_epi16(if half { _mm512_extracti64x4_epi64::<1>(v) } else { _mm512_castsi512_si256(v) });
+        return [wide(a, false), wide(a, true), wide(b, false), wide(b, true)];
     }
-    let off = if KIND == Q4_0 { 2 } else { 4 };
-    let q = _mm512_broadcast_i32x4(_mm_loadu_si128(p.add(off) as *const __m128i));
-    let v = _mm512_shuffle_epi8(q, _mm512_loadu_si512(SPREAD.as_ptr() as *const _));
-    let v = _mm512_and_si512(_mm512_mask_srli_epi16::<4>(v, 0xFFFF_0000, v), _mm512_set1_epi16(0x0F));
+    // A whole group spans 72 (Q4_0) or 80 bytes: the loads stop at its end.
+    let len = blocks * block_bytes(KIND);
+    let mask = |from: usize| -> u64 {
+        match len.saturating_sub(from) {
+            0 => 0,
+            n if n >= 64 => !0,
+            n => (1 << n) - 1,
+        }
+    };
+    let (lo, hi) = (_mm512_maskz_loadu_epi8(mask(0), p as *const i8), _mm512_maskz_loadu_epi8(mask(64), p.add(64) as *const i8));
+    let gather = if KIND == Q4_0 { Q4_0_GATHER.as_ptr() } else { Q4_1_GATHER.as_ptr() };
+    let q = _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(gather as *const _), hi);
+    let nibble = _mm512_set1_epi8(0x0F);
+    let (low, high) = (_mm512_and_si512(q, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(q), nibble));
+    let zero = _mm512_setzero_si512();
+    let v = [_mm512_unpacklo_epi8(low, zero), _mm512_unpackhi_epi8(low, zero), _mm512_unpacklo_epi8(high, zero), _mm512_unpackhi_epi8(high, zero)];
     if KIND == Q4_0 {
-        _mm512_sub_epi16(v, _mm512_set1_epi16(8))
+        // Absent blocks were zero bytes: their -8 meets zero activations.
+        v.map(|v| _mm512_sub_epi16(v, _mm512_set1_epi16(8)))
     } else {
         v
     }
 }
 
-/// Dots of `R` consecutive weight rows (`rb` bytes apart from `w`) with `N` activation vectors,
-/// written to `out[r * stride + t]`. Sixteen blocks per group: one gather per row fetches their
-/// scales (and Q4_1's minimums); the products with the activation scales go to a small table
-/// that each block's FMA reads as a broadcast. The Q4_1 minimum terms go into the same
-/// accumulators (only their lane sum matters).
+/// The lane sums of eight accumulators, each added in the same order (halves, then quarters, …),
+/// so a sum does not depend on its neighbours: sixteen shuffles for all eight where one
+/// `_mm512_reduce_add_ps` each takes five.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn sums(v: [__m512; 8]) -> [f32; 8] {
+    // Chunks [a0+a2, a1+a3, b0+b2, b1+b3] (128-bit chunks of a and b).
+    let halves = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(a, b), _mm512_shuffle_f32x4::<0xEE>(a, b));
+    let h = [halves(v[0], v[1]), halves(v[2], v[3]), halves(v[4], v[5]), halves(v[6], v[7])];
+    // Chunk i: vector i's four partial sums (v0-v3 in one register, v4-v7 in the other).
+    let quarters = |a: __m512, b: __m512| _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(a, b), _mm512_shuffle_f32x4::<0xDD>(a, b));
+    let (q0, q1) = (quarters(h[0], h[1]), quarters(h[2], h[3]));
+    // Chunk i: [vᵢ, vᵢ₊₄] as two partial sums each, then as totals.
+    let x = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(q0, q1), _mm512_shuffle_ps::<0xEE>(q0, q1));
+    let y = _mm512_add_ps(_mm512_shuffle_ps::<0x88>(x, x), _mm512_shuffle_ps::<0xDD>(x, x));
+    let mut s = [0f32; 16];
+    _mm512_storeu_ps(s.as_mut_ptr(), y);
+    [s[0], s[4], s[8], s[12], s[1], s[5], s[9], s[13]]
+}
+
+/// `acc + vpmaddwd(a, b)` as the one instruction `vpdpwssd`. Written as assembly: LLVM otherwise
+/// splits the intrinsic back into `vpmaddwd` + `vpaddd` for CPUs it does not know to have fast
+/// VNNI (every build without `target-cpu`), and the extra add costs a port-0/5 slot per product.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
+    let mut acc = acc;
+    std::arch::asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b, options(pure, nomem, nostack));
+    acc
+}
+
+/// One header group's products of weight and activation scales, on one cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Scales([f32; 16]);
+
+/// Dots of `steps * R` consecutive weight rows (`rb` bytes apart from `w`), `R` at a time, with
+/// `N` activation vectors, written to `out[r * stride + t]`. Sixteen blocks per header group: one
+/// gather per row fetches their scales (and Q4_1's minimums); the products with the activation
+/// scales go to a small table that each group's FMA reads as a broadcast. The Q4_1 minimum terms
+/// go into the same accumulators (only their lane sum matters).
 // Rows, vectors and blocks index several arrays in step: index loops read best.
 #[allow(clippy::needless_range_loop)]
-#[target_feature(enable = "avx512f,avx512bw,f16c,fma")]
-unsafe fn rows<const KIND: u8, const R: usize, const N: usize>(w: *const u8, rb: usize, acts: [&ActQ; N], out: *mut f32, stride: usize) {
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")]
+unsafe fn rows<const KIND: u8, const R: usize, const N: usize>(w: *const u8, rb: usize, steps: usize, acts: [&ActQ; N], out: *mut f32, stride: usize) {
+    if steps == 0 {
+        return;
+    }
     let bb = block_bytes(KIND);
     let nb = acts[0].d.len();
     let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     let offs = _mm512_mullo_epi32(lanes, _mm512_set1_epi32(bb as i32));
-    let mut acc = [[_mm512_setzero_ps(); N]; R];
-    let mut scale = [[[0f32; 16]; N]; R];
+    let mut scale = [[Scales([0.0; 16]); N]; R];
     let live = |g: usize| -> __mmask16 { ((1u32 << (nb - g).min(16)) - 1) as u16 };
-    let gather = |g: usize| -> [__m512i; R] {
-        std::array::from_fn(|r| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live(g), offs, w.add(r * rb + g * bb) as *const i32))
+    let gather = |row: usize, g: usize| -> [__m512i; R] {
+        std::array::from_fn(|r| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), live(g), offs, w.add((row + r) * rb + g * bb) as *const i32))
     };
-    // Each group's headers are gathered while the group before it runs (a gather's latency
-    // left exposed cost a third of the kernel's time).
-    let mut next = gather(0);
-    let mut g = 0;
-    while g < nb {
-        let n = (nb - g).min(16);
-        let hdrs = next;
-        if g + n < nb {
-            next = gather(g + n);
-        }
-        let live = live(g);
-        for (r, &hdr) in hdrs.iter().enumerate() {
-            let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
-            let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hdr)));
-            for t in 0..N {
-                let s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(live, acts[t].d.as_ptr().add(g)));
-                _mm512_storeu_ps(scale[r][t].as_mut_ptr(), s);
-                if KIND == Q4_1 {
-                    acc[r][t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(live, acts[t].sum.as_ptr().add(g)), acc[r][t]);
-                }
+    // Each header group is gathered while the one before it runs, across rows too (a gather's
+    // latency left exposed cost a third of the kernel's time).
+    let mut next = gather(0, 0);
+    for step in 0..steps {
+        let row = step * R;
+        let w = w.add(row * rb);
+        let mut acc = [[_mm512_setzero_ps(); N]; R];
+        let mut g = 0;
+        while g < nb {
+            let n = (nb - g).min(16);
+            let hdrs = next;
+            if g + n < nb {
+                next = gather(row, g + n);
+            } else if step + 1 < steps {
+                next = gather(row + R, 0);
             }
-            // The next groups' weights: the hardware prefetcher alone leaves the kernel waiting
-            // when the matrix streams from DRAM. May point past the matrix: a prefetch never faults.
-            let ahead = w.wrapping_add(r * rb + g * bb + PREFETCH);
-            for line in 0..(16 * bb).div_ceil(64) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
-            }
-        }
-        for j in 0..n {
-            let b = g + j;
-            let x: [__m512i; N] = std::array::from_fn(|t| _mm512_loadu_si512(acts[t].wide.as_ptr().add(b * BLOCK) as *const _));
-            for r in 0..R {
-                let wv = weights::<KIND>(w.add(r * rb + b * bb));
+            let live = live(g);
+            for (r, &hdr) in hdrs.iter().enumerate() {
+                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(hdr));
+                let mw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(hdr)));
                 for t in 0..N {
-                    let i = _mm512_madd_epi16(wv, x[t]);
-                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(scale[r][t][j]), acc[r][t]);
+                    let s = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(live, acts[t].d.as_ptr().add(g)));
+                    _mm512_store_ps(scale[r][t].0.as_mut_ptr(), s);
+                    if KIND == Q4_1 {
+                        acc[r][t] = _mm512_fmadd_ps(mw, _mm512_maskz_loadu_ps(live, acts[t].sum.as_ptr().add(g)), acc[r][t]);
+                    }
+                }
+                // The next groups' weights: the hardware prefetcher alone leaves the kernel
+                // waiting when the matrix streams from DRAM. May point past the matrix: a
+                // prefetch never faults.
+                let ahead = w.wrapping_add(r * rb + g * bb + PREFETCH);
+                for line in 0..(16 * bb).div_ceil(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(64 * line) as *const i8);
                 }
             }
+            for j in (0..n).step_by(GROUP) {
+                let b = g + j;
+                for r in 0..R {
+                    let wv = group_weights::<KIND>(w.add(r * rb + b * bb), (n - j).min(GROUP));
+                    // Each step for all vectors before the next: the four-deep chains of
+                    // dependent products then run side by side.
+                    let x: [*const __m512i; N] = std::array::from_fn(|t| acts[t].interleaved.as_ptr().add(b) as *const __m512i);
+                    let mut i: [__m512i; N] = std::array::from_fn(|t| _mm512_madd_epi16(wv[0], _mm512_load_si512(x[t] as *const _)));
+                    for v in 1..GROUP {
+                        for t in 0..N {
+                            i[t] = dpwssd(i[t], wv[v], _mm512_load_si512(x[t].add(v) as *const _));
+                        }
+                    }
+                    for t in 0..N {
+                        let s = _mm512_broadcast_f32x4(_mm_load_ps(scale[r][t].0.as_ptr().add(j)));
+                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), s, acc[r][t]);
+                    }
+                }
+            }
+            g += n;
         }
-        g += n;
-    }
-    for r in 0..R {
-        for t in 0..N {
-            *out.add(r * stride + t) = _mm512_reduce_add_ps(acc[r][t]);
+        let mut all = [_mm512_setzero_ps(); 8];
+        for r in 0..R {
+            all[r * N..(r + 1) * N].copy_from_slice(&acc[r]);
+        }
+        let sums = sums(all);
+        for r in 0..R {
+            for t in 0..N {
+                *out.add((row + r) * stride + t) = sums[r * N + t];
+            }
         }
     }
 }
