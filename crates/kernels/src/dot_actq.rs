@@ -53,11 +53,13 @@ const GROUP: usize = 4;
 /// Which value of a four-block group lane `l` (0-31) of the group's `v`-th i16 vector (0-3)
 /// holds: block `(l % 8) / 2`, so that each i32 lane of a `vpdpwssd` sums products of one block
 /// (block = i32 lane mod 4) and four vectors' products add up in i32 before one conversion.
-/// Within the block, the value that the AVX-512 kernel's nibble unpacking puts there: vectors 0
-/// and 1 take low nibbles (values 0-15), 2 and 3 high ones (16-31), four bytes per 128-bit lane.
+/// Within the block, the values whose packed bytes the AVX-512 kernel puts in one 16-bit word,
+/// so that shifts and masks of that word yield all four vectors: packed bytes `j = 4L + 2e`
+/// (low byte) and `j + 1` (high byte) for lane `l = 8L + 2·block + e`; vectors 0 and 1 take the
+/// low byte's values (`j`, `j + 16`), vectors 2 and 3 the high byte's.
 const fn interleaved_source(v: usize, l: usize) -> usize {
     let (lane, block, e) = (l / 8, (l % 8) / 2, l % 2);
-    let value = 4 * lane + 2 * (v % 2) + e + 16 * (v / 2);
+    let value = 4 * lane + 2 * e + v / 2 + 16 * (v % 2);
     BLOCK * block + value
 }
 

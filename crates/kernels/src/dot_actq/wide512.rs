@@ -1,12 +1,12 @@
-//! [`Format::Wide`] dots on AVX-512 (F, BW, VNNI, VBMI), in groups of four blocks. One `vpermt2b`
-//! gathers a group's packed bytes in the order of [`INTERLEAVE`], masks and unpacks spread them
-//! over four registers of 32 i16 (each i32 lane of a product belongs to one block), and a vector
-//! takes one `vpmaddwd` and three `vpdpwssd` against its interleaved activations, then one
-//! convert and one FMA with the four blocks' scales: five port-0 instructions per four blocks of
-//! an Intel server core where one block at a time needs eight (multiply and convert per block).
-//! Blocks past the last whole group take the one-block path. The 32 vector registers hold the
-//! accumulators of up to eight vectors, so a batch of tokens unpacks each group once; a vector's
-//! arithmetic does not depend on how many share the pass.
+//! [`Format::Wide`] dots on AVX-512 (F, BW, VL, VNNI, VBMI), in groups of four blocks. One
+//! `vpermt2b` gathers a group's packed bytes so that shifts and masks of its 16-bit words spread
+//! them over four registers of 32 i16 in [`INTERLEAVE`] order (each i32 lane of a product belongs
+//! to one block). A vector then takes one `vpmaddwd` and three `vpdpwssd` against its interleaved
+//! activations, and one convert and one FMA with the four blocks' scales: six multiply-class
+//! instructions per four blocks where one block at a time needs twelve (multiply, convert and FMA
+//! per block). A last partial group reads its missing blocks as zeros. The 32 vector registers
+//! hold the accumulators of up to eight vectors, so a batch of tokens decodes each group once; a
+//! vector's arithmetic does not depend on how many share the pass.
 
 use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::*;
@@ -52,16 +52,15 @@ pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ
 const PREFETCH: usize = 4096;
 
 /// `vpermt2b` index that gathers a Q4 group's packed bytes (from the 128 bytes at its start) so
-/// that masking and unpacking yield the weights in [`INTERLEAVE`] order: byte `p` of 128-bit lane
-/// `L` is byte `4L + 2(p / 8) + p % 2` of block `(p % 8) / 2`, whose low nibble lands in vector
-/// `p / 8` and high nibble in vector `2 + p / 8`.
+/// that shifts and masks of each 16-bit word yield the weights in [`INTERLEAVE`] order: word `l`
+/// holds packed bytes `4L + 2e` and `4L + 2e + 1` of block `(l % 8) / 2` (`L = l / 8`, `e = l % 2`).
 const fn q4_gather(kind: u8) -> [u8; 64] {
     let (bb, header) = (block_bytes(kind), if kind == Q4_0 { 2 } else { 4 });
     let mut t = [0u8; 64];
     let mut i = 0;
     while i < 64 {
-        let (lane, p) = (i / 16, i % 16);
-        t[i] = ((p % 8) / 2 * bb + header + 4 * lane + 2 * (p / 8) + p % 2) as u8;
+        let (l, high) = (i / 2, i % 2);
+        t[i] = ((l % 8) / 2 * bb + header + 4 * (l / 8) + 2 * (l % 2) + high) as u8;
         i += 1;
     }
     t
@@ -96,10 +95,13 @@ unsafe fn group_weights<const KIND: u8>(p: *const u8, blocks: usize) -> [__m512i
     let (lo, hi) = (_mm512_maskz_loadu_epi8(mask(0), p as *const i8), _mm512_maskz_loadu_epi8(mask(64), p.add(64) as *const i8));
     let gather = if KIND == Q4_0 { Q4_0_GATHER.as_ptr() } else { Q4_1_GATHER.as_ptr() };
     let q = _mm512_permutex2var_epi8(lo, _mm512_loadu_si512(gather as *const _), hi);
-    let nibble = _mm512_set1_epi8(0x0F);
-    let (low, high) = (_mm512_and_si512(q, nibble), _mm512_and_si512(_mm512_srli_epi16::<4>(q), nibble));
-    let zero = _mm512_setzero_si512();
-    let v = [_mm512_unpacklo_epi8(low, zero), _mm512_unpackhi_epi8(low, zero), _mm512_unpacklo_epi8(high, zero), _mm512_unpackhi_epi8(high, zero)];
+    let nibble = _mm512_set1_epi16(0x0F);
+    let v = [
+        _mm512_and_si512(q, nibble),
+        _mm512_and_si512(_mm512_srli_epi16::<4>(q), nibble),
+        _mm512_and_si512(_mm512_srli_epi16::<8>(q), nibble),
+        _mm512_srli_epi16::<12>(q),
+    ];
     if KIND == Q4_0 {
         // Absent blocks were zero bytes: their -8 meets zero activations.
         v.map(|v| _mm512_sub_epi16(v, _mm512_set1_epi16(8)))
