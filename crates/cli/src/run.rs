@@ -65,8 +65,8 @@ pub struct Args {
     /// fastest on this machine (output is the same either way).
     #[arg(long)]
     pub no_throttle: bool,
-    /// prompt-lookup: longest n-gram to match.
-    #[arg(long, default_value_t = 3)]
+    /// prompt-lookup: longest n-gram to match (the longest match found is used).
+    #[arg(long, default_value_t = augur_decode::speculative::PromptLookup::DEFAULT_MAX_N)]
     pub spec_ngram: usize,
     /// The prompt text.
     pub prompt: Option<String>,

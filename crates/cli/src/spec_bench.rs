@@ -39,6 +39,12 @@ pub struct Args {
     /// Draft what the drafter proposes every round (no throughput-measuring throttle).
     #[arg(long)]
     pub no_throttle: bool,
+    /// prompt-lookup: longest n-gram to match (the longest match found is used).
+    #[arg(long, default_value_t = augur_decode::speculative::PromptLookup::DEFAULT_MAX_N)]
+    pub spec_ngram: usize,
+    /// prompt-lookup: how many alternative continuations to verify at once (a tree).
+    #[arg(long, default_value_t = 1)]
+    pub spec_tree: usize,
     /// Only the first N tasks of each group.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -97,7 +103,7 @@ pub fn main(a: Args) -> Result<()> {
         e.secs += secs;
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
-            let mut d = speculative::from_spec(spec, &model, 3, 1, a.spec_k)?;
+            let mut d = speculative::from_spec(spec, &model, a.spec_ngram, a.spec_tree, a.spec_k)?;
             let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) }, d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();

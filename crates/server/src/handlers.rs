@@ -46,7 +46,7 @@ fn drafter(spec: &str, model: &Model) -> Result<Box<dyn Drafter + Send>, String>
     if spec.starts_with("draft:") {
         return Err(format!("--spec `{spec}` is not supported by the server (prompt-lookup, early-exit:L)"));
     }
-    speculative::from_spec(spec, model, 3, 1, 6).map_err(|e| e.to_string())
+    speculative::from_spec(spec, model, speculative::PromptLookup::DEFAULT_MAX_N, 1, 6).map_err(|e| e.to_string())
 }
 
 fn now() -> u64 {

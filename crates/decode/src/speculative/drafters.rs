@@ -78,18 +78,27 @@ pub fn from_spec(spec: &str, target: &Model, ngram: usize, width: usize, k: usiz
     })
 }
 
-/// N-gram lookup: the longest suffix of the context (up to `max_n` tokens, down to 1) that also
-/// occurs earlier; the tokens that followed its most recent occurrences are proposed, as a chain
-/// per distinct continuation (up to `width` branches).
+/// N-gram lookup: the longest suffix of the context (up to `max_n` tokens, down to
+/// [`PromptLookup::MIN_N`]) that also occurs earlier; the tokens that followed its most recent
+/// occurrences are proposed, as a chain per distinct continuation (up to `width` branches).
 pub struct PromptLookup {
     max_n: usize,
     width: usize,
 }
 
 impl PromptLookup {
+    /// Shortest match that proposes anything. A single shared token predicts poorly: on the
+    /// input-grounded tasks of `bench/tasks` (8-token matches at most, k = 6, throttled) tau went
+    /// 1.88 → 2.06 without one-token matches, and 1.93 without two-token ones (BENCHMARKS.md).
+    pub const MIN_N: usize = 2;
+
+    /// Default longest match: on the same tasks tau rose with it up to 8 tokens (k = 8, no
+    /// throttle: 1.74 at 3, 1.89 at 5, 1.94 at 8, no further at 12 or 24).
+    pub const DEFAULT_MAX_N: usize = 8;
+
     /// Match n-grams of up to `max_n` tokens; propose up to `width` branches.
     pub fn new(max_n: usize, width: usize) -> Self {
-        PromptLookup { max_n: max_n.max(1), width: width.max(1) }
+        PromptLookup { max_n: max_n.max(Self::MIN_N), width: width.max(1) }
     }
 }
 
@@ -99,7 +108,7 @@ impl Drafter for PromptLookup {
         let mut tree = Tree::default();
         let width = self.width;
         let per_branch = (ctx.k / width).max(1);
-        for n in (1..=self.max_n.min(t.len().saturating_sub(1))).rev() {
+        for n in (Self::MIN_N..=self.max_n.min(t.len().saturating_sub(1))).rev() {
             let suffix = &t[t.len() - n..];
             let mut firsts: Vec<u32> = Vec::new();
             // most recent match first
