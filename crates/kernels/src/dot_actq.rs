@@ -425,32 +425,3 @@ mod tests {
         }
     }
 }
-
-#[cfg(test)]
-mod timing_tmp {
-    use super::*;
-    #[test]
-    #[ignore]
-    fn time_kernel() {
-        let k = 576;
-        let rows = 1536;
-        let ty = QuantType::Q4_1;
-        let data = |seed: usize, n: usize| -> Vec<f32> { (0..n).map(|i| (((i + seed) as u32).wrapping_mul(2654435761) % 2000) as f32 / 1000.0 - 1.0).collect() };
-        let w: Vec<u8> = data(0, rows * k).chunks(k).flat_map(|r| ty.quantize_row(r)).collect();
-        let rb = ty.row_bytes(k).unwrap();
-        for n in [1usize, 2, 4, 8] {
-            let acts: Vec<ActQ> = (0..n).map(|t| { let mut a = ActQ::new(Format::Wide); a.quantize(&data(t * 7 + 1, k)); a }).collect();
-            let refs: Vec<&ActQ> = acts.iter().collect();
-            let mut out = vec![0f32; rows * n];
-            let iters = 400;
-            let t0 = std::time::Instant::now();
-            for _ in 0..iters {
-                for (c, o) in w.chunks(16 * rb).zip(out.chunks_mut(16 * n)) {
-                    dot_rows_unchecked(ty, c, rb, &refs, o);
-                }
-            }
-            let dt = t0.elapsed().as_secs_f64() / iters as f64;
-            println!("n={n}: {:.1} us, {:.1} cycles/row @3GHz, {:.1} GMAC/s", dt * 1e6, dt * 3e9 / rows as f64, (rows * k * n) as f64 / dt / 1e9);
-        }
-    }
-}
