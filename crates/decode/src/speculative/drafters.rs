@@ -105,9 +105,10 @@ impl PromptLookup {
 
 impl PromptLookup {
     /// The branches proposed after `t` with a budget of `k` tokens: the continuations that
-    /// followed the most recent occurrences of the longest matching suffix.
+    /// followed the most recent occurrences of the longest matching suffix, each as long as the
+    /// match and what is left of the budget allow (the most recent first; splitting the budget
+    /// evenly cut tau from 2.04 to 1.60 with two branches on the grounded tasks, this way 2.08).
     fn branches<'a>(&self, t: &'a [u32], k: usize) -> Vec<&'a [u32]> {
-        let per_branch = (k / self.width).max(1);
         let mut branches: Vec<&[u32]> = Vec::new();
         for n in (Self::MIN_N..=self.max_n.min(t.len().saturating_sub(1))).rev() {
             let suffix = &t[t.len() - n..];
@@ -119,16 +120,13 @@ impl PromptLookup {
                 }
                 // A match of n tokens vouches for at most n more: longer drafts after short
                 // matches were mostly rejected (grounded tasks: 1.37-1.40x → 1.43-1.46x).
-                let cont = &t[start + n..(start + n + per_branch.min(n)).min(t.len())];
+                let cont = &t[start + n..(start + n + n.min(k - used)).min(t.len())];
                 if cont.is_empty() || branches.iter().any(|b| b[0] == cont[0]) {
                     continue;
                 }
-                if used + cont.len() > k {
-                    break;
-                }
                 used += cont.len();
                 branches.push(cont);
-                if branches.len() == self.width {
+                if branches.len() == self.width || used == k {
                     break;
                 }
             }
@@ -272,5 +270,8 @@ mod tests {
         // most recent first; a repeated continuation is not proposed twice.
         let t = [1, 2, 5, 6, 1, 2, 7, 8, 1, 2, 7, 9, 1, 2];
         assert_eq!(PromptLookup::new(8, 3).branches(&t, 6), vec![&[7u32, 9][..], &[5u32, 6][..]]);
+        // The most recent continuation takes what its match allows, the next one the rest.
+        let t = [1, 2, 3, 4, 5, 6, 1, 2, 3, 7, 8, 9, 1, 2, 3];
+        assert_eq!(PromptLookup::new(8, 2).branches(&t, 4), vec![&[7u32, 8, 9][..], &[4u32][..]]);
     }
 }
