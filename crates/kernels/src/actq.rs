@@ -220,6 +220,16 @@ impl ActQ {
         }
     }
 
+    /// Whether the buffers hold what this CPU's kernels read: [`ActQ::quantize`] leaves them so;
+    /// a vector assembled by hand may lack the interleaved copy.
+    pub fn is_complete(&self) -> bool {
+        let k = self.len();
+        match self.format {
+            Format::Planes => self.planes.iter().all(|p| p.len() == k),
+            Format::Wide => self.wide.len() == k && (!crate::dot_actq::interleaved_kernel() || self.interleaved.len() == k.div_ceil(4 * BLOCK) * 4),
+        }
+    }
+
     /// Fill [`ActQ::interleaved`] from `wide` where the kernel that reads it runs.
     fn interleave(&mut self) {
         self.interleaved.clear();
@@ -307,6 +317,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_vector_missing_a_buffer_is_incomplete() {
+        let x: Vec<f32> = (0..160).map(|i| (i as f32 * 0.37).sin()).collect();
+        for format in [Format::Planes, Format::Wide] {
+            let mut q = ActQ::new(format);
+            q.quantize(&x);
+            assert!(q.is_complete(), "{format:?}");
+            q.wide.pop();
+            q.planes[2].pop();
+            assert!(!q.is_complete(), "{format:?}");
+        }
+        let mut q = ActQ::new(Format::Wide);
+        q.quantize(&x);
+        q.interleaved.clear();
+        assert_eq!(q.is_complete(), !crate::dot_actq::interleaved_kernel());
     }
 
     #[test]

@@ -150,6 +150,7 @@ pub fn dot_many(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
     for a in acts {
         assert_eq!(Some(row.len()), ty.row_bytes(a.len()), "dot_actq {}: row/vector size mismatch", ty.name());
         assert_eq!(a.format, acts[0].format, "dot_many: activation vectors in different formats");
+        assert!(a.is_complete(), "dot_many: an activation vector's buffers do not match its length (fill it with ActQ::quantize)");
     }
     dot_many_unchecked(ty, row, acts, out)
 }
