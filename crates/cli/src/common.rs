@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use augur_decode::SamplerConfig;
+use augur_decode::{speculative, SamplerConfig};
 use augur_models::{hub, Activations, Model};
 
 #[derive(clap::Args, Debug, Clone)]
@@ -83,6 +83,36 @@ impl ModelArgs {
             anyhow::bail!("--device cuda:{n}: this augur was built without CUDA; rebuild with `cargo build --release --features cuda`");
         }
         Ok(model)
+    }
+}
+
+/// How speculative decoding drafts (`run --spec`, `spec-bench`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DraftArgs {
+    /// Most draft tokens per round (at most 15).
+    #[arg(long, default_value_t = 6)]
+    pub spec_k: usize,
+    /// prompt-lookup: how many alternative continuations to verify at once (a tree).
+    #[arg(long, default_value_t = 1)]
+    pub spec_tree: usize,
+    /// prompt-lookup: longest n-gram to match (the longest match found is used).
+    #[arg(long, default_value_t = augur_decode::speculative::PromptLookup::DEFAULT_MAX_N)]
+    pub spec_ngram: usize,
+    /// Draft what the drafter proposes every round, instead of measuring which draft size is
+    /// fastest on this machine (output is the same either way).
+    #[arg(long)]
+    pub no_throttle: bool,
+}
+
+impl DraftArgs {
+    /// The drafter a `--spec` value names, drafting as these options say.
+    pub fn drafter(&self, spec: &str, model: &Model) -> Result<Box<dyn speculative::Drafter + Send>> {
+        Ok(speculative::from_spec(spec, model, self.spec_ngram, self.spec_tree, self.spec_k)?)
+    }
+
+    /// The loop's settings (draft size and throttle).
+    pub fn config(&self) -> speculative::SpecConfig {
+        speculative::SpecConfig { throttle: !self.no_throttle, ..speculative::SpecConfig::new(self.spec_k) }
     }
 }
 

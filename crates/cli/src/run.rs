@@ -9,7 +9,7 @@ use augur_decode::speculative::{self, SpecConfig, SpecStats};
 use augur_decode::{generate, GenerateConfig, StopReason, TokenEvent};
 use serde_json::json;
 
-use crate::common::{ModelArgs, PrecisionArgs, SampleArgs};
+use crate::common::{DraftArgs, ModelArgs, PrecisionArgs, SampleArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -51,23 +51,12 @@ pub struct Args {
     /// `augur train-medusa`) or `mtp:PATH` (modules from `augur train-mtp`). Output is unchanged.
     #[arg(long)]
     pub spec: Option<String>,
-    /// Most draft tokens per round (at most 15).
-    #[arg(long, default_value_t = 6)]
-    pub spec_k: usize,
-    /// prompt-lookup: how many alternative continuations to verify at once (a tree).
-    #[arg(long, default_value_t = 1)]
-    pub spec_tree: usize,
+    #[command(flatten)]
+    pub draft: DraftArgs,
     /// Typical acceptance `EPS,DELTA` (e.g. 0.09,0.3) instead of exact verification when
     /// sampling: more tokens accepted, but NOT lossless (greedy decoding stays exact).
     #[arg(long)]
     pub typical: Option<augur_decode::speculative::Typical>,
-    /// Draft what the drafter proposes every round, instead of measuring which draft size is
-    /// fastest on this machine (output is the same either way).
-    #[arg(long)]
-    pub no_throttle: bool,
-    /// prompt-lookup: longest n-gram to match (the longest match found is used).
-    #[arg(long, default_value_t = augur_decode::speculative::PromptLookup::DEFAULT_MAX_N)]
-    pub spec_ngram: usize,
     /// The prompt text.
     pub prompt: Option<String>,
 }
@@ -113,7 +102,7 @@ pub fn main(a: Args) -> Result<()> {
     let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
     let mut drafter = match a.spec.as_deref() {
         None => None,
-        Some(s) => Some(speculative::from_spec(s, &model, a.spec_ngram, a.spec_tree, a.spec_k)?),
+        Some(s) => Some(a.draft.drafter(s, &model)?),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
@@ -136,7 +125,7 @@ pub fn main(a: Args) -> Result<()> {
     let (summary, spec) = match drafter.as_deref_mut() {
         None => (generate(&model, &prompt, &cfg, on_token)?, None),
         Some(d) => {
-            let spec = SpecConfig { typical: a.typical, throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) };
+            let spec = SpecConfig { typical: a.typical, ..a.draft.config() };
             let (s, st) = speculative::generate(&model, &prompt, &cfg, &spec, d, on_token)?;
             (s, Some(st))
         }

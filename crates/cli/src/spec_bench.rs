@@ -11,12 +11,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use augur_distill::data::{load_prompts, Prompt};
-use augur_decode::speculative::{self, SpecConfig};
+use augur_decode::speculative;
 use augur_decode::{generate, GenerateConfig};
 use augur_models::{Logits, State};
 use serde_json::json;
 
-use crate::common::{ModelArgs, PrecisionArgs};
+use crate::common::{DraftArgs, ModelArgs, PrecisionArgs};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -33,18 +33,8 @@ pub struct Args {
     /// Most tokens per task (generation also stops at EOS).
     #[arg(long, short = 'n', default_value_t = 128)]
     pub max_tokens: usize,
-    /// Draft tokens per round.
-    #[arg(long, default_value_t = 6)]
-    pub spec_k: usize,
-    /// Draft what the drafter proposes every round (no throughput-measuring throttle).
-    #[arg(long)]
-    pub no_throttle: bool,
-    /// prompt-lookup: longest n-gram to match (the longest match found is used).
-    #[arg(long, default_value_t = augur_decode::speculative::PromptLookup::DEFAULT_MAX_N)]
-    pub spec_ngram: usize,
-    /// prompt-lookup: how many alternative continuations to verify at once (a tree).
-    #[arg(long, default_value_t = 1)]
-    pub spec_tree: usize,
+    #[command(flatten)]
+    pub draft: DraftArgs,
     /// Only the first N tasks of each group.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -103,8 +93,8 @@ pub fn main(a: Args) -> Result<()> {
         e.secs += secs;
         e.passes += plain.generated.len();
         for (di, spec) in a.drafters.iter().enumerate() {
-            let mut d = speculative::from_spec(spec, &model, a.spec_ngram, a.spec_tree, a.spec_k)?;
-            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &SpecConfig { throttle: !a.no_throttle, ..SpecConfig::new(a.spec_k) }, d.as_mut(), |_| ControlFlow::Continue(()))?;
+            let mut d = a.draft.drafter(spec, &model)?;
+            let (s, stats) = speculative::generate(&model, &task.ids, &cfg, &a.draft.config(), d.as_mut(), |_| ControlFlow::Continue(()))?;
             let e = &mut tally[g][di + 1];
             e.tokens += s.generated.len();
             e.secs += s.decode.as_secs_f64();

@@ -226,7 +226,10 @@ impl ActQ {
         let k = self.len();
         match self.format {
             Format::Planes => self.planes.iter().all(|p| p.len() == k),
-            Format::Wide => self.wide.len() == k && (!crate::dot_actq::interleaved_kernel() || self.interleaved.len() == k.div_ceil(4 * BLOCK) * 4),
+            Format::Wide => {
+                let group = crate::dot_actq::INTERLEAVE.len();
+                self.wide.len() == k && (!crate::dot_actq::interleaved_kernel() || self.interleaved.len() * BLOCK == k.next_multiple_of(group))
+            }
         }
     }
 

@@ -128,11 +128,12 @@ type Part<'a> = (QuantType, &'a [u8], usize, pool::SyncPtr<f32>, usize);
 pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32]; M], acts: &[ActQ]) {
     let n = acts.len();
     assert!((1..=ACTQ_MAX_BATCH).contains(&n), "matmul_actq: {n} tokens (1..={ACTQ_MAX_BATCH})");
+    assert!(acts.iter().all(ActQ::is_complete), "matmul_actq: activations must be filled by ActQ::quantize");
     let mut fixed: [Option<Part>; M] = [None; M];
     let mut total = 0;
     for (slot, (m, y)) in fixed.iter_mut().zip(ms.iter().zip(ys.iter_mut())) {
         let Weights::Quant(ty, w) = m.weights else { panic!("matmul_actq: weights are not quantized") };
-        assert!(acts.iter().all(|a| a.len() == m.k && a.is_complete()), "matmul_actq: activations must have {} values, quantized by ActQ::quantize", m.k);
+        assert!(acts.iter().all(|a| a.len() == m.k), "matmul_actq: activations must have {} values", m.k);
         assert_eq!(y.len(), n * m.rows, "matmul_actq: y has {} values, want {n}x{}", y.len(), m.rows);
         let rb = ty.block_bytes() * (m.k / ty.block_len());
         *slot = Some((ty, w, rb, pool::SyncPtr::new(y.as_mut_ptr()), m.rows));

@@ -101,9 +101,7 @@ impl PromptLookup {
     pub fn new(max_n: usize, width: usize) -> Self {
         PromptLookup { max_n: max_n.max(Self::MIN_N), width: width.max(1) }
     }
-}
 
-impl PromptLookup {
     /// The branches proposed after `t` with a budget of `k` tokens: the continuations that
     /// followed the most recent occurrences of the longest matching suffix, each as long as the
     /// match and what is left of the budget allow (the most recent first; splitting the budget
