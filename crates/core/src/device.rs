@@ -13,6 +13,8 @@
 use std::any::Any;
 use std::sync::Arc;
 
+use rayon::prelude::*;
+
 use crate::autograd::record;
 use crate::error::{invalid, Error, Result};
 use crate::ops::{AttentionMask, BinaryOp, UnaryOp};
@@ -52,6 +54,35 @@ pub struct AdamStep {
     pub bias1: f32,
     /// `√(1 − β₂ᵗ)`.
     pub bias2_sqrt: f32,
+}
+
+impl AdamStep {
+    /// The update on the host: `w ← decay·w − lr/bias1 · m / (√v / bias2_sqrt + eps)` after the
+    /// moments take `g`, over chunks of the thread pool.
+    pub fn apply(&self, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        assert!(w.len() == g.len() && w.len() == m.len() && w.len() == v.len(), "AdamStep::apply: lengths differ");
+        const CHUNK: usize = 1 << 14;
+        let h = *self;
+        w.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((w, g), (m, v))| adam_chunk(h, w, g, m, v));
+    }
+}
+
+augur_kernels::multiversion! {
+    /// [`AdamStep::apply`] on one chunk.
+    fn adam_chunk(h: AdamStep, w: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]) {
+        let (b1, b2) = h.betas;
+        let step_size = h.lr / h.bias1;
+        for ((w, &g), (m, v)) in w.iter_mut().zip(g).zip(m.iter_mut().zip(v.iter_mut())) {
+            *w *= h.decay;
+            *m = b1 * *m + (1.0 - b1) * g;
+            *v = b2 * *v + (1.0 - b2) * g * g;
+            let denom = v.sqrt() / h.bias2_sqrt + h.eps;
+            *w -= step_size * *m / denom;
+        }
+    }
 }
 
 /// The primitive ops of one device. Inputs may be any float dtype and any layout; outputs are

@@ -21,15 +21,18 @@ fn non_differentiable_ops_say_so() {
 #[test]
 fn flash_attention_gradients_equal_the_naive_definition_across_tiles() {
     let mut r = Rng(7);
-    for (tq, tk, causal) in [(70, 70, true), (45, 130, true), (33, 97, false)] {
+    for (tq, tk, causal, biased) in [(70, 70, true, true), (45, 130, true, true), (33, 97, false, true), (70, 70, true, false), (45, 130, true, false)] {
         let (b, h, hk, d) = (2, 4, 2, 8);
         let mk = |r: &mut Rng, s: &[usize]| Tensor::from_f64(r.vals(s.iter().product(), 0.0, 1.0, true), s).unwrap().requires_grad(true);
         let (q, k, v) = (mk(&mut r, &[b, h, tq, d]), mk(&mut r, &[b, hk, tk, d]), mk(&mut r, &[b, hk, tk, d]));
         let bias = mk(&mut r, &[h, tq, tk]);
         let w = Tensor::from_f64(r.vals(b * h * tq * d, 0.0, 1.0, true), &[b, h, tq, d]).unwrap();
         let mask = AttentionMask { causal, ..Default::default() };
-        Tensor::attention(&q, &k, &v, Some(&bias), &mask).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
-        let flash: Vec<Vec<f64>> = [&q, &k, &v, &bias].iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()).collect();
+        // Without a bias only the causal limit masks: the kernels' plain path.
+        let b_in = if biased { Some(&bias) } else { None };
+        Tensor::attention(&q, &k, &v, b_in, &mask).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+        let ins = if biased { vec![&q, &k, &v, &bias] } else { vec![&q, &k, &v] };
+        let flash: Vec<Vec<f64>> = ins.iter().map(|t| t.grad().unwrap().to_vec_f64().unwrap()).collect();
         [&q, &k, &v, &bias].iter().for_each(|t| t.zero_grad());
         // Naive: repeat kv heads, full score matrix with -inf above the (end-aligned) diagonal.
         let rep = |t: &Tensor| -> Tensor {
@@ -38,9 +41,10 @@ fn flash_attention_gradients_equal_the_naive_definition_across_tiles() {
         };
         let m: Vec<f64> = (0..tq * tk).map(|x| if causal && x % tk > x / tk + tk - tq { f64::NEG_INFINITY } else { 0.0 }).collect();
         let s = q.matmul(&rep(&k).transpose(2, 3).unwrap()).unwrap().scale(1.0 / (d as f64).sqrt()).unwrap();
-        let s = s.add(&bias).unwrap().add(&Tensor::from_f64(m, &[tq, tk]).unwrap()).unwrap();
+        let s = if biased { s.add(&bias).unwrap() } else { s };
+        let s = s.add(&Tensor::from_f64(m, &[tq, tk]).unwrap()).unwrap();
         s.softmax_last().unwrap().matmul(&rep(&v)).unwrap().mul(&w).unwrap().sum_all().unwrap().backward().unwrap();
-        for (name, (t, f)) in ["q", "k", "v", "bias"].iter().zip([&q, &k, &v, &bias].iter().zip(&flash)) {
+        for (name, (t, f)) in ["q", "k", "v", "bias"].iter().zip(ins.iter().zip(&flash)) {
             let n = t.grad().unwrap().to_vec_f64().unwrap();
             for (a, b) in f.iter().zip(&n) {
                 assert!((a - b).abs() < 1e-10 * (1.0 + b.abs()), "d{name} ({tq}x{tk}, causal {causal}): flash {a} vs naive {b}");

@@ -36,3 +36,65 @@ fn detect() -> Isa {
 fn detect() -> Isa {
     Isa::Scalar
 }
+
+/// The vector width [`multiversion!`] functions run at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SimdLevel {
+    /// Baseline code (SSE2 on x86-64).
+    Base,
+    /// AVX2 with FMA.
+    Avx2,
+    /// AVX-512 F with AVX2 and FMA.
+    Avx512,
+}
+
+/// The widest [`SimdLevel`] of this CPU, detected once (`AUGUR_ISA=scalar` gives `Base`).
+pub fn simd_level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if isa() == Isa::Avx2 {
+            return if is_x86_feature_detected!("avx512f") { SimdLevel::Avx512 } else { SimdLevel::Avx2 };
+        }
+        SimdLevel::Base
+    })
+}
+
+/// Define a function whose body is compiled three times, for baseline x86-64, AVX2 + FMA and
+/// AVX-512, and run at [`simd_level`]: plain loops over slices in it vectorize at the CPU's
+/// width although the crate targets baseline x86-64. The body is an `#[inline(always)]` inner
+/// function, so the compiler cannot leave it outside the target-feature copies (a closure
+/// passed to such a function stays a separate, baseline function once it is large). Generic
+/// parameters go in square brackets, `fn name[T: Real](x: &mut [T]) { … }`, and are inferred
+/// from the arguments.
+#[macro_export]
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident $([$($gen:tt)*])? ($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name $(<$($gen)*>)? ($($a: $t),*) $(-> $r)? {
+            $(#[$m])*
+            #[inline(always)]
+            fn body $(<$($gen)*>)? ($($a: $t),*) $(-> $r)? $body
+            $(#[$m])*
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn avx512 $(<$($gen)*>)? ($($a: $t),*) $(-> $r)? {
+                body($($a),*)
+            }
+            $(#[$m])*
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2 $(<$($gen)*>)? ($($a: $t),*) $(-> $r)? {
+                body($($a),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            match $crate::cpu::simd_level() {
+                // SAFETY: simd_level() detected the features each copy enables.
+                $crate::cpu::SimdLevel::Avx512 => return unsafe { avx512($($a),*) },
+                $crate::cpu::SimdLevel::Avx2 => return unsafe { avx2($($a),*) },
+                $crate::cpu::SimdLevel::Base => {}
+            }
+            body($($a),*)
+        }
+    };
+}

@@ -9,10 +9,11 @@
 
 use rayon::prelude::*;
 
+use crate::multiversion;
 use crate::real::{dot, Real};
 
 /// Query rows and keys per tile: each tile's scores are one small matrix product.
-const BR: usize = 32;
+const BR: usize = 64;
 const BC: usize = 64;
 
 /// `dst[m×n] (+)= beta · a[m×k] · b[k×n]`, each operand given by its row and column strides.
@@ -34,6 +35,43 @@ fn mm<T: Real>((m, n, k): (usize, usize, usize), dst: &mut [T], dst_rs: usize, a
             T::ONE, beta, false, false, false, gemm::Parallelism::None,
         );
     }
+}
+
+/// The largest of `x` (`-inf` when empty), over 16 lanes so that it vectorizes.
+#[inline(always)]
+fn lane_max<T: Real>(x: &[T]) -> T {
+    let mut m = [T::NEG_INFINITY; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            m[l] = m[l].max(c[l]);
+        }
+    }
+    chunks.remainder().iter().fold(m.into_iter().fold(T::NEG_INFINITY, T::max), |a, &b| a.max(b))
+}
+
+/// `x[c] = e^(x[c] - sub)` in place (`-inf` gives 0), and the sum of the results over 16 lanes.
+#[inline(always)]
+fn exp_sum<T: Real>(x: &mut [T], sub: T) -> T {
+    let mut acc = [T::ZERO; 16];
+    let mut chunks = x.chunks_exact_mut(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            c[l] = (c[l] - sub).fast_exp();
+            acc[l] += c[l];
+        }
+    }
+    let mut s = T::ZERO;
+    for v in chunks.into_remainder() {
+        *v = (*v - sub).fast_exp();
+        s += *v;
+    }
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + s
 }
 
 /// Sizes of one attention call. Query heads are grouped over key/value heads (GQA): query head
@@ -103,6 +141,11 @@ impl<T: Real> Mask<'_, T> {
         }
     }
 
+    /// Only the causal limit (or nothing) masks: no per-score term to add or test.
+    fn is_plain(&self) -> bool {
+        self.allow.is_none() && self.bias.is_none() && self.alibi.is_none()
+    }
+
     /// The scaled score's additive term for (head, query, key), or `None` when masked out.
     #[inline]
     fn term(&self, s: &Shape, h: usize, i: usize, j: usize) -> Option<T> {
@@ -139,6 +182,16 @@ pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &
         let kv = (b * s.kv_heads + h / g) * s.k_len * d;
         let (k, v) = (&k[kv..kv + s.k_len * d], &v[kv..kv + s.k_len * d]);
         let q = &q[bh * s.q_len * d..(bh + 1) * s.q_len * d];
+        forward_head(s, m, scale, h, q, k, v, out, lse);
+    });
+}
+
+multiversion! {
+    /// One query head of [`forward`]: `q`, `out` and `lse` its rows, `k` and `v` its key/value
+    /// head's.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_head[T: Real](s: &Shape, m: &Mask<T>, scale: T, h: usize, q: &[T], k: &[T], v: &[T], out: &mut [T], lse: &mut [T]) {
+        let (d, plain) = (s.dim, m.is_plain());
         let mut sc = vec![T::ZERO; BR * BC];
         let (mut mx, mut sum) = ([T::ZERO; BR], [T::ZERO; BR]);
         for i0 in (0..s.q_len).step_by(BR) {
@@ -156,15 +209,19 @@ pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &
                     let i = i0 + r;
                     let row = &mut sc[r * BC..r * BC + bc];
                     let lim = m.key_end(s, i);
-                    let mut tile_max = T::NEG_INFINITY;
-                    for (c, x) in row.iter_mut().enumerate() {
-                        let j = j0 + c;
-                        *x = match (j < lim).then(|| m.term(s, h, i, j)).flatten() {
-                            Some(t) => *x + t,
-                            None => T::NEG_INFINITY,
-                        };
-                        tile_max = tile_max.max(*x);
+                    // Keys j0 + valid.. are masked: by the causal limit alone on a plain mask,
+                    // else as -inf scores written here.
+                    let valid = if plain { lim.saturating_sub(j0).min(bc) } else { bc };
+                    if !plain {
+                        for (c, x) in row.iter_mut().enumerate() {
+                            let j = j0 + c;
+                            *x = match (j < lim).then(|| m.term(s, h, i, j)).flatten() {
+                                Some(t) => *x + t,
+                                None => T::NEG_INFINITY,
+                            };
+                        }
                     }
+                    let tile_max = lane_max(&row[..valid]);
                     if tile_max == T::NEG_INFINITY {
                         row.fill(T::ZERO);
                         continue;
@@ -176,10 +233,8 @@ pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &
                         acc[r * d..(r + 1) * d].iter_mut().for_each(|a| *a *= c);
                     }
                     mx[r] = new_max;
-                    for x in row.iter_mut() {
-                        *x = if *x == T::NEG_INFINITY { T::ZERO } else { (*x - new_max).fast_exp() };
-                        sum[r] += *x;
-                    }
+                    sum[r] += exp_sum(&mut row[..valid], new_max);
+                    row[valid..].fill(T::ZERO);
                 }
                 // acc += P · v rows j0..
                 mm((br, d, bc), acc, d, true, &sc, (BC, 1), &v[j0 * d..], (d, 1), T::ONE);
@@ -195,7 +250,7 @@ pub fn forward<T: Real>(s: &Shape, m: &Mask<T>, scale: T, q: &[T], k: &[T], v: &
                 }
             }
         }
-    });
+    }
 }
 
 /// Gradients of [`forward`]'s output. `dbias`, when given, receives the bias gradient summed over
@@ -222,7 +277,23 @@ pub fn backward<T: Real>(
         None => (0..tasks.len()).map(|_| None).collect(),
     };
     let work: Vec<_> = tasks.drain(..).zip(biases.drain(..)).enumerate().collect();
-    work.into_par_iter().for_each(|(bg, (((dq, dk), dv), mut db))| {
+    work.into_par_iter().for_each(|(bg, (((dq, dk), dv), db))| backward_group(s, m, scale, bg, (q, k, v), (out, lse, dout), (dq, dk, dv), db));
+    if let (Some(dbias), Some(p)) = (dbias, partial) {
+        dbias.fill(T::ZERO);
+        for chunk in p.chunks(s.heads * plane) {
+            dbias.iter_mut().zip(chunk).for_each(|(a, &b)| *a += b);
+        }
+    }
+}
+
+multiversion! {
+    /// Task `bg` of [`backward`], one key/value head: its dk and dv, and the dq (and bias
+    /// gradient rows) of the query heads grouped on it.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_group[T: Real](s: &Shape, m: &Mask<T>, scale: T, bg: usize, qkv: (&[T], &[T], &[T]), fwd: (&[T], &[T], &[T]), grads: (&mut [T], &mut [T], &mut [T]), db: Option<&mut [T]>) {
+        let ((q, k, v), (out, lse, dout), (dq, dk, dv), mut db) = (qkv, fwd, grads, db);
+        let (d, g, plain) = (s.dim, s.group(), m.is_plain());
+        let (rows, keys) = (s.q_len * d, s.k_len * d);
         dq.fill(T::ZERO);
         dk.fill(T::ZERO);
         dv.fill(T::ZERO);
@@ -251,13 +322,21 @@ pub fn backward<T: Real>(
                     for rr in 0..br {
                         let i = i0 + rr;
                         let lim = m.key_end(s, i);
-                        for c in 0..bc {
-                            let j = j0 + c;
-                            let x = &mut p[rr * BC + c];
-                            *x = match (j < lim && lse[i] != T::NEG_INFINITY).then(|| m.term(s, h, i, j)).flatten() {
-                                Some(t) => (*x + t - lse[i]).fast_exp(),
-                                None => T::ZERO,
-                            };
+                        let row = &mut p[rr * BC..rr * BC + bc];
+                        if lse[i] == T::NEG_INFINITY {
+                            row.fill(T::ZERO);
+                        } else if plain {
+                            let valid = lim.saturating_sub(j0).min(bc);
+                            exp_sum(&mut row[..valid], lse[i]);
+                            row[valid..].fill(T::ZERO);
+                        } else {
+                            for (c, x) in row.iter_mut().enumerate() {
+                                let j = j0 + c;
+                                *x = match (j < lim).then(|| m.term(s, h, i, j)).flatten() {
+                                    Some(t) => (*x + t - lse[i]).fast_exp(),
+                                    None => T::ZERO,
+                                };
+                            }
                         }
                     }
                     // dv_j += Pᵀ · dO_i ; dP = dO_i · v_jᵀ
@@ -266,12 +345,11 @@ pub fn backward<T: Real>(
                     // dS = P ⊙ (dP − delta_i)
                     for rr in 0..br {
                         let dl = delta[i0 + rr];
-                        for c in 0..bc {
-                            let ds = p[rr * BC + c] * (dp[rr * BC + c] - dl);
-                            dp[rr * BC + c] = ds;
-                            if let Some(db) = db.as_deref_mut() {
-                                db[(r * s.q_len + i0 + rr) * s.k_len + j0 + c] += ds;
-                            }
+                        let (p, dp) = (&p[rr * BC..rr * BC + bc], &mut dp[rr * BC..rr * BC + bc]);
+                        dp.iter_mut().zip(p).for_each(|(d, &p)| *d = p * (*d - dl));
+                        if let Some(db) = db.as_deref_mut() {
+                            let at = (r * s.q_len + i0 + rr) * s.k_len + j0;
+                            db[at..at + bc].iter_mut().zip(dp.iter()).for_each(|(b, &ds)| *b += ds);
                         }
                     }
                     // dq_i += scale · dS · k_j ; dk_j += scale · dSᵀ · q_i
@@ -279,12 +357,6 @@ pub fn backward<T: Real>(
                     mm((bc, d, br), &mut dk[j0 * d..], d, true, &dp, (1, BC), &q[i0 * d..], (d, 1), scale);
                 }
             }
-        }
-    });
-    if let (Some(dbias), Some(p)) = (dbias, partial) {
-        dbias.fill(T::ZERO);
-        for chunk in p.chunks(s.heads * plane) {
-            dbias.iter_mut().zip(chunk).for_each(|(a, &b)| *a += b);
         }
     }
 }
@@ -361,6 +433,45 @@ mod tests {
             let want = naive(&s, &m, 0.37, &q, &k, &v);
             for (a, b) in out.iter().zip(&want) {
                 prop_assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+            }
+        }
+    }
+
+    /// The f32 passes (the vectorized ones training runs) agree with the f64 passes on causal
+    /// multi-tile shapes with and without a per-score term.
+    #[test]
+    fn f32_passes_match_f64() {
+        for (q_len, extra, biased) in [(150, 0, false), (97, 40, false), (130, 7, true)] {
+            let (batch, heads, kv_heads, dim) = (2, 4, 2, 16);
+            let k_len = q_len + extra;
+            let s = Shape { batch, heads, kv_heads, q_len, k_len, dim };
+            let (nq, nk) = (batch * heads * q_len * dim, batch * kv_heads * k_len * dim);
+            let (q, k, v, dout) = (data(nq, 1), data(nk, 2), data(nk, 3), data(nq, 4));
+            let bias = data(heads * q_len * k_len, 5);
+            let run = |f32_: bool| -> Vec<Vec<f64>> {
+                macro_rules! passes {
+                    ($t:ty) => {{
+                        let cv = |x: &[f64]| x.iter().map(|&v| v as $t).collect::<Vec<$t>>();
+                        let (q, k, v, dout, bias) = (cv(&q), cv(&k), cv(&v), cv(&dout), cv(&bias));
+                        let m = Mask { causal: true, allow: None, bias: biased.then_some(&bias[..]), alibi: None };
+                        let (mut out, mut lse) = (vec![0.0 as $t; nq], vec![0.0 as $t; batch * heads * q_len]);
+                        forward(&s, &m, 0.25, &q, &k, &v, &mut out, &mut lse);
+                        let (mut dq, mut dk, mut dv) = (vec![0.0 as $t; nq], vec![0.0 as $t; nk], vec![0.0 as $t; nk]);
+                        backward(&s, &m, 0.25, (&q, &k, &v), (&out, &lse, &dout), (&mut dq, &mut dk, &mut dv), None);
+                        [out, dq, dk, dv].iter().map(|x| x.iter().map(|&v| v as f64).collect()).collect()
+                    }};
+                }
+                if f32_ {
+                    passes!(f32)
+                } else {
+                    passes!(f64)
+                }
+            };
+            let (a, b) = (run(true), run(false));
+            for (name, (x, y)) in ["out", "dq", "dk", "dv"].iter().zip(a.iter().zip(&b)) {
+                for (x, y) in x.iter().zip(y) {
+                    assert!((x - y).abs() < 2e-4 * (1.0 + y.abs()), "{name} ({q_len}+{extra}, bias {biased}): f32 {x} vs f64 {y}");
+                }
             }
         }
     }

@@ -164,7 +164,6 @@ impl Optimizer for AdamW {
         let lr = self.lr as f32;
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
-        let step_size = lr / bc1;
         let (eps, wd) = (self.eps as f32, self.weight_decay as f32);
         let (ms, vs) = (&mut self.m, &mut self.v);
         // Parameters on a device: one fused kernel each, moments kept there.
@@ -194,14 +193,8 @@ impl Optimizer for AdamW {
             if m.len() != g.len() {
                 return invalid(format!("AdamW state for `{name}` has {} values, the parameter {}", m.len(), g.len()));
             }
-            let w = p.values_mut_f32()?;
-            for i in 0..w.len() {
-                w[i] *= decay;
-                m[i] = b1 * m[i] + (1.0 - b1) * g[i];
-                v[i] = b2 * v[i] + (1.0 - b2) * g[i] * g[i];
-                let denom = v[i].sqrt() / bc2_sqrt + eps;
-                w[i] -= step_size * m[i] / denom;
-            }
+            let h = AdamStep { lr, betas: (b1, b2), eps, decay, bias1: bc1, bias2_sqrt: bc2_sqrt };
+            h.apply(p.values_mut_f32()?, g, m, v);
             Ok(())
         })
     }

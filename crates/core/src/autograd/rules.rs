@@ -163,11 +163,11 @@ impl Tensor {
                 UnaryOp::Recip => g.mul(&y.unary(UnaryOp::Sqr)?)?.neg()?,
                 UnaryOp::Sqr => g.mul(&x.scale(2.0)?)?,
                 UnaryOp::Abs => g.mul(&x.unary(UnaryOp::Sign)?)?,
-                UnaryOp::Silu => g.mul(&x.unary(UnaryOp::SiluGrad)?)?,
+                UnaryOp::Silu => ops::unary_backward(&x, g, UnaryOp::SiluGrad)?,
                 UnaryOp::Sigmoid => g.mul(&y.mul(&y.affine(-1.0, 1.0)?)?)?,
                 UnaryOp::Tanh => g.mul(&y.unary(UnaryOp::Sqr)?.affine(-1.0, 1.0)?)?,
-                UnaryOp::Relu => g.mul(&x.unary(UnaryOp::Step)?)?,
-                UnaryOp::Gelu => g.mul(&x.unary(UnaryOp::GeluGrad)?)?,
+                UnaryOp::Relu => ops::unary_backward(&x, g, UnaryOp::Step)?,
+                UnaryOp::Gelu => ops::unary_backward(&x, g, UnaryOp::GeluGrad)?,
                 UnaryOp::SiluGrad | UnaryOp::GeluGrad | UnaryOp::Step | UnaryOp::Sign => return not_differentiable(op.name()),
             };
             Ok(vec![Some(d)])

@@ -52,12 +52,82 @@ fn norm_shapes(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
     Ok(n)
 }
 
-/// Per row: the mean (zero for RMSNorm) and `1 / sqrt(var + eps)`.
+/// Per row: the mean (zero for RMSNorm) and `1 / sqrt(var + eps)`, summed in 16 lanes (so the
+/// loops vectorize inside [`norm_rows`] and [`norm_backward_rows`]).
+#[inline(always)]
 fn row_stats<T: Real>(r: &[T], center: bool, eps: f64) -> (T, T) {
     let n = T::from_f64(r.len() as f64);
-    let mu = if center { r.iter().copied().sum::<T>() / n } else { T::ZERO };
-    let var = r.iter().map(|&x| (x - mu) * (x - mu)).sum::<T>() / n;
+    let mu = if center { lane_sum(r, |x| x) / n } else { T::ZERO };
+    let var = lane_sum(r, |x| (x - mu) * (x - mu)) / n;
     (mu, T::ONE / (var + T::from_f64(eps)).sqrt())
+}
+
+/// `Σ f(x)` over `x` in 16 lanes added pairwise.
+#[inline(always)]
+fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::ZERO; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            acc[l] += f(c[l]);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::ZERO, |s, &v| s + f(v));
+    for w in [8, 4, 2, 1] {
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0] + tail
+}
+
+augur_kernels::multiversion! {
+    /// [`norm`] over the rows of `x` (each `w.len()` long) into `out`.
+    fn norm_rows[T: Real](x: &[T], w: &[T], b: Option<&[T]>, eps: f64, center: bool, out: &mut [T]) {
+        let n = w.len();
+        for (o, r) in out.chunks_mut(n).zip(x.chunks(n)) {
+            let (mu, rs) = row_stats(r, center, eps);
+            match b {
+                Some(b) => o.iter_mut().zip(r).zip(w.iter().zip(b)).for_each(|((o, &x), (&w, &b))| *o = (x - mu) * rs * w + b),
+                None => o.iter_mut().zip(r).zip(w).for_each(|((o, &x), &w)| *o = (x - mu) * rs * w),
+            }
+        }
+    }
+}
+
+augur_kernels::multiversion! {
+    /// [`norm_backward`] over the rows of `x` and `g`: `dx` written, `dw` and `db` added to.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_backward_rows[T: Real](x: &[T], w: &[T], g: &[T], eps: f64, center: bool, dx: &mut [T], dw: &mut [T], db: &mut [T]) {
+        let n = w.len();
+        let nn = T::from_f64(n as f64);
+        for ((dxr, xr), gr) in dx.chunks_mut(n).zip(x.chunks(n)).zip(g.chunks(n)) {
+            let (mu, rs) = row_stats(xr, center, eps);
+            // dxr holds x̂ until the last pass.
+            dxr.iter_mut().zip(xr).for_each(|(h, &x)| *h = (x - mu) * rs);
+            dw.iter_mut().zip(db.iter_mut()).zip(gr.iter().zip(dxr.iter())).for_each(|((dw, db), (&g, &h))| {
+                *dw += g * h;
+                *db += g;
+            });
+            let (mut mg, mut mgx) = ([T::ZERO; 16], [T::ZERO; 16]);
+            let whole = n / 16 * 16;
+            for ((h, g), w) in dxr[..whole].chunks_exact(16).zip(gr[..whole].chunks_exact(16)).zip(w[..whole].chunks_exact(16)) {
+                for l in 0..16 {
+                    let gw = g[l] * w[l];
+                    mg[l] += gw;
+                    mgx[l] += gw * h[l];
+                }
+            }
+            for i in whole..n {
+                let gw = gr[i] * w[i];
+                mg[0] += gw;
+                mgx[0] += gw * dxr[i];
+            }
+            let (mg, mgx) = (lane_sum(&mg, |v| v), lane_sum(&mgx, |v| v));
+            let (mg, mgx) = (if center { mg / nn } else { T::ZERO }, mgx / nn);
+            dxr.iter_mut().zip(gr.iter().zip(w)).for_each(|(h, (&g, &w))| *h = rs * (g * w - mg - *h * mgx));
+        }
+    }
 }
 
 /// LayerNorm (`center`, with bias `b`) or RMSNorm (no centering, no bias) over the last dim.
@@ -73,12 +143,8 @@ pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center:
         let (xv, wv) = (x.values::<T>()?, w.values::<T>()?);
         let bv = b.map(|b| b.values::<T>()).transpose()?;
         let mut out = vec![T::ZERO; xv.len()];
-        out.par_chunks_mut(n).zip(xv.par_chunks(n)).for_each(|(o, r)| {
-            let (mu, rs) = row_stats(r, center, eps);
-            for i in 0..n {
-                o[i] = (r[i] - mu) * rs * wv[i] + bv.as_ref().map_or(T::ZERO, |b| b[i]);
-            }
-        });
+        let rows = (1 << 14) / n + 1;
+        out.par_chunks_mut(rows * n).zip(xv.par_chunks(rows * n)).for_each(|(o, r)| norm_rows(r, &wv, bv.as_deref(), eps, center, o));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -99,26 +165,9 @@ pub(crate) fn norm_backward(x: &Tensor, w: &Tensor, g: &Tensor, eps: f64, center
             .enumerate()
             .map(|(c, dxc)| {
                 let (mut dw, mut db) = (vec![T::ZERO; n], vec![T::ZERO; n]);
-                for (ri, dxr) in dxc.chunks_mut(n).enumerate() {
-                    let r0 = (c * per + ri) * n;
-                    let (xr, gr) = (&xv[r0..r0 + n], &gv[r0..r0 + n]);
-                    let (mu, rs) = row_stats(xr, center, eps);
-                    let (mut mg, mut mgx) = (T::ZERO, T::ZERO);
-                    for i in 0..n {
-                        let xh = (xr[i] - mu) * rs;
-                        let gw = gr[i] * wv[i];
-                        mg += gw;
-                        mgx += gw * xh;
-                        dw[i] += gr[i] * xh;
-                        db[i] += gr[i];
-                    }
-                    let nn = T::from_f64(n as f64);
-                    let (mg, mgx) = (if center { mg / nn } else { T::ZERO }, mgx / nn);
-                    for i in 0..n {
-                        let xh = (xr[i] - mu) * rs;
-                        dxr[i] = rs * (gr[i] * wv[i] - mg - xh * mgx);
-                    }
-                }
+                let r0 = c * per * n;
+                let len = dxc.len();
+                norm_backward_rows(&xv[r0..r0 + len], &wv, &gv[r0..r0 + len], eps, center, dxc, &mut dw, &mut db);
                 (dw, db)
             })
             .collect();
@@ -256,20 +305,37 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) ->
     let (seq, d) = (s[s.len() - 2], s[s.len() - 1]);
     let half = d / 2;
     with_float!(compute_dtype(&[x, cos]), T => {
-        let (c, sn) = (cos.values::<T>()?, sin.values::<T>()?);
+        let (cs, sn) = (cos.values::<T>()?, sin.values::<T>()?);
         let mut v = x.values::<T>()?.into_owned();
-        v.par_chunks_mut(d).enumerate().for_each(|(row, r)| {
-            let t = row % seq;
-            for i in 0..half {
-                let (a, b) = if interleaved { (2 * i, 2 * i + 1) } else { (i, i + half) };
-                let (cc, ss) = (c[t * half + i], sn[t * half + i]);
-                let (x0, x1) = (r[a], r[b]);
-                r[a] = x0 * cc - x1 * ss;
-                r[b] = x0 * ss + x1 * cc;
-            }
-        });
+        let rows = ((1 << 14) / d).max(1);
+        v.par_chunks_mut(rows * d).enumerate().for_each(|(c, r)| rope_rows(r, &cs, &sn, c * rows, seq, half, interleaved));
         Ok(Tensor::from_values(v, s))
     })
+}
+
+augur_kernels::multiversion! {
+    /// Rotate rows `first..` of a RoPE input (each `2 · half` wide) in place: row `i` sits at
+    /// position `i % seq` of the `[seq, half]` tables.
+    fn rope_rows[T: Real](x: &mut [T], cos: &[T], sin: &[T], first: usize, seq: usize, half: usize, interleaved: bool) {
+        for (i, r) in x.chunks_exact_mut(2 * half).enumerate() {
+            let t = (first + i) % seq;
+            let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+            let turn = |(a, b): (&mut T, &mut T), (&c, &s): (&T, &T)| {
+                let (x0, x1) = (*a, *b);
+                *a = x0 * c - x1 * s;
+                *b = x0 * s + x1 * c;
+            };
+            if interleaved {
+                r.chunks_exact_mut(2).zip(c.iter().zip(s)).for_each(|(p, cs)| {
+                    let [a, b] = p else { unreachable!() };
+                    turn((a, b), cs)
+                });
+            } else {
+                let (lo, hi) = r.split_at_mut(half);
+                lo.iter_mut().zip(hi.iter_mut()).zip(c.iter().zip(s)).for_each(|(ab, cs)| turn(ab, cs));
+            }
+        }
+    }
 }
 
 /// What an attention call masks and adds to its scores.

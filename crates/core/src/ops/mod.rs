@@ -143,21 +143,42 @@ impl UnaryOp {
     }
 }
 
+augur_kernels::multiversion! {
+    /// `out[i] = f(x[i])`, vectorized at the CPU's width.
+    fn map_slice[T: Real, F: Fn(T) -> T](x: &[T], out: &mut [T], f: &F) {
+        out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    }
+}
+
+augur_kernels::multiversion! {
+    /// `out[i] = f(x[i], y[i])`, vectorized at the CPU's width.
+    fn zip_slice[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [T], f: &F) {
+        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
+    }
+}
+
+augur_kernels::multiversion! {
+    /// `out[r·m + i] = f(x[r·m + i], y[i])`: `y` repeated along `x`'s rows of `m = y.len()`.
+    fn zip_rows[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [T], f: &F) {
+        for (o, x) in out.chunks_mut(y.len()).zip(x.chunks(y.len())) {
+            o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
+        }
+    }
+}
+
 fn map_into<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
     if x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)));
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| map_slice(x, o, &f));
     } else {
-        out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+        map_slice(x, out, &f);
     }
 }
 
 fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
     if x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK)
-            .zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK)))
-            .for_each(|(o, (x, y))| o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y)));
+        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK))).for_each(|(o, (x, y))| zip_slice(x, y, o, &f));
     } else {
-        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
+        zip_slice(x, y, out, &f);
     }
 }
 
@@ -185,6 +206,12 @@ fn unary_c<const OP: usize, T: Real>(x: T, _: ()) -> T {
     const { UNARY[OP] }.apply(x)
 }
 
+/// `g · op(x)`: the gradient through an op whose derivative is the unary op `OP`.
+#[inline(always)]
+fn grad_c<const OP: usize, T: Real>(x: T, g: T) -> T {
+    g * const { UNARY[OP] }.apply(x)
+}
+
 #[inline(always)]
 fn binary_c<const OP: usize, T: Real>(x: T, y: T) -> T {
     const { BINARY[OP] }.apply(x, y)
@@ -199,6 +226,21 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
         let mut out = vec![T::ZERO; v.len()];
         per_variant!(op, UnaryOp, unary_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
             |f| map_into(&v, &mut out, |x| f(x, ())));
+        Ok(Tensor::from_values(out, x.shape()))
+    })
+}
+
+/// `g · op'(x)` in one pass, for an op whose derivative is itself a [`UnaryOp`] (`grad`): the
+/// backward of SiLU, GELU and ReLU without a tensor of derivatives in between.
+pub(crate) fn unary_backward(x: &Tensor, g: &Tensor, grad: UnaryOp) -> Result<Tensor> {
+    if x.shape() != g.shape() || device_of("unary_backward", &[x, g])?.is_some() {
+        return binary(g, &unary(x, grad)?, BinaryOp::Mul);
+    }
+    with_float!(compute_dtype(&[x, g]), T => {
+        let (v, gv) = (x.values::<T>()?, g.values::<T>()?);
+        let mut out = vec![T::ZERO; v.len()];
+        per_variant!(grad, UnaryOp, grad_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
+            |f| zip_into(&v, &gv, &mut out, f));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -239,11 +281,7 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
             let m = y.len();
             let chunk = m.max(PAR_CHUNK / m.max(1) * m);
-            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| {
-                for (o, x) in o.chunks_mut(m).zip(x.chunks(m)) {
-                    o.iter_mut().zip(x.iter().zip(y.iter())).for_each(|(o, (&x, &y))| *o = f(x, y));
-                }
-            }));
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| zip_rows(x, &y, o, &f)));
         } else {
             let x = a.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
             let y = b.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
