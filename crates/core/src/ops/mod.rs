@@ -4,6 +4,7 @@
 //! ops in `autograd::rules` call these and record how to differentiate them.
 
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 use augur_kernels::real::Real;
 use rayon::prelude::*;
@@ -143,42 +144,77 @@ impl UnaryOp {
     }
 }
 
+/// A vector of `len` values written by `fill`, without zeroing them first (a memset of every
+/// output cost ~5% of a training step).
+///
+/// # Safety
+/// `fill` must write every element of the slice it is given.
+unsafe fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+    let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
+    // SAFETY: MaybeUninit needs no initialization.
+    unsafe { out.set_len(len) };
+    fill(&mut out);
+    let mut out = std::mem::ManuallyDrop::new(out);
+    // SAFETY: the caller's fill wrote every element; MaybeUninit<T> has T's layout.
+    unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut T, out.len(), out.capacity()) }
+}
+
 augur_kernels::multiversion! {
-    /// `out[i] = f(x[i])`, vectorized at the CPU's width.
-    fn map_slice[T: Real, F: Fn(T) -> T](x: &[T], out: &mut [T], f: &F) {
-        out.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x));
+    /// `out[i] = f(x[i])` (equal lengths), vectorized at the CPU's width.
+    fn map_slice[T: Real, F: Fn(T) -> T](x: &[T], out: &mut [MaybeUninit<T>], f: &F) {
+        out.iter_mut().zip(x).for_each(|(o, &x)| {
+            o.write(f(x));
+        });
     }
 }
 
 augur_kernels::multiversion! {
-    /// `out[i] = f(x[i], y[i])`, vectorized at the CPU's width.
-    fn zip_slice[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [T], f: &F) {
-        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
+    /// `out[i] = f(x[i], y[i])` (equal lengths), vectorized at the CPU's width.
+    fn zip_slice[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [MaybeUninit<T>], f: &F) {
+        out.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| {
+            o.write(f(x, y));
+        });
     }
 }
 
 augur_kernels::multiversion! {
-    /// `out[r·m + i] = f(x[r·m + i], y[i])`: `y` repeated along `x`'s rows of `m = y.len()`.
-    fn zip_rows[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [T], f: &F) {
+    /// `out[r·m + i] = f(x[r·m + i], y[i])`: `y` repeated along `x`'s rows of `m = y.len()`
+    /// (`out` as long as `x`, a multiple of `m`).
+    fn zip_rows[T: Real, F: Fn(T, T) -> T](x: &[T], y: &[T], out: &mut [MaybeUninit<T>], f: &F) {
         for (o, x) in out.chunks_mut(y.len()).zip(x.chunks(y.len())) {
-            o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| *o = f(x, y));
+            o.iter_mut().zip(x.iter().zip(y)).for_each(|(o, (&x, &y))| {
+                o.write(f(x, y));
+            });
         }
     }
 }
 
-fn map_into<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
-    if x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| map_slice(x, o, &f));
-    } else {
-        map_slice(x, out, &f);
+/// `f(x[i])` for every `i`, over chunks of the thread pool when long.
+fn map_vec<T: Real>(x: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    // SAFETY: map_slice writes every element of equally long chunks.
+    unsafe {
+        written(x.len(), |out| {
+            if x.len() >= 2 * PAR_CHUNK {
+                out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK)).for_each(|(o, x)| map_slice(x, o, &f));
+            } else {
+                map_slice(x, out, &f);
+            }
+        })
     }
 }
 
-fn zip_into<T: Real>(x: &[T], y: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
-    if x.len() >= 2 * PAR_CHUNK {
-        out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK))).for_each(|(o, (x, y))| zip_slice(x, y, o, &f));
-    } else {
-        zip_slice(x, y, out, &f);
+/// `f(x[i], y[i])` for every `i` (equal lengths), over chunks of the thread pool when long.
+fn zip_vec<T: Real>(x: &[T], y: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    assert_eq!(x.len(), y.len(), "zip_vec: lengths differ");
+    // SAFETY: zip_slice writes every element of equally long chunks.
+    unsafe {
+        written(x.len(), |out| {
+            if x.len() >= 2 * PAR_CHUNK {
+                out.par_chunks_mut(PAR_CHUNK).zip(x.par_chunks(PAR_CHUNK).zip(y.par_chunks(PAR_CHUNK))).for_each(|(o, (x, y))| zip_slice(x, y, o, &f));
+            } else {
+                zip_slice(x, y, out, &f);
+            }
+        })
     }
 }
 
@@ -223,9 +259,8 @@ pub(crate) fn unary(x: &Tensor, op: UnaryOp) -> Result<Tensor> {
     }
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
-        let mut out = vec![T::ZERO; v.len()];
-        per_variant!(op, UnaryOp, unary_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
-            |f| map_into(&v, &mut out, |x| f(x, ())));
+        let out = per_variant!(op, UnaryOp, unary_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
+            |f| map_vec(&v, |x| f(x, ())));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -238,9 +273,8 @@ pub(crate) fn unary_backward(x: &Tensor, g: &Tensor, grad: UnaryOp) -> Result<Te
     }
     with_float!(compute_dtype(&[x, g]), T => {
         let (v, gv) = (x.values::<T>()?, g.values::<T>()?);
-        let mut out = vec![T::ZERO; v.len()];
-        per_variant!(grad, UnaryOp, grad_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
-            |f| zip_into(&v, &gv, &mut out, f));
+        let out = per_variant!(grad, UnaryOp, grad_c, [Neg, Exp, Log, Sqrt, Recip, Sqr, Abs, Silu, Sigmoid, Tanh, Relu, Gelu, SiluGrad, GeluGrad, Step, Sign],
+            |f| zip_vec(&v, &gv, f));
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -253,8 +287,7 @@ pub(crate) fn affine(x: &Tensor, mul: f64, add: f64) -> Result<Tensor> {
     with_float!(compute_dtype(&[x]), T => {
         let v = x.values::<T>()?;
         let (m, a) = (T::from_f64(mul), T::from_f64(add));
-        let mut out = vec![T::ZERO; v.len()];
-        map_into(&v, &mut out, |x| x * m + a);
+        let out = map_vec(&v, |x| x * m + a);
         Ok(Tensor::from_values(out, x.shape()))
     })
 }
@@ -267,26 +300,28 @@ pub(crate) fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     }
     let n: usize = shape.iter().product();
     with_float!(compute_dtype(&[a, b]), T => {
-        let mut out = vec![T::ZERO; n];
         let trailing = |t: &Tensor| {
             let s = t.shape();
             let lead = s.iter().take_while(|&&d| d == 1).count();
             shape.ends_with(&s[lead..])
         };
-        if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
+        let out = if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
-            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_into(&x, &y, &mut out, f));
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_vec(&x, &y, f))
         } else if a.shape() == shape.as_slice() && trailing(b) && b.numel() > 0 {
             // b repeats along the leading dims (a bias, a per-channel gain).
             let (x, y) = (a.values::<T>()?, b.values::<T>()?);
             let m = y.len();
             let chunk = m.max(PAR_CHUNK / m.max(1) * m);
-            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| zip_rows(x, &y, o, &f)));
+            // SAFETY: x's chunks are whole rows of m, each written by zip_rows.
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| unsafe {
+                written(n, |out| out.par_chunks_mut(chunk).zip(x.par_chunks(chunk)).for_each(|(o, x)| zip_rows(x, &y, o, &f)))
+            })
         } else {
             let x = a.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
             let y = b.broadcast_to_raw(&shape)?.values::<T>()?.into_owned();
-            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_into(&x, &y, &mut out, f));
-        }
+            per_variant!(op, BinaryOp, binary_c, [Add, Sub, Mul, Div, Max], |f| zip_vec(&x, &y, f))
+        };
         Ok(Tensor::from_values(out, &shape))
     })
 }
@@ -383,7 +418,6 @@ pub(crate) fn matmul_to(a: &Tensor, b: &Tensor, out: Option<DType>) -> Result<Te
     let product = with_float!(compute_dtype(&[a, b]), T => {
         let (x, lx) = strided::<T>(a)?;
         let (y, ly) = strided::<T>(b)?;
-        let mut out = vec![T::ZERO; batch * m * n];
         let at = |l: &Layout, bi: usize| {
             let rank = l.shape().len();
             let mut idx = vec![0; rank];
@@ -399,30 +433,39 @@ pub(crate) fn matmul_to(a: &Tensor, b: &Tensor, out: Option<DType>) -> Result<Te
             (s[s.len() - 2] as isize, s[s.len() - 1] as isize)
         };
         let ((xr, xc), (yr, yc)) = (st(&lx), st(&ly));
-        let one = |bi: usize, o: &mut [T], par: gemm::Parallelism| {
+        let one = |bi: usize, o: &mut [MaybeUninit<T>], par: gemm::Parallelism| {
             let (xo, yo) = (at(&lx, bi), if sb.len() == 2 { ly.offset() } else { at(&ly, bi) });
             // SAFETY: the offsets and strides come from the layouts of `x` and `y`, whose every
-            // index lies inside the storage; `o` holds exactly m×n elements written row-major.
+            // index lies inside the storage; `o` holds exactly m×n elements, all written
+            // row-major (read_dst is false).
             unsafe {
                 gemm::gemm(
                     m, n, k,
-                    o.as_mut_ptr(), 1, n as isize, false,
+                    o.as_mut_ptr() as *mut T, 1, n as isize, false,
                     x.as_ptr().add(xo), xc, xr,
                     y.as_ptr().add(yo), yc, yr,
                     T::ZERO, T::ONE, false, false, false, par,
                 );
             }
         };
-        if m * n * k == 0 {
-            // Nothing to add: the product of empty matrices is zero.
-        } else if batch > 1 && m * n * k < 1 << 21 {
-            out.par_chunks_mut(m * n).enumerate().for_each(|(bi, o)| one(bi, o, gemm::Parallelism::None));
-        } else {
-            let par = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
-            for (bi, o) in out.chunks_mut(m * n).enumerate() {
-                one(bi, o, par);
-            }
-        }
+        // SAFETY: every branch writes all batch·m·n elements (gemm does not read its destination).
+        let out = unsafe {
+            written(batch * m * n, |out| {
+                if m * n * k == 0 {
+                    // The product of empty matrices is zero.
+                    out.iter_mut().for_each(|o| {
+                        o.write(T::ZERO);
+                    });
+                } else if batch > 1 && m * n * k < 1 << 21 {
+                    out.par_chunks_mut(m * n).enumerate().for_each(|(bi, o)| one(bi, o, gemm::Parallelism::None));
+                } else {
+                    let par = if m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(rayon::current_num_threads()) } else { gemm::Parallelism::None };
+                    for (bi, o) in out.chunks_mut(m * n).enumerate() {
+                        one(bi, o, par);
+                    }
+                }
+            })
+        };
         Tensor::from_values(out, &shape)
     });
     match out {
