@@ -5,8 +5,10 @@
 //! activations, and one convert and one FMA with the four blocks' scales: six multiply-class
 //! instructions per four blocks where one block at a time needs twelve (multiply, convert and FMA
 //! per block). A last partial group reads its missing blocks as zeros. The 32 vector registers
-//! hold the accumulators of up to eight vectors, so a batch of tokens decodes each group once; a
-//! vector's arithmetic does not depend on how many share the pass.
+//! hold the accumulators of two rows and up to eight vectors, so a batch of tokens decodes each
+//! group once and loads each activation line once per two rows (at eight vectors the loads, more
+//! than the products, set the pace); a vector's arithmetic does not depend on how many share the
+//! pass.
 
 use super::kind::{block_bytes, Q4_0, Q4_1, Q8_0};
 use super::*;
@@ -15,8 +17,8 @@ use std::arch::x86_64::*;
 /// Most activation vectors per kernel call (a batch of 16 tokens takes two calls per row run).
 const MAX_N: usize = 8;
 
-/// `out[r * acts.len() + t]` for the rows of `w` (`rb` bytes each): rows in pairs for up to four
-/// vectors, one at a time for five to eight, vectors in runs of eight beyond.
+/// `out[r * acts.len() + t]` for the rows of `w` (`rb` bytes each): rows in pairs (a last odd
+/// row alone), vectors in runs of eight.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx512vbmi,f16c,fma")]
 pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ], out: &mut [f32]) {
     let n = acts.len();
@@ -24,13 +26,16 @@ pub(super) unsafe fn dispatch<const KIND: u8>(w: &[u8], rb: usize, acts: &[&ActQ
     for (c, part) in acts.chunks(MAX_N).enumerate() {
         let o = out.as_mut_ptr().add(c * MAX_N);
         let p = w.as_ptr();
-        let pairs = if part.len() <= 4 { nrows / 2 } else { 0 };
+        let pairs = nrows / 2;
         match part.len() {
             1 => rows::<KIND, 2, 1>(p, rb, pairs, part.try_into().unwrap(), o, n),
             2 => rows::<KIND, 2, 2>(p, rb, pairs, part.try_into().unwrap(), o, n),
             3 => rows::<KIND, 2, 3>(p, rb, pairs, part.try_into().unwrap(), o, n),
             4 => rows::<KIND, 2, 4>(p, rb, pairs, part.try_into().unwrap(), o, n),
-            _ => {}
+            5 => rows::<KIND, 2, 5>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            6 => rows::<KIND, 2, 6>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            7 => rows::<KIND, 2, 7>(p, rb, pairs, part.try_into().unwrap(), o, n),
+            _ => rows::<KIND, 2, 8>(p, rb, pairs, part.try_into().unwrap(), o, n),
         }
         let (r, single) = (2 * pairs, nrows - 2 * pairs);
         let (p, o) = (p.add(r * rb), o.add(r * n));
@@ -141,6 +146,20 @@ unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
     acc
 }
 
+/// `$body` for `$t` = 0, 1, … below `$n` (at most 8), written out: LLVM leaves a loop over eight
+/// vectors rolled, and the accumulators it indexes then live on the stack.
+macro_rules! unroll8 {
+    ($t:ident, $n:expr, $body:block) => {
+        unroll8!(@ $t, $n, $body, 0, 1, 2, 3, 4, 5, 6, 7)
+    };
+    (@ $t:ident, $n:expr, $body:block, $($i:literal),*) => {
+        $(if $i < $n {
+            let $t = $i;
+            $body
+        })*
+    };
+}
+
 /// One header group's products of weight and activation scales, on one cache line.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -204,33 +223,61 @@ unsafe fn rows<const KIND: u8, const R: usize, const N: usize>(w: *const u8, rb:
             }
             for j in (0..n).step_by(GROUP) {
                 let b = g + j;
-                for r in 0..R {
-                    let wv = group_weights::<KIND>(w.add(r * rb + b * bb), (n - j).min(GROUP));
-                    // Each step for all vectors before the next: the four-deep chains of
-                    // dependent products then run side by side.
-                    let x: [*const __m512i; N] = std::array::from_fn(|t| acts[t].interleaved.as_ptr().add(b) as *const __m512i);
-                    let mut i: [__m512i; N] = std::array::from_fn(|t| _mm512_madd_epi16(wv[0], _mm512_load_si512(x[t] as *const _)));
-                    for v in 1..GROUP {
+                let x: [*const __m512i; N] = std::array::from_fn(|t| acts[t].interleaved.as_ptr().add(b) as *const __m512i);
+                let weights = |r: usize| group_weights::<KIND>(w.add(r * rb + b * bb), (n - j).min(GROUP));
+                // The four blocks' i32 sums of row r and vector t into its f32 accumulator.
+                let mut fold = |r: usize, t: usize, i: __m512i| {
+                    let s = _mm512_broadcast_f32x4(_mm_load_ps(scale[r][t].0.as_ptr().add(j)));
+                    acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc[r][t]);
+                };
+                if N <= 4 {
+                    // A row at a time, each step for all vectors before the next: the four-deep
+                    // chains of dependent products run side by side (single-token decode).
+                    for r in 0..R {
+                        let wv = weights(r);
+                        let mut i: [__m512i; N] = std::array::from_fn(|t| _mm512_madd_epi16(wv[0], _mm512_load_si512(x[t] as *const _)));
+                        for v in 1..GROUP {
+                            for t in 0..N {
+                                i[t] = dpwssd(i[t], wv[v], _mm512_load_si512(x[t].add(v) as *const _));
+                            }
+                        }
                         for t in 0..N {
-                            i[t] = dpwssd(i[t], wv[v], _mm512_load_si512(x[t].add(v) as *const _));
+                            fold(r, t, i[t]);
                         }
                     }
-                    for t in 0..N {
-                        let s = _mm512_broadcast_f32x4(_mm_load_ps(scale[r][t].0.as_ptr().add(j)));
-                        acc[r][t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[t]), s, acc[r][t]);
-                    }
+                } else {
+                    // A vector at a time, each activation line loaded once for both rows: at
+                    // eight vectors the loads, more than the products, set the pace.
+                    let wv: [[__m512i; GROUP]; R] = std::array::from_fn(weights);
+                    unroll8!(t, N, {
+                        let a = _mm512_load_si512(x[t] as *const _);
+                        let mut i: [__m512i; R] = std::array::from_fn(|r| _mm512_madd_epi16(wv[r][0], a));
+                        for v in 1..GROUP {
+                            let a = _mm512_load_si512(x[t].add(v) as *const _);
+                            for r in 0..R {
+                                i[r] = dpwssd(i[r], wv[r][v], a);
+                            }
+                        }
+                        for r in 0..R {
+                            fold(r, t, i[r]);
+                        }
+                    });
                 }
             }
             g += n;
         }
-        let mut all = [_mm512_setzero_ps(); 8];
-        for r in 0..R {
-            all[r * N..(r + 1) * N].copy_from_slice(&acc[r]);
-        }
-        let sums = sums(all);
-        for r in 0..R {
-            for t in 0..N {
-                *out.add((row + r) * stride + t) = sums[r * N + t];
+        // One shuffle tree for every row when their vectors fit in it, else one per row.
+        let per = if R * N <= 8 { R } else { 1 };
+        for r0 in (0..R).step_by(per) {
+            let mut all = [_mm512_setzero_ps(); 8];
+            for r in r0..r0 + per {
+                all[(r - r0) * N..(r - r0 + 1) * N].copy_from_slice(&acc[r]);
+            }
+            let sums = sums(all);
+            for r in r0..r0 + per {
+                for t in 0..N {
+                    *out.add((row + r) * stride + t) = sums[(r - r0) * N + t];
+                }
             }
         }
     }
