@@ -307,6 +307,9 @@ pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) ->
     with_float!(compute_dtype(&[x, cos]), T => {
         let (cs, sn) = (cos.values::<T>()?, sin.values::<T>()?);
         let mut v = x.values::<T>()?.into_owned();
+        if v.is_empty() || d == 0 {
+            return Ok(Tensor::from_values(v, s));
+        }
         let rows = ((1 << 14) / d).max(1);
         v.par_chunks_mut(rows * d).enumerate().for_each(|(c, r)| rope_rows(r, &cs, &sn, c * rows, seq, half, interleaved));
         Ok(Tensor::from_values(v, s))
@@ -327,8 +330,9 @@ augur_kernels::multiversion! {
             };
             if interleaved {
                 r.chunks_exact_mut(2).zip(c.iter().zip(s)).for_each(|(p, cs)| {
-                    let [a, b] = p else { unreachable!() };
-                    turn((a, b), cs)
+                    if let [a, b] = p {
+                        turn((a, b), cs)
+                    }
                 });
             } else {
                 let (lo, hi) = r.split_at_mut(half);
