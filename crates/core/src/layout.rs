@@ -98,18 +98,24 @@ impl Layout {
     /// The elements of `data` this layout selects, in row-major order, mapped through `f`
     /// (rows split over the thread pool when there are many: a head split or merge copies
     /// megabytes on every training step).
-    pub fn gather<S: Copy + Sync, T: Copy + Default + Send>(&self, data: &[S], f: impl Fn(S) -> T + Sync) -> Vec<T> {
+    pub fn gather<S: Copy + Sync, T: Send>(&self, data: &[S], f: impl Fn(S) -> T + Sync) -> Vec<T> {
         let (n, st) = self.row();
         if self.numel() >= 1 << 16 && n > 0 {
             let starts: Vec<usize> = self.row_starts().collect();
             let rows = (1 << 14) / n + 1;
-            let mut out = vec![T::default(); self.numel()];
-            out.par_chunks_mut(rows * n).zip(starts.par_chunks(rows)).for_each(|(o, rs)| {
-                for (o, &r) in o.chunks_mut(n).zip(rs) {
-                    o.iter_mut().enumerate().for_each(|(j, o)| *o = f(data[r + j * st]));
-                }
-            });
-            return out;
+            // SAFETY: chunk c holds the rows starts[c·rows..] whole, one start each: every
+            // element is written.
+            return unsafe {
+                crate::ops::written(self.numel(), |out| {
+                    out.par_chunks_mut(rows * n).zip(starts.par_chunks(rows)).for_each(|(o, rs)| {
+                        for (o, &r) in o.chunks_mut(n).zip(rs) {
+                            o.iter_mut().enumerate().for_each(|(j, o)| {
+                                o.write(f(data[r + j * st]));
+                            });
+                        }
+                    })
+                })
+            };
         }
         let mut out = Vec::with_capacity(self.numel());
         for r in self.row_starts() {

@@ -8,7 +8,8 @@ use std::cell::RefCell;
 
 
 use crate::pool;
-use crate::vec::{hsum16, softmax};
+use crate::real::hsum16;
+use crate::vec::softmax;
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]

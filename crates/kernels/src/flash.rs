@@ -10,7 +10,7 @@
 use rayon::prelude::*;
 
 use crate::multiversion;
-use crate::real::{dot, Real};
+use crate::real::{dot, hmax16, hsum16, Real};
 
 /// Query rows and keys per tile: each tile's scores are one small matrix product.
 const BR: usize = 64;
@@ -47,7 +47,7 @@ fn lane_max<T: Real>(x: &[T]) -> T {
             m[l] = m[l].max(c[l]);
         }
     }
-    chunks.remainder().iter().fold(m.into_iter().fold(T::NEG_INFINITY, T::max), |a, &b| a.max(b))
+    chunks.remainder().iter().fold(hmax16(m), |a, &b| a.max(b))
 }
 
 /// `x[c] = e^(x[c] - sub)` in place (`-inf` gives 0), and the sum of the results over 16 lanes.
@@ -66,12 +66,7 @@ fn exp_sum<T: Real>(x: &mut [T], sub: T) -> T {
         *v = (*v - sub).fast_exp();
         s += *v;
     }
-    for w in [8, 4, 2, 1] {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + s
+    hsum16(acc) + s
 }
 
 /// Sizes of one attention call. Query heads are grouped over key/value heads (GQA): query head

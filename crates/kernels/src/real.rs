@@ -98,6 +98,44 @@ macro_rules! real {
 real!(f32, crate::vec::exp);
 real!(f64, f64::exp);
 
+/// Pairwise sum of 16 lanes (a shuffle tree once vectorized; a sequential sum would be 15
+/// dependent adds).
+#[inline(always)]
+pub fn hsum16<T: Real>(mut a: [T; 16]) -> T {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            a[i] += a[i + w];
+        }
+    }
+    a[0]
+}
+
+/// Pairwise maximum of 16 lanes.
+#[inline(always)]
+pub fn hmax16<T: Real>(mut a: [T; 16]) -> T {
+    for w in [8, 4, 2, 1] {
+        for i in 0..w {
+            a[i] = a[i].max(a[i + w]);
+        }
+    }
+    a[0]
+}
+
+/// `Σ f(v)` over `x` in 16 lanes added pairwise, then the tail: a loop that vectorizes (inside
+/// a `multiversion!` function, at the CPU's width).
+#[inline(always)]
+pub fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
+    let mut acc = [T::ZERO; 16];
+    let mut chunks = x.chunks_exact(16);
+    for c in &mut chunks {
+        for l in 0..16 {
+            acc[l] += f(c[l]);
+        }
+    }
+    let tail = chunks.remainder().iter().fold(T::ZERO, |s, &v| s + f(v));
+    hsum16(acc) + tail
+}
+
 /// Dot product with eight independent accumulators, so the compiler can vectorise it.
 #[inline]
 pub fn dot<T: Real>(a: &[T], b: &[T]) -> T {

@@ -1,6 +1,7 @@
 //! Per-row ops of a Llama layer, in place or into caller-owned buffers (no allocation).
 
 use crate::dot::dot_f32;
+use crate::real::{hmax16, hsum16};
 
 /// `out = x / sqrt(mean(x²) + eps) * w`.
 pub fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
@@ -90,28 +91,6 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
-}
-
-/// Pairwise sum of 16 lanes (a shuffle tree once vectorized; a sequential sum would be 15
-/// dependent adds).
-#[inline(always)]
-pub fn hsum16(mut a: [f32; 16]) -> f32 {
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            a[i] += a[i + w];
-        }
-    }
-    a[0]
-}
-
-#[inline(always)]
-fn hmax16(mut a: [f32; 16]) -> f32 {
-    for w in [8, 4, 2, 1] {
-        for i in 0..w {
-            a[i] = a[i].max(a[i + w]);
-        }
-    }
-    a[0]
 }
 
 /// `g = silu(g) * u`.

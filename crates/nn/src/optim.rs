@@ -165,6 +165,11 @@ impl Optimizer for AdamW {
         let bc1 = 1.0 - b1.powi(t);
         let bc2_sqrt = (1.0 - b2.powi(t)).sqrt();
         let (eps, wd) = (self.eps as f32, self.weight_decay as f32);
+        // One parameter's update: decoupled decay unless `decays` exempts it.
+        let hyper = |name: &str, p: &Tensor| {
+            let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
+            AdamStep { lr, betas: (b1, b2), eps, decay, bias1: bc1, bias2_sqrt: bc2_sqrt }
+        };
         let (ms, vs) = (&mut self.m, &mut self.v);
         // Parameters on a device: one fused kernel each, moments kept there.
         let mut res = Ok(());
@@ -180,20 +185,17 @@ impl Optimizer for AdamW {
                     on_dev.insert(name.to_string(), (up(m)?, up(v)?));
                 }
                 let (m, v) = &on_dev[name];
-                let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
-                let h = AdamStep { lr, betas: (b1, b2), eps, decay, bias1: bc1, bias2_sqrt: bc2_sqrt };
-                Ok(p.adamw_device(&g, m, v, h)?)
+                Ok(p.adamw_device(&g, m, v, hyper(name, p))?)
             })();
         });
         res?;
         for_each_grad(model, |name, p, g| {
-            let decay = if decays(name, p) { 1.0 - lr * wd } else { 1.0 };
+            let h = hyper(name, p);
             let m = ms.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
             let v = vs.entry(name.to_string()).or_insert_with(|| vec![0.0; g.len()]);
             if m.len() != g.len() {
                 return invalid(format!("AdamW state for `{name}` has {} values, the parameter {}", m.len(), g.len()));
             }
-            let h = AdamStep { lr, betas: (b1, b2), eps, decay, bias1: bc1, bias2_sqrt: bc2_sqrt };
             h.apply(p.values_mut_f32()?, g, m, v);
             Ok(())
         })

@@ -2,13 +2,16 @@
 //! cross-entropy, RoPE and FlashAttention. Each has a composition or reference test (the ops tests,
 //! `tests/gradcheck.rs`, and the kernels' own twins).
 
+use std::mem::MaybeUninit;
+
 use augur_kernels::flash;
-use augur_kernels::real::Real;
+use augur_kernels::real::{hsum16, lane_sum, Real};
 use rayon::prelude::*;
 
 use crate::device::{device_of, on};
 use crate::error::{invalid, Error, Result};
 use crate::float::{compute_dtype, with_float};
+use crate::ops::written;
 use crate::Tensor;
 
 /// Softmax (or log-softmax) over the last dim.
@@ -62,34 +65,19 @@ fn row_stats<T: Real>(r: &[T], center: bool, eps: f64) -> (T, T) {
     (mu, T::ONE / (var + T::from_f64(eps)).sqrt())
 }
 
-/// `Σ f(x)` over `x` in 16 lanes added pairwise.
-#[inline(always)]
-fn lane_sum<T: Real>(x: &[T], f: impl Fn(T) -> T) -> T {
-    let mut acc = [T::ZERO; 16];
-    let mut chunks = x.chunks_exact(16);
-    for c in &mut chunks {
-        for l in 0..16 {
-            acc[l] += f(c[l]);
-        }
-    }
-    let tail = chunks.remainder().iter().fold(T::ZERO, |s, &v| s + f(v));
-    for w in [8, 4, 2, 1] {
-        for l in 0..w {
-            acc[l] += acc[l + w];
-        }
-    }
-    acc[0] + tail
-}
-
 augur_kernels::multiversion! {
     /// [`norm`] over the rows of `x` (each `w.len()` long) into `out`.
-    fn norm_rows[T: Real](x: &[T], w: &[T], b: Option<&[T]>, eps: f64, center: bool, out: &mut [T]) {
+    fn norm_rows[T: Real](x: &[T], w: &[T], b: Option<&[T]>, eps: f64, center: bool, out: &mut [MaybeUninit<T>]) {
         let n = w.len();
         for (o, r) in out.chunks_mut(n).zip(x.chunks(n)) {
             let (mu, rs) = row_stats(r, center, eps);
             match b {
-                Some(b) => o.iter_mut().zip(r).zip(w.iter().zip(b)).for_each(|((o, &x), (&w, &b))| *o = (x - mu) * rs * w + b),
-                None => o.iter_mut().zip(r).zip(w).for_each(|((o, &x), &w)| *o = (x - mu) * rs * w),
+                Some(b) => o.iter_mut().zip(r).zip(w.iter().zip(b)).for_each(|((o, &x), (&w, &b))| {
+                    o.write((x - mu) * rs * w + b);
+                }),
+                None => o.iter_mut().zip(r).zip(w).for_each(|((o, &x), &w)| {
+                    o.write((x - mu) * rs * w);
+                }),
             }
         }
     }
@@ -123,7 +111,7 @@ augur_kernels::multiversion! {
                 mg[0] += gw;
                 mgx[0] += gw * dxr[i];
             }
-            let (mg, mgx) = (lane_sum(&mg, |v| v), lane_sum(&mgx, |v| v));
+            let (mg, mgx) = (hsum16(mg), hsum16(mgx));
             let (mg, mgx) = (if center { mg / nn } else { T::ZERO }, mgx / nn);
             dxr.iter_mut().zip(gr.iter().zip(w)).for_each(|(h, (&g, &w))| *h = rs * (g * w - mg - *h * mgx));
         }
@@ -142,9 +130,9 @@ pub(crate) fn norm(x: &Tensor, w: &Tensor, b: Option<&Tensor>, eps: f64, center:
     with_float!(compute_dtype(&[x, w]), T => {
         let (xv, wv) = (x.values::<T>()?, w.values::<T>()?);
         let bv = b.map(|b| b.values::<T>()).transpose()?;
-        let mut out = vec![T::ZERO; xv.len()];
         let rows = (1 << 14) / n + 1;
-        out.par_chunks_mut(rows * n).zip(xv.par_chunks(rows * n)).for_each(|(o, r)| norm_rows(r, &wv, bv.as_deref(), eps, center, o));
+        // SAFETY: norm_rows writes every element of its whole rows.
+        let out = unsafe { written(xv.len(), |out| out.par_chunks_mut(rows * n).zip(xv.par_chunks(rows * n)).for_each(|(o, r)| norm_rows(r, &wv, bv.as_deref(), eps, center, o))) };
         Ok(Tensor::from_values(out, x.shape()))
     })
 }

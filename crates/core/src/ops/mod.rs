@@ -149,7 +149,7 @@ impl UnaryOp {
 ///
 /// # Safety
 /// `fill` must write every element of the slice it is given.
-unsafe fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
+pub(crate) unsafe fn written<T>(len: usize, fill: impl FnOnce(&mut [MaybeUninit<T>])) -> Vec<T> {
     let mut out: Vec<MaybeUninit<T>> = Vec::with_capacity(len);
     // SAFETY: MaybeUninit needs no initialization.
     unsafe { out.set_len(len) };
