@@ -74,6 +74,7 @@ pub fn flash(a: FlashArgs) -> Result<()> {
             json!({
                 "bench": "flash", "engine": "augur", "device": dev.name(), "dtype": a.dtype, "causal": causal,
                 "batch": shape.batch, "heads": a.heads, "seq": seq, "head_dim": a.head_dim,
+                "fwd_kernel": flash.forward_kernel(a.head_dim),
                 "fwd_ms": f * 1e3, "bwd_ms": b * 1e3,
                 "fwd_tflops": flops / f / 1e12,
                 "bwd_tflops": 2.5 * flops / b / 1e12,

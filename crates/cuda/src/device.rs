@@ -205,7 +205,7 @@ impl<T> Buf<T> {
 /// PTX of `program` for compute capability `major.minor`, from the disk cache when the same
 /// source was compiled before.
 pub(crate) fn compile(program: &Program, major: i32, minor: i32) -> Result<Ptx> {
-    let arch = format!("sm_{major}{minor}");
+    let arch = arch(major, minor);
     let defines = std::env::var("AUGUR_CUDA_DEFINES").unwrap_or_default();
     let mut h = DefaultHasher::new();
     (program.source, &arch, &defines, env!("CARGO_PKG_VERSION")).hash(&mut h);
@@ -220,6 +220,13 @@ pub(crate) fn compile(program: &Program, major: i32, minor: i32) -> Result<Ptx> 
         let _ = std::fs::write(&p, ptx.to_src());
     }
     Ok(ptx)
+}
+
+/// NVRTC's target for compute capability `major.minor`: Hopper (9.0) gets `sm_90a`, whose
+/// `wgmma` instructions the FlashAttention forward pass uses (`flash90.cu`).
+pub(crate) fn arch(major: i32, minor: i32) -> String {
+    let suffix = if (major, minor) == (9, 0) { "a" } else { "" };
+    format!("sm_{major}{minor}{suffix}")
 }
 
 /// Compile every NVRTC program of this crate for compute capability `major.minor` into the disk

@@ -14,7 +14,7 @@ pub use augur_kernels::flash::Shape;
 use crate::device::{compile, Buf, Device, Program};
 use crate::{Error, Result};
 
-pub(crate) const FLASH: Program = Program { name: "flash", source: include_str!("flash.cu") };
+pub(crate) const FLASH: Program = Program { name: "flash", source: concat!(include_str!("flash.cu"), include_str!("flash90.cu")) };
 /// Threads of a forward block (`32 * FA_NW`) and of every other kernel's (`BW_THREADS`).
 const FWD_THREADS: u32 = 128;
 const THREADS: u32 = 256;
@@ -24,6 +24,16 @@ const FWD_ROWS: usize = 128;
 const FWD_KEYS: usize = 64;
 const BWD_KEYS: usize = 128;
 const BWD_ROWS: usize = 64;
+/// The Hopper forward pass (`flash90.cu`): threads and query rows per block, bytes of one
+/// 128 x 128 tile; shared memory holds q and two buffers each of k and v, aligned to 1024.
+const F3_THREADS: u32 = 256;
+const F3_ROWS: usize = 128;
+const F3_TILE: usize = 128 * 128 * 2;
+const F3_SMEM: usize = 5 * F3_TILE + 1024;
+/// The Hopper backward pass: 128 keys per block; shared memory holds k, v, two buffers each of
+/// 64-row q and do tiles, ds^T (128 x 64), two buffers each of 64 lse and 64 delta values.
+const F3_KEYS: usize = 128;
+const F3B_SMEM: usize = 2 * F3_TILE + 4 * (F3_TILE / 2) + F3_TILE / 2 + 4 * 64 * 4 + 1024;
 
 /// Element type of the inputs, outputs and gradients (accumulation is f32 either way).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,6 +108,9 @@ pub struct Flash {
     /// `[head width 64, 128][bf16, f16]`.
     variants: [[Variant; 2]; 2],
     dq_cast: [CudaFunction; 2],
+    /// `wgmma` forward and backward passes for heads of width 128 `[bf16, f16]`, on Hopper
+    /// (sm_90a) only, unless `AUGUR_FLASH=mma` asks for the `mma.sync` kernels (A/B runs).
+    hopper: Option<[[CudaFunction; 2]; 2]>,
     fill: CudaFunction,
     _module: Arc<CudaModule>,
 }
@@ -132,13 +145,34 @@ impl Flash {
             v.bwd.set_attribute(MAX_SMEM, bwd_smem(dim) as i32)?;
             Ok(v)
         };
+        let hopper = if (major, minor) == (9, 0) && std::env::var("AUGUR_FLASH").as_deref() != Ok("mma") {
+            let f = |kind: &str, ty: &str, smem: usize| -> Result<CudaFunction> {
+                let f = module.load_function(&format!("fa3_{kind}_d128_{ty}"))?;
+                f.set_attribute(MAX_SMEM, smem as i32)?;
+                Ok(f)
+            };
+            Some([[f("fwd", "bf16", F3_SMEM)?, f("fwd", "f16", F3_SMEM)?], [f("bwd", "bf16", F3B_SMEM)?, f("bwd", "f16", F3B_SMEM)?]])
+        } else {
+            None
+        };
         Ok(Flash {
             dev: dev.clone(),
+            hopper,
             variants: [[variant(64, "bf16")?, variant(64, "f16")?], [variant(128, "bf16")?, variant(128, "f16")?]],
             dq_cast: [module.load_function("fa_dq_cast_bf16")?, module.load_function("fa_dq_cast_f16")?],
             fill: module.load_function("fa_fill")?,
             _module: module,
         })
+    }
+
+    /// Which kernels compute attention over heads of width `dim`: `wgmma` (Hopper) or
+    /// `mma.sync`.
+    pub fn forward_kernel(&self, dim: usize) -> &'static str {
+        if self.hopper.is_some() && dim == 128 {
+            "wgmma"
+        } else {
+            "mma.sync"
+        }
     }
 
     /// The device the kernels run on.
@@ -425,6 +459,10 @@ impl Flash {
     pub(crate) unsafe fn forward_ptrs(&self, s: &Shape, causal: bool, ty: Dtype, scale: f32, p: &Ptrs) -> Result<()> {
         let mut a = Self::args(s, causal, scale, p);
         let mut args = [&mut a as *mut FaArgs as *mut c_void];
+        if let (Some(f), 128) = (&self.hopper, s.dim) {
+            let grid = (s.q_len.div_ceil(F3_ROWS) as u32, s.heads as u32, s.batch as u32);
+            return self.launch(&f[0][ty.index()], (grid, F3_THREADS), F3_SMEM, &mut args);
+        }
         let grid = (s.q_len.div_ceil(FWD_ROWS) as u32, s.heads as u32, s.batch as u32);
         self.launch(&self.variant(s.dim, ty).fwd, (grid, FWD_THREADS), fwd_smem(s.dim), &mut args)
     }
@@ -440,7 +478,12 @@ impl Flash {
         let mut args = [&mut a as *mut FaArgs as *mut c_void];
         let warps = THREADS as usize / 32;
         self.launch(&v.delta, ((rows.div_ceil(warps) as u32, 1, 1), THREADS), 0, &mut args)?;
-        self.launch(&v.bwd, ((s.k_len.div_ceil(BWD_KEYS) as u32, s.kv_heads as u32, s.batch as u32), THREADS), bwd_smem(s.dim), &mut args)?;
+        if let (Some(f), 128) = (&self.hopper, s.dim) {
+            let grid = (s.k_len.div_ceil(F3_KEYS) as u32, s.kv_heads as u32, s.batch as u32);
+            self.launch(&f[1][ty.index()], (grid, F3_THREADS), F3B_SMEM, &mut args)?;
+        } else {
+            self.launch(&v.bwd, ((s.k_len.div_ceil(BWD_KEYS) as u32, s.kv_heads as u32, s.batch as u32), THREADS), bwd_smem(s.dim), &mut args)?;
+        }
         let mut n = (rows * s.dim) as u64;
         let mut cast_args = [&mut a as *mut FaArgs as *mut c_void, &mut n as *mut u64 as *mut c_void];
         self.launch(&self.dq_cast[ty.index()], ((self.dev.sm_count as u32 * 8, 1, 1), THREADS), 0, &mut cast_args)

@@ -4,14 +4,17 @@
 
 use augur_kernels::flash::{backward, forward, Mask, Shape};
 
-use crate::device::compile_uncached;
+use crate::device::{arch, compile_uncached};
 use crate::flash::{Attention, Dtype, Flash, Io, FLASH};
 use crate::tests::{device, rel, Rng};
 
 #[test]
 fn flash_kernels_compile_for_hopper() {
-    match compile_uncached(&FLASH, "sm_90") {
-        Ok(ptx) => assert!(ptx.to_src().contains("fa_bwd_d128_bf16")),
+    match compile_uncached(&FLASH, &arch(9, 0)) {
+        Ok(ptx) => {
+            let src = ptx.to_src();
+            assert!(src.contains("fa_bwd_d128_bf16") && src.contains("wgmma.mma_async"), "the Hopper forward pass is missing");
+        }
         Err(crate::Error::NoNvrtc) => eprintln!("skipped: NVRTC is not installed"),
         Err(e) => panic!("{e}"),
     }
@@ -35,6 +38,11 @@ fn cases() -> Vec<Case> {
         Case { shape: s(1, 2, 1, 70, 150, 64), causal: false, allow: None },
         // A tree-like mask with rows that see nothing.
         Case { shape: s(1, 2, 2, 65, 90, 64), causal: false, allow: Some(0.3) },
+        // Several 128 x 128 tiles of the Hopper forward pass: the diagonal, a ragged last
+        // tile, a prefix, an explicit mask.
+        Case { shape: s(1, 2, 1, 300, 300, 128), causal: true, allow: None },
+        Case { shape: s(1, 2, 2, 140, 397, 128), causal: true, allow: None },
+        Case { shape: s(1, 1, 1, 200, 260, 128), causal: false, allow: Some(0.5) },
     ]
 }
 
