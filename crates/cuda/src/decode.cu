@@ -53,6 +53,8 @@ struct DModel {
     int t_embed, t_out;
     long long* timing;  // null, or block 0's clock at each phase boundary (AUGUR_CUDA_TIMING)
     float eps, scale;
+    int stage;  // bytes of staged weights per warp and buffer (0: none)
+    int pad;
 };
 
 // Block 0's clock at the next phase boundary, when timing is asked for.
@@ -237,6 +239,105 @@ __device__ void stage_input(float* xs, float* wn, const float* src, int k, const
     __syncthreads();
 }
 
+// Weight staging. A phase's weights do not depend on the barrier before it, only its input
+// does, so each warp copies the rows of its items for the next weight phase into its own
+// shared-memory buffer (cp.async, two buffers per warp) when the current phase starts, and reads
+// them from there instead of making L2 round trips after the barrier. Weight phases: 0 q/k/v
+// (pairs of rows, `qkv_pair`), 1 o, 2 gate/up (row g of each), 3 down; phase p uses buffer
+// p % 2. Items that do not fit what is left of a buffer (or are not whole 4-byte words) are
+// read from global memory as before; `stage_slot` decides the same way on both sides.
+
+// The weight rows of item g of weight phase ph of block L.
+struct Rows {
+    const u8* w[2];
+    int rb[2];
+    int n;
+};
+
+__device__ __forceinline__ int phase_items(const DModel& m, int ph) {
+    return ph == 0 ? m.nh * m.hd / 2 + m.nkv * m.hd : (ph == 2 ? m.hidden : m.dim);
+}
+
+__device__ __forceinline__ Rows phase_rows(const DModel& m, const DLayer* L, int ph, int g) {
+    Rows r;
+    if (ph == 0) {
+        QkvPair p = qkv_pair(g, m.nh * m.hd / 2, m.nkv * m.hd / 2, m.hd, m.interleaved);
+        size_t rb = rb_any(L->ty[p.seg], m.dim);
+        r.w[0] = L->w[p.seg] + (size_t)p.r0 * rb;
+        r.w[1] = L->w[p.seg] + (size_t)p.r1 * rb;
+        r.rb[0] = r.rb[1] = (int)rb;
+        r.n = 2;
+    } else if (ph == 2) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            size_t rb = rb_any(L->ty[4 + i], m.dim);
+            r.w[i] = L->w[4 + i] + (size_t)g * rb;
+            r.rb[i] = (int)rb;
+        }
+        r.n = 2;
+    } else {
+        int i = ph == 1 ? 3 : 6;
+        size_t rb = rb_any(L->ty[i], ph == 1 ? m.nh * m.hd : m.hidden);
+        r.w[0] = r.w[1] = L->w[i] + (size_t)g * rb;
+        r.rb[0] = r.rb[1] = (int)rb;
+        r.n = 1;
+    }
+    return r;
+}
+
+// Whether an item's rows have a place in the warp's buffer: at `off`, which moves past them.
+// The first item that has none closes the buffer for the rest of the phase.
+__device__ __forceinline__ bool stage_slot(const DModel& m, const Rows& r, int& off, bool& open) {
+    if (!open) return false;
+    int need = 0;
+    bool words = true;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (i == r.n) break;
+        need += (r.rb[i] + 15) & ~15;
+        words = words && ((size_t)r.w[i] | (size_t)r.rb[i]) % 4 == 0;
+    }
+    if (!words || off + need > m.stage) {
+        open = false;
+        return false;
+    }
+    off += need;
+    return true;
+}
+
+// This warp's staging buffer b.
+__device__ __forceinline__ u8* stage_buf(const DModel& m, float* after, int b) {
+    size_t base = ((size_t)after + 15) & ~(size_t)15;
+    return (u8*)base + ((threadIdx.x >> 5) * 2 + b) * (size_t)m.stage;
+}
+
+// Queue the copies of this warp's rows of weight phase ph of block L (none when L is null),
+// as one cp.async group of every thread.
+__device__ void stage_phase(const DModel& m, const DLayer* L, int ph, u8* buf) {
+    int lane = threadIdx.x & 31, W = gridDim.x * DK_WARPS, off = 0;
+    bool open = L && m.stage > 0;
+    for (int g = blockIdx.x * DK_WARPS + (threadIdx.x >> 5); open && g < phase_items(m, ph); g += W) {
+        Rows r = phase_rows(m, L, ph, g);
+        int at = off;
+        if (!stage_slot(m, r, off, open)) break;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            if (i == r.n) break;
+            u32 dst = (u32)__cvta_generic_to_shared(buf + at);
+            for (int w = lane; w < r.rb[i] / 4; w += 32)
+                asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst + 4 * w), "l"(r.w[i] + 4 * w) : "memory");
+            at += (r.rb[i] + 15) & ~15;
+        }
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// Wait for this warp's copies of the current phase (all but the group queued last).
+__device__ __forceinline__ void staged_wait() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncwarp();
+}
+
 // acc[i] += sum over the warp's nk keys (at most 32) of p_j * V[j][lane + 32 i], key j's weight
 // p in lane j; KB keys' loads issued together.
 template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int stride, int nk, float p, float* acc) {
@@ -366,6 +467,8 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     __shared__ float bv[DK_WARPS];
     __shared__ int bi[DK_WARPS];
     __shared__ int last;
+    float* const after = wn + m.dim;  // the staging buffers follow the norm weights
+    stage_phase(m, m.layers, 0, stage_buf(m, after, 0));
     GRID_WAIT();
     unsigned arrivals = 0;
     int stamp = 0;
@@ -385,6 +488,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         }
         else prefetch_l2(m.out, (size_t)m.vocab * rb_any(m.t_out, m.dim));
         // q/k/v of RMSNorm(x), RoPE, cache write. Layer 0 builds x from the embedding itself.
+        stage_phase(m, L, 1, stage_buf(m, after, 1));
         if (l == 0) {
             int id = m.ids[0];
             if (id < 0 || id >= m.vocab) id = 0;  // a non-finite step before; the host reports it
@@ -409,6 +513,9 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             stage_input(xs, wn, m.x, m.dim, L->attn_norm, m.eps);
         }
         int pq = qd / 2, pk = kvd / 2;
+        staged_wait();
+        int off = 0;
+        bool open = m.stage > 0;
         for (int g = gw; g < pq + 2 * pk; g += W) {
             QkvPair pair = qkv_pair(g, pq, pk, m.hd, m.interleaved);
             int seg = pair.seg, r0 = pair.r0, r1 = pair.r1, j = pair.j;
@@ -418,6 +525,13 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             float2 cs = seg < 2 ? *(const float2*)(m.rope + ((size_t)pos * half + j) * 2) : make_float2(1.f, 0.f);
             const u8* ws[2] = {L->w[seg], L->w[seg]};
             int rs[2] = {r0, r1};
+            Rows rw = phase_rows(m, L, 0, g);
+            int at = off;
+            if (stage_slot(m, rw, off, open)) {
+                ws[0] = stage_buf(m, after, 0) + at;
+                ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
+                rs[0] = rs[1] = 0;
+            }
             float v[2];
             wdot_any<2>(L->ty[seg], ws, rs, xs, m.dim, v);
             float v0 = v[0], v1 = v[1];
@@ -444,20 +558,39 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         grid_barrier(m.bar, arrivals);
         STAMP();
         // x += Wo · att
+        stage_phase(m, L, 2, stage_buf(m, after, 0));
         stage_input(xs, wn, m.att, qd, nullptr, 0.f);
+        staged_wait();
+        off = 0;
+        open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
-            float v = wdot1(L->ty[3], L->w[3], r, xs, qd);
+            const u8* w = L->w[3];
+            int row = r, at = off;
+            if (stage_slot(m, phase_rows(m, L, 1, r), off, open)) w = stage_buf(m, after, 1) + at, row = 0;
+            float v = wdot1(L->ty[3], w, row, xs, qd);
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();
         grid_barrier(m.bar, arrivals);
         STAMP();
         // h = silu(gate · RMSNorm(x)) * (up · RMSNorm(x))
+        stage_phase(m, L, 3, stage_buf(m, after, 1));
         stage_input(xs, wn, m.x, m.dim, L->ffn_norm, m.eps);
+        staged_wait();
+        off = 0;
+        open = m.stage > 0;
         for (int r = gw; r < m.hidden; r += W) {
             int rs[2] = {r, r};
+            const u8* ws[2] = {L->w[4], L->w[5]};
+            Rows rw = phase_rows(m, L, 2, r);
+            int at = off;
+            if (stage_slot(m, rw, off, open)) {
+                ws[0] = stage_buf(m, after, 0) + at;
+                ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
+                rs[0] = rs[1] = 0;
+            }
             float gu[2];
-            wdot2(L->ty + 4, L->w + 4, rs, xs, m.dim, gu);
+            wdot2(L->ty + 4, ws, rs, xs, m.dim, gu);
             float g = gu[0], u = gu[1];
             if (lane == 0) m.h[r] = g / (1.0f + expf(-g)) * u;
         }
@@ -465,9 +598,16 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         grid_barrier(m.bar, arrivals);
         STAMP();
         // x += Wdown · h
+        stage_phase(m, l + 1 < m.n_layer ? L + 1 : nullptr, 0, stage_buf(m, after, 0));
         stage_input(xs, wn, m.h, m.hidden, nullptr, 0.f);
+        staged_wait();
+        off = 0;
+        open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
-            float v = wdot1(L->ty[6], L->w[6], r, xs, m.hidden);
+            const u8* w = L->w[6];
+            int row = r, at = off;
+            if (stage_slot(m, phase_rows(m, L, 3, r), off, open)) w = stage_buf(m, after, 1) + at, row = 0;
+            float v = wdot1(L->ty[6], w, row, xs, m.hidden);
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();

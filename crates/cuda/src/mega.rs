@@ -11,6 +11,7 @@ use crate::{Error, Result};
 
 /// Threads per block of `decode_step` (`DK_THREADS`).
 const THREADS: u32 = 256;
+const WARPS: usize = THREADS as usize / 32;
 
 /// One decoder block for the kernel (`DLayer` in `decode.cu`, field for field): device
 /// addresses of the norms, the seven matrices (q, k, v, o, gate, up, down), the q/k/v biases
@@ -64,6 +65,9 @@ pub(crate) struct DModel {
     pub timing: u64,
     pub eps: f32,
     pub scale: f32,
+    /// Bytes of weights each warp stages in shared memory per buffer (0: none).
+    pub stage: i32,
+    pub pad: i32,
 }
 
 // SAFETY: `DModel` is `repr(C)` plain data matching the kernel's parameter.
@@ -84,7 +88,14 @@ pub(crate) struct Persistent {
     pub timing: Option<Buf<i64>>,
     pub grid: u32,
     pub smem: usize,
+    /// `DModel::stage`.
+    pub stage: usize,
 }
+
+/// Bytes of a phase's weight rows a warp copies into shared memory ahead of the phase, per
+/// buffer (two per warp): enough for the default model's busiest phase (two gate/up pairs of
+/// 360-byte rows). `AUGUR_CUDA_STAGE=N` sets it, 0 turning staging off (A/B runs).
+const STAGE: usize = 2048;
 
 /// Clock stamps of one step: the start, ten per block, the head's end.
 pub(crate) fn stamps(n_layer: usize) -> usize {
@@ -113,7 +124,9 @@ impl Persistent {
     pub(crate) fn new(dev: &Device, layers: &[DLayer], floats: usize, heads: usize, hd: usize, context: usize) -> Result<Self> {
         let chunks = heads * context.div_ceil(32);
         let n_layer = layers.len();
-        let smem = floats * 4;
+        let stage = std::env::var("AUGUR_CUDA_STAGE").ok().and_then(|v| v.parse::<usize>().ok()).unwrap_or(STAGE).next_multiple_of(16);
+        // The buffers start at the next 16-byte boundary after the floats.
+        let smem = floats * 4 + 16 + WARPS * 2 * stage;
         let f = &dev.k.decode_step;
         let per_sm = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
         if per_sm == 0 {
@@ -137,6 +150,7 @@ impl Persistent {
             timing,
             grid,
             smem,
+            stage,
         })
     }
 }

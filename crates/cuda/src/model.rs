@@ -613,6 +613,8 @@ impl GpuModel {
             timing: p.timing.as_ref().map_or(0, |t| t.ptr),
             eps: d.rms_eps,
             scale: 1.0 / (d.head_dim as f32).sqrt(),
+            stage: p.stage as i32,
+            pad: 0,
         };
         let mut ids = [0i32; QUEUED_STEPS];
         let mut done = 0;
