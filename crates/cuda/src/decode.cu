@@ -42,7 +42,6 @@ struct DModel {
     float* logits;   // [vocab], or null
     float* po;       // attention partials [nh][chunks of 32 keys][hd]
     float* pml;      // [nh][chunks][2]: (max, sum)
-    int* counters;   // [nh] zeros, left at zero
     float* best_v;   // [gridDim.x] per-block maxima of the head
     int* best_i;
     int* ids;        // [0]: the step's input token, replaced by its argmax
@@ -364,9 +363,9 @@ template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int st
 // a time, one key per lane (online softmax across a chunk's rounds). Chunk c of head h is item
 // h * nchunk + c, taken by warp item / gridDim.x of block item % gridDim.x: the chunks spread
 // over every SM, so the cache streams at the device's bandwidth rather than a few SMs'. Each
-// warp writes its partial (max, sum, unnormalised output); the last warp of a head to finish
-// merges them (a counter per head, left at zero). Chunks are 32 keys up to 512 cached keys and
-// grow beyond, so that a head never has more than DK_MAX_CHUNKS partials for one warp to merge.
+// warp writes its partial (max, sum, unnormalised output), which the next phase merges
+// (`stage_attention`). Chunks are 32 keys up to 512 cached keys and grow beyond, so that a head
+// never has more than DK_MAX_CHUNKS partials.
 __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
@@ -431,34 +430,43 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
             m.pml[part * 2] = mx;
             m.pml[part * 2 + 1] = l;
         }
-        __threadfence();
-        __syncwarp();
-        int last = 0;
-        if (lane == 0) last = atomicAdd(&m.counters[h], 1) == nchunk - 1;
-        if (!__shfl_sync(0xffffffffu, last, 0)) continue;
-        __threadfence();
-        const float* ml = m.pml + (size_t)h * nchunk * 2;
-        const float* po = m.po + (size_t)h * nchunk * hd;
-        float MM = -INFINITY, tot = 0.f;
-        for (int q = lane; q < nchunk; q += 32) MM = fmaxf(MM, __ldcg(ml + 2 * q));
-        MM = warp_max(MM);
-        for (int q = lane; q < nchunk; q += 32) tot += __ldcg(ml + 2 * q + 1) * expf(__ldcg(ml + 2 * q) - MM);
-        tot = warp_sum(tot);
-        float out[ATT_MAXD];
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD; i++) out[i] = 0.f;
-#pragma unroll 4
-        for (int q = 0; q < nchunk; q++) {
-            float w = expf(__ldcg(ml + 2 * q) - MM);
-#pragma unroll
-            for (int i = 0; i < ATT_MAXD; i++)
-                if (i < nd) out[i] += __ldcg(po + (size_t)q * hd + lane + 32 * i) * w;
-        }
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD; i++)
-            if (i < nd) m.att[h * hd + lane + 32 * i] = out[i] / tot;
-        if (lane == 0) m.counters[h] = 0;
     }
+}
+
+// xs = the attention output of every head (qd floats): written by the attention phase when a
+// head has one chunk, else merged here from its partials (each block merges them itself, which
+// costs a few KB of L2 reads but no merge step, with its atomics and round trips, between the
+// attention and the barrier). Per head: MM = max of the chunks' maxima, tot = sum of l_c
+// e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot.
+// `sw` is shared scratch of nh * DK_MAX_CHUNKS + nh floats.
+__device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
+    int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+    int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
+    if (nchunk == 1) {
+        stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
+        return;
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* tot = sw + m.nh * DK_MAX_CHUNKS;
+    for (int h = warp; h < m.nh; h += DK_WARPS) {
+        const float* ml = m.pml + (size_t)h * nchunk * 2;
+        float mc = lane < nchunk ? __ldcg(ml + 2 * lane) : -INFINITY, lc = lane < nchunk ? __ldcg(ml + 2 * lane + 1) : 0.f;
+        float MM = warp_max(mc), w = lane < nchunk ? expf(mc - MM) : 0.f;
+        float t = warp_sum(lc * w);
+        if (lane < nchunk) sw[h * DK_MAX_CHUNKS + lane] = w;
+        if (lane == 0) tot[h] = t;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < qd; i += blockDim.x) {
+        int h = i / hd, d = i % hd;
+        const float* po = m.po + (size_t)h * nchunk * hd + d;
+        const float* w = sw + h * DK_MAX_CHUNKS;
+        float out = 0.f;
+#pragma unroll 4
+        for (int c = 0; c < nchunk; c++) out += __ldcg(po + (size_t)c * hd) * w[c];
+        xs[i] = out / tot[h];
+    }
+    __syncthreads();
 }
 
 extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_step(DModel m) {
@@ -559,7 +567,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         STAMP();
         // x += Wo · att
         stage_phase(m, L, 2, stage_buf(m, after, 0));
-        stage_input(xs, wn, m.att, qd, nullptr, 0.f);
+        stage_attention(m, xs, wn, pos);
         staged_wait();
         off = 0;
         open = m.stage > 0;

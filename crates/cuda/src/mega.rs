@@ -45,7 +45,6 @@ pub(crate) struct DModel {
     pub logits: u64,
     pub po: u64,
     pub pml: u64,
-    pub counters: u64,
     pub best_v: u64,
     pub best_i: u64,
     pub ids: u64,
@@ -177,12 +176,13 @@ mod tests {
 
     #[test]
     fn kernel_argument_layouts_match_decode_cu() {
-        // decode.cu: DLayer is 14 pointers and 8 ints; DModel 19 pointers, 10 ints, the timing
-        // pointer and 2 floats (NVRTC reports its parameter as 208 bytes).
+        // decode.cu: DLayer is 14 pointers and 8 ints; DModel 18 pointers, 10 ints, the timing
+        // pointer, 2 floats and 2 ints (NVRTC reports its parameter as 208 bytes).
         assert_eq!(std::mem::size_of::<DLayer>(), 14 * 8 + 8 * 4);
         assert_eq!(std::mem::size_of::<DModel>(), 208);
-        assert_eq!(std::mem::offset_of!(DModel, dim), 19 * 8);
-        assert_eq!(std::mem::offset_of!(DModel, timing), 19 * 8 + 10 * 4);
+        assert_eq!(std::mem::offset_of!(DModel, dim), 18 * 8);
+        assert_eq!(std::mem::offset_of!(DModel, timing), 18 * 8 + 10 * 4);
+        assert_eq!(std::mem::offset_of!(DModel, stage), 18 * 8 + 10 * 4 + 8 + 2 * 4);
         assert_eq!(std::mem::offset_of!(DLayer, ty), 14 * 8);
     }
 

@@ -593,7 +593,6 @@ impl GpuModel {
             logits: 0,
             po: p.po.ptr,
             pml: p.pml.ptr,
-            counters: s.counters.ptr,
             best_v: p.best_v.ptr,
             best_i: p.best_i.ptr,
             ids: s.ids.ptr,
