@@ -310,6 +310,16 @@ __device__ __forceinline__ u8* stage_buf(const DModel& m, float* after, int b) {
     return (u8*)base + ((threadIdx.x >> 5) * 2 + b) * (size_t)m.stage;
 }
 
+// Point ws / rs (row pointers and indices, as `wdot` takes them) at the staged copy of item rw's
+// rows in buffer `buf` when the item has its slot there (`stage_slot`); else leave them.
+__device__ __forceinline__ void use_staged(const DModel& m, const Rows& rw, u8* buf, int& off, bool& open, const u8** ws, int* rs) {
+    int at = off;
+    if (!stage_slot(m, rw, off, open)) return;
+    ws[0] = buf + at;
+    ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
+    rs[0] = rs[1] = 0;
+}
+
 // Queue the copies of this warp's rows of weight phase ph of block L (none when L is null),
 // as one cp.async group of every thread.
 __device__ void stage_phase(const DModel& m, const DLayer* L, int ph, u8* buf) {
@@ -533,13 +543,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             float2 cs = seg < 2 ? *(const float2*)(m.rope + ((size_t)pos * half + j) * 2) : make_float2(1.f, 0.f);
             const u8* ws[2] = {L->w[seg], L->w[seg]};
             int rs[2] = {r0, r1};
-            Rows rw = phase_rows(m, L, 0, g);
-            int at = off;
-            if (stage_slot(m, rw, off, open)) {
-                ws[0] = stage_buf(m, after, 0) + at;
-                ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
-                rs[0] = rs[1] = 0;
-            }
+            use_staged(m, phase_rows(m, L, 0, g), stage_buf(m, after, 0), off, open, ws, rs);
             float v[2];
             wdot_any<2>(L->ty[seg], ws, rs, xs, m.dim, v);
             float v0 = v[0], v1 = v[1];
@@ -572,10 +576,10 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         off = 0;
         open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
-            const u8* w = L->w[3];
-            int row = r, at = off;
-            if (stage_slot(m, phase_rows(m, L, 1, r), off, open)) w = stage_buf(m, after, 1) + at, row = 0;
-            float v = wdot1(L->ty[3], w, row, xs, qd);
+            const u8* ws[2] = {L->w[3], L->w[3]};
+            int rs[2] = {r, r};
+            use_staged(m, phase_rows(m, L, 1, r), stage_buf(m, after, 1), off, open, ws, rs);
+            float v = wdot1(L->ty[3], ws[0], rs[0], xs, qd);
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();
@@ -590,13 +594,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         for (int r = gw; r < m.hidden; r += W) {
             int rs[2] = {r, r};
             const u8* ws[2] = {L->w[4], L->w[5]};
-            Rows rw = phase_rows(m, L, 2, r);
-            int at = off;
-            if (stage_slot(m, rw, off, open)) {
-                ws[0] = stage_buf(m, after, 0) + at;
-                ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
-                rs[0] = rs[1] = 0;
-            }
+            use_staged(m, phase_rows(m, L, 2, r), stage_buf(m, after, 0), off, open, ws, rs);
             float gu[2];
             wdot2(L->ty + 4, ws, rs, xs, m.dim, gu);
             float g = gu[0], u = gu[1];
@@ -612,10 +610,10 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         off = 0;
         open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
-            const u8* w = L->w[6];
-            int row = r, at = off;
-            if (stage_slot(m, phase_rows(m, L, 3, r), off, open)) w = stage_buf(m, after, 1) + at, row = 0;
-            float v = wdot1(L->ty[6], w, row, xs, m.hidden);
+            const u8* ws[2] = {L->w[6], L->w[6]};
+            int rs[2] = {r, r};
+            use_staged(m, phase_rows(m, L, 3, r), stage_buf(m, after, 1), off, open, ws, rs);
+            float v = wdot1(L->ty[6], ws[0], rs[0], xs, m.hidden);
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();
