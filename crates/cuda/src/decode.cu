@@ -448,7 +448,7 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
 // costs a few KB of L2 reads but no merge step, with its atomics and round trips, between the
 // attention and the barrier). Per head: MM = max of the chunks' maxima, tot = sum of l_c
 // e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot.
-// `sw` is shared scratch of nh * DK_MAX_CHUNKS + nh floats.
+// `sw` is shared scratch of nh * (DK_MAX_CHUNKS + 1) floats.
 __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
     int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
     int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
@@ -485,7 +485,9 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     __shared__ float bv[DK_WARPS];
     __shared__ int bi[DK_WARPS];
     __shared__ int last;
-    float* const after = wn + m.dim;  // the staging buffers follow the norm weights
+    // wn holds the norm weights, or the attention merge's scratch (`stage_attention`; 33 per
+    // head covers DK_MAX_CHUNKS up to 32); the staging buffers follow it (mega.rs sizes both).
+    float* const after = wn + max(m.dim, m.nh * 33);
     stage_phase(m, m.layers, 0, stage_buf(m, after, 0));
     GRID_WAIT();
     unsigned arrivals = 0;
