@@ -41,6 +41,10 @@ pub struct Args {
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
+    /// Append each task's prompt and plain greedy output (token ids) to FILE as JSON lines, for
+    /// offline study of drafters (`bench/lookup_bound.py`).
+    #[arg(long, value_name = "FILE")]
+    pub dump: Option<PathBuf>,
 }
 
 #[derive(Default, Clone)]
@@ -82,12 +86,20 @@ pub fn main(a: Args) -> Result<()> {
     let names: Vec<String> = std::iter::once("plain".to_string()).chain(a.drafters.iter().cloned()).collect();
     // tally[group][method]
     let mut tally = vec![vec![Tally::default(); names.len()]; groups.len()];
+    let mut dump = match &a.dump {
+        Some(p) => Some(std::fs::OpenOptions::new().create(true).append(true).open(p).with_context(|| format!("opening {}", p.display()))?),
+        None => None,
+    };
     for (ti, task) in tasks.iter().enumerate() {
         let g = groups.iter().position(|x| *x == task.group).unwrap();
         eprintln!("task {}/{} ({})", ti + 1, tasks.len(), task.group);
         let t = Instant::now();
         let plain = generate(&model, &task.ids, &cfg, |_| ControlFlow::Continue(()))?;
         let secs = t.elapsed().as_secs_f64() - plain.prefill.as_secs_f64();
+        if let Some(f) = dump.as_mut() {
+            use std::io::Write;
+            writeln!(f, "{}", json!({"group": task.group, "prompt": task.ids, "out": plain.generated}))?;
+        }
         let e = &mut tally[g][0];
         e.tokens += plain.generated.len();
         e.secs += secs;
