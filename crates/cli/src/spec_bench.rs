@@ -153,7 +153,9 @@ pub fn main(a: Args) -> Result<()> {
 fn verify_cost(model: &augur_models::Model, cfg: &GenerateConfig) -> Result<serde_json::Value> {
     let llama = &model.llama;
     let depth = 256.min(llama.cfg.context.saturating_sub(17));
-    let toks: Vec<u32> = (0..depth as u32 + 16).map(|i| 100 + i % 1000).collect();
+    // Arbitrary ids inside the vocabulary (a tiny model's may hold only a few hundred).
+    let vocab = llama.cfg.vocab as u32;
+    let toks: Vec<u32> = (0..depth as u32 + 16).map(|i| (100 + i % 1000) % vocab).collect();
     let mut st = State::new(&llama.cfg);
     st.activations = cfg.activations;
     llama.forward(&mut st, &toks[..depth], Logits::Last)?;

@@ -83,6 +83,31 @@ fn tiny_model_runs_chats_inspects_and_benches() {
 }
 
 #[test]
+fn spec_bench_dumps_each_tasks_token_ids() {
+    let dir = tmpdir("specdump");
+    let (g, _) = tiny::write_both(&dir, true, 7).unwrap();
+    let tasks = dir.join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let line = |text: &str| format!("{}\n", serde_json::json!({"messages": [{"role": "user", "content": text}]}));
+    std::fs::write(tasks.join("grounded.jsonl"), line("copy this: a b c a b c a b c") + &line("hello hello hello")).unwrap();
+    let dump = dir.join("tokens.jsonl");
+    let out = augur(&[
+        "spec-bench", "-m", &g.display().to_string(), "--tasks", &tasks.display().to_string(), "-n", "6", "-t", "1", "--json",
+        "--dump", &dump.display().to_string(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = std::fs::read_to_string(&dump).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2, "one line per task");
+    for l in &lines {
+        assert_eq!(l["group"], "grounded");
+        assert!(!l["prompt"].as_array().unwrap().is_empty());
+        let n = l["out"].as_array().unwrap().len();
+        assert!((1..=6).contains(&n), "{n} tokens");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
 fn bad_input_gets_a_clear_error() {
     let dir = tmpdir("bad");
     let (g, _) = tiny::write_both(&dir, true, 5).unwrap();
