@@ -1,9 +1,10 @@
-// FlashAttention forward for Hopper (sm_90a): the products on `wgmma`, issued by a warpgroup
-// (4 warps) for 64 query rows at a time, with B, and for q k^T also A, read by the tensor cores
-// straight from shared memory; p stays in registers as the A operand of p v. Appended to
-// flash.cu (same program, its helpers and `FaArgs`); compiled only for sm_90a.
+// FlashAttention for Hopper (sm_90a), forward and backward: the products on `wgmma`, issued by
+// a warpgroup (4 warps) for 64 rows at a time, with B, and for q k^T also A, read by the tensor
+// cores straight from shared memory; p stays in registers as the A operand of p v. Appended to
+// flash.cu (same program, its helpers and `FaArgs`); compiled only for sm_90a. The descriptor
+// strides below can be overridden through AUGUR_CUDA_DEFINES: a wrong one must fail the tests.
 //
-// Block: 2 warpgroups (256 threads) over F3_BM = 128 query rows, F3_BN = 128 keys per tile,
+// Forward block: 2 warpgroups (256 threads) over F3_BM = 128 query rows, F3_BN = 128 keys per tile,
 // head width 128. Shared memory, 1024-aligned: q, then two buffers of k and two of v, each tile
 // as two 64-column halves of 128-byte rows with the 128-byte swizzle (16-byte chunk c of row r
 // at c ^ (r % 8)), the layout `wgmma` reads as K-major (q, k) and, transposed, as MN-major (v).
