@@ -369,16 +369,22 @@ template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int st
     }
 }
 
+// Keys per attention chunk with nkeys cached keys; the attention phase and the merge of its
+// partials (`stage_attention`) must cut the keys alike.
+__device__ __forceinline__ int attn_span(int nkeys) {
+    return 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+}
+
 // Attention of the step's query (m.q) against cache rows 0..pos in chunks of `span` keys, 32 at
 // a time, one key per lane (online softmax across a chunk's rounds). Chunk c of head h is item
 // h * nchunk + c, taken by warp item / gridDim.x of block item % gridDim.x: the chunks spread
 // over every SM, so the cache streams at the device's bandwidth rather than a few SMs'. Each
 // warp writes its partial (max, sum, unnormalised output), which the next phase merges
 // (`stage_attention`). Chunks are 32 keys up to 512 cached keys and grow beyond, so that a head
-// never has more than DK_MAX_CHUNKS partials.
+// never has more than DK_MAX_CHUNKS partials (`attn_span`).
 __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+    int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span;
     int hd = m.hd, nd = hd / 32, kvd = m.nkv * hd, group = m.nh / m.nkv;
     for (int it = blockIdx.x + warp * gridDim.x; it < m.nh * nchunk; it += gridDim.x * DK_WARPS) {
@@ -450,7 +456,7 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
 // e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot.
 // `sw` is shared scratch of nh * (DK_MAX_CHUNKS + 1) floats.
 __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
-    int nkeys = pos + 1, span = 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+    int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
     if (nchunk == 1) {
         stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
