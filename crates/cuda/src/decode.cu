@@ -11,7 +11,8 @@
 // input in its own shared memory (a few KB), so no phase needs a barrier of its own. Attention
 // spreads 32-key chunks of every head over all SMs (on a few SMs it was bound by their share of
 // the bandwidth: 21 µs a block instead of 3.5). The next block's weights and cache are
-// prefetched into L2 while the current one runs. Activations written inside
+// prefetched into L2 while the current one runs, by the warps that would otherwise idle through
+// a grid barrier (issued up front they cost every block 3.3 µs). Activations written inside
 // the launch are read with ld.global.cg (from L2, never from a block's stale L1).
 //
 // Appended to kernels.cu by the build (one NVRTC program): it reuses dq8, warp_sum, block_sum.
@@ -77,6 +78,9 @@ struct DModel {
 #endif
 #ifndef DK_MAX_CHUNKS
 #define DK_MAX_CHUNKS 16  // most attention partials per head (tuning knob)
+#endif
+#ifndef DK_HEAD_ROWS
+#define DK_HEAD_ROWS 4  // output-head rows a warp loads at once (tuning knob)
 #endif
 #ifndef DK_PREFETCH
 #define DK_PREFETCH 1  // prefetch the next block's weights and cache into L2 (tuning knob)
@@ -187,8 +191,9 @@ __device__ void dq8_any(int ty, const u8* row, int c, float* o) {
 // The next grid-wide barrier of this launch (`arrivals` counts the arrivals it waits for):
 // returns once every block has arrived, with the writes made before it visible. The block's
 // writes are ordered before thread 0's release-add by the CTA barrier (release is cumulative);
-// thread 0's acquire-load orders what follows.
-__device__ __forceinline__ void grid_barrier(unsigned* ctr, unsigned& arrivals) {
+// thread 0's acquire-load orders what follows. While thread 0 polls, warps 1.. of the block run
+// `idle` (prefetches and table copies that no phase waits for).
+template <class F> __device__ __forceinline__ void grid_barrier(unsigned* ctr, unsigned& arrivals, F idle) {
     __syncthreads();
     arrivals += gridDim.x;
     if (threadIdx.x == 0) {
@@ -200,24 +205,63 @@ __device__ __forceinline__ void grid_barrier(unsigned* ctr, unsigned& arrivals) 
 #endif
             asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(ctr) : "memory");
         } while (v < arrivals);
+    } else if (threadIdx.x >= 32) {
+        idle();
     }
     __syncthreads();
 }
 
-// Pull `bytes` at `p` into L2, spread over every thread of the grid.
-__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes) {
+// Pull `bytes` at `p` into L2, 128-byte line t of every nt (t counts the threads sharing it).
+__device__ __forceinline__ void prefetch_l2(const void* p, size_t bytes, size_t t, size_t nt) {
     if (!DK_PREFETCH) return;
-    size_t stride = (size_t)gridDim.x * blockDim.x * 128;
-    for (size_t off = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * 128; off < bytes; off += stride)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"((const u8*)p + off));
+    for (size_t off = t * 128; off < bytes; off += nt * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const u8*)p + off));
 }
 
-__device__ void prefetch_layer(const DModel& m, const DLayer* L) {
+// Every thread of the grid pulls its share of `bytes` at `p` into L2.
+__device__ __forceinline__ void prefetch_all(const void* p, size_t bytes) {
+    prefetch_l2(p, bytes, (size_t)blockIdx.x * blockDim.x + threadIdx.x, (size_t)gridDim.x * blockDim.x);
+}
+
+// Bytes of matrix i (q, k, v, o, gate, up, down) of a block.
+__device__ __forceinline__ size_t matrix_bytes(const DModel& m, const DLayer* L, int i) {
     int qd = m.nh * m.hd, kvd = m.nkv * m.hd;
     const int rows[7] = {qd, kvd, kvd, m.dim, m.hidden, m.hidden, m.dim};
     const int ks[7] = {m.dim, m.dim, m.dim, qd, m.dim, m.dim, m.hidden};
-#pragma unroll
-    for (int i = 0; i < 7; i++) prefetch_l2(L->w[i], (size_t)rows[i] * rb_any(L->ty[i], ks[i]));
+    return (size_t)rows[i] * rb_any(L->ty[i], ks[i]);
+}
+
+// Share `part` (0..4, one per grid barrier of a block) of what the next block needs in L2: its
+// q/k/v, o and the key cache, gate and the value cache, up, down; or, when `next` is null, a
+// fifth of the output head. Run by warps 1.. of every block while a barrier waits.
+__device__ void prefetch_part(const DModel& m, const DLayer* next, int part, int pos) {
+    size_t nt = (size_t)gridDim.x * (blockDim.x - 32), t = (size_t)blockIdx.x * (blockDim.x - 32) + threadIdx.x - 32;
+    if (!next) {
+        size_t head = (size_t)m.vocab * rb_any(m.t_out, m.dim), fifth = (head / 5 + 127) & ~(size_t)127;
+        size_t from = min(head, part * fifth);
+        prefetch_l2(m.out + from, min(fifth, head - from), t, nt);
+        return;
+    }
+    size_t cache = (size_t)pos * m.nkv * m.hd * 4;
+    switch (part) {
+        case 0:
+            for (int i = 0; i < 3; i++) prefetch_l2(next->w[i], matrix_bytes(m, next, i), t, nt);
+            break;
+        case 1:
+            prefetch_l2(next->w[3], matrix_bytes(m, next, 3), t, nt);
+            prefetch_l2(next->kc, cache, t, nt);
+            break;
+        case 2:
+            prefetch_l2(next->w[4], matrix_bytes(m, next, 4), t, nt);
+            prefetch_l2(next->vc, cache, t, nt);
+            break;
+        default: prefetch_l2(next->w[part + 2], matrix_bytes(m, next, part + 2), t, nt); break;
+    }
+}
+
+// Copy block table entry `src` (global) to `dst` (shared), by the warp whose lane `i` (0..31) is
+// this thread.
+__device__ __forceinline__ void copy_layer(DLayer* dst, const DLayer* src, int i) {
+    for (int w = i; w < (int)(sizeof(DLayer) / 4); w += 32) ((u32*)dst)[w] = __ldg((const u32*)src + w);
 }
 
 // xs = src (k floats written earlier in this launch), then RMSNorm(xs) * nw unless nw is null.
@@ -238,13 +282,15 @@ __device__ void stage_input(float* xs, float* wn, const float* src, int k, const
     __syncthreads();
 }
 
-// Weight staging. A phase's weights do not depend on the barrier before it, only its input
+// Weight staging. A phase's weights do not depend on the grid barrier before it, only its input
 // does, so each warp copies the rows of its items for the next weight phase into its own
 // shared-memory buffer (cp.async, two buffers per warp) when the current phase starts, and reads
 // them from there instead of making L2 round trips after the barrier. Weight phases: 0 q/k/v
 // (pairs of rows, `qkv_pair`), 1 o, 2 gate/up (row g of each), 3 down; phase p uses buffer
-// p % 2. Items that do not fit what is left of a buffer (or are not whole 4-byte words) are
-// read from global memory as before; `stage_slot` decides the same way on both sides.
+// p % 2. A row travels as the 16-byte-aligned span that holds it (16-byte copies, its bytes at
+// the same offset mod 16 as in global memory; the uploads pad each matrix to 16 bytes). Items
+// that do not fit what is left of a buffer are read from global memory as before; `stage_slot`
+// decides the same way on both sides.
 
 // The weight rows of item g of weight phase ph of block L.
 struct Rows {
@@ -284,19 +330,17 @@ __device__ __forceinline__ Rows phase_rows(const DModel& m, const DLayer* L, int
     return r;
 }
 
+// Bytes of the 16-byte-aligned span that holds `rb` bytes at `w`.
+__device__ __forceinline__ int span16(const u8* w, int rb) {
+    return (int)((((size_t)w + rb + 15) & ~(size_t)15) - ((size_t)w & ~(size_t)15));
+}
+
 // Whether an item's rows have a place in the warp's buffer: at `off`, which moves past them.
 // The first item that has none closes the buffer for the rest of the phase.
 __device__ __forceinline__ bool stage_slot(const DModel& m, const Rows& r, int& off, bool& open) {
     if (!open) return false;
-    int need = 0;
-    bool words = true;
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        if (i == r.n) break;
-        need += (r.rb[i] + 15) & ~15;
-        words = words && ((size_t)r.w[i] | (size_t)r.rb[i]) % 4 == 0;
-    }
-    if (!words || off + need > m.stage) {
+    int need = span16(r.w[0], r.rb[0]) + (r.n > 1 ? span16(r.w[1], r.rb[1]) : 0);
+    if (off + need > m.stage) {
         open = false;
         return false;
     }
@@ -315,8 +359,8 @@ __device__ __forceinline__ u8* stage_buf(const DModel& m, float* after, int b) {
 __device__ __forceinline__ void use_staged(const DModel& m, const Rows& rw, u8* buf, int& off, bool& open, const u8** ws, int* rs) {
     int at = off;
     if (!stage_slot(m, rw, off, open)) return;
-    ws[0] = buf + at;
-    ws[1] = ws[0] + ((rw.rb[0] + 15) & ~15);
+    ws[0] = buf + at + ((size_t)rw.w[0] & 15);
+    ws[1] = buf + at + span16(rw.w[0], rw.rb[0]) + ((size_t)rw.w[1] & 15);
     rs[0] = rs[1] = 0;
 }
 
@@ -333,9 +377,11 @@ __device__ void stage_phase(const DModel& m, const DLayer* L, int ph, u8* buf) {
         for (int i = 0; i < 2; i++) {
             if (i == r.n) break;
             u32 dst = (u32)__cvta_generic_to_shared(buf + at);
-            for (int w = lane; w < r.rb[i] / 4; w += 32)
-                asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst + 4 * w), "l"(r.w[i] + 4 * w) : "memory");
-            at += (r.rb[i] + 15) & ~15;
+            const u8* src = (const u8*)((size_t)r.w[i] & ~(size_t)15);
+            int n = span16(r.w[i], r.rb[i]);
+            for (int b = 16 * lane; b < n; b += 32 * 16)
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst + b), "l"(src + b) : "memory");
+            at += n;
         }
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
@@ -494,7 +540,13 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     // wn holds the norm weights, or the attention merge's scratch (`stage_attention`; 33 per
     // head covers DK_MAX_CHUNKS up to 32); the staging buffers follow it (mega.rs sizes both).
     float* const after = wn + max(m.dim, m.nh * 33);
+    // This block's and the next one's table entries: a block's fields are read many times per
+    // phase, from shared memory rather than in dependent L2 round trips. The next entry is copied
+    // during the first barrier of each block.
+    __shared__ DLayer sl[2];
     stage_phase(m, m.layers, 0, stage_buf(m, after, 0));
+    for (int i = 0; i < 7; i++) prefetch_all(m.layers[0].w[i], matrix_bytes(m, m.layers, i));
+    if (threadIdx.x < 32) copy_layer(sl, m.layers, threadIdx.x);
     GRID_WAIT();
     unsigned arrivals = 0;
     int stamp = 0;
@@ -502,19 +554,17 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int gw = blockIdx.x * DK_WARPS + warp, W = gridDim.x * DK_WARPS;
     int pos = m.meta[0], half = m.hd / 2, qd = m.nh * m.hd, kvd = m.nkv * m.hd;
-    prefetch_layer(m, m.layers);
-    prefetch_l2(m.layers[0].kc, (size_t)pos * kvd * 4);
-    prefetch_l2(m.layers[0].vc, (size_t)pos * kvd * 4);
+    prefetch_all(m.layers[0].kc, (size_t)pos * kvd * 4);
+    prefetch_all(m.layers[0].vc, (size_t)pos * kvd * 4);
+    __syncthreads();
     for (int l = 0; l < m.n_layer; l++) {
-        const DLayer* L = m.layers + l;
-        if (l + 1 < m.n_layer) {
-            prefetch_layer(m, L + 1);
-            prefetch_l2(L[1].kc, (size_t)pos * kvd * 4);
-            prefetch_l2(L[1].vc, (size_t)pos * kvd * 4);
-        }
-        else prefetch_l2(m.out, (size_t)m.vocab * rb_any(m.t_out, m.dim));
+        const DLayer* L = sl + (l & 1);
+        // The next block (global, until its copy `ns` lands at the first barrier), or none.
+        const DLayer* next = l + 1 < m.n_layer ? m.layers + l + 1 : nullptr;
+        DLayer* ns = sl + ((l + 1) & 1);
         // q/k/v of RMSNorm(x), RoPE, cache write. Layer 0 builds x from the embedding itself.
         stage_phase(m, L, 1, stage_buf(m, after, 1));
+        STAMP();
         if (l == 0) {
             int id = m.ids[0];
             if (id < 0 || id >= m.vocab) id = 0;  // a non-finite step before; the host reports it
@@ -538,8 +588,10 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         } else {
             stage_input(xs, wn, m.x, m.dim, L->attn_norm, m.eps);
         }
+        STAMP();
         int pq = qd / 2, pk = kvd / 2;
         staged_wait();
+        STAMP();
         int off = 0;
         bool open = m.stage > 0;
         for (int g = gw; g < pq + 2 * pk; g += W) {
@@ -571,16 +623,22 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             }
         }
         STAMP();
-        grid_barrier(m.bar, arrivals);
+        grid_barrier(m.bar, arrivals, [&] {
+            if (next && threadIdx.x < 64) copy_layer(ns, next, threadIdx.x - 32);
+            prefetch_part(m, next, 0, pos);
+        });
         STAMP();
         attn_phase(m, L, pos);
         STAMP();
-        grid_barrier(m.bar, arrivals);
+        grid_barrier(m.bar, arrivals, [&] { prefetch_part(m, next, 1, pos); });
         STAMP();
         // x += Wo · att
         stage_phase(m, L, 2, stage_buf(m, after, 0));
+        STAMP();
         stage_attention(m, xs, wn, pos);
+        STAMP();
         staged_wait();
+        STAMP();
         off = 0;
         open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
@@ -591,12 +649,15 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();
-        grid_barrier(m.bar, arrivals);
+        grid_barrier(m.bar, arrivals, [&] { prefetch_part(m, next, 2, pos); });
         STAMP();
         // h = silu(gate · RMSNorm(x)) * (up · RMSNorm(x))
         stage_phase(m, L, 3, stage_buf(m, after, 1));
+        STAMP();
         stage_input(xs, wn, m.x, m.dim, L->ffn_norm, m.eps);
+        STAMP();
         staged_wait();
+        STAMP();
         off = 0;
         open = m.stage > 0;
         for (int r = gw; r < m.hidden; r += W) {
@@ -609,12 +670,15 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             if (lane == 0) m.h[r] = g / (1.0f + expf(-g)) * u;
         }
         STAMP();
-        grid_barrier(m.bar, arrivals);
+        grid_barrier(m.bar, arrivals, [&] { prefetch_part(m, next, 3, pos); });
         STAMP();
         // x += Wdown · h
-        stage_phase(m, l + 1 < m.n_layer ? L + 1 : nullptr, 0, stage_buf(m, after, 0));
+        stage_phase(m, next ? ns : nullptr, 0, stage_buf(m, after, 0));
+        STAMP();
         stage_input(xs, wn, m.h, m.hidden, nullptr, 0.f);
+        STAMP();
         staged_wait();
+        STAMP();
         off = 0;
         open = m.stage > 0;
         for (int r = gw; r < m.dim; r += W) {
@@ -625,23 +689,27 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
             if (lane == 0) m.x[r] = __ldcg(m.x + r) + v;
         }
         STAMP();
-        grid_barrier(m.bar, arrivals);
+        grid_barrier(m.bar, arrivals, [&] { prefetch_part(m, next, 4, pos); });
         STAMP();
     }
     // The head and the argmax (the first maximum): per warp, per block, then the last block.
     stage_input(xs, wn, m.x, m.dim, m.norm, m.eps);
     float best = -INFINITY;
     int idx = 0x7fffffff;
-    // Four rows at a time (r, r + W, r + 2W, r + 3W; past the end: row r again, ignored).
-    for (int r = gw; r < m.vocab; r += 4 * W) {
-        const u8* ws[4] = {m.out, m.out, m.out, m.out};
-        int rs[4];
+    // DK_HEAD_ROWS rows at a time (r, r + W, ...; past the end: row r again, ignored).
+    constexpr int HR = DK_HEAD_ROWS;
+    for (int r = gw; r < m.vocab; r += HR * W) {
+        const u8* ws[HR];
+        int rs[HR];
 #pragma unroll
-        for (int i = 0; i < 4; i++) rs[i] = r + i * W < m.vocab ? r + i * W : r;
-        float v[4];
-        wdot_any<4>(m.t_out, ws, rs, xs, m.dim, v);
+        for (int i = 0; i < HR; i++) {
+            ws[i] = m.out;
+            rs[i] = r + i * W < m.vocab ? r + i * W : r;
+        }
+        float v[HR];
+        wdot_any<HR>(m.t_out, ws, rs, xs, m.dim, v);
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < HR; i++) {
             if (r + i * W >= m.vocab) break;
             if (lane == 0 && m.logits) m.logits[r + i * W] = v[i];
             take_max(v[i], r + i * W, best, idx);

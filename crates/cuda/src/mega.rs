@@ -96,23 +96,31 @@ pub(crate) struct Persistent {
 /// 360-byte rows). `AUGUR_CUDA_STAGE=N` sets it, 0 turning staging off (A/B runs).
 const STAGE: usize = 2048;
 
-/// Clock stamps of one step: the start, ten per block, the head's end.
+/// What block 0 stamps the clock after, per decoder block (`STAMP` in decode.cu): each weight
+/// phase queues the next phase's staged weights (".stage"), builds its input (".in", or
+/// ".merge" of the attention partials), waits for its staged weights (".wait") and does its
+/// rows; each phase ends with a grid barrier ("wait").
+const PHASES: [&str; 22] = [
+    "q.stage", "q.in", "q.wait", "qkv", "wait", "attn", "wait", "o.stage", "o.merge", "o.wait", "o", "wait", "g.stage", "g.in",
+    "g.wait", "gate/up", "wait", "d.stage", "d.in", "d.wait", "down", "wait",
+];
+
+/// Clock stamps of one step: the start, `PHASES` per block, the head's end.
 pub(crate) fn stamps(n_layer: usize) -> usize {
-    2 + 10 * n_layer
+    2 + PHASES.len() * n_layer
 }
 
 /// Mean time of each phase over the blocks, from one step's stamps, as one line.
 pub(crate) fn timing_report(t: &[i64], n_layer: usize, clock_khz: f64) -> String {
-    const NAMES: [&str; 10] = ["qkv", "wait", "attn", "wait", "o", "wait", "gate/up", "wait", "down", "wait"];
     let us = |c: i64| c as f64 / clock_khz * 1e3;
-    let mut sums = [0i64; 10];
+    let mut sums = [0i64; PHASES.len()];
     for l in 0..n_layer {
         for (p, s) in sums.iter_mut().enumerate() {
-            let i = 1 + 10 * l + p;
+            let i = 1 + PHASES.len() * l + p;
             *s += t[i] - t[i - 1];
         }
     }
-    let phases: Vec<String> = NAMES.iter().zip(sums).map(|(n, s)| format!("{n} {:.2}", us(s) / n_layer as f64)).collect();
+    let phases: Vec<String> = PHASES.iter().zip(sums).map(|(n, s)| format!("{n} {:.2}", us(s) / n_layer as f64)).collect();
     let last = t.len() - 1;
     format!("persistent step (block 0, µs at {:.0} MHz): per block: {}; head {:.2}; total {:.1}", clock_khz / 1e3, phases.join(", "), us(t[last] - t[last - 1]), us(t[last] - t[0]))
 }
@@ -191,7 +199,7 @@ mod tests {
         // Two blocks; every phase of block 0 takes 1000 cycles, of block 1 3000; the head 500.
         let mut t = vec![0i64];
         for l in 0..2 {
-            for _ in 0..10 {
+            for _ in 0..PHASES.len() {
                 let last = *t.last().unwrap();
                 t.push(last + if l == 0 { 1000 } else { 3000 });
             }
@@ -200,7 +208,7 @@ mod tests {
         assert_eq!(t.len(), stamps(2));
         // At 1 GHz (1e6 kHz) a cycle is a nanosecond: each phase averages 2 µs.
         let r = timing_report(&t, 2, 1e6);
-        assert!(r.contains("qkv 2.00, wait 2.00, attn 2.00"), "{r}");
-        assert!(r.contains("head 0.50; total 40.5"), "{r}");
+        assert!(r.contains("q.stage 2.00, q.in 2.00, q.wait 2.00, qkv 2.00, wait 2.00, attn 2.00"), "{r}");
+        assert!(r.contains("head 0.50; total 88.5"), "{r}");
     }
 }

@@ -142,7 +142,16 @@ impl Device {
             Weights::BF16(w) => bytes_of(w),
             Weights::Quant(_, w) => w,
         };
-        Ok(DevMat { ty: type_index(&m.weights), rows: m.rows, k: m.k, buf: self.upload(bytes)? })
+        // Padded to 16 bytes: the persistent step copies rows as the 16-byte-aligned spans that
+        // hold them (`stage_phase` in decode.cu), so the last row's span may pass its end.
+        let buf = if bytes.len() % 16 == 0 {
+            self.upload(bytes)?
+        } else {
+            let mut padded = bytes.to_vec();
+            padded.resize(bytes.len().next_multiple_of(16), 0);
+            self.upload(&padded)?
+        };
+        Ok(DevMat { ty: type_index(&m.weights), rows: m.rows, k: m.k, buf })
     }
 
     /// Whether one matrix-vector launch can take `n` tokens of width `k`.
