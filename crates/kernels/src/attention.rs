@@ -61,6 +61,13 @@ pub fn attention(
         assert_eq!(m.len(), q.len() / (n_head * head_dim) * seq, "attention: mask must be [n_tok, seq]");
     }
     let group = n_head / n_kv_head;
+    #[cfg(target_arch = "x86_64")]
+    if let Mask::Causal { pos0 } = mask {
+        if grouped(q.len() / (n_head * head_dim), head_dim) {
+            grouped_causal(q, k_cache, v_cache, seq, shape, pos0, scale, out);
+            return;
+        }
+    }
     let op = pool::SyncPtr::new(out.as_mut_ptr());
     let items = out.len() / head_dim;
     pool::global().for_chunks(items, 1, &|range| {
@@ -100,6 +107,68 @@ pub fn attention(
                         visible.clear();
                         visible.extend(m[t * seq..(t + 1) * seq].iter().enumerate().filter(|e| *e.1).map(|e| e.0 as u32));
                         Head { positions: Some(visible), ..head }.run(&mut scores[..n_vis], o)
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Whether a causal pass of `n_tok` tokens takes [`grouped_causal`]: several tokens, heads of 64
+/// or 128, AVX-512.
+#[cfg(target_arch = "x86_64")]
+fn grouped(n_tok: usize, head_dim: usize) -> bool {
+    use crate::cpu::{isa, Isa};
+    n_tok > 1 && matches!(head_dim, 64 | 128) && isa() != Isa::Scalar && is_x86_feature_detected!("avx512f")
+}
+
+/// One query of a grouped call: its vector, where its output goes, how many positions it sees.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct GroupQuery {
+    q: *const f32,
+    out: *mut f32,
+    n: usize,
+}
+
+/// A causal pass of several tokens with the queries that share a KV head taken together, up to
+/// eight per work item (ordered by token, so an item's queries see about as many positions):
+/// each item reads its head's keys and values from L2 once rather than once per query. Results
+/// equal the one-query path's bit for bit (`avx512::group`).
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn grouped_causal(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape: Shape, pos0: usize, scale: f32, out: &mut [f32]) {
+    use avx512::GROUP_MAX;
+    let Shape { n_head, n_kv_head, head_dim } = shape;
+    let (group, kv_stride) = (n_head / n_kv_head, n_kv_head * head_dim);
+    let per_kv = q.len() / head_dim / n_kv_head;
+    let chunks = per_kv.div_ceil(GROUP_MAX);
+    let op = pool::SyncPtr::new(out.as_mut_ptr());
+    pool::global().for_chunks(n_kv_head * chunks, 1, &|range| {
+        for item in range {
+            let (kvh, c) = (item / chunks, item % chunks);
+            let qis = c * GROUP_MAX..((c + 1) * GROUP_MAX).min(per_kv);
+            let mut qs = [GroupQuery { q: std::ptr::null(), out: std::ptr::null_mut(), n: 0 }; GROUP_MAX];
+            for (slot, qi) in qs.iter_mut().zip(qis.clone()) {
+                let (t, h) = (qi / group, kvh * group + qi % group);
+                let i = t * n_head + h;
+                // SAFETY: query i owns out[i*head_dim..(i+1)*head_dim]; items are disjoint.
+                let o = unsafe { op.slice(i * head_dim, head_dim) };
+                *slot = GroupQuery { q: q[i * head_dim..].as_ptr(), out: o.as_mut_ptr(), n: (pos0 + t + 1).min(seq) };
+            }
+            let qs = &qs[..qis.len()];
+            SCRATCH.with(|s| {
+                let scores = &mut s.borrow_mut().0;
+                if scores.len() < GROUP_MAX * seq {
+                    scores.resize((GROUP_MAX * seq).max(4096).next_power_of_two(), 0.0);
+                }
+                let (k, v) = (k_cache[kvh * head_dim..].as_ptr(), v_cache[kvh * head_dim..].as_ptr());
+                // SAFETY: AVX-512F detected (`grouped`); each query's vector and output hold
+                // head_dim = 16 · NV floats, and the caches `seq` rows of kv_stride.
+                unsafe {
+                    match head_dim {
+                        64 => avx512::group::<4>(qs, k, v, kv_stride, scale, scores, seq),
+                        _ => avx512::group::<8>(qs, k, v, kv_stride, scale, scores, seq),
                     }
                 }
             });
@@ -309,22 +378,56 @@ mod avx512 {
         _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n))
     }
 
-    /// One head with `head_dim = 16 · NV`: scores with one FMA chain per position, softmax over
-    /// 16 positions at a time, and the weighted sum of values kept in NV registers.
+    /// Sums of each of sixteen vectors, as the sixteen lanes of one: a transposing addition tree
+    /// (pairs of vectors within 128-bit lanes, then across them), the same tree for every lane,
+    /// so a score does not depend on its slot. 30 shuffles and 15 additions where sixteen
+    /// horizontal reductions take 64 and 64.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn sums16(a: &[__m512; 16]) -> __m512 {
+        // [x0+x2, y0+y2, x1+x3, y1+y3] in each 128-bit lane.
+        let pair = |x: __m512, y: __m512| _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+        // [a, b, c, d] sums over each 128-bit lane.
+        let quad = |ab: __m512, cd: __m512| {
+            let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
+            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)))
+        };
+        // 128-bit lanes (0, 2) and (1, 3) of each input, added.
+        let fold = |x: __m512, y: __m512| {
+            _mm512_add_ps(_mm512_shuffle_f32x4::<0b10_00_10_00>(x, y), _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y))
+        };
+        let q: [__m512; 4] = std::array::from_fn(|i| quad(pair(a[4 * i], a[4 * i + 1]), pair(a[4 * i + 2], a[4 * i + 3])));
+        fold(fold(q[0], q[1]), fold(q[2], q[3]))
+    }
+
+    /// Scores of positions `from..to` into `scores[from..to]`: sixteen at a time (sixteen
+    /// independent FMA chains, then one transposing addition tree); a partial last group repeats
+    /// position `to - 1` and drops its extra scores. A score does not depend on its slot, so
+    /// `0..n` cut into runs anywhere gives the scores of one run, bit for bit.
+    #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
-        let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(h.q.as_ptr().add(16 * c)));
-        let (kp, vp) = (h.k.as_ptr().add(h.offset), h.v.as_ptr().add(h.offset));
-        let pos = |i: usize| h.positions.map_or(i, |p| p[i] as usize);
-        for (i, sc) in scores.iter_mut().enumerate() {
-            let k = kp.add(pos(i) * h.stride);
-            let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(k));
-            for (c, qc) in q.iter().enumerate().skip(1) {
-                acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(k.add(16 * c)), acc);
-            }
-            *sc = _mm512_reduce_add_ps(acc) * h.scale;
+    unsafe fn score_run<const NV: usize>(q: &[__m512; NV], k: Kv, from: usize, to: usize, scale: f32, scores: *mut f32) {
+        let scale = _mm512_set1_ps(scale);
+        let mut i = from;
+        while i < to {
+            let acc: [__m512; 16] = std::array::from_fn(|j| {
+                let kr = k.row((i + j).min(to - 1));
+                let mut acc = _mm512_mul_ps(q[0], _mm512_loadu_ps(kr));
+                for (c, qc) in q.iter().enumerate().skip(1) {
+                    acc = _mm512_fmadd_ps(*qc, _mm512_loadu_ps(kr.add(16 * c)), acc);
+                }
+                acc
+            });
+            let keep: __mmask16 = if i + 16 <= to { 0xffff } else { ((1u32 << (to - i)) - 1) as u16 };
+            _mm512_mask_storeu_ps(scores.add(i), keep, _mm512_mul_ps(sums16(&acc), scale));
+            i += 16;
         }
-        // softmax
+    }
+
+    /// Softmax numerators of `scores` in place, 16 at a time; returns one over their sum.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn softmax_run(scores: &mut [f32]) -> __m512 {
         let n = scores.len();
         let full = n / 16 * 16;
         let sp = scores.as_mut_ptr();
@@ -347,20 +450,108 @@ mod avx512 {
             _mm512_mask_storeu_ps(sp.add(full), tail_mask, e);
             sum = _mm512_add_ps(sum, e);
         }
-        let inv = 1.0 / _mm512_reduce_add_ps(sum);
-        // weighted sum of values
-        let mut o = [_mm512_setzero_ps(); NV];
-        for (i, &p) in scores.iter().enumerate() {
-            if p == 0.0 {
-                continue;
+        _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum))
+    }
+
+    /// Four sets of NV accumulators of the weighted sum of values (one set alone is a chain of
+    /// dependent FMAs, latency-bound).
+    type Acc<const NV: usize> = [[__m512; NV]; 4];
+
+    /// Adds `p_i · inv · V[i]` for positions `from..to` (`from` a multiple of 4) to `o`, four
+    /// positions at a time, position `i` into set `i % 4`: runs cut at multiples of 4 add up
+    /// as one run.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    unsafe fn value_run<const NV: usize>(o: &mut Acc<NV>, scores: &[f32], inv: __m512, v: Kv, from: usize, to: usize) {
+        let mut i = from;
+        while i < to {
+            for (u, ou) in o.iter_mut().enumerate() {
+                if i + u == to {
+                    break;
+                }
+                let (pv, vr) = (_mm512_mul_ps(_mm512_set1_ps(scores[i + u]), inv), v.row(i + u));
+                for (c, oc) in ou.iter_mut().enumerate() {
+                    *oc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(vr.add(16 * c)), *oc);
+                }
             }
-            let (pv, v) = (_mm512_set1_ps(p * inv), vp.add(pos(i) * h.stride));
-            for (c, oc) in o.iter_mut().enumerate() {
-                *oc = _mm512_fmadd_ps(pv, _mm512_loadu_ps(v.add(16 * c)), *oc);
+            i += 4;
+        }
+    }
+
+    /// `out = o[0] + o[1] + o[2] + o[3]`, in that order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_sum<const NV: usize>(o: &Acc<NV>, out: *mut f32) {
+        for (c, (((a, b), x), y)) in o[0].iter().zip(&o[1]).zip(&o[2]).zip(&o[3]).enumerate() {
+            _mm512_storeu_ps(out.add(16 * c), _mm512_add_ps(_mm512_add_ps(*a, *b), _mm512_add_ps(*x, *y)));
+        }
+    }
+
+    /// Rows of one KV head in a cache: position i (or the i-th listed one) at `base + stride · i`.
+    #[derive(Clone, Copy)]
+    struct Kv<'a> {
+        base: *const f32,
+        stride: usize,
+        positions: Option<&'a [u32]>,
+    }
+
+    impl Kv<'_> {
+        #[inline(always)]
+        unsafe fn row(&self, i: usize) -> *const f32 {
+            self.base.add(self.positions.map_or(i, |p| p[i] as usize) * self.stride)
+        }
+    }
+
+    /// One head with `head_dim = 16 · NV`.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+        let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(h.q.as_ptr().add(16 * c)));
+        let k = Kv { base: h.k.as_ptr().add(h.offset), stride: h.stride, positions: h.positions };
+        let v = Kv { base: h.v.as_ptr().add(h.offset), ..k };
+        let n = scores.len();
+        score_run(&q, k, 0, n, h.scale, scores.as_mut_ptr());
+        let inv = softmax_run(scores);
+        let mut o = [[_mm512_setzero_ps(); NV]; 4];
+        value_run(&mut o, scores, inv, v, 0, n);
+        store_sum(&o, out.as_mut_ptr());
+    }
+
+    /// Most queries of one [`group`] call.
+    pub(super) const GROUP_MAX: usize = 8;
+
+    /// Positions per tile of [`group`]: the keys (or values) of a tile stay in L1 while every
+    /// query of the group takes its turn (a multiple of 4: see [`value_run`]).
+    const TILE: usize = 64;
+
+    /// Several queries on one KV head, each seeing positions `0..n` of its own (causal), with
+    /// `head_dim = 16 · NV`: the keys and then the values are visited a tile at a time for all
+    /// the queries, where one query at a time streams the whole cache from L2 for each. Every
+    /// query's arithmetic is that of [`head`] (its runs cut at multiples of [`TILE`]), so its
+    /// result is the same bit for bit. `scores` holds `seq` floats per query.
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) unsafe fn group<const NV: usize>(qs: &[super::GroupQuery], k: *const f32, v: *const f32, stride: usize, scale: f32, scores: &mut [f32], seq: usize) {
+        debug_assert!(qs.len() <= GROUP_MAX && scores.len() >= qs.len() * seq);
+        let (k, v) = (Kv { base: k, stride, positions: None }, Kv { base: v, stride, positions: None });
+        let longest = qs.iter().map(|g| g.n).max().unwrap_or(0);
+        let sp = scores.as_mut_ptr();
+        for t0 in (0..longest).step_by(TILE) {
+            for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < g.n) {
+                let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(g.q.add(16 * c)));
+                score_run(&q, k, t0, (t0 + TILE).min(g.n), scale, sp.add(j * seq));
             }
         }
-        for (c, oc) in o.iter().enumerate() {
-            _mm512_storeu_ps(out.as_mut_ptr().add(16 * c), *oc);
+        let mut inv = [_mm512_setzero_ps(); GROUP_MAX];
+        for (j, g) in qs.iter().enumerate() {
+            inv[j] = softmax_run(&mut scores[j * seq..j * seq + g.n]);
+        }
+        let mut o = [[[_mm512_setzero_ps(); NV]; 4]; GROUP_MAX];
+        for t0 in (0..longest).step_by(TILE) {
+            for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < g.n) {
+                value_run(&mut o[j], &scores[j * seq..j * seq + g.n], inv[j], v, t0, (t0 + TILE).min(g.n));
+            }
+        }
+        for (j, g) in qs.iter().enumerate() {
+            store_sum(&o[j], g.out);
         }
     }
 }
@@ -422,6 +613,26 @@ mod tests {
                     }
                 }
             }
+        }
+
+        /// A causal pass of several tokens (on AVX-512 with heads of 64 or 128 the queries of a
+        /// KV head go together, in tiles of 64 positions) gives each query exactly what the
+        /// same query gets alone: the explicit form of the causal mask takes the one-query path.
+        #[test]
+        fn causal_batch_equals_one_query_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 2usize..13, groups in 1usize..4, wide in any::<bool>()) {
+            let hd = if wide { 128 } else { 64 };
+            let shape = Shape { n_head: 2 * groups, n_kv_head: 2, head_dim: hd };
+            let n_tok = n_tok.min(seq);
+            let mut s = seed;
+            let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 40) as f32 / 16777216.0) - 0.5 }).collect() };
+            let (q, kc, vc) = (rnd(n_tok * shape.n_head * hd), rnd(seq * 2 * hd), rnd(seq * 2 * hd));
+            let pos0 = seq - n_tok;
+            let mut out = vec![0f32; q.len()];
+            attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0 }, 0.125, &mut out);
+            let causal: Vec<bool> = (0..n_tok * seq).map(|i| i % seq <= pos0 + i / seq).collect();
+            let mut one = vec![0f32; q.len()];
+            attention(&q, &kc, &vc, seq, shape, Mask::Explicit(&causal), 0.125, &mut one);
+            prop_assert_eq!(out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
     }
 }
