@@ -62,11 +62,9 @@ pub fn attention(
     }
     let group = n_head / n_kv_head;
     #[cfg(target_arch = "x86_64")]
-    if let Mask::Causal { pos0 } = mask {
-        if grouped(q.len() / (n_head * head_dim), head_dim) {
-            grouped_causal(q, k_cache, v_cache, seq, shape, pos0, scale, out);
-            return;
-        }
+    if grouped(q.len() / (n_head * head_dim), head_dim) {
+        grouped_pass(q, k_cache, v_cache, seq, shape, mask, scale, out);
+        return;
     }
     let op = pool::SyncPtr::new(out.as_mut_ptr());
     let items = out.len() / head_dim;
@@ -114,30 +112,33 @@ pub fn attention(
     });
 }
 
-/// Whether a causal pass of `n_tok` tokens takes [`grouped_causal`]: several tokens, heads of 64
-/// or 128, AVX-512.
+/// Whether a pass of `n_tok` tokens takes [`grouped_pass`]: several tokens, heads of 64 or 128,
+/// AVX-512.
 #[cfg(target_arch = "x86_64")]
 fn grouped(n_tok: usize, head_dim: usize) -> bool {
     use crate::cpu::{isa, Isa};
     n_tok > 1 && matches!(head_dim, 64 | 128) && isa() != Isa::Scalar && is_x86_feature_detected!("avx512f")
 }
 
-/// One query of a grouped call: its vector, where its output goes, how many positions it sees.
+/// One query of a grouped call: its vector, where its output goes, how many positions it sees
+/// and which (`pos` null: `0..n`, else `n` cached positions in order).
 #[cfg(target_arch = "x86_64")]
 #[derive(Clone, Copy)]
 struct GroupQuery {
     q: *const f32,
     out: *mut f32,
     n: usize,
+    pos: *const u32,
 }
 
-/// A causal pass of several tokens with the queries that share a KV head taken together, up to
-/// eight per work item (ordered by token, so an item's queries see about as many positions):
-/// each item reads its head's keys and values from L2 once rather than once per query. Results
-/// equal the one-query path's bit for bit (`avx512::group`).
+/// A pass of several tokens with the queries that share a KV head taken together, up to eight
+/// per work item (ordered by token, so that an item's queries see about as many positions): each
+/// item reads its head's keys and values from L2 once rather than once per query (a tree's
+/// queries share the cached prefix). Results equal the one-query path's bit for bit
+/// (`avx512::group`).
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn grouped_causal(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape: Shape, pos0: usize, scale: f32, out: &mut [f32]) {
+fn grouped_pass(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
     use avx512::GROUP_MAX;
     let Shape { n_head, n_kv_head, head_dim } = shape;
     let (group, kv_stride) = (n_head / n_kv_head, n_kv_head * head_dim);
@@ -148,23 +149,42 @@ fn grouped_causal(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape
         for item in range {
             let (kvh, c) = (item / chunks, item % chunks);
             let qis = c * GROUP_MAX..((c + 1) * GROUP_MAX).min(per_kv);
-            let mut qs = [GroupQuery { q: std::ptr::null(), out: std::ptr::null_mut(), n: 0 }; GROUP_MAX];
-            for (slot, qi) in qs.iter_mut().zip(qis.clone()) {
-                let (t, h) = (qi / group, kvh * group + qi % group);
-                let i = t * n_head + h;
-                // SAFETY: query i owns out[i*head_dim..(i+1)*head_dim]; items are disjoint.
-                let o = unsafe { op.slice(i * head_dim, head_dim) };
-                *slot = GroupQuery { q: q[i * head_dim..].as_ptr(), out: o.as_mut_ptr(), n: (pos0 + t + 1).min(seq) };
-            }
-            let qs = &qs[..qis.len()];
             SCRATCH.with(|s| {
-                let scores = &mut s.borrow_mut().0;
+                let (scores, visible) = &mut *s.borrow_mut();
+                let need = (GROUP_MAX * seq).max(4096).next_power_of_two();
                 if scores.len() < GROUP_MAX * seq {
-                    scores.resize((GROUP_MAX * seq).max(4096).next_power_of_two(), 0.0);
+                    scores.resize(need, 0.0);
+                }
+                if let Mask::Explicit(_) = mask {
+                    if visible.len() < GROUP_MAX * seq {
+                        visible.resize(need, 0);
+                    }
+                }
+                let mut qs = [GroupQuery { q: std::ptr::null(), out: std::ptr::null_mut(), n: 0, pos: std::ptr::null() }; GROUP_MAX];
+                for (j, (slot, qi)) in qs.iter_mut().zip(qis.clone()).enumerate() {
+                    let (t, h) = (qi / group, kvh * group + qi % group);
+                    let i = t * n_head + h;
+                    // SAFETY: query i owns out[i*head_dim..(i+1)*head_dim]; items are disjoint.
+                    let o = unsafe { op.slice(i * head_dim, head_dim) };
+                    let (n, pos) = match mask {
+                        Mask::Causal { pos0 } => ((pos0 + t + 1).min(seq), std::ptr::null()),
+                        Mask::Explicit(m) => {
+                            let list = &mut visible[j * seq..(j + 1) * seq];
+                            let mut n = 0;
+                            for (p, _) in m[t * seq..(t + 1) * seq].iter().enumerate().filter(|e| *e.1) {
+                                list[n] = p as u32;
+                                n += 1;
+                            }
+                            (n, list.as_ptr())
+                        }
+                    };
+                    *slot = GroupQuery { q: q[i * head_dim..].as_ptr(), out: o.as_mut_ptr(), n, pos };
                 }
                 let (k, v) = (k_cache[kvh * head_dim..].as_ptr(), v_cache[kvh * head_dim..].as_ptr());
+                let qs = &qs[..qis.len()];
                 // SAFETY: AVX-512F detected (`grouped`); each query's vector and output hold
-                // head_dim = 16 · NV floats, and the caches `seq` rows of kv_stride.
+                // head_dim = 16 · NV floats, its positions are below `seq`, and the caches hold
+                // `seq` rows of kv_stride.
                 unsafe {
                     match head_dim {
                         64 => avx512::group::<4>(qs, k, v, kv_stride, scale, scores, seq),
@@ -523,7 +543,7 @@ mod avx512 {
     /// query of the group takes its turn (a multiple of 4: see [`value_run`]).
     const TILE: usize = 64;
 
-    /// Several queries on one KV head, each seeing positions `0..n` of its own (causal), with
+    /// Several queries on one KV head, each seeing its own positions (`0..n`, or a list), with
     /// `head_dim = 16 · NV`: the keys and then the values are visited a tile at a time for all
     /// the queries, where one query at a time streams the whole cache from L2 for each. Every
     /// query's arithmetic is that of [`head`] (its runs cut at multiples of [`TILE`]), so its
@@ -531,13 +551,18 @@ mod avx512 {
     #[target_feature(enable = "avx512f,fma")]
     pub(super) unsafe fn group<const NV: usize>(qs: &[super::GroupQuery], k: *const f32, v: *const f32, stride: usize, scale: f32, scores: &mut [f32], seq: usize) {
         debug_assert!(qs.len() <= GROUP_MAX && scores.len() >= qs.len() * seq);
-        let (k, v) = (Kv { base: k, stride, positions: None }, Kv { base: v, stride, positions: None });
+        // Query g's rows of the keys (at `k`) or values (at `v`).
+        let rows = |base: *const f32, g: &super::GroupQuery| Kv {
+            base,
+            stride,
+            positions: (!g.pos.is_null()).then(|| std::slice::from_raw_parts(g.pos, g.n)),
+        };
         let longest = qs.iter().map(|g| g.n).max().unwrap_or(0);
         let sp = scores.as_mut_ptr();
         for t0 in (0..longest).step_by(TILE) {
             for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < g.n) {
                 let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(g.q.add(16 * c)));
-                score_run(&q, k, t0, (t0 + TILE).min(g.n), scale, sp.add(j * seq));
+                score_run(&q, rows(k, g), t0, (t0 + TILE).min(g.n), scale, sp.add(j * seq));
             }
         }
         let mut inv = [_mm512_setzero_ps(); GROUP_MAX];
@@ -547,7 +572,7 @@ mod avx512 {
         let mut o = [[[_mm512_setzero_ps(); NV]; 4]; GROUP_MAX];
         for t0 in (0..longest).step_by(TILE) {
             for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < g.n) {
-                value_run(&mut o[j], &scores[j * seq..j * seq + g.n], inv[j], v, t0, (t0 + TILE).min(g.n));
+                value_run(&mut o[j], &scores[j * seq..j * seq + g.n], inv[j], rows(v, g), t0, (t0 + TILE).min(g.n));
             }
         }
         for (j, g) in qs.iter().enumerate() {
@@ -615,11 +640,11 @@ mod tests {
             }
         }
 
-        /// A causal pass of several tokens (on AVX-512 with heads of 64 or 128 the queries of a
-        /// KV head go together, in tiles of 64 positions) gives each query exactly what the
-        /// same query gets alone: the explicit form of the causal mask takes the one-query path.
+        /// A pass of several tokens, causal or with a tree's mask (on AVX-512 with heads of 64
+        /// or 128 the queries of a KV head go together, in tiles of 64 positions), gives each
+        /// query exactly what it gets in a pass of its token alone (the one-query path).
         #[test]
-        fn causal_batch_equals_one_query_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 2usize..13, groups in 1usize..4, wide in any::<bool>()) {
+        fn batch_equals_one_token_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 2usize..13, groups in 1usize..4, wide in any::<bool>(), tree in any::<bool>()) {
             let hd = if wide { 128 } else { 64 };
             let shape = Shape { n_head: 2 * groups, n_kv_head: 2, head_dim: hd };
             let n_tok = n_tok.min(seq);
@@ -627,12 +652,22 @@ mod tests {
             let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 40) as f32 / 16777216.0) - 0.5 }).collect() };
             let (q, kc, vc) = (rnd(n_tok * shape.n_head * hd), rnd(seq * 2 * hd), rnd(seq * 2 * hd));
             let pos0 = seq - n_tok;
+            // A tree's mask: the cached prefix, then a pseudo-random subset of the new positions.
+            let rows: Vec<bool> = (0..n_tok * seq)
+                .map(|i| {
+                    let (t, j) = (i / seq, i % seq);
+                    j < pos0 || j == pos0 + t || (tree && j < pos0 + t && !((i as u64 * 2654435761) ^ seed).is_multiple_of(3)) || (!tree && j <= pos0 + t)
+                })
+                .collect();
+            let mask = if tree { Mask::Explicit(&rows) } else { Mask::Causal { pos0 } };
             let mut out = vec![0f32; q.len()];
-            attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0 }, 0.125, &mut out);
-            let causal: Vec<bool> = (0..n_tok * seq).map(|i| i % seq <= pos0 + i / seq).collect();
-            let mut one = vec![0f32; q.len()];
-            attention(&q, &kc, &vc, seq, shape, Mask::Explicit(&causal), 0.125, &mut one);
-            prop_assert_eq!(out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            attention(&q, &kc, &vc, seq, shape, mask, 0.125, &mut out);
+            let width = shape.n_head * hd;
+            for t in 0..n_tok {
+                let mut one = vec![0f32; width];
+                attention(&q[t * width..(t + 1) * width], &kc, &vc, seq, shape, Mask::Explicit(&rows[t * seq..(t + 1) * seq]), 0.125, &mut one);
+                prop_assert_eq!(out[t * width..(t + 1) * width].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            }
         }
     }
 }
