@@ -62,7 +62,7 @@ pub fn attention(
     }
     let group = n_head / n_kv_head;
     #[cfg(target_arch = "x86_64")]
-    if grouped(q.len() / (n_head * head_dim), head_dim) {
+    if grouped(q.len() / head_dim / n_kv_head, head_dim) {
         grouped_pass(q, k_cache, v_cache, seq, shape, mask, scale, out);
         return;
     }
@@ -112,12 +112,12 @@ pub fn attention(
     });
 }
 
-/// Whether a pass of `n_tok` tokens takes [`grouped_pass`]: several tokens, heads of 64 or 128,
-/// AVX-512.
+/// Whether a pass with `per_kv` queries per KV head takes [`grouped_pass`]: more than one (a
+/// single token of a grouped-query model counts), heads of 64 or 128, AVX-512.
 #[cfg(target_arch = "x86_64")]
-fn grouped(n_tok: usize, head_dim: usize) -> bool {
+fn grouped(per_kv: usize, head_dim: usize) -> bool {
     use crate::cpu::{isa, Isa};
-    n_tok > 1 && matches!(head_dim, 64 | 128) && isa() != Isa::Scalar && is_x86_feature_detected!("avx512f")
+    per_kv > 1 && matches!(head_dim, 64 | 128) && isa() != Isa::Scalar && is_x86_feature_detected!("avx512f")
 }
 
 /// One query of a grouped call: its vector, where its output goes, how many positions it sees
@@ -640,11 +640,11 @@ mod tests {
             }
         }
 
-        /// A pass of several tokens, causal or with a tree's mask (on AVX-512 with heads of 64
-        /// or 128 the queries of a KV head go together, in tiles of 64 positions), gives each
-        /// query exactly what it gets in a pass of its token alone (the one-query path).
+        /// A pass of one or more tokens, causal or with a tree's mask (on AVX-512 with heads of
+        /// 64 or 128 the queries of a KV head go together, in tiles of 64 positions), gives each
+        /// query exactly what it gets alone (the one-query path).
         #[test]
-        fn batch_equals_one_token_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 2usize..13, groups in 1usize..4, wide in any::<bool>(), tree in any::<bool>()) {
+        fn batch_equals_one_query_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 1usize..13, groups in 1usize..4, wide in any::<bool>(), tree in any::<bool>()) {
             let hd = if wide { 128 } else { 64 };
             let shape = Shape { n_head: 2 * groups, n_kv_head: 2, head_dim: hd };
             let n_tok = n_tok.min(seq);
@@ -662,11 +662,17 @@ mod tests {
             let mask = if tree { Mask::Explicit(&rows) } else { Mask::Causal { pos0 } };
             let mut out = vec![0f32; q.len()];
             attention(&q, &kc, &vc, seq, shape, mask, 0.125, &mut out);
-            let width = shape.n_head * hd;
+            // Each query alone: one head on a cache of its KV head only.
+            let single = Shape { n_head: 1, n_kv_head: 1, head_dim: hd };
             for t in 0..n_tok {
-                let mut one = vec![0f32; width];
-                attention(&q[t * width..(t + 1) * width], &kc, &vc, seq, shape, Mask::Explicit(&rows[t * seq..(t + 1) * seq]), 0.125, &mut one);
-                prop_assert_eq!(out[t * width..(t + 1) * width].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                for h in 0..shape.n_head {
+                    let kvh = h / groups;
+                    let head_rows = |c: &[f32]| -> Vec<f32> { (0..seq).flat_map(|j| c[(j * 2 + kvh) * hd..(j * 2 + kvh + 1) * hd].to_vec()).collect() };
+                    let qi = (t * shape.n_head + h) * hd;
+                    let mut one = vec![0f32; hd];
+                    attention(&q[qi..qi + hd], &head_rows(&kc), &head_rows(&vc), seq, single, Mask::Explicit(&rows[t * seq..(t + 1) * seq]), 0.125, &mut one);
+                    prop_assert_eq!(out[qi..qi + hd].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+                }
             }
         }
     }
