@@ -236,7 +236,7 @@ __device__ __forceinline__ size_t matrix_bytes(const DModel& m, const DLayer* L,
 __device__ void prefetch_part(const DModel& m, const DLayer* next, int part, int pos) {
     size_t nt = (size_t)gridDim.x * (blockDim.x - 32), t = (size_t)blockIdx.x * (blockDim.x - 32) + threadIdx.x - 32;
     if (!next) {
-        size_t head = (size_t)m.vocab * rb_any(m.t_out, m.dim), fifth = (head / 5 + 127) & ~(size_t)127;
+        size_t head = (size_t)m.vocab * rb_any(m.t_out, m.dim), fifth = ((head + 4) / 5 + 127) & ~(size_t)127;
         size_t from = min(head, part * fifth);
         prefetch_l2(m.out + from, min(fifth, head - from), t, nt);
         return;
