@@ -82,6 +82,12 @@ struct DModel {
 #ifndef DK_HEAD_ROWS
 #define DK_HEAD_ROWS 4  // output-head rows a warp loads at once (tuning knob)
 #endif
+#ifndef DK_ONE_TRIP_ATTN
+#define DK_ONE_TRIP_ATTN 0  // head_dim <= 64: `attn_items` (untested on a GPU yet; tuning knob)
+#endif
+#ifndef DK_FLAT_MERGE
+#define DK_FLAT_MERGE 0  // the one-round-trip merge of attention partials (untested on a GPU yet)
+#endif
 #ifndef DK_PREFETCH
 #define DK_PREFETCH 1  // prefetch the next block's weights and cache into L2 (tuning knob)
 #endif
@@ -393,6 +399,100 @@ __device__ __forceinline__ void staged_wait() {
     __syncwarp();
 }
 
+// Keys per attention chunk with nkeys cached keys; the attention phase and the merge of its
+// partials (`stage_attention`) must cut the keys alike.
+__device__ __forceinline__ int attn_span(int nkeys) {
+    return 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
+}
+
+// The result of chunk c of head h (nd of the N values in acc per lane; running max mx, sum l):
+// the head's output when it has one chunk, else a partial for `stage_attention`.
+template <int N> __device__ __forceinline__ void attn_store(const DModel& m, int h, int c, int nchunk, int nd, const float (&acc)[N], float mx, float l) {
+    int lane = threadIdx.x & 31, hd = 32 * nd;
+    size_t part = (size_t)h * nchunk + c;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        if (i == nd) break;
+        if (nchunk == 1)
+            m.att[h * hd + lane + 32 * i] = acc[i] / l;
+        else
+            m.po[part * hd + lane + 32 * i] = acc[i];
+    }
+    if (nchunk > 1 && lane == 0) *(float2*)(m.pml + part * 2) = make_float2(mx, l);
+}
+
+// A round's values: key u (at v + u * stride, this lane's dims lane + 32 i) for the 32 keys
+// from v, clamped to the round's nk keys (a key past them has weight 0).
+template <int ND> __device__ __forceinline__ void attn_load_v(const float* v, int stride, int nk, float (&vv)[32][ND]) {
+#pragma unroll
+    for (int u = 0; u < 32; u++) {
+        const float* row = v + (size_t)min(u, nk - 1) * stride;
+#pragma unroll
+        for (int i = 0; i < ND; i++) vv[u][i] = __ldcg(row + 32 * i);
+    }
+}
+
+// Attention of the step's query (m.q) against cache rows 0..pos in chunks of `span` keys, 32 at
+// a time, one key per lane (online softmax across a chunk's rounds), for head_dim 32 ND. Chunk
+// c of head h is item h * nchunk + c, taken by warp item / gridDim.x of block item % gridDim.x:
+// the chunks spread over every SM, so the cache streams at the device's bandwidth rather than a
+// few SMs'. Each warp writes its partial (max, sum, unnormalised output), which the next phase
+// merges (`stage_attention`). Chunks are 32 keys up to 512 cached keys and grow beyond, so that
+// a head never has more than DK_MAX_CHUNKS partials (`attn_span`). A round is one L2 round trip
+// where head_dim is 64 or less: the query (lane i holds dims i + 32 e, shuffled to the lane
+// that needs them), the round's keys and their values (which do not depend on the scores) are
+// all loaded before the first is used.
+template <int ND> __device__ void attn_items(const DModel& m, const DLayer* L, int pos) {
+    static_assert(ND <= 2, "head_dim above 64 takes attn_generic");
+    constexpr int HD = 32 * ND;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int nkeys = pos + 1, span = attn_span(nkeys);
+    int nchunk = (nkeys + span - 1) / span;
+    int kvd = m.nkv * HD, group = m.nh / m.nkv;
+    for (int it = blockIdx.x + warp * gridDim.x; it < m.nh * nchunk; it += gridDim.x * DK_WARPS) {
+        int h = it / nchunk, c = it % nchunk, kvh = h / group;
+        float q[ND], acc[ND];
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            q[i] = __ldcg(m.q + h * HD + lane + 32 * i) * m.scale;  // scaled first, as `attn`
+            acc[i] = 0.f;
+        }
+        float mx = -INFINITY, l = 0.f;
+        for (int j0 = c * span; j0 < min((c + 1) * span, nkeys); j0 += 32) {
+            int nk = min(32, nkeys - j0);
+            bool ok = lane < nk;
+            const float4* kr = (const float4*)(L->kc + (size_t)(j0 + (ok ? lane : nk - 1)) * kvd + kvh * HD);
+            const float* vb = L->vc + (size_t)j0 * kvd + kvh * HD + lane;
+            float4 k[HD / 4];
+            float vv[32][ND];
+#pragma unroll
+            for (int f = 0; f < HD / 4; f++) k[f] = __ldcg(kr + f);
+            attn_load_v<ND>(vb, kvd, nk, vv);
+            float d = 0.f;
+#pragma unroll
+            for (int f = 0; f < HD / 4; f++) {
+                int e = 4 * f;  // dims e .. e + 3 sit in lane e % 32, register e / 32
+                float qx = __shfl_sync(0xffffffffu, q[e / 32], e % 32), qy = __shfl_sync(0xffffffffu, q[e / 32], e % 32 + 1);
+                float qz = __shfl_sync(0xffffffffu, q[e / 32], e % 32 + 2), qw = __shfl_sync(0xffffffffu, q[e / 32], e % 32 + 3);
+                d += k[f].x * qx + k[f].y * qy + k[f].z * qz + k[f].w * qw;
+            }
+            float score = ok ? d : -INFINITY, mnew = fmaxf(mx, warp_max(score));
+            float p = ok ? expf(score - mnew) : 0.f, r = expf(mx - mnew);  // r = 0 on the first round
+            l = l * r + warp_sum(p);
+            mx = mnew;
+#pragma unroll
+            for (int i = 0; i < ND; i++) acc[i] *= r;
+#pragma unroll
+            for (int u = 0; u < 32; u++) {
+                float pu = __shfl_sync(0xffffffffu, p, u);  // 0 past the round's keys
+#pragma unroll
+                for (int i = 0; i < ND; i++) acc[i] += pu * vv[u][i];
+            }
+        }
+        attn_store(m, h, c, nchunk, ND, acc, mx, l);
+    }
+}
+
 // acc[i] += sum over the warp's nk keys (at most 32) of p_j * V[j][lane + 32 i], key j's weight
 // p in lane j; KB keys' loads issued together.
 template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int stride, int nk, float p, float* acc) {
@@ -415,20 +515,9 @@ template <int ND> __device__ __forceinline__ void attn_pv(const float* v, int st
     }
 }
 
-// Keys per attention chunk with nkeys cached keys; the attention phase and the merge of its
-// partials (`stage_attention`) must cut the keys alike.
-__device__ __forceinline__ int attn_span(int nkeys) {
-    return 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
-}
-
-// Attention of the step's query (m.q) against cache rows 0..pos in chunks of `span` keys, 32 at
-// a time, one key per lane (online softmax across a chunk's rounds). Chunk c of head h is item
-// h * nchunk + c, taken by warp item / gridDim.x of block item % gridDim.x: the chunks spread
-// over every SM, so the cache streams at the device's bandwidth rather than a few SMs'. Each
-// warp writes its partial (max, sum, unnormalised output), which the next phase merges
-// (`stage_attention`). Chunks are 32 keys up to 512 cached keys and grow beyond, so that a head
-// never has more than DK_MAX_CHUNKS partials (`attn_span`).
-__device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
+// `attn_items` for head_dim above 64 (a multiple of 32 up to 32 ATT_MAXD): the query from L2 with
+// each key, eight 16-byte loads of each in flight, then the values, DK_KB_MAX keys at a time.
+__device__ void attn_generic(const DModel& m, const DLayer* L, int pos) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span;
@@ -478,20 +567,17 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
                 default: attn_pv<8>(vbase, kvd, nk, p, acc); break;
             }
         }
-        if (nchunk == 1) {
-#pragma unroll
-            for (int i = 0; i < ATT_MAXD; i++)
-                if (i < nd) m.att[h * hd + lane + 32 * i] = acc[i] / l;
-            continue;
-        }
-        size_t part = (size_t)h * nchunk + c;
-#pragma unroll
-        for (int i = 0; i < ATT_MAXD; i++)
-            if (i < nd) m.po[part * hd + lane + 32 * i] = acc[i];
-        if (lane == 0) {
-            m.pml[part * 2] = mx;
-            m.pml[part * 2 + 1] = l;
-        }
+        attn_store(m, h, c, nchunk, nd, acc, mx, l);
+    }
+}
+
+__device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
+    switch (m.hd / 32) {
+#if DK_ONE_TRIP_ATTN
+        case 1: attn_items<1>(m, L, pos); break;
+        case 2: attn_items<2>(m, L, pos); break;
+#endif
+        default: attn_generic(m, L, pos); break;
     }
 }
 
@@ -500,7 +586,51 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
 // costs a few KB of L2 reads but no merge step, with its atomics and round trips, between the
 // attention and the barrier). Per head: MM = max of the chunks' maxima, tot = sum of l_c
 // e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot.
-// `sw` is shared scratch of nh * (DK_MAX_CHUNKS + 1) floats.
+// `sw` is shared scratch of nh * (DK_MAX_CHUNKS + 1) floats. DK_FLAT_MERGE: each thread merges
+// four adjacent values of one head instead, every partial's (max, sum) and values loaded at
+// once, one L2 round trip where the warp-per-head weights, a block barrier and then the values
+// take several (tot added in chunk order; `sw` unused).
+#if DK_FLAT_MERGE
+__device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
+    int nkeys = pos + 1, span = attn_span(nkeys);
+    int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
+    if (nchunk == 1) {
+        stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
+        return;
+    }
+    for (int i = threadIdx.x; i < qd / 4; i += blockDim.x) {
+        int h = 4 * i / hd, d = 4 * i % hd;
+        const float2* ml = (const float2*)m.pml + (size_t)h * nchunk;
+        const float4* po = (const float4*)(m.po + (size_t)h * nchunk * hd + d);
+        float2 s[DK_MAX_CHUNKS];
+        float4 o[DK_MAX_CHUNKS];
+        float MM = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < DK_MAX_CHUNKS; c++) {
+            if (c >= nchunk) break;
+            s[c] = __ldcg(ml + c);
+            o[c] = __ldcg(po + (size_t)c * (hd / 4));
+        }
+#pragma unroll
+        for (int c = 0; c < DK_MAX_CHUNKS; c++)
+            if (c < nchunk) MM = fmaxf(MM, s[c].x);
+        float tot = 0.f;
+        float4 out = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int c = 0; c < DK_MAX_CHUNKS; c++) {
+            if (c >= nchunk) break;
+            float w = expf(s[c].x - MM);
+            tot += s[c].y * w;
+            out.x += o[c].x * w;
+            out.y += o[c].y * w;
+            out.z += o[c].z * w;
+            out.w += o[c].w * w;
+        }
+        *(float4*)(xs + 4 * i) = make_float4(out.x / tot, out.y / tot, out.z / tot, out.w / tot);
+    }
+    __syncthreads();
+}
+#else
 __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
     int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
@@ -530,6 +660,7 @@ __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) 
     }
     __syncthreads();
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_step(DModel m) {
     extern __shared__ __align__(16) float xs[];  // [width] the phase's input, then [dim] norm weights

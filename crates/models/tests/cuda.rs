@@ -160,6 +160,25 @@ fn persistent_greedy_handles_biases_mixed_types_and_split_attention() {
 }
 
 #[test]
+fn persistent_greedy_covers_every_attention_path() {
+    // Head sizes 32 and 64 take the one-round-trip attention, 128 the generic one; 300 cached
+    // keys make ten partials per head for the merge.
+    for (head_dim, n_head) in [(32, 8), (128, 2)] {
+        let mut cfg = tiny::config_arch("llama", true);
+        cfg.head_dim = head_dim;
+        cfg.n_head = n_head;
+        cfg.n_kv_head = n_head / 2;
+        cfg.context = 512;
+        let Some((cpu, gpu)) = open_config(&cfg, Some(QuantType::Q4_1), Some(QuantType::Q4_1)) else { return };
+        let g = gpu.llama.gpu().unwrap();
+        let prompt: Vec<u32> = (0..300).map(|i| ((i * 53 + 5) % 260) as u32).collect();
+        let want = cpu_greedy(&cpu, &prompt, 16);
+        let mut seq = g.new_seq().unwrap();
+        assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, &prompt, 16, |_| true).unwrap().tokens, want, "head_dim {head_dim}");
+    }
+}
+
+#[test]
 fn a_host_state_is_refused_on_the_device() {
     let Some((cpu, gpu)) = open("llama", true, None) else { return };
     let mut st = cpu_state(&cpu);
