@@ -405,6 +405,18 @@ __device__ __forceinline__ int attn_span(int nkeys) {
     return 32 * max(1, (nkeys + 32 * DK_MAX_CHUNKS - 1) / (32 * DK_MAX_CHUNKS));
 }
 
+// One round of a warp's online softmax: lane's score d (ok: it has a key) joins the running max
+// mx and sum l; returns the lane's weight and sets r, the factor for what came before (0 on the
+// first round).
+__device__ __forceinline__ float softmax_round(bool ok, float d, float& mx, float& l, float& r) {
+    float score = ok ? d : -INFINITY, mnew = fmaxf(mx, warp_max(score));
+    float p = ok ? expf(score - mnew) : 0.f;
+    r = expf(mx - mnew);
+    l = l * r + warp_sum(p);
+    mx = mnew;
+    return p;
+}
+
 // The result of chunk c of head h (nd of the N values in acc per lane; running max mx, sum l):
 // the head's output when it has one chunk, else a partial for `stage_attention`.
 template <int N> __device__ __forceinline__ void attn_store(const DModel& m, int h, int c, int nchunk, int nd, const float (&acc)[N], float mx, float l) {
@@ -476,10 +488,7 @@ template <int ND> __device__ void attn_items(const DModel& m, const DLayer* L, i
                 float qz = __shfl_sync(0xffffffffu, q[e / 32], e % 32 + 2), qw = __shfl_sync(0xffffffffu, q[e / 32], e % 32 + 3);
                 d += k[f].x * qx + k[f].y * qy + k[f].z * qz + k[f].w * qw;
             }
-            float score = ok ? d : -INFINITY, mnew = fmaxf(mx, warp_max(score));
-            float p = ok ? expf(score - mnew) : 0.f, r = expf(mx - mnew);  // r = 0 on the first round
-            l = l * r + warp_sum(p);
-            mx = mnew;
+            float r, p = softmax_round(ok, d, mx, l, r);
 #pragma unroll
             for (int i = 0; i < ND; i++) acc[i] *= r;
 #pragma unroll
@@ -548,10 +557,7 @@ __device__ void attn_generic(const DModel& m, const DLayer* L, int pos) {
                     d += a[e].x * (b[e].x * m.scale) + a[e].y * (b[e].y * m.scale) + a[e].z * (b[e].z * m.scale) +
                          a[e].w * (b[e].w * m.scale);
             }
-            float score = ok ? d : -INFINITY, mnew = fmaxf(mx, warp_max(score));
-            float p = ok ? expf(score - mnew) : 0.f, r = expf(mx - mnew);  // r = 0 on the first round
-            l = l * r + warp_sum(p);
-            mx = mnew;
+            float r, p = softmax_round(ok, d, mx, l, r);
 #pragma unroll
             for (int i = 0; i < ATT_MAXD; i++) acc[i] *= r;
             int nk = min(32, nkeys - j0);
