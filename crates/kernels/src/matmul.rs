@@ -142,10 +142,10 @@ pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32];
     let parts = &fixed[..];
     let refs: [&ActQ; ACTQ_MAX_BATCH] = std::array::from_fn(|i| &acts[i.min(n - 1)]);
     let pool = pool::global();
-    // About two chunks per thread: each chunk starts its rows cold (the kernel's prefetches run
-    // ahead only within a chunk), which costs most where the weights stream from DRAM. On a Zen 4
-    // with 32 MiB of L3, decode went 117-127 -> 134-139 tok/s against eight chunks per thread
-    // (BENCHMARKS.md); thirty-two were slower still, one left the threads unbalanced.
+    // About two chunks per thread. On a Zen 4 with 32 MiB of L3, decode went 117-127 -> 134-139
+    // tok/s against eight chunks per thread (BENCHMARKS.md); thirty-two were slower still, one
+    // left the threads unbalanced. Not the chunks' cold first rows alone: prefetching each
+    // chunk's first 4 KB changed nothing.
     let chunk = (total / (pool.threads() * 2)).clamp(16, 1024);
     // Rows per kernel call: the kernels take consecutive rows of one matrix together.
     const RUN: usize = 16;
