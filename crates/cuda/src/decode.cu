@@ -596,7 +596,6 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
 // four adjacent values of one head instead, every partial's (max, sum) and values loaded at
 // once, one L2 round trip where the warp-per-head weights, a block barrier and then the values
 // take several (tot added in chunk order; `sw` unused).
-#if DK_FLAT_MERGE
 __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
     int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
@@ -604,6 +603,7 @@ __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) 
         stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
         return;
     }
+#if DK_FLAT_MERGE
     for (int i = threadIdx.x; i < qd / 4; i += blockDim.x) {
         int h = 4 * i / hd, d = 4 * i % hd;
         const float2* ml = (const float2*)m.pml + (size_t)h * nchunk;
@@ -634,16 +634,7 @@ __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) 
         }
         *(float4*)(xs + 4 * i) = make_float4(out.x / tot, out.y / tot, out.z / tot, out.w / tot);
     }
-    __syncthreads();
-}
 #else
-__device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
-    int nkeys = pos + 1, span = attn_span(nkeys);
-    int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
-    if (nchunk == 1) {
-        stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
-        return;
-    }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* tot = sw + m.nh * DK_MAX_CHUNKS;
     for (int h = warp; h < m.nh; h += DK_WARPS) {
@@ -664,9 +655,9 @@ __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) 
         for (int c = 0; c < nchunk; c++) out += __ldcg(po + (size_t)c * hd) * w[c];
         xs[i] = out / tot[h];
     }
+#endif
     __syncthreads();
 }
-#endif
 
 extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_step(DModel m) {
     extern __shared__ __align__(16) float xs[];  // [width] the phase's input, then [dim] norm weights
