@@ -6,7 +6,7 @@
 # Usage: bench/gpu/ab.sh DEFINES [ROUNDS] [DEPTHS]   (defaults: 3 rounds, depths "0 3968")
 set -uo pipefail
 source bench/gpu/env.sh
-defs=$1
+defs=${1:?usage: bench/gpu/ab.sh DEFINES [ROUNDS] [DEPTHS], e.g. "-DDK_ONE_TRIP_ATTN=1"}
 rounds=${2:-3}
 depths=${3:-0 3968}
 for d in $depths; do
