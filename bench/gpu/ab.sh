@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # On the GPU machine: decode tok/s of the CUDA step with and without compile-time knobs
-# (AUGUR_CUDA_DEFINES, e.g. "-DDK_ONE_TRIP_ATTN=1 -DDK_FLAT_MERGE=1"), alternating in one call,
+# (AUGUR_CUDA_DEFINES, e.g. "-DDK_PREFETCH=0"), alternating in one call,
 # on the synthetic default-shape model (only .gpu/bin/augur needs to travel), then the tiny-model
 # CUDA tests built with the knobs when .gpu/bin/test-cuda is there.
 # Usage: bench/gpu/ab.sh DEFINES [ROUNDS] [DEPTHS]   (defaults: 3 rounds, depths "0 3968")
 set -uo pipefail
 source bench/gpu/env.sh
-defs=${1:?usage: bench/gpu/ab.sh DEFINES [ROUNDS] [DEPTHS], e.g. "-DDK_ONE_TRIP_ATTN=1"}
+defs=${1:?usage: bench/gpu/ab.sh DEFINES [ROUNDS] [DEPTHS], e.g. "-DDK_PREFETCH=0"}
 rounds=${2:-3}
 depths=${3:-0 3968}
 for d in $depths; do

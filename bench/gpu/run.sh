@@ -20,7 +20,7 @@ if [ -f $model ]; then
     .gpu/bin/augur bench --device cuda -m $model -p 128 -d $d -g 256 --runs 5 | tee -a "$out/augur.jsonl"
   done
   echo "== run"
-  .gpu/bin/augur run --device cuda -m $model "Write one sentence about the sea." --max-tokens 40 2>&1 | tail -5
+  .gpu/bin/augur run --device cuda -m $model --chat "Write one sentence about the sea." --max-tokens 40 2>&1 | tail -5
 fi
 echo "== HF peer"
 python3 bench/gpu/hf_peer.py 2>/dev/null | tee -a "$out/hf.jsonl"

@@ -161,6 +161,10 @@ pub fn main(a: Args) -> Result<()> {
         writeln!(out, "{}", json!({ "summary": s }))?;
     } else {
         writeln!(out)?;
+        if summary.generated.len() == 1 && summary.stop == StopReason::Eos && !a.chat {
+            // The one token is the end-of-sequence token: an empty line alone would look like a failure.
+            eprintln!("augur: the model ended the text at once (its end-of-sequence token came first); an instruction-tuned model may need --chat");
+        }
     }
     if a.stats {
         eprintln!(

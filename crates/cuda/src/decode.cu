@@ -82,12 +82,6 @@ struct DModel {
 #ifndef DK_HEAD_ROWS
 #define DK_HEAD_ROWS 4  // output-head rows a warp loads at once (tuning knob)
 #endif
-#ifndef DK_ONE_TRIP_ATTN
-#define DK_ONE_TRIP_ATTN 0  // head_dim <= 64: `attn_items` (untested on a GPU yet; tuning knob)
-#endif
-#ifndef DK_FLAT_MERGE
-#define DK_FLAT_MERGE 0  // the one-round-trip merge of attention partials (untested on a GPU yet)
-#endif
 #ifndef DK_PREFETCH
 #define DK_PREFETCH 1  // prefetch the next block's weights and cache into L2 (tuning knob)
 #endif
@@ -579,10 +573,8 @@ __device__ void attn_generic(const DModel& m, const DLayer* L, int pos) {
 
 __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
     switch (m.hd / 32) {
-#if DK_ONE_TRIP_ATTN
         case 1: attn_items<1>(m, L, pos); break;
         case 2: attn_items<2>(m, L, pos); break;
-#endif
         default: attn_generic(m, L, pos); break;
     }
 }
@@ -591,19 +583,17 @@ __device__ void attn_phase(const DModel& m, const DLayer* L, int pos) {
 // head has one chunk, else merged here from its partials (each block merges them itself, which
 // costs a few KB of L2 reads but no merge step, with its atomics and round trips, between the
 // attention and the barrier). Per head: MM = max of the chunks' maxima, tot = sum of l_c
-// e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot.
-// `sw` is shared scratch of nh * (DK_MAX_CHUNKS + 1) floats. DK_FLAT_MERGE: each thread merges
-// four adjacent values of one head instead, every partial's (max, sum) and values loaded at
-// once, one L2 round trip where the warp-per-head weights, a block barrier and then the values
-// take several (tot added in chunk order; `sw` unused).
-__device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) {
+// e^(m_c - MM), out = sum over chunks in order of po_c e^(m_c - MM), then out / tot. Each thread
+// merges four adjacent values of one head, every partial's (max, sum) and values loaded at once:
+// one L2 round trip (a warp per head computing the weights first, a block barrier, then the
+// values took several and were 9% slower at 128 keys, 21% at 4096, with `attn_items`).
+__device__ void stage_attention(const DModel& m, float* xs, int pos) {
     int nkeys = pos + 1, span = attn_span(nkeys);
     int nchunk = (nkeys + span - 1) / span, hd = m.hd, qd = m.nh * hd;
     if (nchunk == 1) {
         stage_input(xs, nullptr, m.att, qd, nullptr, 0.f);
         return;
     }
-#if DK_FLAT_MERGE
     for (int i = threadIdx.x; i < qd / 4; i += blockDim.x) {
         int h = 4 * i / hd, d = 4 * i % hd;
         const float2* ml = (const float2*)m.pml + (size_t)h * nchunk;
@@ -634,28 +624,6 @@ __device__ void stage_attention(const DModel& m, float* xs, float* sw, int pos) 
         }
         *(float4*)(xs + 4 * i) = make_float4(out.x / tot, out.y / tot, out.z / tot, out.w / tot);
     }
-#else
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    float* tot = sw + m.nh * DK_MAX_CHUNKS;
-    for (int h = warp; h < m.nh; h += DK_WARPS) {
-        const float* ml = m.pml + (size_t)h * nchunk * 2;
-        float mc = lane < nchunk ? __ldcg(ml + 2 * lane) : -INFINITY, lc = lane < nchunk ? __ldcg(ml + 2 * lane + 1) : 0.f;
-        float MM = warp_max(mc), w = lane < nchunk ? expf(mc - MM) : 0.f;
-        float t = warp_sum(lc * w);
-        if (lane < nchunk) sw[h * DK_MAX_CHUNKS + lane] = w;
-        if (lane == 0) tot[h] = t;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < qd; i += blockDim.x) {
-        int h = i / hd, d = i % hd;
-        const float* po = m.po + (size_t)h * nchunk * hd + d;
-        const float* w = sw + h * DK_MAX_CHUNKS;
-        float out = 0.f;
-#pragma unroll 4
-        for (int c = 0; c < nchunk; c++) out += __ldcg(po + (size_t)c * hd) * w[c];
-        xs[i] = out / tot[h];
-    }
-#endif
     __syncthreads();
 }
 
@@ -665,9 +633,8 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
     __shared__ float bv[DK_WARPS];
     __shared__ int bi[DK_WARPS];
     __shared__ int last;
-    // wn holds the norm weights, or the attention merge's scratch (`stage_attention`; 33 per
-    // head covers DK_MAX_CHUNKS up to 32); the staging buffers follow it (mega.rs sizes both).
-    float* const after = wn + max(m.dim, m.nh * 33);
+    // wn holds the norm weights; the staging buffers follow it (mega.rs sizes both).
+    float* const after = wn + m.dim;
     // This block's and the next one's table entries: a block's fields are read many times per
     // phase, from shared memory rather than in dependent L2 round trips. The next entry is copied
     // during the first barrier of each block.
@@ -763,7 +730,7 @@ extern "C" __global__ void __launch_bounds__(DK_THREADS, DK_MIN_BLOCKS) decode_s
         // x += Wo · att
         stage_phase(m, L, 2, stage_buf(m, after, 0));
         STAMP();
-        stage_attention(m, xs, wn, pos);
+        stage_attention(m, xs, pos);
         STAMP();
         staged_wait();
         STAMP();

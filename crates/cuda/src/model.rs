@@ -571,9 +571,8 @@ impl GpuModel {
         let d = &self.dims;
         let dev = &self.dev;
         if s.persistent.is_none() {
-            // Shared floats: the phase's input, then the norm weights or the attention merge's
-            // scratch (decode.cu's `after`).
-            s.persistent = Some(Persistent::new(dev, &self.block_table(s), self.width() + d.dim.max(d.n_head * 33), d.n_head, d.head_dim, d.context)?);
+            // Shared floats: the phase's input, then the norm weights (decode.cu's `after`).
+            s.persistent = Some(Persistent::new(dev, &self.block_table(s), self.width() + d.dim, d.n_head, d.head_dim, d.context)?);
         }
         let Some(p) = s.persistent.as_mut() else { unreachable!() };
         if p.tokens.len() < max_new {

@@ -161,9 +161,8 @@ fn persistent_greedy_handles_biases_mixed_types_and_split_attention() {
 
 #[test]
 fn persistent_greedy_covers_every_attention_path() {
-    // Head size 32 takes the one-round-trip attention when built with DK_ONE_TRIP_ATTN (64 is
-    // covered by the tests above), 128 always the generic one; 300 cached keys make ten
-    // partials per head for the merge (either DK_FLAT_MERGE setting).
+    // Head size 32 takes the one-round-trip attention (64 is covered by the tests above), 128
+    // the generic one; 300 cached keys make ten partials per head for the merge.
     for (head_dim, n_head) in [(32, 8), (128, 2)] {
         let mut cfg = tiny::config_arch("llama", true);
         cfg.head_dim = head_dim;
