@@ -268,6 +268,15 @@ impl Tensor {
         })
     }
 
+    /// Hand the resident pages of a memory-mapped weight back to the kernel (a no-op for other
+    /// storage): for a weight whose packed copy serves every pass, so the process does not hold
+    /// both. The bytes stay readable (they fault back in from the file).
+    pub fn release_pages(&self) {
+        if let Storage::Raw { bytes, .. } = &*self.storage {
+            bytes.release_pages();
+        }
+    }
+
     /// A contiguous f32 copy.
     pub fn to_f32(&self) -> Result<Tensor> {
         Tensor::from_vec(self.to_vec_f32()?, self.shape())

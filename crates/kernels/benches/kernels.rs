@@ -99,6 +99,46 @@ fn matmul_int_wide_batch(b: Bencher, n: usize) {
     b.counter(ItemsCount::new(ROWS * K * n)).bench_local(|| matmul_actq(&m, &acts, &mut y));
 }
 
+/// The 1536 x 576 Q4_1 matrix against a batch of `n` i16 vectors on one thread (in cache), in
+/// the GGUF layout (`dot_actq`) and repacked in 16-row groups (`packed`); counter: multiply-adds.
+#[divan::bench(args = [1, 2, 4, 8, 16])]
+fn int_batch_one_thread_gguf(b: Bencher, n: usize) {
+    let (w, acts) = (weights(QuantType::Q4_1), wide_acts(n));
+    let refs: Vec<&ActQ> = acts.iter().collect();
+    let rb = QuantType::Q4_1.row_bytes(K).unwrap();
+    let mut y = vec![0f32; n];
+    b.counter(ItemsCount::new(ROWS * K * n)).bench_local(|| {
+        for r in w.chunks_exact(rb) {
+            augur_kernels::dot_actq::dot_many(QuantType::Q4_1, r, &refs, &mut y);
+            divan::black_box(y[0]);
+        }
+    });
+}
+
+/// [`int_batch_one_thread_gguf`] on the packed layout.
+#[divan::bench(args = [1, 2, 4, 8, 16])]
+fn int_batch_one_thread_packed(b: Bencher, n: usize) {
+    if !augur_kernels::packed::available() {
+        return;
+    }
+    let (w, acts) = (weights(QuantType::Q4_1), wide_acts(n));
+    let refs: Vec<&ActQ> = acts.iter().collect();
+    let p = augur_kernels::packed::Packed::new(QuantType::Q4_1, &w, ROWS, K).unwrap();
+    let mut y = vec![0f32; ROWS * n];
+    // SAFETY: y holds n x ROWS values.
+    b.counter(ItemsCount::new(ROWS * K * n)).bench_local(|| unsafe { p.dot_groups(0..ROWS / 16, &refs, y.as_mut_ptr(), ROWS) });
+}
+
+fn wide_acts(n: usize) -> Vec<ActQ> {
+    (0..n)
+        .map(|t| {
+            let mut a = ActQ::new(Format::Wide);
+            a.quantize(&data(K + t * 32)[t * 32..]);
+            a
+        })
+        .collect()
+}
+
 fn matvec_int(b: Bencher, ty: QuantType, format: Format) {
     let w = weights(ty);
     let m = Matrix::new(Weights::Quant(ty, &w), ROWS, K).unwrap();

@@ -19,6 +19,7 @@ pub mod dot;
 pub mod dot_actq;
 pub mod flash;
 pub mod matmul;
+pub mod packed;
 pub mod pool;
 pub mod quant;
 pub mod real;

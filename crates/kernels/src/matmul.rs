@@ -14,6 +14,7 @@ use half::{bf16, f16};
 
 use crate::actq::ActQ;
 use crate::dot::{dot_f32, dot_quant};
+use crate::packed::{Packed, GROUP_ROWS};
 use crate::pool;
 use crate::quant::QuantType;
 
@@ -39,6 +40,9 @@ pub struct Matrix<'a> {
     pub rows: usize,
     /// Input features (row length).
     pub k: usize,
+    /// The same blocks repacked for the AVX-512 integer kernel ([`Matrix::with_packed`]), which
+    /// [`matmul_actq`] then reads instead of `weights`.
+    pub packed: Option<&'a Packed>,
 }
 
 impl<'a> Matrix<'a> {
@@ -50,7 +54,14 @@ impl<'a> Matrix<'a> {
             Weights::BF16(w) => w.len() == rows * k,
             Weights::Quant(ty, w) => ty.row_bytes(k).is_some_and(|rb| w.len() == rb * rows),
         };
-        ok.then_some(Matrix { weights, rows, k })
+        ok.then_some(Matrix { weights, rows, k, packed: None })
+    }
+
+    /// This matrix with `packed`, its blocks in the grouped layout, for [`matmul_actq`] (ignored
+    /// unless it holds the same type and shape).
+    pub fn with_packed(self, packed: &'a Packed) -> Self {
+        let same = matches!(self.weights, Weights::Quant(ty, _) if ty == packed.ty()) && packed.rows() == self.rows && packed.k() == self.k;
+        Matrix { packed: same.then_some(packed), ..self }
     }
 
     /// Dequantize row `r` into `dst` (`k` values).
@@ -142,6 +153,10 @@ pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32];
     let parts = &fixed[..];
     let refs: [&ActQ; ACTQ_MAX_BATCH] = std::array::from_fn(|i| &acts[i.min(n - 1)]);
     let pool = pool::global();
+    if acts[0].format == crate::actq::Format::Wide && crate::packed::available() && ms.iter().all(|m| m.packed.is_some()) {
+        let packs: [(&Packed, pool::SyncPtr<f32>); M] = std::array::from_fn(|i| (ms[i].packed.expect("checked above"), parts[i].as_ref().expect("filled above").3));
+        return matmul_packed(&packs, &refs[..n]);
+    }
     // About two chunks per thread. On a Zen 4 with 32 MiB of L3, decode went 117-127 -> 134-139
     // tok/s against eight chunks per thread (BENCHMARKS.md); thirty-two were slower still, one
     // left the threads unbalanced. Not the chunks' cold first rows alone: prefetching each
@@ -169,6 +184,30 @@ pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32];
                 }
             }
             g += len;
+        }
+    });
+}
+
+/// [`matmul_actq_group`] on packed matrices: 16-row groups split across the pool, about two
+/// chunks per thread as in the GGUF-layout path.
+fn matmul_packed<const M: usize>(packs: &[(&Packed, pool::SyncPtr<f32>); M], acts: &[&ActQ]) {
+    let total: usize = packs.iter().map(|(p, _)| p.rows() / GROUP_ROWS).sum();
+    let pool = pool::global();
+    let chunk = (total / (pool.threads() * 2)).clamp(1, 64);
+    pool.for_chunks(total, chunk, &|range| {
+        let (mut part, mut base) = (0, 0);
+        let mut g = range.start;
+        while g < range.end {
+            let groups = |i: usize| packs[i].0.rows() / GROUP_ROWS;
+            while g >= base + groups(part) {
+                base += groups(part);
+                part += 1;
+            }
+            let (p, y) = packs[part];
+            let (g0, g1) = (g - base, (range.end - base).min(groups(part)));
+            // SAFETY: this chunk owns rows 16·g0 .. 16·g1 of every token's output.
+            unsafe { p.dot_groups(g0..g1, acts, y.ptr().add(g0 * GROUP_ROWS), p.rows()) };
+            g = base + g1;
         }
     });
 }

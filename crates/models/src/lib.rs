@@ -36,6 +36,7 @@ mod llama;
 mod model;
 mod state;
 pub mod tiny;
+mod weight;
 
 pub use config::{Config, RopeScaling};
 pub use error::{Error, Result};

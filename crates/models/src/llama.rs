@@ -5,10 +5,11 @@
 use augur_core::Tensor;
 use augur_kernels::attention::{attention, Mask, Shape};
 use augur_kernels::actq::{ActQ, Format};
-use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, ACTQ_MAX_BATCH};
+use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
 
 use crate::state::State;
+use crate::weight::Weight;
 use crate::{Config, Error, Result};
 
 /// Which positions of a forward pass produce logits.
@@ -28,13 +29,13 @@ pub struct Layer {
     /// [dim]
     pub(crate) attn_norm: Vec<f32>,
     /// [n_head * head_dim, dim]
-    pub(crate) wq: Tensor,
+    pub(crate) wq: Weight,
     /// [n_kv_head * head_dim, dim]
-    pub(crate) wk: Tensor,
+    pub(crate) wk: Weight,
     /// [n_kv_head * head_dim, dim]
-    pub(crate) wv: Tensor,
+    pub(crate) wv: Weight,
     /// [dim, n_head * head_dim]
-    pub(crate) wo: Tensor,
+    pub(crate) wo: Weight,
     /// Optional q/k/v biases (Qwen2).
     pub(crate) bq: Option<Vec<f32>>,
     pub(crate) bk: Option<Vec<f32>>,
@@ -42,11 +43,11 @@ pub struct Layer {
     /// [dim]
     pub(crate) ffn_norm: Vec<f32>,
     /// [hidden, dim]
-    pub(crate) w_gate: Tensor,
+    pub(crate) w_gate: Weight,
     /// [hidden, dim]
-    pub(crate) w_up: Tensor,
+    pub(crate) w_up: Weight,
     /// [dim, hidden]
-    pub(crate) w_down: Tensor,
+    pub(crate) w_down: Weight,
 }
 
 /// A loaded Llama-family model (immutable; run state lives in [`State`]).
@@ -59,7 +60,7 @@ pub struct Llama {
     /// [dim]
     pub(crate) norm: Vec<f32>,
     /// [vocab, dim]; the embedding itself when tied.
-    pub(crate) output: Tensor,
+    pub(crate) output: Weight,
     /// [head_dim / 2]
     pub(crate) inv_freq: Vec<f32>,
     /// Whether `output` is the embedding.
@@ -96,23 +97,23 @@ impl Llama {
         let opt_vec = |name: &str, n: usize| -> Result<Option<Vec<f32>>> { if has(name) { vec(name, n).map(Some) } else { Ok(None) } };
         let embed = mat("token_embd.weight", [cfg.vocab, dim])?;
         let tied = !has("output.weight");
-        let output = if tied { embed.clone() } else { mat("output.weight", [cfg.vocab, dim])? };
+        let output = Weight::new(if tied { embed.clone() } else { mat("output.weight", [cfg.vocab, dim])? });
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{i}.{s}");
             layers.push(Layer {
                 attn_norm: vec(&n("attn_norm.weight"), dim)?,
-                wq: mat(&n("attn_q.weight"), [qd, dim])?,
-                wk: mat(&n("attn_k.weight"), [kvd, dim])?,
-                wv: mat(&n("attn_v.weight"), [kvd, dim])?,
-                wo: mat(&n("attn_output.weight"), [dim, qd])?,
+                wq: Weight::new(mat(&n("attn_q.weight"), [qd, dim])?),
+                wk: Weight::new(mat(&n("attn_k.weight"), [kvd, dim])?),
+                wv: Weight::new(mat(&n("attn_v.weight"), [kvd, dim])?),
+                wo: Weight::new(mat(&n("attn_output.weight"), [dim, qd])?),
                 bq: opt_vec(&n("attn_q.bias"), qd)?,
                 bk: opt_vec(&n("attn_k.bias"), kvd)?,
                 bv: opt_vec(&n("attn_v.bias"), kvd)?,
                 ffn_norm: vec(&n("ffn_norm.weight"), dim)?,
-                w_gate: mat(&n("ffn_gate.weight"), [hid, dim])?,
-                w_up: mat(&n("ffn_up.weight"), [hid, dim])?,
-                w_down: mat(&n("ffn_down.weight"), [dim, hid])?,
+                w_gate: Weight::new(mat(&n("ffn_gate.weight"), [hid, dim])?),
+                w_up: Weight::new(mat(&n("ffn_up.weight"), [hid, dim])?),
+                w_down: Weight::new(mat(&n("ffn_down.weight"), [dim, hid])?),
             });
         }
         let inv_freq = cfg.inv_freq();
@@ -274,9 +275,10 @@ impl Llama {
         let (dim, hd, hid) = (cfg.dim, cfg.head_dim, cfg.hidden);
         let (qd, kvd) = (cfg.n_head * hd, cfg.n_kv_head * hd);
         let half = hd / 2;
-        // The integer path serves decode and small batches (speculative verification); long
-        // prompts use the f32 gemm path, which is faster there.
-        let fast = st.activations.format().filter(|_| n <= ACTQ_MAX_BATCH);
+        // The integer path serves decode and small batches (speculative verification), and long
+        // prompts too where the weights are packed (`Quantized::chunked`); other long prompts
+        // take the f32 gemm path, which is faster there than the GGUF-layout integer kernel.
+        let fast = st.activations.format();
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -362,7 +364,7 @@ impl Llama {
 }
 
 /// A weight, its output buffer and its optional bias.
-type Projection<'a, 'b> = (&'a Tensor, &'b mut [f32], Option<&'a [f32]>);
+type Projection<'a, 'b> = (&'a Weight, &'b mut [f32], Option<&'a [f32]>);
 
 /// Projections that share one input: the input is quantized for the integer path at most once.
 struct Quantized<'a> {
@@ -382,10 +384,19 @@ impl<'a> Quantized<'a> {
     fn linear_group<const M: usize>(&mut self, outs: [Projection; M], x: &[f32], n: usize) -> Result<()> {
         let mut mats: [Option<Matrix>; M] = [None; M];
         for (slot, (w, _, _)) in mats.iter_mut().zip(outs.iter()) {
-            *slot = Some(w.matrix()?);
+            *slot = Some(w.cpu_matrix()?);
         }
         let mats: [Matrix; M] = mats.map(|m| m.expect("filled above"));
         let k = mats[0].k;
+        if n > self.actq.len() && self.can_chunk(&mats) {
+            let biases: [Option<&[f32]>; M] = std::array::from_fn(|i| outs[i].2);
+            let mut ys = outs.map(|(_, y, _)| y);
+            self.chunked(&mats, &mut ys, x, n);
+            for (y, b) in ys.iter_mut().zip(biases) {
+                add_bias(y, b);
+            }
+            return Ok(());
+        }
         let integer = self.fast.is_some() && n <= self.actq.len() && k.is_multiple_of(augur_kernels::actq::BLOCK) && mats.iter().all(|m| m.k == k && actq_supported(m));
         if !integer {
             for (w, y, b) in outs {
@@ -404,6 +415,35 @@ impl<'a> Quantized<'a> {
         Ok(())
     }
 
+    /// Whether [`Quantized::chunked`] takes these matrices: all packed, one row length, i16
+    /// activations.
+    fn can_chunk(&self, mats: &[Matrix]) -> bool {
+        self.fast == Some(Format::Wide) && !self.actq.is_empty() && mats.iter().all(|m| m.packed.is_some() && m.k == mats[0].k)
+    }
+
+    /// Longer batches (prefill) on packed matrices: the integer kernel over chunks of as many
+    /// tokens as there are activation buffers, so every pass reads the packed copy alone (the
+    /// GGUF blocks stay untouched after packing) and a token's products do not depend on the
+    /// batch it came in.
+    fn chunked<const M: usize>(&mut self, mats: &[Matrix; M], ys: &mut [&mut [f32]; M], x: &[f32], n: usize) {
+        let (k, c) = (mats[0].k, self.actq.len());
+        let out: [augur_kernels::pool::SyncPtr<f32>; M] = std::array::from_fn(|i| augur_kernels::pool::SyncPtr::new(ys[i].as_mut_ptr()));
+        let refs: [&Matrix; M] = std::array::from_fn(|i| &mats[i]);
+        for t0 in (0..n).step_by(c) {
+            let len = c.min(n - t0);
+            for (a, xr) in self.actq.iter_mut().zip(x[t0 * k..(t0 + len) * k].chunks_exact(k)) {
+                a.format = Format::Wide;
+                a.quantize(xr);
+            }
+            // SAFETY: rows t0 .. t0 + len of output i (n rows of mats[i].rows values, borrowed
+            // mutably by `ys` for this call); the chunks do not overlap.
+            let mut parts: [&mut [f32]; M] = std::array::from_fn(|i| unsafe { out[i].slice(t0 * mats[i].rows, len * mats[i].rows) });
+            augur_kernels::matmul::matmul_actq_group(refs, &mut parts, &self.actq[..len]);
+        }
+        // The buffers hold the last chunk now.
+        self.ready = false;
+    }
+
     fn quantize(&mut self, x: &[f32], k: usize) {
         if !self.ready {
             let format = self.fast.expect("quantize: only on the integer path");
@@ -416,8 +456,13 @@ impl<'a> Quantized<'a> {
     }
 
     /// `y = x · Wᵀ (+ b)` for `n` rows; every call on one `Quantized` must pass the same `x`.
-    fn linear(&mut self, w: &Tensor, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
-        let m: Matrix = w.matrix()?;
+    fn linear(&mut self, w: &Weight, x: &[f32], n: usize, y: &mut [f32], bias: Option<&[f32]>) -> Result<()> {
+        let m: Matrix = w.cpu_matrix()?;
+        if n > self.actq.len() && self.can_chunk(&[m]) {
+            self.chunked(&[m], &mut [&mut *y], x, n);
+            add_bias(y, bias);
+            return Ok(());
+        }
         if self.fast.is_some() && n <= self.actq.len() && m.k.is_multiple_of(augur_kernels::actq::BLOCK) && actq_supported(&m) {
             self.quantize(x, m.k);
             matmul_actq(&m, &self.actq[..n], y);

@@ -52,6 +52,8 @@ pub struct Gguf {
     /// Byte offset where tensor data starts.
     pub data_offset: u64,
     data: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    /// Whether `data` is a read-only map of the file (its tensors' pages may be released).
+    mapped: bool,
 }
 
 impl std::fmt::Debug for Gguf {
@@ -172,7 +174,7 @@ impl Gguf {
         // SAFETY: the map is read-only; augur never writes the file while it is open. A file
         // changed by another process underneath is outside what any mmap reader can defend against.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        Self::from_owner(Arc::new(map))
+        Ok(Gguf { mapped: true, ..Self::from_owner(Arc::new(map))? })
     }
 
     /// Parse GGUF bytes held in memory.
@@ -280,7 +282,7 @@ impl Gguf {
                 return Err(Error::Tensor { name: t.name.clone(), msg: "appears twice in the file".into() });
             }
         }
-        Ok(Gguf { version, metadata, index, tensors: infos, tensor_index, alignment, data_offset, data })
+        Ok(Gguf { version, metadata, index, tensors: infos, tensor_index, alignment, data_offset, data, mapped: false })
     }
 
     /// All metadata, in file order.
@@ -340,7 +342,8 @@ impl Gguf {
             msg: format!("type {} is not supported by augur (supported: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)", t.type_name()),
         })?;
         let size = t.size.expect("size is known for supported types");
-        let bytes = Bytes::from_owner(self.data.clone(), t.offset as usize, size as usize)
+        let make = if self.mapped { Bytes::from_file_map } else { Bytes::from_owner };
+        let bytes = make(self.data.clone(), t.offset as usize, size as usize)
             .ok_or_else(|| Error::Tensor { name: name.into(), msg: "data out of bounds".into() })?;
         Ok(Tensor::from_raw(dtype, bytes, &t.shape)?)
     }
