@@ -158,17 +158,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn vec_from(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 20001) as f32 / 10000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testdata::xorshift as vec_from;
 
     proptest! {
         #[test]

@@ -280,6 +280,8 @@ mod wide;
 mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod wide512;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use wide512::dpwssd;
 
 #[cfg(test)]
 mod tests {

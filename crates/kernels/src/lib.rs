@@ -24,6 +24,8 @@ pub mod pool;
 pub mod quant;
 pub mod real;
 pub mod reference;
+#[cfg(test)]
+mod testdata;
 pub mod vec;
 
 pub use quant::QuantType;

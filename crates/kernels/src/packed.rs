@@ -183,6 +183,7 @@ impl Packed {
 mod kernel {
     use super::GROUP_ROWS;
     use crate::actq::{ActQ, BLOCK};
+    use crate::dot_actq::dpwssd;
     use std::arch::x86_64::*;
 
     pub const Q4_0: u8 = 0;
@@ -225,15 +226,6 @@ mod kernel {
                 _ => run!(2, 8),
             }
         }
-    }
-
-    /// `acc + vpmaddwd(a, b)` as one `vpdpwssd` (see `dot_actq::wide512::dpwssd`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    unsafe fn dpwssd(acc: __m512i, a: __m512i, b: __m512i) -> __m512i {
-        let mut acc = acc;
-        std::arch::asm!("vpdpwssd {acc}, {a}, {b}", acc = inout(zmm_reg) acc, a = in(zmm_reg) a, b = in(zmm_reg) b, options(pure, nomem, nostack));
-        acc
     }
 
     /// Weight vector `s` (0-3) of a Q4 vector `q`: nibble `s` of each 16-bit word.
@@ -325,17 +317,7 @@ mod tests {
     use super::*;
     use crate::dot_actq::dot_reference;
 
-    fn data(seed: u64, n: usize) -> Vec<f32> {
-        let mut s = seed | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s % 20001) as f32 / 10000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::testdata::xorshift as data;
 
     fn matrix(ty: QuantType, rows: usize, k: usize, seed: u64) -> Vec<u8> {
         data(seed, rows * k).chunks(k).flat_map(|r| ty.quantize_row(r)).collect()

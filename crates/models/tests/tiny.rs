@@ -137,3 +137,47 @@ fn qwen2_with_biases_agrees_between_gguf_and_safetensors() {
     assert!(file.tensor_info("blk.0.attn_q.bias").is_some(), "the qwen2 file carries q/k/v biases");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_long_prompt_equals_feeding_it_token_by_token() {
+    // Where the weights are packed (AVX-512 VNNI), a prompt past 16 tokens takes the integer
+    // kernel in chunks of 16, whose rows do not depend on the batch: the cache and the last
+    // logits equal those of feeding the prompt one token at a time, bit for bit.
+    if !augur_kernels::packed::available() {
+        eprintln!("skipped: this CPU has no packed kernel (AVX-512 VNNI); long prompts take the f32 gemm path");
+        return;
+    }
+    let dir = tmpdir("long");
+    for quant in [QuantType::Q4_0, QuantType::Q4_1, QuantType::Q8_0] {
+        let p = dir.join(format!("{}.gguf", quant.name()));
+        tiny::write_gguf(&p, false, Some(quant), 21).unwrap();
+        let m = Model::open(&p).unwrap();
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 37 + 11) % 250).collect();
+        let mut whole = State::new(&m.llama.cfg);
+        let last = m.llama.forward(&mut whole, &prompt, Logits::Last).unwrap().to_vec();
+        let mut steps = State::new(&m.llama.cfg);
+        let mut one = Vec::new();
+        for &t in &prompt {
+            one = m.llama.forward(&mut steps, &[t], Logits::Last).unwrap().to_vec();
+        }
+        assert!(last == one, "{}: last logits differ", quant.name());
+        for l in 0..m.llama.cfg.n_layer {
+            assert!(whole.kv(l) == steps.kv(l), "{}: layer {l}'s cache differs", quant.name());
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn released_weight_pages_read_back_the_same() {
+    // A mapped weight whose pages were handed back still reads its bytes (from the file).
+    let dir = tmpdir("release");
+    let p = dir.join("q.gguf");
+    tiny::write_gguf(&p, false, Some(QuantType::Q4_1), 5).unwrap();
+    let g = augur_formats::gguf::Gguf::open(&p).unwrap();
+    let t = g.tensor("blk.0.ffn_up.weight").unwrap();
+    let before = t.storage().raw().unwrap().to_vec();
+    t.release_pages();
+    assert_eq!(t.storage().raw().unwrap(), &before[..]);
+    std::fs::remove_dir_all(&dir).ok();
+}
