@@ -24,8 +24,9 @@ pub mod pool;
 pub mod quant;
 pub mod real;
 pub mod reference;
-#[cfg(test)]
-mod testdata;
 pub mod vec;
 
 pub use quant::QuantType;
+
+#[cfg(test)]
+mod testdata;
