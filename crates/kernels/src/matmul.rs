@@ -4,10 +4,11 @@
 //! Design: up to [`ACTQ_MAX_BATCH`] tokens (decode, speculative verification) run a fused
 //! dequantize-and-dot per weight row and token, rows split across the worker pool (the row is read
 //! from memory once and stays in cache for the other tokens); on a matrix with a packed copy
-//! ([`Matrix::with_packed`]), 16-row groups split across the pool instead. Longer batches (prefill) dequantize a
+//! ([`Matrix::with_packed`]), 16-row groups split across the pool instead (and the model feeds
+//! longer batches to it in chunks). Longer batches on other matrices (prefill) dequantize a
 //! panel of weight rows once into a thread-local f32 buffer and multiply every token against it
-//! with `gemm`. Rejected: dequantizing the whole matrix per call
-//! (memory traffic), and per-token loops over rows (reads weights `n_tok` times).
+//! with `gemm`. Rejected: dequantizing the whole matrix per call (memory traffic), and per-token
+//! loops over rows (reads weights `n_tok` times).
 
 use std::cell::RefCell;
 
