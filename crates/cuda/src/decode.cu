@@ -556,9 +556,7 @@ __device__ void attn_generic(const DModel& m, const DLayer* L, int pos) {
             for (int i = 0; i < ATT_MAXD; i++) acc[i] *= r;
             int nk = min(32, nkeys - j0);
             const float* vbase = L->vc + (size_t)j0 * kvd + kvh * hd;
-            switch (nd) {
-                case 1: attn_pv<1>(vbase, kvd, nk, p, acc); break;
-                case 2: attn_pv<2>(vbase, kvd, nk, p, acc); break;
+            switch (nd) {  // heads of 32 and 64 take `attn_items`
                 case 3: attn_pv<3>(vbase, kvd, nk, p, acc); break;
                 case 4: attn_pv<4>(vbase, kvd, nk, p, acc); break;
                 case 5: attn_pv<5>(vbase, kvd, nk, p, acc); break;

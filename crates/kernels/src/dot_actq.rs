@@ -246,7 +246,7 @@ fn dot_row_planes(ty: QuantType, row: &[u8], acts: &[&ActQ], out: &mut [f32]) {
 
 /// The block types of the SIMD kernels, as their const-generic parameter.
 #[cfg(target_arch = "x86_64")]
-mod kind {
+pub(crate) mod kind {
     use crate::quant::QuantType;
 
     pub const Q4_0: u8 = 0;

@@ -168,26 +168,36 @@ pub fn matmul_actq_group<const M: usize>(ms: [&Matrix; M], ys: &mut [&mut [f32];
     const RUN: usize = 16;
     pool.for_chunks(total, chunk, &|range| {
         let mut out = [0f32; RUN * ACTQ_MAX_BATCH];
-        let (mut part, mut base) = (0, 0);
-        let mut g = range.start;
-        while g < range.end {
-            while g >= base + parts[part].as_ref().unwrap().4 {
-                base += parts[part].as_ref().unwrap().4;
-                part += 1;
-            }
-            let (ty, w, rb, yp, rows) = parts[part].as_ref().unwrap();
-            let r0 = g - base;
-            let len = RUN.min(range.end - g).min(rows - r0);
-            crate::dot_actq::dot_rows_unchecked(*ty, &w[r0 * rb..(r0 + len) * rb], *rb, &refs[..n], &mut out[..len * n]);
-            for (i, row) in out[..len * n].chunks_exact(n).enumerate() {
-                for (t, v) in row.iter().enumerate() {
-                    // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
-                    unsafe { yp.slice(t * rows + r0 + i, 1)[0] = *v };
+        for_parts(range, |i| parts[i].as_ref().expect("filled above").4, |part, local| {
+            let (ty, w, rb, yp, rows) = parts[part].as_ref().expect("filled above");
+            for r0 in local.clone().step_by(RUN) {
+                let len = RUN.min(local.end - r0);
+                crate::dot_actq::dot_rows_unchecked(*ty, &w[r0 * rb..(r0 + len) * rb], *rb, &refs[..n], &mut out[..len * n]);
+                for (i, row) in out[..len * n].chunks_exact(n).enumerate() {
+                    for (t, v) in row.iter().enumerate() {
+                        // SAFETY: element (t, r) of this matrix belongs to row r, owned by this chunk.
+                        unsafe { yp.slice(t * rows + r0 + i, 1)[0] = *v };
+                    }
                 }
             }
-            g += len;
-        }
+        });
     });
+}
+
+/// `f(part, items)` for each part's share of `range`, a range over the items of several parts
+/// laid end to end (`len(i)` items in part `i`), in order.
+fn for_parts(range: std::ops::Range<usize>, len: impl Fn(usize) -> usize, mut f: impl FnMut(usize, std::ops::Range<usize>)) {
+    let (mut part, mut base) = (0, 0);
+    let mut g = range.start;
+    while g < range.end {
+        while g >= base + len(part) {
+            base += len(part);
+            part += 1;
+        }
+        let end = (range.end - base).min(len(part));
+        f(part, g - base..end);
+        g = base + end;
+    }
 }
 
 /// [`matmul_actq_group`] on packed matrices: 16-row groups split across the pool, about two
@@ -197,20 +207,11 @@ fn matmul_packed<const M: usize>(packs: &[(&Packed, pool::SyncPtr<f32>); M], act
     let pool = pool::global();
     let chunk = (total / (pool.threads() * 2)).clamp(1, 64);
     pool.for_chunks(total, chunk, &|range| {
-        let (mut part, mut base) = (0, 0);
-        let mut g = range.start;
-        while g < range.end {
-            let groups = |i: usize| packs[i].0.rows() / GROUP_ROWS;
-            while g >= base + groups(part) {
-                base += groups(part);
-                part += 1;
-            }
+        for_parts(range, |i| packs[i].0.rows() / GROUP_ROWS, |part, groups| {
             let (p, y) = packs[part];
-            let (g0, g1) = (g - base, (range.end - base).min(groups(part)));
-            // SAFETY: this chunk owns rows 16·g0 .. 16·g1 of every token's output.
-            unsafe { p.dot_groups(g0..g1, acts, y.ptr().add(g0 * GROUP_ROWS), p.rows()) };
-            g = base + g1;
-        }
+            // SAFETY: this chunk owns rows 16·groups.start .. 16·groups.end of every token's output.
+            unsafe { p.dot_groups(groups.clone(), acts, y.ptr().add(groups.start * GROUP_ROWS), p.rows()) };
+        });
     });
 }
 

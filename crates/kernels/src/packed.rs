@@ -25,7 +25,7 @@ use crate::quant::QuantType;
 pub const GROUP_ROWS: usize = 16;
 
 /// Bytes of one block of a 16-row group.
-pub fn group_bytes(ty: QuantType) -> usize {
+pub const fn group_bytes(ty: QuantType) -> usize {
     match ty {
         QuantType::Q4_0 => 256 + 32,
         QuantType::Q4_1 => 256 + 64,
@@ -117,11 +117,6 @@ impl Packed {
         self.k
     }
 
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        self.data.len()
-    }
-
     /// Row `r`'s GGUF blocks, rebuilt (`dst`: the row's bytes).
     pub fn raw_row(&self, r: usize, dst: &mut [u8]) {
         let (ty, nb, gb, bb) = (self.ty, self.k / BLOCK, group_bytes(self.ty), self.ty.block_bytes());
@@ -184,18 +179,12 @@ mod kernel {
     use super::GROUP_ROWS;
     use crate::actq::{ActQ, BLOCK};
     use crate::dot_actq::dpwssd;
+    pub(super) use crate::dot_actq::kind::{quant_type, Q4_0, Q4_1, Q8_0};
     use std::arch::x86_64::*;
 
-    pub const Q4_0: u8 = 0;
-    pub const Q4_1: u8 = 1;
-    pub const Q8_0: u8 = 2;
-
+    /// [`super::group_bytes`] of the block type `kind`.
     const fn group_bytes(kind: u8) -> usize {
-        match kind {
-            Q4_0 => 288,
-            Q4_1 => 320,
-            _ => 544,
-        }
+        super::group_bytes(quant_type(kind))
     }
 
     /// Most activation vectors per pass.
