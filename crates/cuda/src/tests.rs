@@ -3,7 +3,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::attention::{attention, Cache, Mask, Shape};
 use augur_kernels::matmul::{Matrix, Weights};
 use augur_kernels::quant::QuantType;
 use augur_kernels::vec::{rms_norm, rope, rope_angles, silu_mul};
@@ -305,7 +305,7 @@ fn attention_matches_cpu_causal_tree_and_long() {
         }
         let mut want = vec![0.0; n * nh * hd];
         let m = if tree { Mask::Explicit(&mask) } else { Mask::Causal { pos0 } };
-        attention(&q, &kc, &vc, seq, Shape { n_head: nh, n_kv_head: nkv, head_dim: hd }, m, 1.0 / (hd as f32).sqrt(), &mut want);
+        attention(&q, Cache::F32 { k: &kc, v: &vc }, seq, Shape { n_head: nh, n_kv_head: nkv, head_dim: hd }, m, 1.0 / (hd as f32).sqrt(), &mut want);
         let meta = [pos0 as i32];
         let bytes: Vec<u8> = mask.iter().map(|&b| b as u8).collect();
         let (dq, dk, dv, dm, dmask) = (dev.upload(&q).unwrap(), dev.upload(&kc).unwrap(), dev.upload(&vc).unwrap(), dev.upload(&meta).unwrap(), dev.upload(&bytes).unwrap());

@@ -2,7 +2,7 @@
 //! integer-activation paths), batched matmul, attention, RMSNorm and RoPE, at SmolLM2-135M shapes.
 
 use augur_kernels::actq::{ActQ, Format};
-use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::attention::{attention, quantize_row, Cache, Mask, Shape};
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix, Weights};
 use augur_kernels::vec::{rms_norm, rope, rope_angles};
 use augur_kernels::QuantType;
@@ -163,6 +163,8 @@ fn matmul_q4_1_batch(b: Bencher, n_tok: usize) {
     b.counter(ItemsCount::new(n_tok)).bench_local(|| matmul(&m, &x, n_tok, &mut y));
 }
 
+/// One decode step's attention for SmolLM2's shape (9 query heads on 3 KV heads of 64) over
+/// `seq` cached positions, the cache in f32 and in 16-bit rows (counter: positions).
 #[divan::bench(args = [128, 512, 2048])]
 fn attention_decode(b: Bencher, seq: usize) {
     let shape = Shape { n_head: 9, n_kv_head: 3, head_dim: 64 };
@@ -170,7 +172,24 @@ fn attention_decode(b: Bencher, seq: usize) {
     let kc = data(seq * 3 * 64);
     let vc = data(seq * 3 * 64);
     let mut out = vec![0f32; q.len()];
-    b.bench_local(|| attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0: seq - 1 }, 0.125, &mut out));
+    b.counter(ItemsCount::new(seq))
+        .bench_local(|| attention(&q, Cache::F32 { k: &kc, v: &vc }, seq, shape, Mask::Causal { pos0: seq - 1 }, 0.125, &mut out));
+}
+
+/// [`attention_decode`] on a cache of 16-bit rows.
+#[divan::bench(args = [128, 512, 2048])]
+fn attention_decode_i16(b: Bencher, seq: usize) {
+    let shape = Shape { n_head: 9, n_kv_head: 3, head_dim: 64 };
+    let q = data(9 * 64);
+    let rows16 = |x: Vec<f32>| {
+        let mut out = vec![0i16; x.len()];
+        let scales: Vec<f32> = x.chunks_exact(64).zip(out.chunks_exact_mut(64)).map(|(r, o)| quantize_row(r, o)).collect();
+        (out, scales)
+    };
+    let ((k, ks), (v, vs)) = (rows16(data(seq * 3 * 64)), rows16(data(seq * 3 * 64)));
+    let cache = Cache::I16 { k: &k, v: &v, k_scales: &ks, v_scales: &vs };
+    let mut out = vec![0f32; q.len()];
+    b.counter(ItemsCount::new(seq)).bench_local(|| attention(&q, cache, seq, shape, Mask::Causal { pos0: seq - 1 }, 0.125, &mut out));
 }
 
 #[divan::bench]

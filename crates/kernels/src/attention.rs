@@ -2,7 +2,7 @@
 //!
 //! Layouts: `q` and `out` are `[n_tok, n_head, head_dim]`; the caches are `[seq, n_kv_head, head_dim]`
 //! (append-friendly: a new position is one contiguous write). Query head `h` reads KV head
-//! `h / (n_head / n_kv_head)`.
+//! `h / (n_head / n_kv_head)`. The caches hold f32, or i16 with a scale per row ([`Cache`]).
 
 use std::cell::RefCell;
 
@@ -10,6 +10,130 @@ use std::cell::RefCell;
 use crate::pool;
 use crate::real::hsum16;
 use crate::vec::softmax;
+
+/// A layer's KV cache as the kernels read it: keys and values `[seq, n_kv_head, head_dim]`.
+#[derive(Debug, Clone, Copy)]
+pub enum Cache<'a> {
+    /// f32 values.
+    F32 {
+        /// Keys.
+        k: &'a [f32],
+        /// Values.
+        v: &'a [f32],
+    },
+    /// 16-bit integers, each row of `head_dim` (one position, one KV head) times its own scale
+    /// ([`quantize_row`]): half the bytes of f32 to stream per attended position, and within
+    /// `max |row| / 65534` of each value (f16's 11-bit mantissa costs the logits 5-10x more).
+    I16 {
+        /// Keys.
+        k: &'a [i16],
+        /// Values.
+        v: &'a [i16],
+        /// Key row scales, `[seq, n_kv_head]`.
+        k_scales: &'a [f32],
+        /// Value row scales, `[seq, n_kv_head]`.
+        v_scales: &'a [f32],
+    },
+}
+
+/// `x` as 16-bit integers `out` and the scale that multiplies them back: `max |x| / 32767`
+/// (0 for a zero row), each value rounded to the nearest step.
+pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
+    assert_eq!(x.len(), out.len(), "quantize_row: length mismatch");
+    let top = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if top == 0.0 || !top.is_finite() {
+        out.fill(0);
+        return if top == 0.0 { 0.0 } else { f32::NAN };
+    }
+    let inv = 32767.0 / top;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = (v * inv).round() as i16;
+    }
+    top / 32767.0
+}
+
+/// An element type of a cache the kernels read: f32, or i16 with row scales.
+trait KvElem: Copy + Send + Sync + 'static {
+    /// Whether each row carries a scale (applied to a whole score, or to a value's weight).
+    const SCALED: bool;
+    /// The stored value as f32 (before its row's scale).
+    fn to_f32(self) -> f32;
+    /// Sixteen values from `p`, widened.
+    ///
+    /// # Safety
+    /// AVX-512F is available and `p..p + 16` is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+    /// Eight values from `p`, widened.
+    ///
+    /// # Safety
+    /// AVX2 is available and `p..p + 8` is readable.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl KvElem for f32 {
+    const SCALED: bool = false;
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512 {
+        std::arch::x86_64::_mm512_loadu_ps(p)
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
+    }
+}
+
+impl KvElem for i16 {
+    const SCALED: bool = true;
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(p: *const i16) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_loadu_si256(p.cast::<__m256i>())))
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load8(p: *const i16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(_mm_loadu_si128(p.cast::<__m128i>())))
+    }
+}
+
+/// Keys or values of one cache in one element type, with their row scales (empty unless
+/// [`KvElem::SCALED`]).
+#[derive(Clone, Copy)]
+struct Src<'a, T> {
+    vals: &'a [T],
+    scales: &'a [f32],
+}
+
+impl<T: KvElem> Src<'_, T> {
+    /// Where KV head `kvh`'s first row and first scale are (the scale pointer dangles, unused,
+    /// for an unscaled type).
+    #[cfg(target_arch = "x86_64")]
+    fn head(&self, kvh: usize, head_dim: usize) -> (*const T, *const f32) {
+        (self.vals[kvh * head_dim..].as_ptr(), if T::SCALED { self.scales[kvh..].as_ptr() } else { std::ptr::null() })
+    }
+
+    /// Row `pos` of KV head `kvh` and its scale (1 for an unscaled type).
+    fn row(&self, pos: usize, kvh: usize, n_kv_head: usize, head_dim: usize) -> (&[T], f32) {
+        let r = pos * n_kv_head + kvh;
+        (&self.vals[r * head_dim..(r + 1) * head_dim], if T::SCALED { self.scales[r] } else { 1.0 })
+    }
+}
 
 /// Shapes of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -42,24 +166,31 @@ thread_local! {
 
 /// `out[t, h] = softmax(q[t,h] · K[:, kvh]ᵀ · scale + mask) · V[:, kvh]` over `seq` cached positions.
 #[allow(clippy::too_many_arguments)]
-pub fn attention(
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    seq: usize,
-    shape: Shape,
-    mask: Mask,
-    scale: f32,
-    out: &mut [f32],
-) {
+pub fn attention(q: &[f32], cache: Cache, seq: usize, shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
     let Shape { n_head, n_kv_head, head_dim } = shape;
     let kv_stride = n_kv_head * head_dim;
     assert!(n_kv_head > 0 && n_head % n_kv_head == 0, "attention: n_head must be a multiple of n_kv_head");
-    assert!(k_cache.len() >= seq * kv_stride && v_cache.len() >= seq * kv_stride, "attention: cache too short");
+    let (rows, scales) = match cache {
+        Cache::F32 { k, v } => (k.len().min(v.len()), seq * n_kv_head),
+        Cache::I16 { k, v, k_scales, v_scales } => (k.len().min(v.len()), k_scales.len().min(v_scales.len())),
+    };
+    assert!(rows >= seq * kv_stride && scales >= seq * n_kv_head, "attention: cache too short");
     assert_eq!(out.len(), q.len(), "attention: out/q length mismatch");
     if let Mask::Explicit(m) = mask {
         assert_eq!(m.len(), q.len() / (n_head * head_dim) * seq, "attention: mask must be [n_tok, seq]");
     }
+    match cache {
+        Cache::F32 { k, v } => attend(q, Src { vals: k, scales: &[] }, Src { vals: v, scales: &[] }, seq, shape, mask, scale, out),
+        Cache::I16 { k, v, k_scales, v_scales } => {
+            attend(q, Src { vals: k, scales: k_scales }, Src { vals: v, scales: v_scales }, seq, shape, mask, scale, out)
+        }
+    }
+}
+
+/// [`attention`] on one element type.
+#[allow(clippy::too_many_arguments)]
+fn attend<T: KvElem>(q: &[f32], k_cache: Src<T>, v_cache: Src<T>, seq: usize, shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
+    let Shape { n_head, n_kv_head, head_dim } = shape;
     let group = n_head / n_kv_head;
     #[cfg(target_arch = "x86_64")]
     if grouped(head_dim) {
@@ -79,8 +210,9 @@ pub fn attention(
                 q: &q[i * head_dim..(i + 1) * head_dim],
                 k: k_cache,
                 v: v_cache,
-                offset: (h / group) * head_dim,
-                stride: kv_stride,
+                kvh: h / group,
+                n_kv_head,
+                head_dim,
                 positions: None,
                 scale,
             };
@@ -153,7 +285,7 @@ thread_local! {
 /// on its own positions only, so it is the same bit for bit alone, in a batch or in a tree.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
-fn grouped_pass(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
+fn grouped_pass<T: KvElem>(q: &[f32], k_cache: Src<T>, v_cache: Src<T>, seq: usize, shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
     use avx512::GROUP_MAX;
     let Shape { n_head, n_kv_head, head_dim } = shape;
     let (group, kv_stride) = (n_head / n_kv_head, n_kv_head * head_dim);
@@ -208,19 +340,22 @@ fn grouped_pass(q: &[f32], k_cache: &[f32], v_cache: &[f32], seq: usize, shape: 
                 if qs.iter().all(|g| g.n <= sg * SEG) {
                     continue;
                 }
-                let (k, v) = (k_cache[kvh * head_dim..].as_ptr(), v_cache[kvh * head_dim..].as_ptr());
+                let (k, v) = (k_cache.head(kvh, head_dim), v_cache.head(kvh, head_dim));
                 SCRATCH.with(|s| {
                     let scores = &mut s.borrow_mut().0;
-                    if scores.len() < GROUP_MAX * seq {
-                        scores.resize((GROUP_MAX * seq).max(4096).next_power_of_two(), 0.0);
+                    let need = GROUP_MAX * seq + avx512::WIDE;
+                    if scores.len() < need {
+                        scores.resize(need.max(4096).next_power_of_two(), 0.0);
                     }
+                    let (scores, wide) = scores.split_at_mut(GROUP_MAX * seq);
                     // SAFETY: AVX-512F detected (`grouped`); each query's vector holds head_dim =
                     // 16 · NV floats and its partial head_dim + 2, its positions are below `seq`,
-                    // and the caches hold `seq` rows of kv_stride.
+                    // and the caches hold `seq` rows of kv_stride (and, if scaled, `seq` rows of
+                    // n_kv_head scales: checked in `attention`).
                     unsafe {
                         match head_dim {
-                            64 => avx512::group_segment::<4>(qs, k, v, kv_stride, scale, scores, seq, sg * SEG..(sg + 1) * SEG),
-                            _ => avx512::group_segment::<8>(qs, k, v, kv_stride, scale, scores, seq, sg * SEG..(sg + 1) * SEG),
+                            64 => avx512::group_segment::<T, 4>(qs, k, v, kv_stride, scale, scores, wide, seq, sg * SEG..(sg + 1) * SEG),
+                            _ => avx512::group_segment::<T, 8>(qs, k, v, kv_stride, scale, scores, wide, seq, sg * SEG..(sg + 1) * SEG),
                         }
                     }
                 });
@@ -269,20 +404,20 @@ fn merge(parts: &[f32], head_dim: usize, out: &mut [f32]) {
 }
 
 /// One query head against its KV head.
-struct Head<'a> {
+struct Head<'a, T> {
     q: &'a [f32],
-    k: &'a [f32],
-    v: &'a [f32],
-    /// Offset of this KV head inside a cached position.
-    offset: usize,
-    /// Floats per cached position.
-    stride: usize,
+    k: Src<'a, T>,
+    v: Src<'a, T>,
+    /// This query head's KV head.
+    kvh: usize,
+    n_kv_head: usize,
+    head_dim: usize,
     /// The cached positions to attend to, in order (`None`: `0..scores.len()`).
     positions: Option<&'a [u32]>,
     scale: f32,
 }
 
-impl Head<'_> {
+impl<T: KvElem> Head<'_, T> {
     fn run(&self, scores: &mut [f32], out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         {
@@ -290,8 +425,8 @@ impl Head<'_> {
             if isa() >= Isa::Avx2 {
                 // SAFETY: AVX2+FMA detected at run time; NV * 8 == head_dim.
                 match self.q.len() {
-                    32 => return unsafe { avx2::head::<4>(self, scores, out) },
-                    64 => return unsafe { avx2::head::<8>(self, scores, out) },
+                    32 => return unsafe { avx2::head::<T, 4>(self, scores, out) },
+                    64 => return unsafe { avx2::head::<T, 8>(self, scores, out) },
                     // SAFETY: AVX2+FMA detected at run time.
                     _ => return unsafe { self.run_avx2(scores, out) },
                 }
@@ -310,11 +445,11 @@ impl Head<'_> {
     /// compile to that ISA's vector FMAs.
     #[inline(always)]
     fn body(&self, scores: &mut [f32], out: &mut [f32]) {
-        let d = self.q.len();
+        let (kvh, n_kv, d) = (self.kvh, self.n_kv_head, self.head_dim);
         let pos = |i: usize| self.positions.map_or(i, |p| p[i] as usize);
         for (i, sc) in scores.iter_mut().enumerate() {
-            let k = &self.k[pos(i) * self.stride + self.offset..][..d];
-            *sc = dot16(self.q, k) * self.scale;
+            let (k, ks) = self.k.row(pos(i), kvh, n_kv, d);
+            *sc = dot16(self.q, k, T::to_f32) * ks * self.scale;
         }
         softmax(scores);
         out.fill(0.0);
@@ -322,9 +457,10 @@ impl Head<'_> {
             if p == 0.0 {
                 continue;
             }
-            let v = &self.v[pos(i) * self.stride + self.offset..][..d];
+            let (v, vs) = self.v.row(pos(i), kvh, n_kv, d);
+            let w = p * vs;
             for (o, &x) in out.iter_mut().zip(v) {
-                *o = p.mul_add(x, *o);
+                *o = w.mul_add(x.to_f32(), *o);
             }
         }
     }
@@ -332,7 +468,7 @@ impl Head<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::Head;
+    use super::{Head, KvElem};
     use crate::vec::{hsum_m256, EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
@@ -369,9 +505,12 @@ mod avx2 {
     /// independent FMA chains, then one addition tree), softmax over eight lanes at a time, and
     /// the weighted sum of values kept in NV registers.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn head<const NV: usize>(h: &Head, scores: &mut [f32], out: &mut [f32]) {
+    pub(super) unsafe fn head<T: KvElem, const NV: usize>(h: &Head<T>, scores: &mut [f32], out: &mut [f32]) {
         let q: [__m256; NV] = std::array::from_fn(|c| _mm256_loadu_ps(h.q.as_ptr().add(8 * c)));
-        let (kp, vp) = (h.k.as_ptr().add(h.offset), h.v.as_ptr().add(h.offset));
+        let ((kp, ksp), (vp, vsp)) = (h.k.head(h.kvh, h.head_dim), h.v.head(h.kvh, h.head_dim));
+        let stride = h.n_kv_head * h.head_dim;
+        // Row i's scale (1 for an unscaled type).
+        let row_scale = |sp: *const f32, i: usize| if T::SCALED { *sp.add(i * h.n_kv_head) } else { 1.0 };
         let n = scores.len();
         let pos = |i: usize| h.positions.map_or(i, |p| p[i] as usize);
         let scale = _mm256_set1_ps(h.scale);
@@ -379,14 +518,19 @@ mod avx2 {
         while i < n {
             // Past the end, repeat the last position and drop its scores.
             let acc: [__m256; 8] = std::array::from_fn(|j| {
-                let k = kp.add(pos((i + j).min(n - 1)) * h.stride);
-                let mut acc = _mm256_mul_ps(q[0], _mm256_loadu_ps(k));
+                let k = kp.add(pos((i + j).min(n - 1)) * stride);
+                let mut acc = _mm256_mul_ps(q[0], T::load8(k));
                 for (c, qc) in q.iter().enumerate().skip(1) {
-                    acc = _mm256_fmadd_ps(*qc, _mm256_loadu_ps(k.add(8 * c)), acc);
+                    acc = _mm256_fmadd_ps(*qc, T::load8(k.add(8 * c)), acc);
                 }
                 acc
             });
-            let s = _mm256_mul_ps(sums8(&acc), scale);
+            let mut s = sums8(&acc);
+            if T::SCALED {
+                let ks: [f32; 8] = std::array::from_fn(|j| row_scale(ksp, pos((i + j).min(n - 1))));
+                s = _mm256_mul_ps(s, _mm256_loadu_ps(ks.as_ptr()));
+            }
+            let s = _mm256_mul_ps(s, scale);
             if i + 8 <= n {
                 _mm256_storeu_ps(scores.as_mut_ptr().add(i), s);
             } else {
@@ -428,9 +572,9 @@ mod avx2 {
             if p == 0.0 {
                 continue;
             }
-            let (pv, v) = (_mm256_set1_ps(p * inv), vp.add(pos(i) * h.stride));
+            let (pv, v) = (_mm256_set1_ps(p * inv * row_scale(vsp, pos(i))), vp.add(pos(i) * stride));
             for (c, oc) in o.iter_mut().enumerate() {
-                *oc = _mm256_fmadd_ps(pv, _mm256_loadu_ps(v.add(8 * c)), *oc);
+                *oc = _mm256_fmadd_ps(pv, T::load8(v.add(8 * c)), *oc);
             }
         }
         for (c, oc) in o.iter().enumerate() {
@@ -441,6 +585,7 @@ mod avx2 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::KvElem;
     use crate::vec::{EXP_MIN, EXP_TAYLOR, LN2_HI, LN2_LO};
     use std::arch::x86_64::*;
 
@@ -489,7 +634,7 @@ mod avx512 {
     /// `0..n` cut into runs anywhere gives the scores of one run, bit for bit.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn score_run<const NV: usize>(q: &[__m512; NV], k: Kv, from: usize, to: usize, scale: f32, scores: *mut f32) {
+    unsafe fn score_run<const NV: usize>(q: &[__m512; NV], k: Kv<f32>, from: usize, to: usize, scale: f32, scores: *mut f32) {
         let scale = _mm512_set1_ps(scale);
         let mut i = from;
         while i < to {
@@ -547,7 +692,7 @@ mod avx512 {
     /// as one run.
     #[inline]
     #[target_feature(enable = "avx512f,fma")]
-    unsafe fn value_run<const NV: usize>(o: &mut Acc<NV>, scores: &[f32], v: Kv, from: usize, to: usize) {
+    unsafe fn value_run<const NV: usize>(o: &mut Acc<NV>, scores: &[f32], v: Kv<f32>, from: usize, to: usize) {
         let mut i = from;
         while i < to {
             for (u, ou) in o.iter_mut().enumerate() {
@@ -572,18 +717,26 @@ mod avx512 {
         }
     }
 
-    /// Rows of one KV head in a cache: position i (or the i-th listed one) at `base + stride · i`.
+    /// Rows of one KV head in a cache: position i (or the i-th listed one) at `base + stride · i`,
+    /// its scale (scaled types only) at `scales + n_kv_head · i`.
     #[derive(Clone, Copy)]
-    struct Kv<'a> {
-        base: *const f32,
+    struct Kv<'a, T> {
+        base: *const T,
         stride: usize,
+        scales: *const f32,
+        n_kv_head: usize,
         positions: Option<&'a [u32]>,
     }
 
-    impl Kv<'_> {
+    impl<T> Kv<'_, T> {
         #[inline(always)]
-        unsafe fn row(&self, i: usize) -> *const f32 {
+        unsafe fn row(&self, i: usize) -> *const T {
             self.base.add(self.positions.map_or(i, |p| p[i] as usize) * self.stride)
+        }
+
+        #[inline(always)]
+        unsafe fn scale(&self, i: usize) -> f32 {
+            *self.scales.add(self.positions.map_or(i, |p| p[i] as usize) * self.n_kv_head)
         }
     }
 
@@ -594,39 +747,105 @@ mod avx512 {
     /// query of the group takes its turn (a multiple of 4: see [`value_run`]).
     const TILE: usize = 64;
 
+    /// Floats of the scratch [`group_segment`] widens 16-bit rows into: two tiles of heads of
+    /// up to 128.
+    pub(super) const WIDE: usize = 2 * TILE * 128;
+
+    /// Rows `from..to` of `rows`, times their scales, as f32 rows of `16 · NV` at `out`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn widen<T: KvElem, const NV: usize>(rows: Kv<T>, from: usize, to: usize, out: *mut f32) {
+        for i in from..to {
+            let (r, s) = (rows.row(i), _mm512_set1_ps(rows.scale(i)));
+            for c in 0..NV {
+                _mm512_storeu_ps(out.add((i - from) * 16 * NV + 16 * c), _mm512_mul_ps(T::load16(r.add(16 * c)), s));
+            }
+        }
+    }
+
+    /// One tile's rows for the f32 kernels: unscaled rows in place; 16-bit rows widened and
+    /// scaled into `wide` (`WIDE` floats): the first half holds positions `t0..` in order for
+    /// every query that sees them all (every query of a causal pass, and a tree's queries over
+    /// the cached prefix), converted once per tile (`*shared` says up to where); the second
+    /// half a query's own listed rows. A row widens to the same values either way, so a query's
+    /// arithmetic does not depend on the others in its call.
+    struct Tiles<'a, T> {
+        wide: &'a mut [f32],
+        shared: usize,
+        base: (*const T, *const f32),
+        stride: usize,
+        n_kv_head: usize,
+        t0: usize,
+    }
+
+    impl<T: KvElem> Tiles<'_, T> {
+        /// Rows `t0..end` of query `g` (`end - t0 <= TILE`, `t0` the current tile's start, its
+        /// shared rows up to `longest`), indexed from `t0` when widened, else from 0.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn rows<const NV: usize>(&mut self, g: &super::GroupQuery, end: usize, longest: usize) -> (Kv<'_, f32>, usize) {
+            let rows = Kv { base: self.base.0, stride: self.stride, scales: self.base.1, n_kv_head: self.n_kv_head, positions: positions(g) };
+            if !T::SCALED {
+                debug_assert_eq!(std::mem::size_of::<T>(), 4);
+                // f32, the only unscaled type: its rows as they are.
+                return (Kv { base: rows.base.cast::<f32>(), stride: rows.stride, scales: rows.scales, n_kv_head: rows.n_kv_head, positions: rows.positions }, 0);
+            }
+            let (shared, own) = self.wide.split_at_mut(WIDE / 2);
+            let flat = |p: *const f32| Kv { base: p, stride: 16 * NV, scales: std::ptr::null(), n_kv_head: 0, positions: None };
+            // Listed positions rise from `list[i] >= i`, so `list[end - 1] == end - 1` means the
+            // identity up to `end`.
+            if g.pos.is_null() || *g.pos.add(end - 1) as usize == end - 1 {
+                let upto = (self.t0 + TILE).min(longest);
+                if self.shared != upto {
+                    widen::<T, NV>(Kv { positions: None, ..rows }, self.t0, upto, shared.as_mut_ptr());
+                    self.shared = upto;
+                }
+                (flat(shared.as_ptr()), self.t0)
+            } else {
+                widen::<T, NV>(rows, self.t0, end, own.as_mut_ptr());
+                (flat(own.as_ptr()), self.t0)
+            }
+        }
+    }
+
+    /// Query g's positions (`None`: `0..g.n`).
+    unsafe fn positions<'a>(g: &super::GroupQuery) -> Option<&'a [u32]> {
+        (!g.pos.is_null()).then(|| std::slice::from_raw_parts(g.pos, g.n))
+    }
+
     /// Positions `seg` of several queries on one KV head (each seeing its own positions, `0..n`
     /// or a list, and taking the part of `seg` below its `n`), with `head_dim = 16 · NV`: the
     /// keys and then the values are visited a tile at a time for all the queries, where one
     /// query at a time streams them from L2 for each. Writes each query's partial to `g.part`:
     /// the segment's max score, the sum of its softmax numerators and their unnormalised
     /// weighted sum of values. A query's arithmetic does not depend on the others in the call.
-    /// `scores` holds `seq` floats per query.
+    /// `scores` holds `seq` floats per query; `wide` is scratch of [`WIDE`] floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,fma")]
-    pub(super) unsafe fn group_segment<const NV: usize>(
+    pub(super) unsafe fn group_segment<T: KvElem, const NV: usize>(
         qs: &[super::GroupQuery],
-        k: *const f32,
-        v: *const f32,
+        k: (*const T, *const f32),
+        v: (*const T, *const f32),
         stride: usize,
         scale: f32,
         scores: &mut [f32],
+        wide: &mut [f32],
         seq: usize,
         seg: std::ops::Range<usize>,
     ) {
-        debug_assert!(qs.len() <= GROUP_MAX && scores.len() >= qs.len() * seq && seg.start.is_multiple_of(TILE));
-        // Query g's rows of the keys (at `k`) or values (at `v`).
-        let rows = |base: *const f32, g: &super::GroupQuery| Kv {
-            base,
-            stride,
-            positions: (!g.pos.is_null()).then(|| std::slice::from_raw_parts(g.pos, g.n)),
-        };
+        debug_assert!(qs.len() <= GROUP_MAX && scores.len() >= qs.len() * seq && seg.start.is_multiple_of(TILE) && wide.len() >= WIDE);
         let end = |g: &super::GroupQuery| seg.end.min(g.n);
         let longest = qs.iter().map(end).max().unwrap_or(0);
+        let n_kv_head = stride / (16 * NV);
         let sp = scores.as_mut_ptr();
+        let mut tiles = Tiles { wide, shared: usize::MAX, base: k, stride, n_kv_head, t0: 0 };
         for t0 in (seg.start..longest).step_by(TILE) {
+            tiles.t0 = t0;
             for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < end(g)) {
                 let q: [__m512; NV] = std::array::from_fn(|c| _mm512_loadu_ps(g.q.add(16 * c)));
-                score_run(&q, rows(k, g), t0, (t0 + TILE).min(end(g)), scale, sp.add(j * seq));
+                let e = (t0 + TILE).min(end(g));
+                let (rows, at) = tiles.rows::<NV>(g, e, longest);
+                score_run(&q, rows, t0 - at, e - at, scale, sp.add(j * seq + at));
             }
         }
         let mut ml = [(0f32, 0f32); GROUP_MAX];
@@ -634,9 +853,13 @@ mod avx512 {
             ml[j] = softmax_run(&mut scores[j * seq + seg.start..j * seq + end(g)]);
         }
         let mut o = [[[_mm512_setzero_ps(); NV]; 4]; GROUP_MAX];
+        let mut tiles = Tiles { base: v, shared: usize::MAX, ..tiles };
         for t0 in (seg.start..longest).step_by(TILE) {
+            tiles.t0 = t0;
             for (j, g) in qs.iter().enumerate().filter(|(_, g)| t0 < end(g)) {
-                value_run(&mut o[j], &scores[j * seq..j * seq + end(g)], rows(v, g), t0, (t0 + TILE).min(end(g)));
+                let e = (t0 + TILE).min(end(g));
+                let (rows, at) = tiles.rows::<NV>(g, e, longest);
+                value_run(&mut o[j], &scores[j * seq + at..j * seq + end(g)], rows, t0 - at, e - at);
             }
         }
         for (j, g) in qs.iter().enumerate().filter(|(_, g)| seg.start < end(g)) {
@@ -648,13 +871,13 @@ mod avx512 {
 
 /// Dot product with 16 independent lanes (vectorizes without reassociation).
 #[inline(always)]
-fn dot16(a: &[f32], b: &[f32]) -> f32 {
+fn dot16<T: Copy>(a: &[f32], b: &[T], widen: impl Fn(T) -> f32) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, &y)| x * widen(y)).sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+            acc[i] = x[i].mul_add(widen(y[i]), acc[i]);
         }
     }
     hsum16(acc) + tail
@@ -666,10 +889,60 @@ mod tests {
     use crate::reference;
     use proptest::prelude::*;
 
+    /// A cache in 16-bit rows of `hd` with their scales.
+    struct Rows16 {
+        q: Vec<i16>,
+        scales: Vec<f32>,
+    }
+
+    impl Rows16 {
+        fn of(x: &[f32], hd: usize) -> Self {
+            let mut q = vec![0i16; x.len()];
+            let scales = x.chunks_exact(hd).zip(q.chunks_exact_mut(hd)).map(|(r, o)| quantize_row(r, o)).collect();
+            Rows16 { q, scales }
+        }
+
+        /// The values the rows stand for.
+        fn values(&self, hd: usize) -> Vec<f32> {
+            self.q.chunks_exact(hd).zip(&self.scales).flat_map(|(r, &s)| r.iter().map(move |&v| v as f32 * s)).collect()
+        }
+
+        /// The rows of KV head `kvh` of `n_kv`.
+        fn head(&self, kvh: usize, n_kv: usize, hd: usize) -> Self {
+            let rows = self.scales.len() / n_kv;
+            Rows16 {
+                q: (0..rows).flat_map(|j| self.q[(j * n_kv + kvh) * hd..(j * n_kv + kvh + 1) * hd].to_vec()).collect(),
+                scales: (0..rows).map(|j| self.scales[j * n_kv + kvh]).collect(),
+            }
+        }
+
+        fn cache<'a>(&'a self, v: &'a Rows16) -> Cache<'a> {
+            Cache::I16 { k: &self.q, v: &v.q, k_scales: &self.scales, v_scales: &v.scales }
+        }
+    }
+
+    #[test]
+    fn quantized_rows_are_within_a_step_of_the_values() {
+        let mut s = 7u64;
+        for scale in [1e-3f32, 1.0, 300.0] {
+            let x: Vec<f32> = (0..64).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); (((s >> 40) as f32 / 16777216.0) - 0.5) * scale }).collect();
+            let mut q = vec![0i16; 64];
+            let step = quantize_row(&x, &mut q);
+            let top = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert!((step - top / 32767.0).abs() <= step * 1e-6);
+            for (a, &b) in x.iter().zip(&q) {
+                assert!((a - b as f32 * step).abs() <= step * 0.5001, "{a} vs {b} x {step}");
+            }
+        }
+        let mut q = [5i16; 4];
+        assert_eq!(quantize_row(&[0.0; 4], &mut q), 0.0);
+        assert_eq!(q, [0; 4]);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(32))]
         #[test]
-        fn matches_naive(seed in 1u64..10_000, seq in 1usize..300, n_tok_raw in 1usize..5, groups in 1usize..4, width in 0usize..3) {
+        fn matches_naive(seed in 1u64..10_000, seq in 1usize..300, n_tok_raw in 1usize..5, groups in 1usize..4, width in 0usize..3, scaled in any::<bool>()) {
             let n_tok = n_tok_raw.min(seq);
             // 8 takes the generic loop, 32 and 64 the AVX2 head kernels, 64 the AVX-512 one.
             let hd = [8, 32, 64][width];
@@ -677,15 +950,18 @@ mod tests {
             let mut s = seed;
             let mut rnd = |n: usize| -> Vec<f32> { (0..n).map(|_| { s = s.wrapping_mul(6364136223846793005).wrapping_add(1); ((s >> 40) as f32 / 16777216.0) - 0.5 }).collect() };
             let q = rnd(n_tok * shape.n_head * hd);
-            let kc = rnd(seq * 2 * hd);
-            let vc = rnd(seq * 2 * hd);
+            let (kc, vc) = (rnd(seq * 2 * hd), rnd(seq * 2 * hd));
+            // Scaled: the kernels read 16-bit rows; the reference gets their values back as f32.
+            let (k16, v16) = (Rows16::of(&kc, hd), Rows16::of(&vc, hd));
+            let (kc, vc) = if scaled { (k16.values(hd), v16.values(hd)) } else { (kc, vc) };
+            let cache = if scaled { k16.cache(&v16) } else { Cache::F32 { k: &kc, v: &vc } };
             let pos0 = seq - n_tok;
             let mut out = vec![0f32; q.len()];
-            attention(&q, &kc, &vc, seq, shape, Mask::Causal { pos0 }, 0.35, &mut out);
+            attention(&q, cache, seq, shape, Mask::Causal { pos0 }, 0.35, &mut out);
             // A tree-style explicit mask: every token sees position 0 and a pseudo-random subset.
             let explicit: Vec<bool> = (0..n_tok * seq).map(|i| i % seq == 0 || !((i as u64 * 2654435761) ^ seed).is_multiple_of(3)).collect();
             let mut out_m = vec![0f32; q.len()];
-            attention(&q, &kc, &vc, seq, shape, Mask::Explicit(&explicit), 0.35, &mut out_m);
+            attention(&q, cache, seq, shape, Mask::Explicit(&explicit), 0.35, &mut out_m);
             for t in 0..n_tok {
                 for h in 0..shape.n_head {
                     let kvh = h / groups;
@@ -709,7 +985,7 @@ mod tests {
         /// 64 or 128 the queries of a KV head go together, in segments of 128 positions merged
         /// afterwards), gives each query exactly what it gets alone (the one-query path).
         #[test]
-        fn batch_equals_one_query_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 1usize..13, groups in 1usize..4, wide in any::<bool>(), tree in any::<bool>()) {
+        fn batch_equals_one_query_at_a_time(seed in 1u64..10_000, seq in 20usize..220, n_tok in 1usize..13, groups in 1usize..4, wide in any::<bool>(), tree in any::<bool>(), scaled in any::<bool>()) {
             let hd = if wide { 128 } else { 64 };
             let shape = Shape { n_head: 2 * groups, n_kv_head: 2, head_dim: hd };
             let n_tok = n_tok.min(seq);
@@ -725,17 +1001,21 @@ mod tests {
                 })
                 .collect();
             let mask = if tree { Mask::Explicit(&rows) } else { Mask::Causal { pos0 } };
+            let (k16, v16) = (Rows16::of(&kc, hd), Rows16::of(&vc, hd));
             let mut out = vec![0f32; q.len()];
-            attention(&q, &kc, &vc, seq, shape, mask, 0.125, &mut out);
+            attention(&q, if scaled { k16.cache(&v16) } else { Cache::F32 { k: &kc, v: &vc } }, seq, shape, mask, 0.125, &mut out);
             // Each query alone: one head on a cache of its KV head only.
             let single = Shape { n_head: 1, n_kv_head: 1, head_dim: hd };
             for t in 0..n_tok {
                 for h in 0..shape.n_head {
                     let kvh = h / groups;
                     let head_rows = |c: &[f32]| -> Vec<f32> { (0..seq).flat_map(|j| c[(j * 2 + kvh) * hd..(j * 2 + kvh + 1) * hd].to_vec()).collect() };
+                    let (k1, v1) = (head_rows(&kc), head_rows(&vc));
+                    let (k1s, v1s) = (k16.head(kvh, 2, hd), v16.head(kvh, 2, hd));
+                    let one_cache = if scaled { k1s.cache(&v1s) } else { Cache::F32 { k: &k1, v: &v1 } };
                     let qi = (t * shape.n_head + h) * hd;
                     let mut one = vec![0f32; hd];
-                    attention(&q[qi..qi + hd], &head_rows(&kc), &head_rows(&vc), seq, single, Mask::Explicit(&rows[t * seq..(t + 1) * seq]), 0.125, &mut one);
+                    attention(&q[qi..qi + hd], one_cache, seq, single, Mask::Explicit(&rows[t * seq..(t + 1) * seq]), 0.125, &mut one);
                     prop_assert_eq!(out[qi..qi + hd].iter().map(|x| x.to_bits()).collect::<Vec<_>>(), one.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
                 }
             }

@@ -3,7 +3,7 @@
 //! Qwen2 adds q/k/v biases; Mistral is Llama. One definition serves GGUF and safetensors weights.
 
 use augur_core::Tensor;
-use augur_kernels::attention::{attention, Mask, Shape};
+use augur_kernels::attention::{Mask, Shape};
 use augur_kernels::actq::{ActQ, Format};
 use augur_kernels::matmul::{actq_supported, matmul, matmul_actq, Matrix};
 use augur_kernels::vec::{add_assign, rms_norm, rope, rope_angles, silu_mul};
@@ -279,6 +279,10 @@ impl Llama {
         // prompts too where the weights are packed (`Quantized::chunked`); other long prompts
         // take the f32 gemm path, which is faster there than the GGUF-layout integer kernel.
         let fast = st.activations.format();
+        match seqs.as_deref_mut() {
+            None => st.match_kv(st.activations),
+            Some(seqs) => seqs.iter_mut().for_each(|s| s.match_kv(st.activations)),
+        }
 
         let embed = self.embed.matrix()?;
         for (t, &id) in tokens.iter().enumerate() {
@@ -315,17 +319,14 @@ impl Llama {
             let att = &mut st.att[..n * qd];
             match seqs.as_deref_mut() {
                 None => {
-                    let cache = &mut st.kv[l];
-                    cache.append(pos0, kvd, k, v);
                     let mask = if tree.is_some() { Mask::Explicit(&st.mask) } else { Mask::Causal { pos0 } };
-                    attention(q, &cache.k, &cache.v, pos0 + n, shape, mask, scale, att);
+                    st.kv[l].append_and_attend(pos0, k, v, q, shape, mask, scale, att);
                 }
                 Some(seqs) => {
                     for (t, s) in seqs.iter_mut().enumerate() {
-                        let (p, cache) = (s.pos, &mut s.kv[l]);
-                        cache.append(p, kvd, &k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
+                        let (kt, vt) = (&k[t * kvd..(t + 1) * kvd], &v[t * kvd..(t + 1) * kvd]);
                         let (qt, at) = (&q[t * qd..(t + 1) * qd], &mut att[t * qd..(t + 1) * qd]);
-                        attention(qt, &cache.k, &cache.v, p + 1, shape, Mask::Causal { pos0: p }, scale, at);
+                        s.kv[l].append_and_attend(s.pos, kt, vt, qt, shape, Mask::Causal { pos0: s.pos }, scale, at);
                     }
                 }
             }

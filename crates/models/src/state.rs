@@ -3,6 +3,7 @@
 //! Buffers only grow; after the first step at a given batch size, a forward pass allocates nothing.
 
 use augur_kernels::actq::{ActQ, Format};
+use augur_kernels::attention::{attention, quantize_row, Cache, Mask, Shape};
 use augur_kernels::matmul::ACTQ_MAX_BATCH;
 
 use crate::Config;
@@ -32,6 +33,12 @@ impl Default for Activations {
 }
 
 impl Activations {
+    /// Whether the KV cache holds 16-bit rows (the 16-bit integer path, whose logits are
+    /// within ~1e-2 anyway: half the bytes a decode step streams from the cache) rather than f32.
+    pub fn int_kv(self) -> bool {
+        self == Activations::I16
+    }
+
     /// The quantized format of the integer path, or `None` for f32.
     pub fn format(self) -> Option<Format> {
         match self {
@@ -55,22 +62,146 @@ impl std::str::FromStr for Activations {
     }
 }
 
-/// Keys and values of one layer for every position so far.
+/// Keys and values of one layer for every position so far, `[seq, n_kv_head, head_dim]` each,
+/// as f32 or as 16-bit rows of `head_dim` with a scale per row ([`quantize_row`]).
 #[derive(Debug, Default, Clone)]
-pub(crate) struct LayerCache {
-    /// [seq, n_kv_head, head_dim]
-    pub k: Vec<f32>,
-    /// [seq, n_kv_head, head_dim]
-    pub v: Vec<f32>,
+pub(crate) struct Rows<T> {
+    k: Vec<T>,
+    v: Vec<T>,
+    /// `[seq, n_kv_head]` row scales (16-bit rows only).
+    k_scales: Vec<f32>,
+    v_scales: Vec<f32>,
+}
+
+/// What a cache row is stored as.
+pub(crate) trait Elem: Copy + Default {
+    /// Store `x` into `out` (same length), returning the scale to multiply back (1 for f32).
+    fn store(x: &[f32], out: &mut [Self]) -> f32;
+    /// The stored value back as f32, given its row's scale.
+    fn load(self, scale: f32) -> f32;
+}
+
+impl Elem for f32 {
+    fn store(x: &[f32], out: &mut [f32]) -> f32 {
+        out.copy_from_slice(x);
+        1.0
+    }
+    fn load(self, _: f32) -> f32 {
+        self
+    }
+}
+
+impl Elem for i16 {
+    fn store(x: &[f32], out: &mut [i16]) -> f32 {
+        quantize_row(x, out)
+    }
+    fn load(self, scale: f32) -> f32 {
+        self as f32 * scale
+    }
+}
+
+impl<T: Elem> Rows<T> {
+    /// Write new positions' keys/values at `pos0..` (dropping anything cached past `pos0`).
+    fn append(&mut self, pos0: usize, head_dim: usize, kv_dim: usize, k: &[f32], v: &[f32]) {
+        let heads = kv_dim / head_dim;
+        for (vals, scales, x) in [(&mut self.k, &mut self.k_scales, k), (&mut self.v, &mut self.v_scales, v)] {
+            vals.truncate(pos0 * kv_dim);
+            scales.truncate(pos0 * heads);
+            let at = vals.len();
+            vals.resize(at + x.len(), T::default());
+            for (row, out) in x.chunks_exact(head_dim).zip(vals[at..].chunks_exact_mut(head_dim)) {
+                scales.push(T::store(row, out));
+            }
+        }
+    }
+
+    /// The same rows in another element type, with room for as many positions.
+    fn convert<U: Elem>(&self, head_dim: usize) -> Rows<U> {
+        let conv = |vals: &Vec<T>, scales: &Vec<f32>| {
+            let (mut out, mut out_scales) = (vec![U::default(); vals.len()], Vec::with_capacity(scales.capacity()));
+            out.reserve(vals.capacity() - vals.len());
+            for ((row, &s), o) in vals.chunks_exact(head_dim).zip(scales).zip(out.chunks_exact_mut(head_dim)) {
+                let f: Vec<f32> = row.iter().map(|e| e.load(s)).collect();
+                out_scales.push(U::store(&f, o));
+            }
+            (out, out_scales)
+        };
+        let ((k, k_scales), (v, v_scales)) = (conv(&self.k, &self.k_scales), conv(&self.v, &self.v_scales));
+        Rows { k, v, k_scales, v_scales }
+    }
+
+    /// Copy position `src` to position `dst` (`per` values and `heads` scales each).
+    fn move_row(&mut self, per: usize, heads: usize, src: usize, dst: usize) {
+        self.k.copy_within(src * per..(src + 1) * per, dst * per);
+        self.v.copy_within(src * per..(src + 1) * per, dst * per);
+        self.k_scales.copy_within(src * heads..(src + 1) * heads, dst * heads);
+        self.v_scales.copy_within(src * heads..(src + 1) * heads, dst * heads);
+    }
+
+    fn reserve(&mut self, values: usize, scales: usize) {
+        self.k.reserve(values.saturating_sub(self.k.len()));
+        self.v.reserve(values.saturating_sub(self.v.len()));
+        self.k_scales.reserve(scales.saturating_sub(self.k_scales.len()));
+        self.v_scales.reserve(scales.saturating_sub(self.v_scales.len()));
+    }
+
+    /// The first `n` values of each, as f32.
+    fn widened(&self, n: usize, head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = n.min(self.k.len());
+        let load = |vals: &[T], scales: &[f32]| vals[..n].iter().enumerate().map(|(i, e)| e.load(scales[i / head_dim])).collect();
+        (load(&self.k, &self.k_scales), load(&self.v, &self.v_scales))
+    }
+}
+
+/// One layer's cache: 16-bit rows on the 16-bit integer path ([`Activations::int_kv`]), else f32.
+#[derive(Debug, Clone)]
+pub(crate) enum LayerCache {
+    F32(Rows<f32>),
+    I16(Rows<i16>),
+}
+
+impl Default for LayerCache {
+    fn default() -> Self {
+        LayerCache::F32(Rows::default())
+    }
 }
 
 impl LayerCache {
-    /// Write new positions' keys/values at `pos0..` (dropping anything cached past `pos0`).
-    pub fn append(&mut self, pos0: usize, kv_dim: usize, k: &[f32], v: &[f32]) {
-        self.k.truncate(pos0 * kv_dim);
-        self.v.truncate(pos0 * kv_dim);
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+    /// Holds 16-bit rows (`int`) or f32 from now on; cached rows are converted if need be.
+    fn set_int(&mut self, int: bool, head_dim: usize) {
+        match (&*self, int) {
+            (LayerCache::F32(r), true) => *self = LayerCache::I16(r.convert(head_dim)),
+            (LayerCache::I16(r), false) => *self = LayerCache::F32(r.convert(head_dim)),
+            _ => {}
+        }
+    }
+
+    /// Store the keys and values of `pos0..pos0 + n` (`[n, kv_dim]` each, dropping anything
+    /// cached past `pos0`), then attention of `q` (`[n, n_head, head_dim]`) over the first
+    /// `pos0 + n` positions into `out`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn append_and_attend(&mut self, pos0: usize, k: &[f32], v: &[f32], q: &[f32], shape: Shape, mask: Mask, scale: f32, out: &mut [f32]) {
+        let kv_dim = shape.n_kv_head * shape.head_dim;
+        let seq = pos0 + k.len() / kv_dim;
+        let cache = match self {
+            LayerCache::F32(r) => {
+                r.append(pos0, shape.head_dim, kv_dim, k, v);
+                Cache::F32 { k: &r.k, v: &r.v }
+            }
+            LayerCache::I16(r) => {
+                r.append(pos0, shape.head_dim, kv_dim, k, v);
+                Cache::I16 { k: &r.k, v: &r.v, k_scales: &r.k_scales, v_scales: &r.v_scales }
+            }
+        };
+        attention(q, cache, seq, shape, mask, scale, out);
+    }
+
+    /// Values held (keys; as many values).
+    fn len(&self) -> usize {
+        match self {
+            LayerCache::F32(r) => r.k.len(),
+            LayerCache::I16(r) => r.k.len(),
+        }
     }
 }
 
@@ -83,6 +214,7 @@ pub struct State {
     kv_dim: usize,
     /// Model width.
     dim: usize,
+    head_dim: usize,
     pub(crate) kv: Vec<LayerCache>,
     /// Scratch, each `[n_tok, …]`: residual stream, normed input, q, k, v, attention output,
     /// projection output, gate, up.
@@ -126,6 +258,7 @@ impl State {
             pos: 0,
             kv_dim: cfg.n_kv_head * cfg.head_dim,
             dim: cfg.dim,
+            head_dim: cfg.head_dim,
             kv: vec![LayerCache::default(); cfg.n_layer],
             x: vec![],
             xn: vec![],
@@ -147,12 +280,21 @@ impl State {
         }
     }
 
-    /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each (host
-    /// caches only: empty for a model on a device).
-    pub fn kv(&self, layer: usize) -> (&[f32], &[f32]) {
-        let l = &self.kv[layer];
-        let n = (self.pos * self.kv_dim).min(l.k.len());
-        (&l.k[..n], &l.v[..n])
+    /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each, as f32
+    /// (copies; host caches only: empty for a model on a device).
+    pub fn kv(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
+        let n = self.pos * self.kv_dim;
+        match &self.kv[layer] {
+            LayerCache::F32(r) => r.widened(n, self.head_dim),
+            LayerCache::I16(r) => r.widened(n, self.head_dim),
+        }
+    }
+
+    /// The cache in the element type of `activations`, converting cached rows if it changed.
+    pub(crate) fn match_kv(&mut self, activations: Activations) {
+        for l in &mut self.kv {
+            l.set_int(activations.int_kv(), self.head_dim);
+        }
     }
 
     /// The final-norm hidden states of the last forward pass, `[rows, dim]`: the rows that
@@ -187,16 +329,18 @@ impl State {
             self.pos = base + keep.len();
             return;
         }
-        let per = self.kv_dim;
+        let (per, heads) = (self.kv_dim, self.kv_dim / self.head_dim);
         for l in &mut self.kv {
-            if l.k.len() < (base + keep.iter().max().map_or(0, |m| m + 1)) * per {
+            if l.len() < (base + keep.iter().max().map_or(0, |m| m + 1)) * per {
                 continue; // a layer this pass did not reach (early exit) holds nothing to keep
             }
             for (dst, &src) in keep.iter().enumerate() {
-                let (d, s) = ((base + dst) * per, (base + src) * per);
+                let (d, s) = (base + dst, base + src);
                 if d != s {
-                    l.k.copy_within(s..s + per, d);
-                    l.v.copy_within(s..s + per, d);
+                    match l {
+                        LayerCache::F32(r) => r.move_row(per, heads, s, d),
+                        LayerCache::I16(r) => r.move_row(per, heads, s, d),
+                    }
                 }
             }
         }
@@ -207,9 +351,10 @@ impl State {
     pub fn reserve(&mut self, cfg: &Config, positions: usize) {
         let per = cfg.n_kv_head * cfg.head_dim;
         for l in &mut self.kv {
-            let want = positions * per;
-            l.k.reserve(want.saturating_sub(l.k.len()));
-            l.v.reserve(want.saturating_sub(l.v.len()));
+            match l {
+                LayerCache::F32(r) => r.reserve(positions * per, positions * cfg.n_kv_head),
+                LayerCache::I16(r) => r.reserve(positions * per, positions * cfg.n_kv_head),
+            }
         }
     }
 
