@@ -36,20 +36,23 @@ pub enum Cache<'a> {
     },
 }
 
-/// `x` as 16-bit integers `out` and the scale that multiplies them back: `max |x| / 32767`
-/// (0 for a zero row), each value rounded to the nearest step.
-pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
-    assert_eq!(x.len(), out.len(), "quantize_row: length mismatch");
-    let top = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    if top == 0.0 || !top.is_finite() {
-        out.fill(0);
-        return if top == 0.0 { 0.0 } else { f32::NAN };
+crate::multiversion! {
+    /// `x` as 16-bit integers `out` and the scale that multiplies them back: `max |x| / 32767`
+    /// (0 for a zero row; NaN, with zeros, for a row holding an infinity or NaN), each value
+    /// rounded to the nearest step.
+    pub fn quantize_row(x: &[f32], out: &mut [i16]) -> f32 {
+        assert_eq!(x.len(), out.len(), "quantize_row: length mismatch");
+        let top = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if top == 0.0 || !top.is_finite() || x.iter().any(|v| v.is_nan()) {
+            out.fill(0);
+            return if top == 0.0 { 0.0 } else { f32::NAN };
+        }
+        let inv = 32767.0 / top;
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (v * inv).round_ties_even() as i16;
+        }
+        top / 32767.0
     }
-    let inv = 32767.0 / top;
-    for (o, &v) in out.iter_mut().zip(x) {
-        *o = (v * inv).round() as i16;
-    }
-    top / 32767.0
 }
 
 /// An element type of a cache the kernels read: f32, or i16 with row scales.

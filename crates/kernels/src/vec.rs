@@ -93,19 +93,23 @@ pub fn exp(x: f32) -> f32 {
     }
 }
 
-/// `g = silu(g) * u`.
-pub fn silu_mul(g: &mut [f32], u: &[f32]) {
-    assert_eq!(g.len(), u.len(), "silu_mul: length mismatch");
-    for (a, b) in g.iter_mut().zip(u) {
-        *a = *a / (1.0 + (-*a).exp()) * b;
+crate::multiversion! {
+    /// `g = silu(g) * u`, with [`exp`] (vectorized at the CPU's width; within ~2e-7 of libm).
+    pub fn silu_mul(g: &mut [f32], u: &[f32]) {
+        assert_eq!(g.len(), u.len(), "silu_mul: length mismatch");
+        for (a, b) in g.iter_mut().zip(u) {
+            *a = *a / (1.0 + exp(-*a)) * b;
+        }
     }
 }
 
-/// `x += y`.
-pub fn add_assign(x: &mut [f32], y: &[f32]) {
-    assert_eq!(x.len(), y.len(), "add_assign: length mismatch");
-    for (a, b) in x.iter_mut().zip(y) {
-        *a += b;
+crate::multiversion! {
+    /// `x += y`.
+    pub fn add_assign(x: &mut [f32], y: &[f32]) {
+        assert_eq!(x.len(), y.len(), "add_assign: length mismatch");
+        for (a, b) in x.iter_mut().zip(y) {
+            *a += b;
+        }
     }
 }
 
