@@ -160,13 +160,16 @@ pub(crate) enum LayerCache {
     I16(Rows<i16>),
 }
 
-impl Default for LayerCache {
-    fn default() -> Self {
-        LayerCache::F32(Rows::default())
-    }
-}
-
 impl LayerCache {
+    /// An empty cache of 16-bit rows (`int`) or f32.
+    fn new(int: bool) -> Self {
+        if int {
+            LayerCache::I16(Rows::default())
+        } else {
+            LayerCache::F32(Rows::default())
+        }
+    }
+
     /// Holds 16-bit rows (`int`) or f32 from now on; cached rows are converted if need be.
     fn set_int(&mut self, int: bool, head_dim: usize) {
         match (&*self, int) {
@@ -259,7 +262,7 @@ impl State {
             kv_dim: cfg.n_kv_head * cfg.head_dim,
             dim: cfg.dim,
             head_dim: cfg.head_dim,
-            kv: vec![LayerCache::default(); cfg.n_layer],
+            kv: vec![LayerCache::new(Activations::default().int_kv()); cfg.n_layer],
             x: vec![],
             xn: vec![],
             q: vec![],

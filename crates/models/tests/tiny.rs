@@ -3,7 +3,7 @@
 //! give the same logits; quantized GGUF variants stay close to f32.
 
 use augur_core::QuantType;
-use augur_models::{tiny, Logits, Model, State};
+use augur_models::{tiny, Activations, Logits, Model, State};
 
 fn tmpdir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("augur-test-{name}-{}", std::process::id()));
@@ -179,5 +179,43 @@ fn released_weight_pages_read_back_the_same() {
     let before = t.storage().raw().unwrap().to_vec();
     t.release_pages();
     assert_eq!(t.storage().raw().unwrap(), &before[..]);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn the_kv_cache_follows_the_activations_and_converts_when_they_change() {
+    // The 16-bit path keeps 16-bit rows with a scale per (position, KV head); f32 and 22-bit
+    // activations keep f32. Switching mid-sequence converts what is cached: f32 rows come back
+    // within a 16-bit step of their row's largest value, and 16-bit rows widen exactly.
+    let dir = tmpdir("kvformat");
+    let p = dir.join("q8.gguf");
+    tiny::write_gguf(&p, false, Some(QuantType::Q8_0), 5).unwrap();
+    let m = Model::open(&p).unwrap();
+    let (cfg, hd) = (&m.llama.cfg, m.llama.cfg.head_dim);
+    let mut st = State::new(cfg);
+    st.activations = Activations::F32;
+    m.llama.forward(&mut st, &[3, 1, 4, 1, 5, 9, 2, 6], Logits::Last).unwrap();
+    let f32_rows = st.kv(0);
+    st.activations = Activations::I16;
+    let next = m.llama.forward(&mut st, &[5], Logits::Last).unwrap().to_vec();
+    let int_rows = st.kv(0);
+    assert_eq!(int_rows.0.len(), f32_rows.0.len() + cfg.n_kv_head * hd);
+    for (was, now) in [(&f32_rows.0, &int_rows.0), (&f32_rows.1, &int_rows.1)] {
+        for (a, b) in was.chunks_exact(hd).zip(now.chunks_exact(hd)) {
+            let top = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let step = top / 32767.0;
+            // Half a step, and the f32 roundings of scaling and widening.
+            let worst = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 0.5 * step + 4.0 * f32::EPSILON * top, "a row moved by {worst}, more than half a step ({step})");
+            assert!(a != b || step == 0.0 || a.iter().all(|x| (x / step).fract() == 0.0), "the rows were not converted");
+        }
+    }
+    st.activations = Activations::F32;
+    st.truncate(st.len() - 1);
+    let again = m.llama.forward(&mut st, &[5], Logits::Last).unwrap().to_vec();
+    let (k, v) = st.kv(0);
+    let n = f32_rows.0.len();
+    assert!(k[..n] == int_rows.0[..n] && v[..n] == int_rows.1[..n], "16-bit rows must widen exactly");
+    assert!(max_diff(&next, &again) < 1e-2, "the same step on either path");
     std::fs::remove_dir_all(&dir).ok();
 }
