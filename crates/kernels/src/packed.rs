@@ -235,7 +235,12 @@ mod kernel {
         }
     }
 
-    /// How far ahead of a group's current block its bytes are prefetched.
+    /// How far ahead of a group's current block its bytes are prefetched: into L2 (`T1`) for
+    /// one or two tokens, into L1 (`T0`) for more. On the Zen 4 box, decode (memory-bound) ran
+    /// 10-30% faster with `T1` in ten alternating pairs at depths 0 to 512, while 8-token passes
+    /// and prefill chunks (compute-bound) ran 4-15% slower with it (BENCHMARKS.md). Distances
+    /// of 1-4 KiB did the same. The GGUF-layout kernels (`dot_actq`) keep `T0`, which was faster
+    /// for them at one token too.
     const PREFETCH: usize = 2048;
 
     /// `steps` runs of `R` consecutive groups from `p`, each against `N` vectors.
@@ -253,7 +258,12 @@ mod kernel {
                 let blk: [*const u8; R] = std::array::from_fn(|r| base.add(r * gstride + b * gb));
                 for r in 0..R {
                     for line in 0..gb.div_ceil(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(blk[r].wrapping_add(PREFETCH + 64 * line) as *const i8);
+                        let at = blk[r].wrapping_add(PREFETCH + 64 * line) as *const i8;
+                        if N <= 2 {
+                            _mm_prefetch::<_MM_HINT_T1>(at);
+                        } else {
+                            _mm_prefetch::<_MM_HINT_T0>(at);
+                        }
                     }
                 }
                 let mut i = [[_mm512_setzero_si512(); N]; R];
