@@ -68,7 +68,7 @@ impl std::str::FromStr for Activations {
 pub(crate) struct Rows<T> {
     k: Vec<T>,
     v: Vec<T>,
-    /// `[seq, n_kv_head]` row scales (16-bit rows only).
+    /// `[seq, n_kv_head]` row scales (all 1 for f32 rows).
     k_scales: Vec<f32>,
     v_scales: Vec<f32>,
 }
@@ -199,7 +199,7 @@ impl LayerCache {
         attention(q, cache, seq, shape, mask, scale, out);
     }
 
-    /// Values held (keys; as many values).
+    /// Keys held, in values (as many values are held).
     fn len(&self) -> usize {
         match self {
             LayerCache::F32(r) => r.k.len(),
