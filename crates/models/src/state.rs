@@ -120,8 +120,9 @@ impl<T: Elem> Rows<T> {
         let conv = |vals: &Vec<T>, scales: &Vec<f32>| {
             let (mut out, mut out_scales) = (vec![U::default(); vals.len()], Vec::with_capacity(scales.capacity()));
             out.reserve(vals.capacity() - vals.len());
+            let mut f = vec![0f32; head_dim];
             for ((row, &s), o) in vals.chunks_exact(head_dim).zip(scales).zip(out.chunks_exact_mut(head_dim)) {
-                let f: Vec<f32> = row.iter().map(|e| e.load(s)).collect();
+                f.iter_mut().zip(row).for_each(|(x, e)| *x = e.load(s));
                 out_scales.push(U::store(&f, o));
             }
             (out, out_scales)
@@ -158,6 +159,16 @@ impl<T: Elem> Rows<T> {
 pub(crate) enum LayerCache {
     F32(Rows<f32>),
     I16(Rows<i16>),
+}
+
+/// `$body` with `$r` bound to the rows of `$cache`, whichever their element type.
+macro_rules! on_rows {
+    ($cache:expr, $r:ident => $body:expr) => {
+        match $cache {
+            LayerCache::F32($r) => $body,
+            LayerCache::I16($r) => $body,
+        }
+    };
 }
 
 impl LayerCache {
@@ -201,10 +212,7 @@ impl LayerCache {
 
     /// Keys held, in values (as many values are held).
     fn len(&self) -> usize {
-        match self {
-            LayerCache::F32(r) => r.k.len(),
-            LayerCache::I16(r) => r.k.len(),
-        }
+        on_rows!(self, r => r.k.len())
     }
 }
 
@@ -286,11 +294,7 @@ impl State {
     /// Keys and values cached for layer `layer`, `[len, n_kv_head * head_dim]` each, as f32
     /// (copies; host caches only: empty for a model on a device).
     pub fn kv(&self, layer: usize) -> (Vec<f32>, Vec<f32>) {
-        let n = self.pos * self.kv_dim;
-        match &self.kv[layer] {
-            LayerCache::F32(r) => r.widened(n, self.head_dim),
-            LayerCache::I16(r) => r.widened(n, self.head_dim),
-        }
+        on_rows!(&self.kv[layer], r => r.widened(self.pos * self.kv_dim, self.head_dim))
     }
 
     /// The cache in the element type of `activations`, converting cached rows if it changed.
@@ -340,10 +344,7 @@ impl State {
             for (dst, &src) in keep.iter().enumerate() {
                 let (d, s) = (base + dst, base + src);
                 if d != s {
-                    match l {
-                        LayerCache::F32(r) => r.move_row(per, heads, s, d),
-                        LayerCache::I16(r) => r.move_row(per, heads, s, d),
-                    }
+                    on_rows!(&mut *l, r => r.move_row(per, heads, s, d));
                 }
             }
         }
@@ -354,10 +355,7 @@ impl State {
     pub fn reserve(&mut self, cfg: &Config, positions: usize) {
         let per = cfg.n_kv_head * cfg.head_dim;
         for l in &mut self.kv {
-            match l {
-                LayerCache::F32(r) => r.reserve(positions * per, positions * cfg.n_kv_head),
-                LayerCache::I16(r) => r.reserve(positions * per, positions * cfg.n_kv_head),
-            }
+            on_rows!(l, r => r.reserve(positions * per, positions * cfg.n_kv_head));
         }
     }
 

@@ -200,12 +200,13 @@ impl<T: KvElem> Tiles<'_, T> {
     #[inline]
     #[target_feature(enable = "avx512f")]
     unsafe fn rows<const NV: usize>(&mut self, g: &super::GroupQuery, end: usize, longest: usize) -> (Kv<'_, f32>, usize) {
-        let rows = Kv { base: self.base.0, stride: self.stride, scales: self.base.1, n_kv_head: self.n_kv_head, positions: positions(g) };
+        let (stride, n_kv_head, positions) = (self.stride, self.n_kv_head, positions(g));
         if !T::SCALED {
             debug_assert_eq!(std::mem::size_of::<T>(), 4);
             // f32, the only unscaled type: its rows as they are.
-            return (Kv { base: rows.base.cast::<f32>(), stride: rows.stride, scales: rows.scales, n_kv_head: rows.n_kv_head, positions: rows.positions }, 0);
+            return (Kv { base: self.base.0.cast::<f32>(), stride, scales: std::ptr::null(), n_kv_head, positions }, 0);
         }
+        let rows = Kv { base: self.base.0, stride, scales: self.base.1, n_kv_head, positions };
         let (shared, own) = self.wide.split_at_mut(WIDE / 2);
         let flat = |p: *const f32| Kv { base: p, stride: 16 * NV, scales: std::ptr::null(), n_kv_head: 0, positions: None };
         // Listed positions rise from `list[i] >= i`, so `list[end - 1] == end - 1` means the
