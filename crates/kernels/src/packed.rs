@@ -190,7 +190,10 @@ mod kernel {
     /// Most activation vectors per pass.
     const MAX_N: usize = 8;
 
-    /// Groups in runs of `R` (more groups per pass for fewer vectors), vectors in runs of eight.
+    /// Groups in runs of `R`, vectors in runs of eight. Up to four vectors take runs of four
+    /// groups: more streams of weights in flight, which at 256 cached positions cut a 3-token
+    /// pass by 13% and a 4-token pass by 10% on the Zen 4 box (the products' accumulators then
+    /// spill, which matters less than the memory stalls). From five vectors on, runs of two.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c,fma")]
     pub(super) unsafe fn dispatch<const KIND: u8>(p: *const u8, nb: usize, groups: usize, acts: &[&ActQ], y: *mut f32, stride: usize) {
         for (c, part) in acts.chunks(MAX_N).enumerate() {
@@ -207,8 +210,8 @@ mod kernel {
             match part.len() {
                 1 => run!(4, 1),
                 2 => run!(4, 2),
-                3 => run!(2, 3),
-                4 => run!(2, 4),
+                3 => run!(4, 3),
+                4 => run!(4, 4),
                 5 => run!(2, 5),
                 6 => run!(2, 6),
                 7 => run!(2, 7),
@@ -236,10 +239,10 @@ mod kernel {
     }
 
     /// How far ahead of a group's current block its bytes are prefetched: into L2 (`T1`) for
-    /// one or two tokens, into L1 (`T0`) for more. On the Zen 4 box, decode (memory-bound) ran
-    /// 10-30% faster with `T1` in ten alternating pairs at depths 0 to 512, while 8-token passes
-    /// and prefill chunks (compute-bound) ran 4-15% slower with it (BENCHMARKS.md). Distances
-    /// of 1-4 KiB did the same. The GGUF-layout kernels (`dot_actq`) keep `T0`, which was faster
+    /// up to four tokens, into L1 (`T0`) for more. On the Zen 4 box, decode (memory-bound) ran
+    /// 10-30% faster with `T1` in ten alternating pairs at depths 0 to 512, and 3- and 4-token
+    /// passes gained too, while 6- and 8-token passes and prefill chunks (compute-bound) ran
+    /// 4-15% slower with it (BENCHMARKS.md). Distances of 1-8 KiB did the same. The GGUF-layout kernels (`dot_actq`) keep `T0`, which was faster
     /// for them at one token too.
     const PREFETCH: usize = 2048;
 
@@ -259,7 +262,7 @@ mod kernel {
                 for r in 0..R {
                     for line in 0..gb.div_ceil(64) {
                         let at = blk[r].wrapping_add(PREFETCH + 64 * line) as *const i8;
-                        if N <= 2 {
+                        if N <= 4 {
                             _mm_prefetch::<_MM_HINT_T1>(at);
                         } else {
                             _mm_prefetch::<_MM_HINT_T0>(at);
@@ -368,7 +371,7 @@ mod tests {
                 })
                 .collect();
             let refs: Vec<&ActQ> = acts.iter().collect();
-            for n in [1, 2, 3, 8, 11] {
+            for n in [1, 2, 3, 4, 5, 8, 11] {
                 let mut y = vec![f32::NAN; n * rows];
                 // SAFETY: y holds n × rows values.
                 unsafe { p.dot_groups(0..rows / GROUP_ROWS, &refs[..n], y.as_mut_ptr(), rows) };
