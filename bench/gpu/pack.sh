@@ -12,11 +12,11 @@ cd "$(dirname "$0")/../.."
 model=${1:-}
 data=${2:-}
 cargo build -q --release -p augur-cli --features cuda
-tests=$(cargo test -q --release -p augur-cuda -p augur-models -p augur-cli -p augur-nn -p augur-distill -p augur-dist --features augur-models/cuda,augur-cli/cuda,augur-dist/cuda --no-run --message-format=json 2>/dev/null |
+tests=$(cargo test -q --release -p augur-cuda -p augur-models -p augur-decode -p augur-cli -p augur-nn -p augur-distill -p augur-dist --features augur-models/cuda,augur-decode/cuda,augur-cli/cuda,augur-dist/cuda --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
 for l in sys.stdin:
     m=json.loads(l)
-    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference","ddp_nccl","torch_golden","medusa_tiny","mtp_tiny","draft_tiny","nccl_device"): print(m["executable"])')
+    if m.get("executable") and m["target"]["name"] in ("augur_cuda","cuda","reference","ddp_nccl","torch_golden","medusa_tiny","mtp_tiny","draft_tiny","nccl_device","device"): print(m["executable"])')
 rm -rf .gpu && mkdir -p .gpu/bin
 if [ -n "${NVRTC_LIB:-}" ]; then
   cargo build -q --release -p augur-cuda --example warm_cache

@@ -119,7 +119,7 @@ fn device_decode(model: &augur_models::Model, prompt: &[u32], gen_len: usize, ru
                 continue;
             }
             let mut seq = gpu.new_seq()?;
-            let out = gpu.greedy_with(decoder, &mut seq, prompt, gen_len, |_| true)?;
+            let out = gpu.greedy_with(decoder, &mut seq, 0, prompt, gen_len, |_| true)?;
             if run > 0 {
                 rates[i].push((out.tokens.len() - 1) as f64 / out.decode.as_secs_f64());
             }

@@ -60,7 +60,7 @@ pub fn main(a: Args) -> Result<()> {
             msgs.pop();
             continue;
         }
-        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, activations: a.precision.get() };
+        let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: vec![], ignore_eos: false, activations: a.precision.get(), ids_only: true };
         let s = generate_in(&mut session, &model, &ids, &cfg, |ev| {
             let _ = write!(out, "{}", ev.text).and_then(|_| out.flush());
             ControlFlow::Continue(())

@@ -99,7 +99,12 @@ pub fn main(a: Args) -> Result<()> {
     };
     let room = model.llama.cfg.context.saturating_sub(prompt.len());
     let max_tokens = a.max_tokens.unwrap_or(256.min(room));
-    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get() };
+    // Only `--json --top-logits K` reads the logits.
+    let ids_only = !(a.json && a.top_logits > 0);
+    let cfg = GenerateConfig { max_tokens, sampler: a.sample.config(), stop: a.stop.clone(), ignore_eos: a.ignore_eos, activations: a.precision.get(), ids_only };
+    if a.spec.is_some() && model.llama.device_name().is_some() {
+        eprintln!("augur: note: on a CUDA device, speculative verification runs on the multi-launch pass (a pass over 8 tokens costs 2.7 single-token ones there), so it is slower than plain greedy decoding, which keeps the argmax on the device");
+    }
     let mut drafter = match a.spec.as_deref() {
         None => None,
         Some(s) => Some(a.draft.drafter(s, &model)?),

@@ -494,16 +494,19 @@ impl GpuModel {
 
     /// Greedy decoding on the device with [`GpuModel::decoder`]'s decoder.
     pub fn greedy(&self, s: &mut GpuSeq, prompt: &[u32], max_new: usize, on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
-        self.greedy_with(self.decoder(), s, prompt, max_new, on_token)
+        self.greedy_with(self.decoder(), s, 0, prompt, max_new, on_token)
     }
 
     /// Greedy decoding on the device: the prompt pass, then decode steps that keep the argmax
-    /// on the device, so only token ids cross to the host. `on_token` sees each id and returns
-    /// whether to go on; at most `max_new` tokens.
-    pub fn greedy_with(&self, decoder: Decoder, s: &mut GpuSeq, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
+    /// on the device, so only token ids cross to the host. The prompt goes into the cache at
+    /// rows `pos0..` (the rows before hold an earlier part of the same sequence). `on_token`
+    /// sees each id and returns whether to go on; at most `max_new` tokens. The cache then holds
+    /// the prompt and every generated token but the last (and, past them, rows of steps queued
+    /// beyond a stop, which later passes overwrite).
+    pub fn greedy_with(&self, decoder: Decoder, s: &mut GpuSeq, pos0: usize, prompt: &[u32], max_new: usize, mut on_token: impl FnMut(u32) -> bool) -> Result<GreedyRun> {
         let d = &self.dims;
-        if prompt.is_empty() || prompt.len() + max_new > d.context {
-            return Err(Error::Unsupported(format!("{} prompt tokens + {max_new} new do not fit a context of {}", prompt.len(), d.context)));
+        if prompt.is_empty() || pos0 + prompt.len() + max_new > d.context {
+            return Err(Error::Unsupported(format!("{pos0} cached + {} prompt tokens + {max_new} new do not fit a context of {}", prompt.len(), d.context)));
         }
         if decoder == Decoder::Persistent && !self.persistent_fits() {
             return Err(Error::Unsupported(format!("the persistent decode step takes head_dim a multiple of 32 up to 256 and inputs of at most {} floats", MATVEC_SMEM / 4)));
@@ -514,7 +517,7 @@ impl GpuModel {
         let split = prompt.len() - 1;
         for start in (0..split).step_by(CHUNK) {
             let toks = &prompt[start..(start + CHUNK).min(split)];
-            self.run(s, &Pass { tokens: toks, pos0: start, tree: None, n_layers: d.n_layer, out: Out::Last }, None)?;
+            self.run(s, &Pass { tokens: toks, pos0: pos0 + start, tree: None, n_layers: d.n_layer, out: Out::Last }, None)?;
         }
         self.fit(s, 1)?;
         let mut emit = |tok: i32| -> Result<bool> {
@@ -528,8 +531,8 @@ impl GpuModel {
             Ok(on_token(tok as u32))
         };
         match decoder {
-            Decoder::Graph => self.decode_graph(s, prompt[split], split, max_new, &mut emit)?,
-            Decoder::Persistent => self.decode_persistent(s, prompt[split], split, max_new, &mut emit)?,
+            Decoder::Graph => self.decode_graph(s, prompt[split], pos0 + split, max_new, &mut emit)?,
+            Decoder::Persistent => self.decode_persistent(s, prompt[split], pos0 + split, max_new, &mut emit)?,
         }
         run.decode = t0.elapsed() - run.prefill;
         Ok(run)

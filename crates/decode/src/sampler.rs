@@ -75,7 +75,7 @@ impl SamplerConfig {
         self.temperature == 0.0
     }
 
-    fn penalizes(&self) -> bool {
+    pub(crate) fn penalizes(&self) -> bool {
         self.repetition_penalty != 1.0 || self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }

@@ -85,7 +85,7 @@ const HIDDEN: &str = "hidden.safetensors";
 /// The target's response to each prompt (`max_tokens` at most, stopping at EOS), sampled as
 /// `sampler` says (greedy by default). `progress(done, total)` is called after each prompt.
 pub fn respond(model: &Model, prompts: &[Prompt], max_tokens: usize, sampler: SamplerConfig, mut progress: impl FnMut(usize, usize)) -> Result<Vec<Sample>> {
-    let cfg = GenerateConfig { max_tokens, sampler, ..Default::default() };
+    let cfg = GenerateConfig { max_tokens, sampler, ids_only: true, ..Default::default() };
     let mut out = Vec::with_capacity(prompts.len());
     for (i, p) in prompts.iter().enumerate() {
         let s = augur_decode::generate(model, &p.ids, &cfg, |_| ControlFlow::Continue(()))?;

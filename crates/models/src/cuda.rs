@@ -3,6 +3,7 @@
 //! [`Llama::forward_early_exit`] runs there, with the KV cache in the [`State`] on the device.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use augur_cuda::{Device, Dims, GpuModel, LayerWeights, Out, Pass};
 
@@ -54,6 +55,27 @@ impl Llama {
     }
 }
 
+/// [`Llama::greedy_on_device`] on `gpu`.
+pub(crate) fn greedy(gpu: &GpuModel, st: &mut State, prompt: &[u32], max_new: usize, on_token: &mut dyn FnMut(u32) -> bool) -> Result<(Duration, Duration)> {
+    let pos0 = st.pos;
+    let run = gpu.greedy_with(gpu.decoder(), device_seq(gpu, st)?, pos0, prompt, max_new, on_token)?;
+    // The last prompt token was the first step's input; each later step's input was the
+    // token generated before it.
+    st.pos += prompt.len() - 1 + run.tokens.len();
+    Ok((run.prefill, run.decode))
+}
+
+/// `st`'s cache on the device, made on first use; a state whose cache is on the host is refused.
+fn device_seq<'s>(gpu: &GpuModel, st: &'s mut State) -> Result<&'s mut augur_cuda::GpuSeq> {
+    if st.gpu.is_none() {
+        if st.pos != 0 {
+            return Err(Error::Config("this state's cache is on the host; start a new State for a model on a device".into()));
+        }
+        st.gpu = Some(gpu.new_seq()?);
+    }
+    Ok(st.gpu.as_mut().expect("set above"))
+}
+
 /// One pass of one sequence on the device; logits (or hidden states) land in the state's host
 /// buffers as on the CPU path.
 pub(crate) fn run<'s>(
@@ -78,12 +100,7 @@ pub(crate) fn run<'s>(
     if st.xn.len() < n_out * cfg.dim {
         st.xn.resize(n_out * cfg.dim, 0.0);
     }
-    if st.gpu.is_none() {
-        if st.pos != 0 {
-            return Err(Error::Config("this state's cache is on the host; start a new State for a model on a device".into()));
-        }
-        st.gpu = Some(gpu.new_seq()?);
-    }
+    device_seq(gpu, st)?;
     // The device pass takes the whole `[n, pos0 + n]` mask: the cached prefix is visible to
     // every node, then the tree's own ancestry.
     let pos0 = st.pos;

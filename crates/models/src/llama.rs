@@ -2,6 +2,8 @@
 //! residual, RMSNorm → SwiGLU MLP → residual), final RMSNorm, output head (tied or separate).
 //! Qwen2 adds q/k/v biases; Mistral is Llama. One definition serves GGUF and safetensors weights.
 
+use std::time::Duration;
+
 use augur_core::Tensor;
 use augur_kernels::attention::{Mask, Shape};
 use augur_kernels::actq::{ActQ, Format};
@@ -160,6 +162,28 @@ impl Llama {
             return Some(g.device().name().to_string());
         }
         None
+    }
+
+    /// Greedy decoding with every step's argmax taken on the CUDA device, so that only token
+    /// ids cross to the host (one persistent launch per step where the model fits it, else a
+    /// replayed graph): `prompt` goes into `st`'s cache after what it holds, then up to
+    /// `max_new` tokens are generated, each handed to `on_token`, which returns whether to go
+    /// on. Returns the times of the prompt (first token included) and of the later tokens, or
+    /// `None` on the CPU, where callers decode step by step. Afterwards the cache holds the
+    /// prompt and every generated token but the last, as after step-by-step decoding.
+    pub fn greedy_on_device(&self, st: &mut State, prompt: &[u32], max_new: usize, on_token: &mut dyn FnMut(u32) -> bool) -> Result<Option<(Duration, Duration)>> {
+        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(Error::UnknownToken { id, vocab: self.cfg.vocab });
+        }
+        if st.pos + prompt.len() + max_new > self.cfg.context {
+            return Err(Error::ContextFull { need: st.pos + prompt.len() + max_new, ctx: self.cfg.context });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            return crate::cuda::greedy(gpu, st, prompt, max_new, on_token).map(Some);
+        }
+        let _ = (st, prompt, max_new, on_token);
+        Ok(None)
     }
 
     /// The output head's rows `ids` (the logit weights of those tokens), as f32 `[ids.len(), dim]`:

@@ -191,6 +191,21 @@ fn hf_json_name(g: &str) -> String {
     crate::model::hf_name(g)
 }
 
+/// The model at `path` twice: on the host, and moved to CUDA device 0. `Ok(None)`, after
+/// saying why on stderr, where no driver or device is present, so GPU tests skip cleanly.
+#[cfg(feature = "cuda")]
+pub fn open_on_host_and_device(path: &Path) -> Result<Option<(crate::Model, crate::Model)>> {
+    let cpu = crate::Model::open(path)?;
+    let mut gpu = crate::Model::open(path)?;
+    Ok(match gpu.llama.to_device(0) {
+        Ok(()) => Some((cpu, gpu)),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    })
+}
+
 /// Write the same tiny model (f32) as an HF checkpoint directory.
 pub fn write_safetensors(dir: &Path, tied: bool, seed: u64) -> Result<()> {
     write_safetensors_arch(dir, "llama", tied, seed)

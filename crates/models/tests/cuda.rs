@@ -16,16 +16,9 @@ fn open_config(cfg: &augur_models::Config, quant: Option<QuantType>, embed: Opti
     let name = format!("augur-cuda-{}-{}-{}-{quant:?}-{embed:?}-{}.gguf", cfg.arch, cfg.tied_embeddings, cfg.context, std::process::id());
     let path = std::env::temp_dir().join(name);
     tiny::write_gguf_config(&path, cfg, quant, embed, 7).unwrap();
-    let cpu = Model::open(&path).unwrap();
-    let mut gpu = Model::open(&path).unwrap();
+    let pair = tiny::open_on_host_and_device(&path).unwrap();
     std::fs::remove_file(&path).ok();
-    match gpu.llama.to_device(0) {
-        Ok(()) => Some((cpu, gpu)),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    pair
 }
 
 fn cpu_state(m: &Model) -> State {
@@ -129,16 +122,16 @@ fn graph_and_persistent_greedy_equal_the_cpu_greedy() {
     let want = cpu_greedy(&cpu, &PROMPT, 40);
     for decoder in [Decoder::Graph, Decoder::Persistent] {
         let mut seq = g.new_seq().unwrap();
-        let run = g.greedy_with(decoder, &mut seq, &PROMPT, 40, |_| true).unwrap();
+        let run = g.greedy_with(decoder, &mut seq, 0, &PROMPT, 40, |_| true).unwrap();
         assert_eq!(run.tokens, want, "{decoder:?}");
         // Again on the same sequence (a new capture or block table is not needed) and on a
         // fresh one: the same ids.
-        assert_eq!(g.greedy_with(decoder, &mut seq, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} again");
+        assert_eq!(g.greedy_with(decoder, &mut seq, 0, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} again");
         let mut fresh = g.new_seq().unwrap();
-        assert_eq!(g.greedy_with(decoder, &mut fresh, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} fresh");
+        assert_eq!(g.greedy_with(decoder, &mut fresh, 0, &PROMPT, 40, |_| true).unwrap().tokens, want, "{decoder:?} fresh");
         // A stop after 5 tokens returns exactly those.
         let mut seen = 0;
-        let run = g.greedy_with(decoder, &mut fresh, &PROMPT, 40, |_| { seen += 1; seen < 5 }).unwrap();
+        let run = g.greedy_with(decoder, &mut fresh, 0, &PROMPT, 40, |_| { seen += 1; seen < 5 }).unwrap();
         assert_eq!(run.tokens, want[..5], "{decoder:?} stopped");
     }
 }
@@ -154,9 +147,9 @@ fn persistent_greedy_handles_biases_mixed_types_and_split_attention() {
     let prompt: Vec<u32> = (0..600).map(|i| ((i * 37 + 11) % 260) as u32).collect();
     let want = cpu_greedy(&cpu, &prompt, 24);
     let mut seq = g.new_seq().unwrap();
-    assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, &prompt, 24, |_| true).unwrap().tokens, want);
+    assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, 0, &prompt, 24, |_| true).unwrap().tokens, want);
     let mut seq = g.new_seq().unwrap();
-    assert_eq!(g.greedy_with(Decoder::Graph, &mut seq, &prompt, 24, |_| true).unwrap().tokens, want);
+    assert_eq!(g.greedy_with(Decoder::Graph, &mut seq, 0, &prompt, 24, |_| true).unwrap().tokens, want);
 }
 
 #[test]
@@ -174,7 +167,7 @@ fn persistent_greedy_covers_every_attention_path() {
         let prompt: Vec<u32> = (0..300).map(|i| ((i * 53 + 5) % 260) as u32).collect();
         let want = cpu_greedy(&cpu, &prompt, 16);
         let mut seq = g.new_seq().unwrap();
-        assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, &prompt, 16, |_| true).unwrap().tokens, want, "head_dim {head_dim}");
+        assert_eq!(g.greedy_with(Decoder::Persistent, &mut seq, 0, &prompt, 16, |_| true).unwrap().tokens, want, "head_dim {head_dim}");
     }
 }
 
