@@ -209,7 +209,7 @@ fn choice_config(app: &App, job: &Job, index: usize) -> GenerateConfig {
         stop: job.settings.stop.clone(),
         ignore_eos: false,
         activations: app.cfg.activations,
-        ids_only: job.logprobs.is_none(),
+        ..Default::default()
     }
 }
 
