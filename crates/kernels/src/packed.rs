@@ -242,8 +242,8 @@ mod kernel {
     /// up to four tokens, into L1 (`T0`) for more. On the Zen 4 box, decode (memory-bound) ran
     /// 10-30% faster with `T1` in ten alternating pairs at depths 0 to 512, and 3- and 4-token
     /// passes gained too, while 6- and 8-token passes and prefill chunks (compute-bound) ran
-    /// 4-15% slower with it (BENCHMARKS.md). Distances of 1-8 KiB did the same. The GGUF-layout kernels (`dot_actq`) keep `T0`, which was faster
-    /// for them at one token too.
+    /// 4-15% slower with it (BENCHMARKS.md). Distances of 1-8 KiB did the same. The
+    /// GGUF-layout kernels (`dot_actq`) keep `T0`, which was faster for them at one token too.
     const PREFETCH: usize = 2048;
 
     /// `steps` runs of `R` consecutive groups from `p`, each against `N` vectors.
