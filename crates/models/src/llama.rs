@@ -172,12 +172,7 @@ impl Llama {
     /// `None` on the CPU, where callers decode step by step. Afterwards the cache holds the
     /// prompt and every generated token but the last, as after step-by-step decoding.
     pub fn greedy_on_device(&self, st: &mut State, prompt: &[u32], max_new: usize, on_token: &mut dyn FnMut(u32) -> bool) -> Result<Option<(Duration, Duration)>> {
-        if let Some(&id) = prompt.iter().find(|&&t| t as usize >= self.cfg.vocab) {
-            return Err(Error::UnknownToken { id, vocab: self.cfg.vocab });
-        }
-        if st.pos + prompt.len() + max_new > self.cfg.context {
-            return Err(Error::ContextFull { need: st.pos + prompt.len() + max_new, ctx: self.cfg.context });
-        }
+        self.check_input(prompt, st.pos + prompt.len() + max_new)?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             return crate::cuda::greedy(gpu, st, prompt, max_new, on_token).map(Some);
@@ -201,6 +196,17 @@ impl Llama {
     /// The final RMSNorm's weight, `[dim]`.
     pub fn output_norm(&self) -> &[f32] {
         &self.norm
+    }
+
+    /// `tokens` are all in the vocabulary and `need` positions fit the context.
+    fn check_input(&self, tokens: &[u32], need: usize) -> Result<()> {
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(Error::UnknownToken { id, vocab: self.cfg.vocab });
+        }
+        if need > self.cfg.context {
+            return Err(Error::ContextFull { need, ctx: self.cfg.context });
+        }
+        Ok(())
     }
 
     fn rows_of(&self, t: &Tensor, ids: &[u32]) -> Result<Vec<f32>> {
@@ -267,13 +273,8 @@ impl Llama {
         if n == 0 {
             return Err(Error::Config("forward called with no tokens".into()));
         }
-        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
-            return Err(Error::UnknownToken { id, vocab: cfg.vocab });
-        }
         let pos0 = st.pos;
-        if pos0 + n > cfg.context {
-            return Err(Error::ContextFull { need: pos0 + n, ctx: cfg.context });
-        }
+        self.check_input(tokens, pos0 + n)?;
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             return match seqs {
